@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.beampilot-installed
+OUT ?= demo-output
+
+.PHONY: demo test venv clean benchmark
+
+venv: $(STAMP)
+
+# constraints.txt pins the versions this tree is tested with; torch==2.13.0 is the CPU build on disk.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "beampilot needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/beampilot demo sas-qscan --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/qsampling.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache
