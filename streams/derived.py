@@ -1,0 +1,304 @@
+"""Derived data published as an ordinary event-model run, linked to the raw run by uid.
+
+:class:`DerivedRunWriter` composes the documents with event-model's own tools
+(:func:`event_model.compose_run`) and checks every one before any sink sees it:
+
+* against event-model's JSON schema (on a JSON-plain copy: numpy arrays and scalars become
+  lists and Python scalars for the check, while sinks receive the document unchanged);
+* for events, against their descriptor: the data keys and timestamp keys must equal the
+  declared ones, and each value must match its declared ``dtype`` and ``shape``.
+
+The helpers :func:`validate_document` and :func:`check_event_data` are public so that other
+writers in ``streams`` apply the same rules.
+"""
+
+from __future__ import annotations
+
+import time as ttime
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import event_model
+import numpy as np
+
+from streams.errors import DocumentError, StreamError
+from streams.protocols import DocumentSink
+
+__all__ = ["DerivedRunWriter", "check_event_data", "validate_document"]
+
+# numpy dtype kinds accepted for each event-model JSON dtype.
+_KINDS = {
+    "number": "iuf",
+    "integer": "iu",
+    "boolean": "b",
+    "string": "UT",
+    "array": "biufUT",
+}
+_EXIT_STATUSES = ("success", "abort", "fail")
+
+
+def validate_document(name: str, doc: Mapping[str, Any]) -> None:
+    """Validate ``doc`` against event-model's JSON schema for document type ``name``.
+
+    Numpy arrays and scalars are converted to lists and Python scalars for the check only.
+
+    Raises
+    ------
+    DocumentError
+        If ``name`` is not an event-model document name, ``doc`` is not JSON-serializable, or
+        the schema rejects it; the reason names the offending field.
+    """
+    uid = doc.get("uid") if isinstance(doc, Mapping) else None
+    uid = uid if isinstance(uid, str) else None
+    try:
+        validator = event_model.schema_validators[event_model.DocumentNames[name]]
+    except KeyError:
+        known = sorted(event_model.DocumentNames.__members__)
+        raise DocumentError(name, uid, f"unknown document name; expected one of {known}") from None
+    try:
+        plain = event_model.sanitize_doc(dict(doc))
+    except (TypeError, ValueError) as err:
+        raise DocumentError(name, uid, f"not JSON-serializable: {err}") from None
+    errors = sorted(validator.iter_errors(plain), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        reasons = [f"{'/'.join(map(str, e.absolute_path)) or '<doc>'}: {e.message}" for e in errors]
+        raise DocumentError(name, uid, "; ".join(reasons[:5]))
+
+
+def check_event_data(
+    descriptor: Mapping[str, Any],
+    data: Mapping[str, Any],
+    timestamps: Mapping[str, Any],
+    *,
+    name: str = "event",
+    uid: str | None = None,
+) -> None:
+    """Check one event's ``data`` and ``timestamps`` against ``descriptor['data_keys']``.
+
+    Non-finite numbers (NaN, inf) are accepted: they are legitimate measured values.
+    Keys of external ``"STREAM:"`` data are left out of the comparison, as event-model does;
+    values of other external keys (datum ids) are not checked against ``dtype``/``shape``.
+
+    Raises
+    ------
+    DocumentError
+        If keys are missing or extra (both are named), or a value's kind or shape differs from
+        the declared ``dtype``/``shape`` (the key, the declared and received values are named).
+    """
+    data_keys = descriptor["data_keys"]
+    expected = {k for k, dk in data_keys.items() if dk.get("external") != "STREAM:"}
+    for label, given in (("data", data), ("timestamps", timestamps)):
+        missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
+        if missing or extra:
+            raise DocumentError(
+                name,
+                uid,
+                f"{label} keys differ from descriptor {descriptor.get('uid')!r} data_keys: "
+                f"missing {missing}, extra {extra}",
+            )
+    for key in sorted(expected):
+        if not data_keys[key].get("external"):
+            _check_value(key, data_keys[key], data[key], name=name, uid=uid)
+
+
+def _check_value(
+    key: str, data_key: Mapping[str, Any], value: Any, *, name: str, uid: str | None
+) -> None:
+    dtype = data_key.get("dtype")
+    declared = list(data_key.get("shape", []))
+    try:
+        arr = np.asarray(value)
+    except ValueError as err:  # ragged nested sequences
+        raise DocumentError(name, uid, f"data key {key!r}: {err}") from None
+    if arr.dtype.kind not in _KINDS.get(dtype, ""):
+        raise DocumentError(
+            name,
+            uid,
+            f"data key {key!r} is declared dtype={dtype!r} but received "
+            f"{type(value).__name__} of numpy dtype {arr.dtype} (value {value!r:.80})",
+        )
+    if arr.ndim != len(declared) or any(
+        d is not None and d != n for d, n in zip(declared, arr.shape, strict=True)
+    ):
+        raise DocumentError(
+            name,
+            uid,
+            f"data key {key!r} is declared shape={declared} but received shape={list(arr.shape)}",
+        )
+
+
+class DerivedRunWriter:
+    """Publish derived data as a run of valid event-model documents.
+
+    The start document is composed and sent to every sink at construction; it carries
+    ``raw_run_uid`` (when given) and ``metadata``. Nothing invalid is ever sent: a document
+    that fails a check raises :class:`~streams.errors.DocumentError` before any sink sees it.
+
+    Parameters
+    ----------
+    sinks : Sequence[DocumentSink]
+        Receive every ``(name, doc)`` in order. They are not closed by this writer. A sink
+        that raises stops the publication of that document to later sinks (writers fail
+        loudly).
+    raw_run_uid : str or None
+        Uid of the raw run the derived data came from; ``None`` for a run with no raw parent.
+    metadata : Mapping, optional
+        Extra start-document fields. Must not contain ``uid`` or ``time``.
+
+    Examples
+    --------
+    >>> docs = []
+    >>> sink = lambda name, doc: docs.append((name, doc))
+    >>> with DerivedRunWriter([sink], raw_run_uid="raw-uid") as run:
+    ...     peak = {"dtype": "number", "shape": [], "source": "fit"}
+    ...     _ = run.add_stream("primary", {"peak": peak})
+    ...     _ = run.emit("primary", {"peak": 0.5})
+    >>> [name for name, _ in docs]
+    ['start', 'descriptor', 'event', 'stop']
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[DocumentSink],
+        *,
+        raw_run_uid: str | None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._sinks = tuple(sinks)
+        for sink in self._sinks:
+            if not callable(sink):
+                raise TypeError(f"sink {sink!r} is not callable as sink(name, doc)")
+        md = dict(metadata or {})
+        for reserved in ("uid", "time"):
+            if reserved in md:
+                raise ValueError(f"metadata must not set {reserved!r} ({md[reserved]!r}); "
+                                 "the writer composes it")
+        if raw_run_uid is not None:
+            if not isinstance(raw_run_uid, str) or not raw_run_uid:
+                raise ValueError(f"{raw_run_uid=} must be a non-empty string or None")
+            if md.setdefault("raw_run_uid", raw_run_uid) != raw_run_uid:
+                raise ValueError(
+                    f"metadata['raw_run_uid']={md['raw_run_uid']!r} contradicts {raw_run_uid=}"
+                )
+        # validate=False: we validate ourselves so every failure is a DocumentError.
+        self._bundle = event_model.compose_run(metadata=md, validate=False)
+        self._descriptors: dict[str, Any] = {}
+        self._stopped = False
+        validate_document("start", self._bundle.start_doc)
+        self._publish("start", self._bundle.start_doc)
+
+    @property
+    def start_uid(self) -> str:
+        """Uid of this derived run's start document."""
+        return self._bundle.start_doc["uid"]
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stop document has been composed."""
+        return self._stopped
+
+    def add_stream(
+        self,
+        name: str,
+        data_keys: dict[str, dict[str, Any]],
+        configuration: dict[str, Any] | None = None,
+        hints: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Declare stream ``name`` with its ``data_keys``; send and return its descriptor.
+
+        Each stream has one descriptor; declaring the same name twice raises ``ValueError``.
+        """
+        self._require_open("descriptor")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"stream {name=} must be a non-empty string")
+        if name in self._descriptors:
+            raise ValueError(f"stream {name!r} was already added to run {self.start_uid!r}")
+        compose = self._bundle.compose_descriptor
+        bundle = compose(name=name, data_keys=data_keys, configuration=configuration,
+                         hints=hints, validate=False)
+        try:
+            validate_document("descriptor", bundle.descriptor_doc)
+        except DocumentError:
+            # compose_descriptor registered the stream even though it is invalid: undo that.
+            compose.streams.pop(name, None)
+            compose.event_counters.pop(name, None)
+            raise
+        self._descriptors[name] = bundle
+        self._publish("descriptor", bundle.descriptor_doc)
+        return bundle.descriptor_doc
+
+    def emit(
+        self,
+        stream: str,
+        data: Mapping[str, Any],
+        timestamps: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send one event of ``stream`` and return it; ``timestamps`` default to now.
+
+        The document sent keeps the values of ``data`` as given (numpy arrays stay arrays).
+
+        Raises
+        ------
+        DocumentError
+            If keys or values do not match the stream's descriptor, or the schema rejects it.
+        """
+        self._require_open("event")
+        if stream not in self._descriptors:
+            known = sorted(self._descriptors)
+            raise ValueError(f"unknown {stream=}; call add_stream first (known: {known})")
+        bundle = self._descriptors[stream]
+        data = dict(data)
+        if timestamps is None:
+            now = ttime.time()
+            timestamps = {key: now for key in data}
+        timestamps = dict(timestamps)
+        check_event_data(bundle.descriptor_doc, data, timestamps)
+        counters = self._bundle.compose_descriptor.event_counters
+        seq_num = counters[stream]
+        doc = bundle.compose_event(data=data, timestamps=timestamps, validate=False)
+        try:
+            validate_document("event", doc)
+        except DocumentError:
+            counters[stream] = seq_num  # the rejected event must not use up a seq_num
+            raise
+        self._publish("event", doc)
+        return doc
+
+    def close(self, exit_status: str = "success", reason: str = "") -> dict[str, Any] | None:
+        """Send the stop document and return it; later calls do nothing and return ``None``."""
+        if self._stopped:
+            return None
+        if exit_status not in _EXIT_STATUSES:
+            raise ValueError(f"{exit_status=} must be one of {_EXIT_STATUSES}")
+        self._stopped = True
+        doc = self._bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        validate_document("stop", doc)
+        self._publish("stop", doc)
+        return doc
+
+    def __enter__(self) -> DerivedRunWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close("fail", reason=f"{type(exc).__name__}: {exc}")
+
+    def _require_open(self, name: str) -> None:
+        if self._stopped:
+            raise StreamError(
+                f"derived run {self.start_uid!r} is already stopped; cannot send a {name!r} "
+                "document. Start a new DerivedRunWriter."
+            )
+
+    def _publish(self, name: str, doc: dict[str, Any]) -> None:
+        # Every caller has validated ``doc`` already.
+        for sink in self._sinks:
+            sink(name, doc)
