@@ -1,0 +1,160 @@
+"""Configuration at the edge: YAML/JSON files and stored configs, validated with pydantic.
+
+Every model forbids unknown keys, so a typo fails at load with the key's name and the allowed
+ones, instead of being ignored. Validated settings turn into the frozen dataclasses the agents
+use (``to_config()``); fitted state never lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agents.errors import ConfigError
+from agents.safety import AxisLimits, SafetyConfig
+
+__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AxisSettings(_Strict):
+    low: float
+    high: float
+    max_step: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AxisSettings:
+        if not self.low <= self.high:
+            raise ValueError(f"low={self.low} must be <= high={self.high}")
+        return self
+
+
+class SafetySettings(_Strict):
+    """The operator's limits. Every axis an agent moves needs an entry in ``limits``."""
+
+    allowed_plans: list[str] = Field(default_factory=lambda: ["measure"], min_length=1)
+    limits: dict[str, AxisSettings]
+    max_requests_per_minute: float | None = Field(default=None, gt=0)
+    max_points_per_request: int | None = Field(default=None, gt=0)
+
+    def to_config(self) -> SafetyConfig:
+        return SafetyConfig(
+            allowed_plans=frozenset(self.allowed_plans),
+            limits={k: AxisLimits(v.low, v.high, v.max_step) for k, v in self.limits.items()},
+            max_requests_per_minute=self.max_requests_per_minute,
+            max_points_per_request=self.max_points_per_request,
+        )
+
+
+class FitSettings(_Strict):
+    """The sasmodels model the experiment is meant to characterise, and what to fit."""
+
+    model_name: str
+    fixed: dict[str, float] = Field(default_factory=dict)
+    fit_params: list[str] = Field(min_length=1)
+    size_params: list[str] = Field(min_length=1)
+    bounds: dict[str, tuple[float, float]]
+    initial: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FitSettings:
+        missing = [p for p in self.fit_params if p not in self.bounds]
+        if missing:
+            raise ValueError(f"fit_params {missing} have no bounds; add bounds for every fitted parameter")
+        extra = [p for p in self.size_params if p not in self.fit_params]
+        if extra:
+            raise ValueError(f"size_params {extra} are not in fit_params {self.fit_params}")
+        bad = {k: v for k, v in self.bounds.items() if not 0 < v[0] < v[1]}
+        if bad:
+            raise ValueError(f"bounds must satisfy 0 < low < high (fits work in log space), got {bad}")
+        return self
+
+
+class DataKeySettings(_Strict):
+    """Which event data keys hold Q, counts and exposure; flux and dark rate come from the
+    descriptor's configuration under these keys unless ``flux``/``dark_rate`` are given."""
+
+    q: str = "sas_q"
+    counts: str = "sas_counts"
+    exposure: str = "sas_exposure"
+    flux: str = "sas_flux"
+    dark_rate: str = "sas_dark_rate"
+    stream: str = "primary"
+
+
+class QSamplingSettings(_Strict):
+    """Settings of :class:`agents.qsampling.QSamplingAgent` (see its docs for each)."""
+
+    name: str = "qsampling"
+    fit: FitSettings
+    q_range: tuple[float, float]
+    dq_over_q: float = Field(default=0.0, ge=0, lt=1)
+    n_candidates: int = Field(default=160, ge=8, le=2048)
+    n_initial: int = Field(default=12, ge=3)
+    initial_exposure: float = Field(default=1.0, gt=0)
+    exposure_bounds: tuple[float, float] = (0.1, 60.0)
+    target_counts: float = Field(default=2000.0, gt=0)
+    target_rel_sigma: float = Field(default=0.02, gt=0, lt=1)
+    max_reduced_deviance: float = Field(default=2.0, gt=0)
+    explore_fraction: float = Field(default=0.25, ge=0, le=1)
+    acquisition: Literal["ivr", "variance", "ucb"] = "ivr"
+    budget_exposure: float = Field(default=1e6, gt=0)
+    max_measurements: int = Field(default=5000, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    fit_starts: int = Field(default=8, ge=1)
+    full_refit_every: int = Field(default=10, ge=1)
+    overhead: float = Field(default=0.0, ge=0)
+    flux: float | None = Field(default=None, gt=0)
+    dark_rate: float | None = Field(default=None, ge=0)
+    keys: DataKeySettings = Field(default_factory=DataKeySettings)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> QSamplingSettings:
+        q0, q1 = self.q_range
+        if not 0 < q0 < q1:
+            raise ValueError(f"q_range must satisfy 0 < q_min < q_max, got {self.q_range}")
+        t0, t1 = self.exposure_bounds
+        if not 0 < t0 <= t1:
+            raise ValueError(f"exposure_bounds must satisfy 0 < t_min <= t_max, got {self.exposure_bounds}")
+        if not t0 <= self.initial_exposure <= t1:
+            raise ValueError(f"initial_exposure={self.initial_exposure} is outside exposure_bounds {self.exposure_bounds}")
+        return self
+
+
+def _explain(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}: remove it or check its spelling")
+        else:
+            lines.append(f"{loc}: {e['msg']}")
+    return f"invalid configuration in {where}:\n  " + "\n  ".join(lines)
+
+
+def load_settings(model: type[_Strict], source: str | Path | dict[str, Any]) -> Any:
+    """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key."""
+    where = "dict"
+    if not isinstance(source, dict):
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            source = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
+        if not isinstance(source, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level, got {type(source).__name__}")
+    try:
+        return model.model_validate(source)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, where)) from None

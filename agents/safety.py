@@ -1,0 +1,193 @@
+"""The safety gate: nothing an agent asks for runs unless it passes here.
+
+Four checks, each of which rejects (never clamps):
+
+* the plan is on the allow-list;
+* every axis value is a finite number inside that axis's limits, and every axis a request moves
+  has limits (an axis nobody bounded is refused, not trusted);
+* no move is larger than the axis's maximum step, from the last admitted position of that axis
+  and between consecutive points of one request;
+* no more requests per minute than allowed, and no more points per request than allowed.
+
+Axis values are read from a request's ``kwargs``: either a ``points`` list of ``{axis: value}``
+mappings (the in-process ``measure`` plan) or scalar keyword arguments named after axes.
+Positional arguments cannot be checked and are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+from streams.requests import PlanRequest
+
+__all__ = ["AxisLimits", "SafetyConfig", "SafetyGate", "Verdict"]
+
+logger = logging.getLogger(__name__)
+
+#: keys of a point that are bookkeeping, not axes
+NON_AXIS_KEYS = frozenset({"key"})
+
+
+@dataclass(frozen=True)
+class AxisLimits:
+    """Inclusive limits of one axis and its largest allowed move (``None``: any move)."""
+
+    low: float
+    high: float
+    max_step: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low <= self.high):
+            raise ValueError(f"axis limits need finite low <= high, got {self.low=}, {self.high=}")
+        if self.max_step is not None and not self.max_step > 0:
+            raise ValueError(f"max_step must be > 0 or None, got {self.max_step=}")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """What the gate allows. Frozen: an operator sets it; agents cannot change it."""
+
+    allowed_plans: frozenset[str]
+    limits: Mapping[str, AxisLimits]
+    max_requests_per_minute: float | None = None
+    max_points_per_request: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_plans", frozenset(self.allowed_plans))
+        if not self.allowed_plans:
+            raise ValueError("SafetyConfig.allowed_plans is empty: no plan could ever run")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's answer on one request."""
+
+    request: PlanRequest
+    accepted: bool
+    reasons: tuple[str, ...] = ()
+    at: float = field(default=0.0)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def _axis_values(request: PlanRequest) -> Iterator[tuple[int | None, str, Any]]:
+    """Yield ``(point index or None, axis, value)`` for every axis value in the request."""
+    for name, value in request.kwargs.items():
+        if name == "points":
+            for i, point in enumerate(value):
+                for axis, v in point.items():
+                    if axis not in NON_AXIS_KEYS:
+                        yield i, axis, v
+        elif name != "point_keys":
+            yield None, name, value
+
+
+class SafetyGate:
+    """Checks plan requests against a :class:`SafetyConfig`; admitted ones update its state.
+
+    Parameters
+    ----------
+    config
+        The limits.
+    clock
+        Monotonic seconds, injectable for tests.
+    """
+
+    def __init__(self, config: SafetyConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._admitted_at: deque[float] = deque()
+        self._position: dict[str, float] = {}
+        self.verdicts: list[Verdict] = []
+
+    def check(self, request: PlanRequest) -> Verdict:
+        """Judge ``request`` without changing the gate's state."""
+        reasons = [*self._check_plan(request), *self._check_axes(request), *self._check_rate()]
+        return Verdict(request, not reasons, tuple(reasons), self._clock())
+
+    def admit(self, request: PlanRequest) -> Verdict:
+        """Judge ``request``; if accepted, record its moves and time. Rejections are logged."""
+        verdict = self.check(request)
+        self.verdicts.append(verdict)
+        if verdict.accepted:
+            self._admitted_at.append(verdict.at)
+            for _, axis, value in _axis_values(request):
+                self._position[axis] = float(value)
+        else:
+            logger.warning("safety gate rejected %s (key %s): %s", request.plan, request.key, verdict.reason)
+        return verdict
+
+    def refuse(self, request: PlanRequest, reason: str) -> Verdict:
+        """Record a rejection decided by the caller (e.g. a plan sink that cannot run the plan)."""
+        verdict = Verdict(request, False, (reason,), self._clock())
+        self.verdicts.append(verdict)
+        logger.warning("rejected %s (key %s): %s", request.plan, request.key, reason)
+        return verdict
+
+    def _check_plan(self, request: PlanRequest) -> list[str]:
+        reasons = []
+        if request.plan not in self.config.allowed_plans:
+            allowed = sorted(self.config.allowed_plans)
+            reasons.append(f"plan {request.plan!r} is not on the allow-list {allowed}")
+        if request.args:
+            reasons.append(f"positional args {list(request.args)!r} cannot be checked; pass axes as kwargs")
+        n_points = len(request.kwargs.get("points", ()))
+        limit = self.config.max_points_per_request
+        if limit is not None and n_points > limit:
+            reasons.append(f"{n_points} points in one request exceed max_points_per_request={limit}")
+        return reasons
+
+    def _check_axes(self, request: PlanRequest) -> list[str]:
+        reasons: list[str] = []
+        last = dict(self._position)
+        for i, axis, value in _axis_values(request):
+            where = f"{axis}={value!r}" + ("" if i is None else f" (point {i})")
+            limits = self.config.limits.get(axis)
+            if limits is None:
+                reasons.append(f"{where}: axis {axis!r} has no limits configured; add them to the safety config")
+                continue
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                reasons.append(f"{where}: not a finite number")
+                continue
+            if not limits.low <= value <= limits.high:
+                reasons.append(f"{where}: outside limits [{limits.low}, {limits.high}]")
+            previous = last.get(axis)
+            if limits.max_step is not None and previous is not None:
+                if abs(value - previous) > limits.max_step:
+                    reasons.append(
+                        f"{where}: step {abs(value - previous):g} from {previous:g} exceeds max_step {limits.max_step:g}"
+                    )
+            last[axis] = float(value)
+        return reasons
+
+    def _check_rate(self) -> list[str]:
+        limit = self.config.max_requests_per_minute
+        if limit is None:
+            return []
+        now = self._clock()
+        while self._admitted_at and now - self._admitted_at[0] >= 60.0:
+            self._admitted_at.popleft()
+        if len(self._admitted_at) + 1 > limit:
+            return [f"rate limit: {len(self._admitted_at)} requests in the last 60 s, max_requests_per_minute={limit:g}"]
+        return []
+
+    def report(self) -> dict[str, Any]:
+        """Counts and the rejections with their reasons (JSON-able)."""
+        rejected = [v for v in self.verdicts if not v.accepted]
+        return {
+            "admitted": len(self.verdicts) - len(rejected),
+            "rejected": len(rejected),
+            "rejections": [
+                {"plan": v.request.plan, "key": v.request.key, "agent": v.request.agent, "reasons": list(v.reasons)}
+                for v in rejected
+            ],
+        }
