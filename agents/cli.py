@@ -13,6 +13,7 @@ app = typer.Typer(
     help="beampilot: streaming analysis and autonomous steering beside a Bluesky experiment.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 demo_app = typer.Typer(help="Closed-loop demos on simulated instruments, in one process, no servers.",
                        no_args_is_help=True)

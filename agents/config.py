@@ -57,7 +57,7 @@ class FitSettings(_Strict):
     """The sasmodels model the experiment is meant to characterise, and what to fit."""
 
     model_name: str
-    fixed: dict[str, float] = Field(default_factory=dict)
+    fixed: dict[str, float | str] = Field(default_factory=dict)  # e.g. radius_pd_type: gaussian
     fit_params: list[str] = Field(min_length=1)
     size_params: list[str] = Field(min_length=1)
     bounds: dict[str, tuple[float, float]]
@@ -98,18 +98,21 @@ class QSamplingSettings(_Strict):
     dq_over_q: float = Field(default=0.0, ge=0, lt=1)
     n_candidates: int = Field(default=160, ge=8, le=2048)
     n_initial: int = Field(default=12, ge=3)
-    initial_exposure: float = Field(default=1.0, gt=0)
+    initial_exposure: float = Field(default=0.1, gt=0)
     exposure_bounds: tuple[float, float] = (0.1, 60.0)
     target_counts: float = Field(default=2000.0, gt=0)
     target_rel_sigma: float = Field(default=0.02, gt=0, lt=1)
     max_reduced_deviance: float = Field(default=2.0, gt=0)
     explore_fraction: float = Field(default=0.25, ge=0, le=1)
+    explore_time_fraction: float = Field(default=0.1, ge=0, lt=1)
     acquisition: Literal["ivr", "variance", "ucb"] = "ivr"
     budget_exposure: float = Field(default=1e6, gt=0)
     max_measurements: int = Field(default=5000, gt=0)
     max_retries: int = Field(default=3, ge=0)
     fit_starts: int = Field(default=8, ge=1)
-    full_refit_every: int = Field(default=10, ge=1)
+    refit_growth: float = Field(default=1.1, gt=1)
+    rival_deviance: float = Field(default=9.0, gt=0)
+    max_batch_growth: float = Field(default=0.5, gt=0)
     overhead: float = Field(default=0.0, ge=0)
     flux: float | None = Field(default=None, gt=0)
     dark_rate: float | None = Field(default=None, ge=0)

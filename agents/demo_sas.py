@@ -34,7 +34,7 @@ from models.sas import SAMPLE_KINDS, SASModel
 from simulators.sas import SimClock, SimSASInstrument, WallClock
 from streams.zarr_store import ZarrRunWriter
 
-__all__ = ["DemoSetup", "run_demo"]
+__all__ = ["DemoSetup", "agent_settings", "closed_loop", "run_demo", "safety_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,31 @@ class _Progress:
         self.bar.set_postfix_str(f"beam {self.agent.exposure_total:.0f}s {shown} (goal {goal:.0%})")
 
 
+def closed_loop(
+    setup: DemoSetup,
+    agent: QSamplingAgent,
+    *,
+    clock: Any,
+    batch_size: int = 4,
+    subscribers: tuple[Any, ...] = (),
+    md: dict[str, Any] | None = None,
+) -> SafetyGate:
+    """Run ``agent`` against the simulated instrument of ``setup`` until it stops; return the gate.
+
+    The instrument's noise is seeded from the setup's seed and the observations already made,
+    so a resumed loop does not draw the same noise again.
+    """
+    instrument = make_instrument(setup, clock, seed=setup.seed * 100_003 + agent.n_observations)
+    gate = SafetyGate(safety_settings(setup).to_config(), clock=clock.time)
+    RE = RunEngine({}, context_managers=[])
+    for subscriber in subscribers:
+        RE.subscribe(subscriber)
+    axes = {"q": instrument.q, "exposure": instrument.exposure}
+    RE(steered_scan(agent, [instrument], axes, gate=gate, batch_size=batch_size,
+                    md={"sample_kind": setup.sample_kind, **(md or {})}))
+    return gate
+
+
 def run_demo(
     out: Path,
     *,
@@ -140,29 +165,23 @@ def run_demo(
         store = Path(resume)
         setup = _load_setup(store)
         out = store.parent
-        agent = None  # made below, after the sink
     else:
         out.mkdir(parents=True, exist_ok=True)
         store = out / "store.zarr"
         if store.exists():
             raise AgentStoreError(f"{store} exists; pass --resume {store} to continue it, or a new --out")
         setup = DemoSetup.draw(sample_kind, seed)
+    writer = ZarrRunWriter(store)  # creates the store, or checks it is one
+    if resume is None:
         zarr.open_group(store, mode="a").attrs[DEMO_ATTR] = setup.to_dict()
-    writer = ZarrRunWriter(store)
-    if resume is not None:
-        agent = QSamplingAgent.resume(store, sinks=[writer])
-    else:
         agent = QSamplingAgent(agent_settings(setup, overrides), store, sinks=[writer])
+    else:
+        agent = QSamplingAgent.resume(store, sinks=[writer])
     clock = SimClock() if speed is None else WallClock(speed=speed)
-    instrument = make_instrument(setup, clock, seed=setup.seed * 100_003 + agent.n_observations)
-    gate = SafetyGate(safety_settings(setup).to_config(), clock=clock.time)
-    RE = RunEngine({}, context_managers=[])
-    RE.subscribe(writer)
     bar = _Progress(agent, progress)
-    RE.subscribe(bar)
     try:
-        RE(steered_scan(agent, [instrument], {"q": instrument.q, "exposure": instrument.exposure}, gate=gate,
-                        batch_size=batch_size, md={"sample_kind": setup.sample_kind, "resumed": resume is not None}))
+        gate = closed_loop(setup, agent, clock=clock, batch_size=batch_size, subscribers=(writer, bar),
+                           md={"resumed": resume is not None})
     finally:
         bar.bar.close()
         writer.close()

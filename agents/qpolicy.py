@@ -22,16 +22,16 @@ trustworthy fit, or when the exposure budget or the measurement count is spent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from agents.config import QSamplingSettings
 from models.acquisition import greedy_variance_batch, ucb_batch
 from models.design import design_batch
-from models.gp import LogLogGP, merge_observations
+from models.gp import LogLogGP
 from models.sas import SASModel
-from models.sasfit import FitResult, fisher_information, fit_poisson
+from models.sasfit import FitResult, fisher_information, fit_poisson, fit_poisson_starts, merge_observations
 
 __all__ = ["Decision", "FitState", "QPolicy"]
 
@@ -48,12 +48,12 @@ class Decision:
 
 @dataclass
 class FitState:
-    """The latest fit and how it was obtained (kept between decisions; persisted by the agent)."""
+    """The latest fit and when it was made (kept between decisions)."""
 
     result: FitResult | None = None
-    n_obs_at_fit: int = -1
-    fits_since_full: int = 0
-    history: list[dict] = field(default_factory=list)
+    n_obs: int = -1
+    exposure: float = 0.0
+    n_obs_full: int = 0
 
 
 class QPolicy:
@@ -71,34 +71,91 @@ class QPolicy:
         self.names = list(fit.fit_params)
         self.targets = np.array([self.names.index(p) for p in fit.size_params])
         self._merged = (np.empty(0), np.empty(0), np.empty(0))
+        self.rival: FitResult | None = None
 
     # -- fit ----------------------------------------------------------------------------------
-    def refit(self, merged: tuple[np.ndarray, np.ndarray, np.ndarray], n_obs: int) -> FitResult | None:
-        """Fit the model to the merged data if new data arrived.
+    def fit_due(self, n_obs: int, exposure: float) -> bool:
+        """Refit when the data grew by ``refit_growth`` (in count or exposure) since the last fit,
+        or when the last fit is not trustworthy; in between, decisions use the last fit's
+        parameters with the Fisher information of all data, which costs no fit."""
+        f, g = self.fit, self.s.refit_growth
+        if f.result is None or not self.trustworthy(f.result):
+            return n_obs != f.n_obs
+        return n_obs >= g * f.n_obs or exposure >= g * f.exposure
 
-        Warm-started from the last fit; a multi-start fit every ``full_refit_every`` fits, and
-        whenever the last one was not trustworthy (sphere-like models have local minima).
+    def refit(self, n_obs: int, exposure: float) -> FitResult | None:
+        """Fit the model to all (merged) data.
+
+        Warm-started from the last fit; multi-start (sphere-like models have a local minimum per
+        fringe) when there is no trustworthy fit yet or the data have doubled since the last one.
         """
-        if n_obs == self.fit.n_obs_at_fit:
-            return self.fit.result
-        q_u, c_u, t_u = merged
+        q_u, c_u, t_u = self._merged
         if q_u.size <= len(self.names):
             return None
-        previous = self.fit.result
-        full = (
-            previous is None
-            or self.fit.fits_since_full >= self.s.full_refit_every
-            or not self.trustworthy(previous)
-        )
-        initial = dict(previous.values) if previous is not None else self._initial()
+        f = self.fit
+        full = not self.trustworthy(f.result) or n_obs >= 2 * f.n_obs_full
+        initial = dict(f.result.values) if f.result is not None else self._initial()
         result = fit_poisson(
             self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
             initial=initial, bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
             starts=self.s.fit_starts if full else 1, rng=np.random.default_rng(n_obs),
         )
-        self.fit.fits_since_full = 0 if full else self.fit.fits_since_full + 1
-        self.fit.result, self.fit.n_obs_at_fit = result, n_obs
+        f.result, f.n_obs, f.exposure = result, n_obs, exposure
+        if full:
+            f.n_obs_full = n_obs
         return result
+
+    # -- rival explanations ----------------------------------------------------------------
+    def _find_rival(self, result: FitResult, n_obs: int) -> FitResult | None:
+        """A multi-start search for another optimum that fits about as well (deviance within
+        ``rival_deviance``) with size parameters more than 3 sigma away, or ``None``."""
+        q_u, c_u, t_u = self._merged
+        fits = fit_poisson_starts(
+            self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
+            initial=dict(result.values), bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
+            starts=self.s.fit_starts, rng=np.random.default_rng(n_obs + 1),
+        )
+        best = min([result, *fits], key=lambda r: r.deviance)
+        for other in fits:
+            close = other.deviance <= best.deviance + self.s.rival_deviance
+            if close and other.success and self._differs(best, other):
+                self.fit.result = best
+                return other if other is not best else result
+        return None
+
+    def _differs(self, a: FitResult, b: FitResult) -> bool:
+        return any(abs(a.values[p] - b.values[p]) > 3 * a.sigmas[p] for p in self.s.fit.size_params)
+
+    def _settle_rival(self, n_obs: int, used: float) -> FitResult:
+        """Refit the main and the rival solution on all data; drop the one the data now reject."""
+        q_u, c_u, t_u = self._merged
+        rival = fit_poisson(
+            self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
+            initial=dict(self.rival.values), bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
+        )
+        main = self.refit(n_obs, used) if self.fit.n_obs != n_obs else self.fit.result
+        if not self._differs(main, rival):
+            self.rival = None  # both starts now land in one optimum
+        elif rival.deviance + self.s.rival_deviance < main.deviance:
+            self.fit.result, self.rival = rival, None
+        elif main.deviance + self.s.rival_deviance < rival.deviance:
+            self.rival = None
+        else:
+            self.rival = rival
+        return self.fit.result
+
+    def _discriminate(
+        self, n: int, main: FitResult, rival: FitResult, t_point: float
+    ) -> tuple[list[float], list[float], list[str]]:
+        """Measure where the two explanations predict the most different counts per second:
+        ``(r_main - r_rival)^2 / r_main`` is the deviance each second there adds."""
+        q = self.candidates
+        r_main = self.flux * self.model.intensity(q, main.values) + self.dark_rate
+        r_rival = self.flux * self.model.intensity(q, rival.values) + self.dark_rate
+        gain = (r_main - r_rival) ** 2 / r_main
+        idx = np.argsort(gain)[::-1][:n]
+        t = float(np.clip(t_point, *self.s.exposure_bounds))
+        return [float(q[i]) for i in idx], [t] * len(idx), ["discriminate"] * len(idx)
 
     def _initial(self) -> dict[str, float]:
         fit = self.s.fit
@@ -107,9 +164,14 @@ class QPolicy:
         return {p: math.sqrt(lo * hi) for p, (lo, hi) in fit.bounds.items() if p in self.names}
 
     def trustworthy(self, result: FitResult | None) -> bool:
+        """Converged, describes the data (reduced deviance), and determines the size parameters.
+
+        A nuisance parameter may stay undetermined (e.g. a small polydispersity at its bound):
+        the design then works with the prior on it.
+        """
         if result is None or not result.success:
             return False
-        sig = np.array([result.sigmas[p] for p in self.names])
+        sig = np.array([result.sigmas[p] for p in self.s.fit.size_params])
         return bool(np.all(np.isfinite(sig)) and result.reduced_deviance <= self.s.max_reduced_deviance)
 
     def precision(self, result: FitResult | None) -> dict[str, float]:
@@ -120,16 +182,27 @@ class QPolicy:
 
     # -- decision -----------------------------------------------------------------------------
     def decide(self, q: np.ndarray, counts: np.ndarray, exposure: np.ndarray, n: int, n_explored: int) -> Decision:
-        """The next up-to-``n`` points, given all observations and how many explore points were chosen so far."""
+        """The next up-to-``n`` points after the survey, given all observations and how many
+        explore points were chosen so far."""
         s = self.s
         used, n_obs = float(np.sum(exposure)), len(q)
-        if n_obs < s.n_initial:
-            return self._survey(n_obs, n)
         self._merged = merge_observations(q, counts, exposure)
-        result = self.refit(self._merged, n_obs)
+        result = self.refit(n_obs, used) if self.fit_due(n_obs, used) else self.fit.result
         good = self.trustworthy(result)
-        if good and max(self.precision(result).values()) <= s.target_rel_sigma:
-            return Decision(stop_reason=f"target precision reached ({self._fmt(result)})")
+        info_log = self._info_log(result) if good else None
+        if self.rival is not None:
+            result = self._settle_rival(n_obs, used)
+            good = self.trustworthy(result)
+            info_log = self._info_log(result) if good else None
+        elif good and self._worst(info_log) <= s.target_rel_sigma:
+            if self.fit.n_obs != n_obs:  # confirm on a fit of all the data before stopping
+                result = self.refit(n_obs, used)
+                good = self.trustworthy(result)
+                info_log = self._info_log(result) if good else None
+            if good and max(self.precision(result).values()) <= s.target_rel_sigma:
+                self.rival = self._find_rival(result, n_obs)
+                if self.rival is None:
+                    return Decision(stop_reason=f"target precision reached ({self._fmt(result)})")
         if used >= s.budget_exposure:
             return Decision(stop_reason=f"exposure budget spent ({used:.1f} s >= {s.budget_exposure} s)")
         if n_obs >= s.max_measurements:
@@ -137,33 +210,65 @@ class QPolicy:
         n = min(n, s.max_measurements - n_obs)
         self.gp.update(q, counts, exposure)
         n_explore = n if not good else self._explore_share(n, n_obs, n_explored)
-        design = self._design(n - n_explore, result) if n_explore < n else ([], [], [])
-        explore = self._explore(n_explore)
+        # the batch's beam time grows with what was spent, so no batch overshoots by much;
+        # exploration gets a small share of it, the design the rest
+        budget = s.max_batch_growth * used
+        t_explore = budget * (s.explore_time_fraction if n_explore < n else 1.0) / max(n_explore, 1)
+        t_design = budget * (1 - s.explore_time_fraction) / max(n - n_explore, 1)
+        if n_explore == n:
+            design = ([], [], [])
+        elif self.rival is not None:
+            design = self._discriminate(n - n_explore, result, self.rival, t_design)
+        else:
+            design = self._design(n - n_explore, result, info_log, t_design)
+        explore = self._explore(n_explore, t_explore)
         qs, ts, why = (a + b for a, b in zip(design, explore, strict=True))
         return Decision(tuple(qs), tuple(ts), tuple(why))
+
+    def _cov_log(self, info_log: np.ndarray) -> np.ndarray:
+        """Covariance of ``ln(theta)`` from the information of all data.
+
+        The bounds enter as a Gaussian prior 100x wider than themselves: it only keeps a
+        parameter the data cannot fix (a nuisance at its bound) finite, and leaves every
+        determined one as the fit reports it, so the design's goal and the stopping rule agree.
+        """
+        b = self.s.fit.bounds
+        prior = np.array([16e-4 / math.log(b[p][1] / b[p][0]) ** 2 for p in self.names])
+        return np.linalg.inv(info_log + np.diag(prior))
+
+    def _worst(self, info_log: np.ndarray) -> float:
+        """Worst relative 1-sigma of the size parameters from the information of all data."""
+        return float(np.sqrt(np.diag(self._cov_log(info_log))[self.targets]).max())
 
     def _fmt(self, result: FitResult) -> str:
         return ", ".join(f"{p}={result.values[p]:.4g}±{result.sigmas[p]:.2g}" for p in self.s.fit.size_params)
 
-    def _survey(self, n_obs: int, n: int) -> Decision:
-        s = self.s
-        grid = np.geomspace(*s.q_range, s.n_initial)[n_obs : n_obs + n]
-        return Decision(tuple(grid.tolist()), (s.initial_exposure,) * len(grid), ("survey",) * len(grid))
+    @staticmethod
+    def survey(settings: QSamplingSettings, n_surveyed: int, n: int) -> Decision:
+        """The next up-to-``n`` of the ``n_initial`` survey points (empty once all were asked for).
+
+        Needs no instrument constants, so it can run before the first descriptor arrives.
+        """
+        grid = np.geomspace(*settings.q_range, settings.n_initial)[n_surveyed : n_surveyed + n]
+        k = len(grid)
+        return Decision(tuple(grid.tolist()), (settings.initial_exposure,) * k, ("survey",) * k)
 
     def _explore_share(self, n: int, n_obs: int, n_explored: int) -> int:
         # keep the running share of explore points at explore_fraction of all points after the survey
         after = n_obs + n - self.s.n_initial
         return int(np.clip(round(self.s.explore_fraction * after) - n_explored, 0, n))
 
-    def _exposure(self, rate: np.ndarray) -> np.ndarray:
-        return np.clip(self.s.target_counts / rate, *self.s.exposure_bounds)
+    def _exposure(self, rate: np.ndarray, t_cap: float) -> np.ndarray:
+        """Count to ``target_counts``, but within the exposure bounds and at most ``t_cap``."""
+        t_min, t_max = self.s.exposure_bounds
+        return np.clip(self.s.target_counts / rate, t_min, max(t_min, min(t_max, t_cap)))
 
-    def _explore(self, n: int) -> tuple[list[float], list[float], list[str]]:
+    def _explore(self, n: int, t_cap: float) -> tuple[list[float], list[float], list[str]]:
         if n == 0:
             return [], [], []
         mean, cov = self.gp.joint(self.candidates)
         rate = np.exp(mean)
-        t = self._exposure(rate)
+        t = self._exposure(rate, t_cap)
         if self.s.acquisition == "ucb":
             X = self.gp._x(self.candidates)
             idx = ucb_batch(self.gp.model, X, n)
@@ -172,29 +277,28 @@ class QPolicy:
             idx, _ = greedy_variance_batch(cov, noise, n, integrated=self.s.acquisition == "ivr")
         return [float(self.candidates[i]) for i in idx], [float(t[i]) for i in idx], [self.s.acquisition] * n
 
-    def _design(self, n: int, result: FitResult) -> tuple[list[float], list[float], list[str]]:
+    def _design(
+        self, n: int, result: FitResult, info_log: np.ndarray, t_point: float
+    ) -> tuple[list[float], list[float], list[str]]:
+        """``n`` design points of about ``t_point`` seconds each (cut short where the goal is met)."""
         q, params = self.candidates, result.values
         theta = np.array([params[p] for p in self.names])
-        info_log = self._info_log(result) + np.diag(self._prior_precision())
-        cov_log = np.linalg.pinv(info_log)
+        cov_log = self._cov_log(info_log)
         jac = self.model.jacobian(q, params, self.names) * self.flux * theta  # d rate / d ln(theta)
         rate = self.flux * self.model.intensity(q, params) + self.dark_rate
+        t_min, t_max = self.s.exposure_bounds
+        t = max(t_min, min(t_max, t_point))
         points = design_batch(
-            jac, rate, cov_log, self.targets, n, exposure_bounds=self.s.exposure_bounds,
-            target_counts=self.s.target_counts, goal=self.s.target_rel_sigma, overhead=self.s.overhead,
+            jac, rate, cov_log, self.targets, n, exposure_bounds=(t_min, t),
+            target_counts=np.inf, goal=self.s.target_rel_sigma, overhead=self.s.overhead,
         )
         return [float(q[p.index]) for p in points], [p.exposure for p in points], ["design"] * len(points)
 
     def _info_log(self, result: FitResult) -> np.ndarray:
-        """Fisher information of all data so far, in ``ln(theta)``."""
+        """Fisher information of all data so far at the fitted parameters, in ``ln(theta)``."""
         theta = np.array([result.values[p] for p in self.names])
         q_u, _, t_u = self._merged
         info = fisher_information(
             self.model, q_u, t_u, result.values, self.names, flux=self.flux, dark_rate=self.dark_rate
         )
         return info * np.outer(theta, theta)
-
-    def _prior_precision(self) -> np.ndarray:
-        # the bounds as a broad Gaussian prior in ln(theta): +-2 sigma spans [low, high]
-        b = self.s.fit.bounds
-        return np.array([16.0 / math.log(b[p][1] / b[p][0]) ** 2 for p in self.names])

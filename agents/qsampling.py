@@ -15,6 +15,7 @@ so replaying a run into the agent does not count a measurement twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -31,6 +32,7 @@ from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.qpolicy import QPolicy
 from agents.store import AgentStore
+from models.sasfit import FitResult
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
 
@@ -41,7 +43,9 @@ logger = logging.getLogger(__name__)
 OBSERVATIONS = {"q": "f8", "counts": "f8", "exposure": "f8", "time": "f8", "point_key": str, "event_uid": str}
 DECISIONS = {"point_key": str, "request_key": str, "q": "f8", "exposure": "f8", "why": str, "time": "f8"}
 OUTCOMES = {"point_key": str, "outcome": str, "reason": str}  # rejected / failed / error
-TABLES = {"observations": OBSERVATIONS, "decisions": DECISIONS, "outcomes": OUTCOMES}
+FITS = {"n_observations": "f8", "exposure": "f8", "reduced_deviance": "f8",
+        "values": str, "sigmas": str, "relative_sigma": str}  # JSON objects keyed by parameter
+TABLES = {"observations": OBSERVATIONS, "decisions": DECISIONS, "outcomes": OUTCOMES, "fits": FITS}
 
 
 class ObservationError(AgentError):
@@ -134,6 +138,8 @@ class QSamplingAgent:
         if state.get("flux") is not None:
             self.flux, self.dark_rate = state["flux"], state["dark_rate"]
         self._saved_gp = state.get("gp")
+        fits = self.store.read("fits")["n_observations"]
+        self._recorded_fit = int(fits[-1]) if len(fits) else -1
 
     @property
     def n_observations(self) -> int:
@@ -239,14 +245,19 @@ class QSamplingAgent:
         pending = self.pending()
         if pending:
             return [self._request([self._decisions["point_key"][i] for i in pending[:n]], reissue=True)]
-        if self.flux is None:
-            raise AgentError("no descriptor with the instrument's flux/dark rate seen yet; tell the agent a run first")
-        decision = self.decision_policy().decide(
-            np.asarray(self._obs["q"]), np.asarray(self._obs["counts"]), np.asarray(self._obs["exposure"]),
-            n, sum(w != "design" and w != "survey" for w in self._decisions["why"]),
-        )
-        self._save_model_state()
-        self._publish_fit()
+        why = self._decisions["why"]
+        decision = QPolicy.survey(self.settings, why.count("survey"), n)
+        if not decision.q:
+            if self.flux is None:
+                raise AgentError(
+                    "the survey is measured but no descriptor carried the instrument's flux and dark rate; "
+                    f"check that the detector's configuration has {self.settings.keys.flux!r} or set flux/dark_rate"
+                )
+            decision = self.decision_policy().decide(
+                np.asarray(self._obs["q"]), np.asarray(self._obs["counts"]), np.asarray(self._obs["exposure"]),
+                n, sum(w not in ("design", "survey", "discriminate") for w in why),
+            )
+            self._record_fit()
         if decision.stop_reason is not None:
             self.stop_reason = decision.stop_reason
             return []
@@ -277,19 +288,33 @@ class QSamplingAgent:
                 self.policy.gp.load_state(self._saved_gp)
         return self.policy
 
-    def _save_model_state(self) -> None:
+    def _record_fit(self) -> None:
+        """After a decision: if a new fit was made, add it to the ``fits`` table, store the
+        model state (fit, GP hyper-parameters) and publish it as a derived event."""
         policy = self.decision_policy()
         result = policy.fit.result
-        if result is not None and policy.fit.n_obs_at_fit == self.n_observations:
-            history = self.store.get_attr("fit_history") or []
-            history.append({"n_observations": self.n_observations, "exposure": self.exposure_total,
-                            "relative_sigma": policy.precision(result), "values": result.values})
-            self.store.set_attr("fit_history", history)
-        self.store.set_attr("model_state", {
-            "flux": self.flux, "dark_rate": self.dark_rate, "gp": policy.gp.state(),
-            "fit": None if result is None else {"values": result.values, "sigmas": result.sigmas,
-                                                "reduced_deviance": result.reduced_deviance},
+        if result is None or policy.fit.n_obs == self._recorded_fit:
+            return
+        self._recorded_fit = policy.fit.n_obs
+        rel = policy.precision(result)
+        self.store.append("fits", {
+            "n_observations": [policy.fit.n_obs], "exposure": [policy.fit.exposure],
+            "reduced_deviance": [result.reduced_deviance],
+            "values": [json.dumps(dict(result.values))], "sigmas": [json.dumps(dict(result.sigmas))],
+            "relative_sigma": [json.dumps(rel)],
         })
+        self.store.set_attr("model_state", {"flux": self.flux, "dark_rate": self.dark_rate, "gp": policy.gp.state()})
+        self._publish_fit(result)
+
+    def fit_history(self) -> list[dict[str, Any]]:
+        """Every fit made so far: observations, exposure, values, sigmas, relative sigmas."""
+        rows = self.store.read("fits")
+        return [
+            {"n_observations": int(n), "exposure": float(t), "reduced_deviance": float(d),
+             "values": json.loads(v), "sigmas": json.loads(sg), "relative_sigma": json.loads(r)}
+            for n, t, d, v, sg, r in zip(rows["n_observations"], rows["exposure"], rows["reduced_deviance"],
+                                         rows["values"], rows["sigmas"], rows["relative_sigma"], strict=True)
+        ]
 
     # -- derived documents --------------------------------------------------------------------
     def _open_derived(self, start: dict) -> None:
@@ -304,9 +329,8 @@ class QSamplingAgent:
         writer.add_stream("fit", keys)
         self._derived = writer
 
-    def _publish_fit(self) -> None:
-        result = self.policy.fit.result if self.policy else None
-        if self._derived is None or result is None:
+    def _publish_fit(self, result: FitResult) -> None:
+        if self._derived is None:
             return
         data = {k: float(v) for k, v in result.values.items()}
         data.update({f"{k}_sigma": float(v) if np.isfinite(v) else -1.0 for k, v in result.sigmas.items()})

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.gp import merge_observations  # noqa: E402
+from models.sasfit import merge_observations  # noqa: E402
 from models.sas import SASModel  # noqa: E402
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["write_report"]
 
-COLORS = {"survey": "tab:gray", "design": "tab:blue", "ivr": "tab:orange", "variance": "tab:orange", "ucb": "tab:orange"}
+COLORS = {"survey": "tab:gray", "design": "tab:blue", "discriminate": "tab:purple", "ivr": "tab:orange", "variance": "tab:orange", "ucb": "tab:orange"}
 
 
 def write_report(out: Path, agent: QSamplingAgent, setup: Any, summary: dict[str, Any]) -> list[Path]:
@@ -88,7 +88,7 @@ def _plot_sampling(out: Path, agent: QSamplingAgent) -> Path:
 
 
 def _plot_convergence(out: Path, agent: QSamplingAgent, setup: Any) -> Path:
-    history = agent.store.get_attr("fit_history") or []
+    history = agent.fit_history()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for p in agent.settings.fit.size_params:
         pts = [(h["exposure"], h["relative_sigma"][p]) for h in history if np.isfinite(h["relative_sigma"].get(p, np.inf))]

@@ -2,13 +2,16 @@
 
 Layout (under ``<store>/agent``)::
 
-    attrs: beampilot_agent_format, agent_kind, agent_name, config, model_state, extra
-    <table>/<column>     one 1D array per column, appended row by row
-    <table>.attrs["n_committed"]   rows that are whole; written after every column
+    attrs: beampilot_agent_format, agent_kind, config, model_state, ...
+    <table>/numbers    `capacity x k` float64, one column per numeric column
+    <table>/strings    `capacity x m` variable-length strings, one column per text column
+    <table>.attrs:     columns (names in order), n_committed (rows that are whole)
 
-A table's rows count only up to ``n_committed``, which is written last, after all columns have
-their new rows. A process killed between the two leaves extra rows that no reader sees and that
-the next writer truncates, so the store is never read half-written.
+Arrays are preallocated and grow by doubling, so appending a row writes two chunks and one
+attribute, not a resize per column: an agent persists every observation within its decision
+latency budget. A table's rows count only up to ``n_committed``, written last; a process killed
+before that leaves rows no reader sees and the next writer overwrites, so the store is never
+read half-written.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class AgentStore:
         self.path = Path(path)
         self.agent_kind = agent_kind
         self._tables = {t: dict(cols) for t, cols in tables.items()}
+        self._layout: dict[str, tuple[zarr.Group, list[str], list[str]]] = {}
         root = self._open_root(create)
         if "agent" in root:
             self.group = root["agent"]
@@ -94,42 +98,55 @@ class AgentStore:
 
     def _ensure_table(self, table: str, columns: Mapping[str, Any]) -> None:
         group = self.group.require_group(table)
-        n = int(group.attrs.get("n_committed", 0))
-        for column, dtype in columns.items():
-            if column not in group:
-                group.create_array(column, shape=(0,), chunks=(_CHUNK,), dtype=dtype)
-            array = group[column]
-            if array.shape[0] > n:  # rows written by a process that died before committing
-                array.resize((n,))
-            elif array.shape[0] < n:
-                raise AgentStoreError(
-                    f"{self.path}: column {table}/{column} has {array.shape[0]} rows but "
-                    f"{n} are committed; the store is damaged"
-                )
-        group.attrs["n_committed"] = n
+        numbers = [c for c, d in columns.items() if d is not str]
+        strings = [c for c, d in columns.items() if d is str]
+        if "numbers" not in group:
+            group.create_array("numbers", shape=(_CHUNK, len(numbers)), chunks=(_CHUNK, max(len(numbers), 1)),
+                               dtype="f8", fill_value=np.nan)
+            group.create_array("strings", shape=(_CHUNK, len(strings)), chunks=(_CHUNK, max(len(strings), 1)),
+                               dtype=str, fill_value="")
+            group.attrs.update({"numbers": numbers, "strings": strings, "n_committed": 0})
+        elif (group.attrs.get("numbers"), group.attrs.get("strings")) != (numbers, strings):
+            raise AgentStoreError(
+                f"{self.path}: table {table!r} has columns {group.attrs.get('numbers')} + "
+                f"{group.attrs.get('strings')}, this agent expects {numbers} + {strings}; "
+                "it was written by another version of the agent"
+            )
+        self._layout[table] = (group, numbers, strings)
 
     # -- rows ---------------------------------------------------------------------------------
     def append(self, table: str, rows: Mapping[str, Sequence[Any]]) -> None:
         """Append rows (``{column: values}``, all columns, equal lengths), then commit them."""
-        columns = self._tables[table]
-        if set(rows) != set(columns):
-            raise ValueError(f"{table}: need columns {sorted(columns)}, got {sorted(rows)}")
+        group, numbers, strings = self._layout[table]
+        if set(rows) != set(numbers) | set(strings):
+            raise ValueError(f"{table}: need columns {sorted([*numbers, *strings])}, got {sorted(rows)}")
         lengths = {len(v) for v in rows.values()}
         if len(lengths) != 1:
             raise ValueError(f"{table}: columns of unequal lengths {sorted(lengths)}")
-        group = self.group[table]
-        for column, values in rows.items():
-            group[column].append(np.asarray(values, dtype=columns[column] if columns[column] is not str else object))
-        group.attrs["n_committed"] = int(group.attrs["n_committed"]) + lengths.pop()
+        m = lengths.pop()
+        n = int(group.attrs["n_committed"])
+        for name, cols, dtype in (("numbers", numbers, float), ("strings", strings, object)):
+            if not cols:
+                continue
+            array = group[name]
+            if n + m > array.shape[0]:
+                array.resize((max(2 * array.shape[0], n + m), len(cols)))
+            array[n : n + m] = np.array([[rows[c][i] for c in cols] for i in range(m)], dtype=dtype)
+        group.attrs["n_committed"] = n + m
 
     def read(self, table: str) -> dict[str, np.ndarray]:
-        """All committed rows of ``table`` as ``{column: array}``."""
-        group = self.group[table]
+        """All committed rows of ``table`` as ``{column: array}`` (a 1D array per column)."""
+        group, numbers, strings = self._layout[table]
         n = int(group.attrs["n_committed"])
-        return {column: group[column][:n] for column in self._tables[table]}
+        out: dict[str, np.ndarray] = {}
+        for name, cols in (("numbers", numbers), ("strings", strings)):
+            block = group[name][:n] if cols else None
+            for j, c in enumerate(cols):
+                out[c] = np.asarray(block[:, j], dtype=float if name == "numbers" else object)
+        return out
 
     def n_rows(self, table: str) -> int:
-        return int(self.group[table].attrs["n_committed"])
+        return int(self._layout[table][0].attrs["n_committed"])
 
     # -- attributes ---------------------------------------------------------------------------
     def set_attr(self, name: str, value: Any) -> None:

@@ -3,8 +3,8 @@
 The GP models ``y = ln(rate)`` against ``x = log10(Q)``: scattering curves span many decades in
 both, and are smooth there. Counting noise is known, not inferred: for ``c`` counts in ``t``
 seconds, ``y = ln((c + 1/2) / t)`` with variance ``1 / (c + 1/2)`` (delta method on Poisson).
-Observations at equal Q are merged first (summed counts and exposure: the sufficient statistic of
-a Poisson rate), so the GP's size is the number of distinct Q, not of measurements.
+Observations at equal Q are merged first (:func:`models.sasfit.merge_observations`: summed counts
+and exposure, the sufficient statistic of a Poisson rate), so the GP's size is the number of distinct Q, not of measurements.
 
 Hyper-parameters come from the marginal likelihood (botorch's ``fit_gpytorch_mll``), refitted on a
 schedule (when the data have grown by a factor since the last fit) and kept in between, so a
@@ -29,8 +29,9 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from models.device import default_device, default_dtype
 from models.errors import ModelError
+from models.sasfit import merge_observations
 
-__all__ = ["GPConfig", "LogLogGP", "counts_to_log_rate", "merge_observations"]
+__all__ = ["GPConfig", "LogLogGP", "counts_to_log_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,6 @@ class GPConfig:
             raise ValueError(f"GPConfig.refit_growth must be > 1, got {self.refit_growth=}")
         if self.min_points < 2:
             raise ValueError(f"GPConfig.min_points must be >= 2, got {self.min_points=}")
-
-
-def merge_observations(
-    q: np.ndarray, counts: np.ndarray, exposure: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge observations at equal ``q`` by summing counts and exposure.
-
-    Returns ``(q_u, counts_u, exposure_u)``, each of shape `m`, sorted by ``q``.
-    """
-    q = np.asarray(q, dtype=float)
-    q_u, inverse = np.unique(q, return_inverse=True)
-    counts_u = np.bincount(inverse, weights=np.asarray(counts, dtype=float), minlength=q_u.size)
-    exposure_u = np.bincount(inverse, weights=np.asarray(exposure, dtype=float), minlength=q_u.size)
-    return q_u, counts_u, exposure_u
 
 
 def counts_to_log_rate(counts: np.ndarray, exposure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

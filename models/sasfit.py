@@ -356,43 +356,94 @@ def fit_poisson(
         With fewer distinct ``q`` than parameters, or a non-positive or non-finite expected
         count during the fit.
     """
-    _check_rates(flux, dark_rate)
-    _check_problem(names, initial, bounds)
-    if starts < 1:
-        raise ValueError(f"starts must be >= 1; got {starts=}")
-    q_u, c_u, t_u = merge_observations(q, counts, exposure)
-    if q_u.size < len(names):
-        raise FitError(f"{q_u.size} distinct q values cannot fix {len(names)} parameters {names}")
-    space = _make_space(names, bounds)
-    base = dict(initial)
+    problem = _Problem.build(model, q, counts, exposure, flux, dark_rate, names, initial, bounds, starts)
+    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng), max_nfev)
+    best = min((sol for sol, _ in solutions), key=lambda sol: sol.cost)
+    return problem.result(best, sum(n for _, n in solutions))
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        theta = space.to_theta(x)
-        params = {**base, **dict(zip(names, theta.tolist(), strict=True))}
-        mu = t_u * (flux * model.intensity(q_u, params) + dark_rate)
+
+def fit_poisson_starts(
+    model: SASModel,
+    q: Any,
+    counts: Any,
+    exposure: Any,
+    *,
+    flux: float,
+    dark_rate: float,
+    names: Sequence[str],
+    initial: Mapping[str, float],
+    bounds: Mapping[str, tuple[float, float]],
+    starts: int = 1,
+    rng: np.random.Generator | None = None,
+    max_nfev: int | None = None,
+) -> list[FitResult]:
+    """Like :func:`fit_poisson`, but one :class:`FitResult` per start, lowest deviance first.
+
+    The distinct optima among them are the rival explanations of the data that a multi-start
+    search finds (e.g. a core-shell particle with its core and shell sizes traded off).
+    """
+    problem = _Problem.build(model, q, counts, exposure, flux, dark_rate, names, initial, bounds, starts)
+    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng), max_nfev)
+    return sorted((problem.result(sol, n) for sol, n in solutions), key=lambda r: r.deviance)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Merged data, parameter space and residuals of one fit: shared by every start."""
+
+    model: SASModel
+    names: tuple[str, ...]
+    base: dict[str, float]
+    space: _Space
+    data: tuple[np.ndarray, np.ndarray, np.ndarray]
+    flux: float
+    dark_rate: float
+
+    @classmethod
+    def build(cls, model, q, counts, exposure, flux, dark_rate, names, initial, bounds, starts) -> _Problem:
+        _check_rates(flux, dark_rate)
+        _check_problem(names, initial, bounds)
+        if starts < 1:
+            raise ValueError(f"starts must be >= 1; got {starts=}")
+        data = merge_observations(q, counts, exposure)
+        if data[0].size < len(names):
+            raise FitError(f"{data[0].size} distinct q values cannot fix {len(names)} parameters {names}")
+        return cls(model, tuple(names), dict(initial), _make_space(names, bounds), data, flux, dark_rate)
+
+    def params(self, x: np.ndarray) -> dict[str, float]:
+        return {**self.base, **dict(zip(self.names, self.space.to_theta(x).tolist(), strict=True))}
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        q_u, c_u, t_u = self.data
+        params = self.params(x)
+        mu = t_u * (self.flux * self.model.intensity(q_u, params) + self.dark_rate)
         if not np.all(np.isfinite(mu) & (mu > 0)):
             raise FitError(f"expected counts not finite and > 0 at {params}; check the bounds")
         return _deviance_residuals(c_u, mu)
 
-    x0 = space.to_x(np.array([float(initial[n]) for n in names]))
-    best, nfev = _minimise(residuals, space, _start_points(space, x0, starts, rng), max_nfev)
-    values = {n: float(v) for n, v in zip(names, space.to_theta(best.x), strict=True)}
-    info = fisher_information(
-        model, q_u, t_u, {**base, **values}, names, flux=flux, dark_rate=dark_rate
-    )
-    cov = covariance_from_fisher(info)
-    cov.setflags(write=False)
-    return FitResult(
-        names=tuple(names),
-        values=MappingProxyType(values),
-        sigmas=MappingProxyType({n: float(np.sqrt(cov[i, i])) for i, n in enumerate(names)}),
-        cov=cov,
-        deviance=float(2.0 * best.cost),
-        dof=int(q_u.size - len(names)),
-        nfev=nfev,
-        success=bool(best.success),
-        message=str(best.message),
-    )
+    def start_points(self, starts: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+        x0 = self.space.to_x(np.array([float(self.base[n]) for n in self.names]))
+        return _start_points(self.space, x0, starts, rng)
+
+    def result(self, sol: OptimizeResult, nfev: int) -> FitResult:
+        q_u, _, t_u = self.data
+        values = {n: float(v) for n, v in zip(self.names, self.space.to_theta(sol.x), strict=True)}
+        info = fisher_information(
+            self.model, q_u, t_u, {**self.base, **values}, self.names, flux=self.flux, dark_rate=self.dark_rate
+        )
+        cov = covariance_from_fisher(info)
+        cov.setflags(write=False)
+        return FitResult(
+            names=self.names,
+            values=MappingProxyType(values),
+            sigmas=MappingProxyType({n: float(np.sqrt(cov[i, i])) for i, n in enumerate(self.names)}),
+            cov=cov,
+            deviance=float(2.0 * sol.cost),
+            dof=int(q_u.size - len(self.names)),
+            nfev=nfev,
+            success=bool(sol.success),
+            message=str(sol.message),
+        )
 
 
 def _minimise(
@@ -400,17 +451,15 @@ def _minimise(
     space: _Space,
     starts: list[np.ndarray],
     max_nfev: int | None,
-) -> tuple[OptimizeResult, int]:
-    """The lowest-cost ``least_squares`` solution over ``starts``, and the evaluations spent."""
-    best: OptimizeResult | None = None
-    nfev = 0
+) -> list[tuple[OptimizeResult, int]]:
+    """One ``least_squares`` solution per start, each with the evaluations it spent."""
+    solutions = []
     for start in starts:
+        # Tolerances far below any parameter's sigma; the defaults (1e-8) only add evaluations.
         sol = least_squares(
-            residuals, start, bounds=(space.lower, space.upper), method="trf", max_nfev=max_nfev
+            residuals, start, bounds=(space.lower, space.upper), method="trf", max_nfev=max_nfev,
+            xtol=1e-6, ftol=1e-6,
         )
         # Finite-difference Jacobians cost one evaluation per parameter.
-        nfev += int(sol.nfev) + int(sol.njev or 0) * start.size
-        if best is None or sol.cost < best.cost:
-            best = sol
-    assert best is not None  # starts is never empty
-    return best, nfev
+        solutions.append((sol, int(sol.nfev) + int(sol.njev or 0) * start.size))
+    return solutions

@@ -18,16 +18,32 @@ def test_rows_round_trip_and_survive_reopening(tmp_path):
     assert list(rows["key"]) == ["a", "b"] and again.get_attr("model_state") == {"x": 1.5}
 
 
-def test_uncommitted_rows_of_a_killed_writer_are_dropped(tmp_path):
+def test_uncommitted_rows_of_a_killed_writer_are_never_read(tmp_path):
     store = AgentStore(tmp_path / "s.zarr", "Kind", TABLES)
     store.append("obs", {"q": [0.1], "key": ["a"]})
-    # a process dies after appending one column and before committing
-    store.group["obs"]["q"].append(np.array([0.9]))
-    assert len(store.read("obs")["q"]) == 1
+    # a process dies after writing the next row's numbers, before committing it
+    store.group["obs"]["numbers"][1:2] = np.array([[0.9]])
+    assert list(store.read("obs")["q"]) == [0.1]
     again = AgentStore(tmp_path / "s.zarr", "Kind", TABLES)
-    assert again.group["obs"]["q"].shape == (1,)  # truncated back
-    again.append("obs", {"q": [0.3], "key": ["c"]})
+    assert list(again.read("obs")["q"]) == [0.1]
+    again.append("obs", {"q": [0.3], "key": ["c"]})  # overwrites the dead row
     np.testing.assert_array_equal(again.read("obs")["q"], [0.1, 0.3])
+    assert list(again.read("obs")["key"]) == ["a", "c"]
+
+
+def test_tables_grow_past_their_first_allocation(tmp_path):
+    store = AgentStore(tmp_path / "s.zarr", "Kind", TABLES)
+    n = 1500
+    store.append("obs", {"q": np.arange(n) * 1.0, "key": [f"k{i}" for i in range(n)]})
+    store.append("obs", {"q": [-1.0], "key": ["last"]})
+    rows = AgentStore(tmp_path / "s.zarr", "Kind", TABLES, create=False).read("obs")
+    assert rows["q"].shape == (n + 1,) and rows["q"][-1] == -1.0 and rows["key"][n - 1] == f"k{n - 1}"
+
+
+def test_a_table_with_other_columns_is_refused(tmp_path):
+    AgentStore(tmp_path / "s.zarr", "Kind", TABLES)
+    with pytest.raises(AgentStoreError, match="another version of the agent"):
+        AgentStore(tmp_path / "s.zarr", "Kind", {"obs": {"q": "f8", "key": str, "extra": "f8"}})
 
 
 def test_a_store_of_another_agent_is_refused(tmp_path):

@@ -2,18 +2,11 @@ import numpy as np
 import pytest
 
 from models.errors import ModelError
-from models.gp import GPConfig, LogLogGP, counts_to_log_rate, merge_observations
+from models.gp import GPConfig, LogLogGP, counts_to_log_rate
 
 
 def _curve(q):
     return 1e4 * (1 + (q * 50) ** 2) ** -2 + 5.0
-
-
-def test_merge_sums_counts_and_exposure_per_q():
-    q, c, t = merge_observations([0.1, 0.2, 0.1], [3, 5, 4], [1.0, 2.0, 0.5])
-    np.testing.assert_array_equal(q, [0.1, 0.2])
-    np.testing.assert_array_equal(c, [7, 5])
-    np.testing.assert_array_equal(t, [1.5, 2.0])
 
 
 def test_log_rate_variance_is_inverse_counts():

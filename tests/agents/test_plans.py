@@ -1,0 +1,105 @@
+import threading
+from collections import Counter
+
+import pytest
+from bluesky.utils import Msg, RunEngineInterrupted
+
+from agents.errors import SafetyRejectedError
+from agents.plans import POINT_KEY, measure_points, steered_scan
+from agents.protocol import PlanRequest
+from ophyd import Signal
+
+
+class ScriptedAgent:
+    """A test double with a fixed script of requests; records what it is told."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.told = []
+        self.rejections = []
+
+    def tell(self, name, doc):
+        self.told.append((name, doc))
+
+    def ask(self, n):
+        return [self.script.pop(0)] if self.script else []
+
+    def report(self):
+        return {"told": len(self.told)}
+
+    def rejected(self, request, reason):
+        self.rejections.append((request.key, reason))
+
+
+def _measure(key, *qs):
+    return PlanRequest("measure", kwargs={"points": [{"q": q, "exposure": 0.5} for q in qs]}, key=key)
+
+
+def test_measure_points_moves_then_triggers_and_reads_each_point(instrument):
+    key_signal = Signal(name=POINT_KEY, value="")
+    axes = {"q": instrument.q, "exposure": instrument.exposure}
+    msgs = list(measure_points([instrument], axes, [{"q": 0.01, "exposure": 2.0}], ["k:0"], key_signal))
+    commands = [m.command for m in msgs]
+    assert commands[0] == "checkpoint"
+    sets = [(m.obj.name, m.args[0]) for m in msgs if m.command == "set"]
+    assert sets == [("sas_q", 0.01), ("sas_exposure", 2.0), (POINT_KEY, "k:0")]
+    assert commands.index("trigger") > max(i for i, c in enumerate(commands) if c == "set")
+    assert commands[-1] == "save" and Msg("create", name="primary") in msgs
+
+
+def test_steered_scan_runs_what_the_agent_asks_and_tells_it_every_document(RE, instrument, gate):
+    agent = ScriptedAgent([_measure("a", 0.01, 0.02), _measure("b", 0.05)])
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    RE(steered_scan(agent, [instrument], {"q": instrument.q, "exposure": instrument.exposure}, gate=gate))
+    events = [d for n, d in docs if n == "event"]
+    assert [e["data"][POINT_KEY] for e in events] == ["a:0", "a:1", "b:0"]
+    assert [e["data"]["sas_q"] for e in events] == [0.01, 0.02, 0.05]
+    # the agent saw exactly the RunEngine's documents, in order, the stop document included
+    assert [n for n, _ in agent.told] == [n for n, _ in docs]
+    assert docs[-1][1]["exit_status"] == "success"
+
+
+def test_rejected_requests_are_reported_never_run_and_end_the_scan(RE, instrument, gate):
+    bad = [_measure(f"x{i}", 0.9) for i in range(3)]  # q above the gate's limit
+    agent = ScriptedAgent([_measure("ok", 0.01), *bad])
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    with pytest.raises(SafetyRejectedError, match="rejected 3 rounds in a row"):
+        RE(steered_scan(agent, [instrument], {"q": instrument.q, "exposure": instrument.exposure}, gate=gate,
+                        max_rejected_rounds=3))
+    events = [d for n, d in docs if n == "event"]
+    assert [e["data"]["sas_q"] for e in events] == [0.01]  # nothing was clamped into range and run
+    assert [k for k, _ in agent.rejections] == ["x0", "x1", "x2"]
+    assert "q=0.9 (point 0): outside limits" in agent.rejections[0][1]
+    assert gate.report()["rejected"] == 3
+
+
+def test_a_plan_outside_the_in_process_registry_is_refused(RE, instrument, gate):
+    agent = ScriptedAgent([PlanRequest("count", kwargs={}, key="c")])
+    with pytest.raises(SafetyRejectedError):
+        RE(steered_scan(agent, [instrument], {"q": instrument.q}, gate=gate, max_rejected_rounds=1))
+    assert "cannot run inside a steered scan" in agent.rejections[0][1]
+
+
+def test_pause_and_resume_record_each_point_once(RE, instrument, gate):
+    agent = ScriptedAgent([_measure("a", 0.01, 0.02, 0.03), _measure("b", 0.04, 0.05)])
+    events = []
+
+    def pause_after_second(name, doc):
+        if name == "event":
+            events.append(doc)
+            if len(events) == 2:  # as Ctrl+C would: from another thread, at the next checkpoint
+                threading.Thread(target=RE.request_pause, kwargs={"defer": True}).start()
+
+    RE.subscribe(pause_after_second)
+    with pytest.raises(RunEngineInterrupted):
+        RE(steered_scan(agent, [instrument], {"q": instrument.q, "exposure": instrument.exposure}, gate=gate))
+    assert RE.state == "paused"
+    assert len(events) < 5
+    RE.resume()
+    keys = [e["data"][POINT_KEY] for e in events]
+    assert keys == ["a:0", "a:1", "a:2", "b:0", "b:1"]
+    assert Counter(n for n, _ in agent.told)["event"] == 5
