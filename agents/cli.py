@@ -51,8 +51,12 @@ def sas_qscan(
     sample's size is known to 2% (1 sigma); then a report: plots, summary.json, the zarr store."""
     import yaml
 
+    from bluesky.utils import FailedStatus
+
     from agents.demo_sas import run_demo
     from agents.errors import AgentError
+    from simulators.errors import SimulatorError
+    from streams.errors import StreamError
 
     overrides = None
     if config is not None:
@@ -66,9 +70,15 @@ def sas_qscan(
     try:
         summary = run_demo(out, sample_kind=sample.value, seed=seed, resume=resume, speed=speed,
                            batch_size=batch_size, overrides=overrides, progress=not quiet)
-    except AgentError as err:
+    except (AgentError, StreamError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    except (FailedStatus, SimulatorError) as err:
+        cause = err.__cause__ or err
+        store = resume or out / "store.zarr"
+        typer.secho(f"error: the instrument failed: {cause}. Everything measured is in {store}; "
+                    f"continue with: beampilot demo sas-qscan --resume {store}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3) from None
     _print_summary(summary, out if resume is None else resume.parent)
 
 

@@ -32,7 +32,7 @@ from agents.report import write_report
 from agents.safety import SafetyGate
 from models.sas import SAMPLE_KINDS, SASModel
 from simulators.sas import SimClock, SimSASInstrument, WallClock
-from streams.zarr_store import ZarrRunWriter
+from streams.zarr_store import ZarrRunReader, ZarrRunWriter
 
 __all__ = ["DemoSetup", "agent_settings", "closed_loop", "run_demo", "safety_settings"]
 
@@ -131,6 +131,7 @@ def closed_loop(
     batch_size: int = 4,
     subscribers: tuple[Any, ...] = (),
     md: dict[str, Any] | None = None,
+    max_rounds: int | None = None,
 ) -> SafetyGate:
     """Run ``agent`` against the simulated instrument of ``setup`` until it stops; return the gate.
 
@@ -143,7 +144,7 @@ def closed_loop(
     for subscriber in subscribers:
         RE.subscribe(subscriber)
     axes = {"q": instrument.q, "exposure": instrument.exposure}
-    RE(steered_scan(agent, [instrument], axes, gate=gate, batch_size=batch_size,
+    RE(steered_scan(agent, [instrument], axes, gate=gate, batch_size=batch_size, max_rounds=max_rounds,
                     md={"sample_kind": setup.sample_kind, **(md or {})}))
     return gate
 
@@ -176,7 +177,9 @@ def run_demo(
         zarr.open_group(store, mode="a").attrs[DEMO_ATTR] = setup.to_dict()
         agent = QSamplingAgent(agent_settings(setup, overrides), store, sinks=[writer])
     else:
-        agent = QSamplingAgent.resume(store, sinks=[writer])
+        agent = QSamplingAgent.resume(store)
+        _catch_up(agent, store)
+        agent.sinks = [writer]
     clock = SimClock() if speed is None else WallClock(speed=speed)
     bar = _Progress(agent, progress)
     try:
@@ -188,6 +191,23 @@ def run_demo(
     summary = _summary(agent, gate, setup, store, time.perf_counter() - wall0, clock.time())
     write_report(out, agent, setup, summary)
     return summary
+
+
+def _catch_up(agent: QSamplingAgent, store: Path) -> None:
+    """Replay the raw runs stored beside the agent into it before resuming.
+
+    The run writer saves each event before the agent hears of it; a kill between the two
+    leaves events the agent has not seen. Replaying them (the agent ignores events it already
+    has, by point key and event uid) means no measurement is lost or made again.
+    """
+    reader = ZarrRunReader(store)
+    before = agent.n_observations
+    for uid in reader.runs():
+        if "raw_run_uid" not in reader.start(uid):  # derived runs are the agent's own output
+            for name, doc in reader.documents(uid):
+                agent.tell(name, doc)
+    if agent.n_observations > before:
+        logger.warning("recovered %d observations from the stored runs", agent.n_observations - before)
 
 
 def _load_setup(store: Path) -> DemoSetup:

@@ -1,0 +1,96 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agents.cli import app
+from agents.qsampling import TABLES, QSamplingAgent
+from agents.store import AgentStore
+from streams.zarr_store import ZarrRunReader
+
+runner = CliRunner()
+FAST = "target_rel_sigma: 0.05\nfit_starts: 4\n"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["demo", "sas-qscan", "--help"]])
+def test_help_everywhere(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_demo_writes_the_report(tmp_path):
+    config = tmp_path / "fast.yaml"
+    config.write_text(FAST)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["demo", "sas-qscan", "--out", str(out), "--quiet", "--config", str(config),
+                                 "--seed", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "stopped: target precision reached" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fit"]["relative_sigma"]["radius"] <= 0.05
+    assert summary["n_measurements"] > 12 and summary["beam_time"]["exposure_s"] > 0
+    assert set(summary["figures"]) == {"iq.png", "sampling.png", "convergence.png"}
+    for name in summary["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run into the same directory refuses, and says how to continue instead
+    again = runner.invoke(app, ["demo", "sas-qscan", "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_bad_settings_and_stores_get_clear_errors(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("target_precision: 0.05\n")
+    result = runner.invoke(app, ["demo", "sas-qscan", "--out", str(tmp_path / "o"), "--config", str(config)])
+    assert result.exit_code == 2 and "unknown key 'target_precision'" in result.output
+    result = runner.invoke(app, ["demo", "sas-qscan", "--resume", str(tmp_path / "nowhere.zarr")])
+    assert result.exit_code == 2 and "no store at" in result.output
+
+
+def _observed_keys(store: Path) -> list[str]:
+    try:
+        return list(AgentStore(store, "QSamplingAgent", TABLES, create=False).read("observations")["point_key"])
+    except Exception:  # not created yet, or created a moment ago
+        return []
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
+    config = tmp_path / "slow.yaml"
+    config.write_text("target_rel_sigma: 0.02\n")
+    out = tmp_path / "out"
+    store = out / "store.zarr"
+    cmd = [sys.executable, "-m", "agents.cli", "demo", "sas-qscan", "--out", str(out), "--quiet",
+           "--config", str(config), "--seed", "1001", "--speed", "20"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_observed_keys(store)) < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the demo ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _observed_keys(store)
+    assert len(before) >= 20
+    resume = subprocess.run([sys.executable, "-m", "agents.cli", "demo", "sas-qscan", "--resume", str(store), "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr
+    assert "stopped: target precision reached" in resume.stdout
+    agent = QSamplingAgent.resume(store)
+    keys = list(agent.store.read("observations")["point_key"])
+    assert keys[: len(before)] == before, "a measurement made before the kill was lost"
+    decided = list(agent.store.read("decisions")["point_key"])
+    assert len(keys) == len(set(keys)), "a measurement was repeated"
+    assert set(decided) == set(keys), "a decided point was lost (never measured)"
+    # the raw runs: two (killed, resumed); every measured point is in them exactly once
+    reader = ZarrRunReader(store)
+    raw = [uid for uid in reader.runs() if "raw_run_uid" not in reader.start(uid)]
+    assert len(raw) == 2 and reader.stop(raw[0]) is None and reader.stop(raw[1])["exit_status"] == "success"
+    raw_keys = [k for uid in raw for k in reader.table(uid)["beampilot_point_key"]]
+    assert sorted(raw_keys) == sorted(keys)
+    derived = [uid for uid in reader.runs() if "raw_run_uid" in reader.start(uid)]
+    assert {reader.start(uid)["raw_run_uid"] for uid in derived} <= set(raw)
