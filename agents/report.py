@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -49,9 +50,16 @@ def _plot_iq(out: Path, agent: QSamplingAgent, setup: Any) -> Path:
     q, c, t = merge_observations(obs["q"], obs["counts"], obs["exposure"])
     flux, dark = agent.flux, agent.dark_rate
     fig, ax = plt.subplots(figsize=(7, 5))
-    ax.errorbar(q, _to_intensity(c / t, flux, dark), yerr=np.sqrt(np.maximum(c, 1)) / t / flux,
-                fmt="o", ms=3, color="k", label=f"measured ({len(obs['q'])} counts at {q.size} Q)", zorder=3)
+    value = _to_intensity(c / t, flux, dark)
+    sigma = np.sqrt(np.maximum(c, 1)) / t / flux
+    shown = value > 0  # a point at or below the dark rate has no place on a log axis
+    lower = np.minimum(sigma, 0.9 * value)  # keep bars on the log axis
+    ax.errorbar(q[shown], value[shown], yerr=[lower[shown], sigma[shown]], fmt="o", ms=3, color="k",
+                label=f"measured ({len(obs['q'])} counts at {q.size} Q)", zorder=3)
+    if np.any(~shown):
+        ax.plot([], [], " ", label=f"{int(np.sum(~shown))} Q at or below the dark rate (not shown)")
     grid = np.geomspace(*agent.settings.q_range, 400)
+    curves = []
     policy = agent.decision_policy()
     if policy.gp.n_points:
         mean, var = policy.gp.predict(grid)
@@ -60,10 +68,14 @@ def _plot_iq(out: Path, agent: QSamplingAgent, setup: Any) -> Path:
                         label="GP posterior ±2σ")
     fit = policy.fit.result
     if fit is not None:
-        ax.plot(grid, policy.model.intensity(grid, fit.values), color="tab:blue", label="fitted model")
+        curves.append(policy.model.intensity(grid, fit.values))
+        ax.plot(grid, curves[-1], color="tab:blue", label="fitted model")
     if setup is not None:
         kind_model = SASModel(policy.model.model_name, dq_over_q=setup.dq_over_q, fixed=agent.settings.fit.fixed)
-        ax.plot(grid, kind_model.intensity(grid, setup.truth), "--", color="tab:red", lw=1, label="truth (hidden from the agent)")
+        curves.append(kind_model.intensity(grid, setup.truth))
+        ax.plot(grid, curves[-1], "--", color="tab:red", lw=1, label="truth (hidden from the agent)")
+    floor = min([np.min(value[shown])] * bool(np.any(shown)) + [np.min(cv) for cv in curves] or [1e-3])
+    ax.set_ylim(bottom=0.2 * floor)
     ax.set(xscale="log", yscale="log", xlabel="Q (1/Å)", ylabel="I(Q) (1/cm)", title=f"I(Q): {agent.settings.fit.model_name}")
     ax.legend(fontsize=8)
     return _save(fig, out / "iq.png")
@@ -97,6 +109,10 @@ def _plot_convergence(out: Path, agent: QSamplingAgent, setup: Any) -> Path:
             ax.plot(x, y, "o-", ms=3, label=f"σ({p})/{p}")
     ax.axhline(agent.settings.target_rel_sigma, color="k", ls=":", label="goal")
     ax.set(xscale="log", yscale="log", xlabel="cumulative exposure (s)", ylabel="relative 1σ", title="precision versus beam time")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     ax.legend(fontsize=8)
     return _save(fig, out / "convergence.png")
 

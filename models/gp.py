@@ -49,11 +49,16 @@ class GPConfig:
         Fewer distinct points than this and the GP refuses to build.
     max_joint
         Largest set of points whose joint posterior is formed at once (memory guard).
+    min_log_variance
+        Floor of the noise variance of ``ln(rate)``: a systematic error of ~0.3% that no
+        counting beats (detector calibration), which also keeps the GP well conditioned
+        when a point has millions of counts.
     """
 
     refit_growth: float = 1.3
     min_points: int = 3
     max_joint: int = 2048
+    min_log_variance: float = 1e-5
 
     def __post_init__(self) -> None:
         if not self.refit_growth > 1.0:
@@ -123,6 +128,8 @@ class LogLogGP:
                 f"{q_u.size} distinct Q values; the GP needs at least {self.config.min_points}"
             )
         y, yvar = counts_to_log_rate(c_u, t_u)
+        # gpytorch rounds a standardised noise below 1e-6 up (with a warning): stay above it
+        yvar = np.maximum(yvar, max(self.config.min_log_variance, 2e-6 * np.var(y)))
         train_X = self._x(q_u)
         train_Y = torch.as_tensor(y, **self._tkw).reshape(-1, 1)
         train_Yvar = torch.as_tensor(yvar, **self._tkw).reshape(-1, 1)
