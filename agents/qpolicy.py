@@ -182,45 +182,55 @@ class QPolicy:
 
     # -- decision -----------------------------------------------------------------------------
     def decide(self, q: np.ndarray, counts: np.ndarray, exposure: np.ndarray, n: int, n_explored: int) -> Decision:
-        """The next up-to-``n`` points after the survey, given all observations and how many
-        explore points were chosen so far."""
-        s = self.s
+        """The next up-to-``n`` points after the survey, or a stop, given all observations and
+        how many explore points were chosen so far."""
         used, n_obs = float(np.sum(exposure)), len(q)
         self._merged = merge_observations(q, counts, exposure)
-        result = self.refit(n_obs, used) if self.fit_due(n_obs, used) else self.fit.result
-        good = self.trustworthy(result)
-        info_log = self._info_log(result) if good else None
         if self.rival is not None:
-            result = self._settle_rival(n_obs, used)
-            good = self.trustworthy(result)
-            info_log = self._info_log(result) if good else None
-        elif good and self._worst(info_log) <= s.target_rel_sigma:
+            self._settle_rival(n_obs, used)
+        elif self.fit_due(n_obs, used):
+            self.refit(n_obs, used)
+        stop = self._stop_reason(n_obs, used)
+        if stop is not None:
+            return Decision(stop_reason=stop)
+        self.gp.update(q, counts, exposure)
+        return self._next_batch(min(n, self.s.max_measurements - n_obs), n_obs, n_explored, used)
+
+    def _precise(self, result: FitResult | None) -> bool:
+        """Trustworthy, and the size parameters at the goal (from the information of all data)."""
+        return self.trustworthy(result) and self._worst(self._info_log(result)) <= self.s.target_rel_sigma
+
+    def _stop_reason(self, n_obs: int, used: float) -> str | None:
+        s = self.s
+        if self.rival is None and self._precise(self.fit.result):
             if self.fit.n_obs != n_obs:  # confirm on a fit of all the data before stopping
-                result = self.refit(n_obs, used)
-                good = self.trustworthy(result)
-                info_log = self._info_log(result) if good else None
-            if good and max(self.precision(result).values()) <= s.target_rel_sigma:
+                self.refit(n_obs, used)
+            result = self.fit.result
+            if self.trustworthy(result) and max(self.precision(result).values()) <= s.target_rel_sigma:
                 self.rival = self._find_rival(result, n_obs)
                 if self.rival is None:
-                    return Decision(stop_reason=f"target precision reached ({self._fmt(result)})")
+                    return f"target precision reached ({self._fmt(self.fit.result)})"
         if used >= s.budget_exposure:
-            return Decision(stop_reason=f"exposure budget spent ({used:.1f} s >= {s.budget_exposure} s)")
+            return f"exposure budget spent ({used:.1f} s >= {s.budget_exposure} s)"
         if n_obs >= s.max_measurements:
-            return Decision(stop_reason=f"measurement budget spent ({n_obs} >= {s.max_measurements})")
-        n = min(n, s.max_measurements - n_obs)
-        self.gp.update(q, counts, exposure)
+            return f"measurement budget spent ({n_obs} >= {s.max_measurements})"
+        return None
+
+    def _next_batch(self, n: int, n_obs: int, n_explored: int, used: float) -> Decision:
+        """Design (or discrimination) points and GP explore points sharing a time budget that
+        grows with what was spent, so no batch overshoots the goal by much."""
+        s, result = self.s, self.fit.result
+        good = self.trustworthy(result)
         n_explore = n if not good else self._explore_share(n, n_obs, n_explored)
-        # the batch's beam time grows with what was spent, so no batch overshoots by much;
-        # exploration gets a small share of it, the design the rest
         budget = s.max_batch_growth * used
         t_explore = budget * (s.explore_time_fraction if n_explore < n else 1.0) / max(n_explore, 1)
         t_design = budget * (1 - s.explore_time_fraction) / max(n - n_explore, 1)
         if n_explore == n:
-            design = ([], [], [])
+            design: tuple[list, list, list] = ([], [], [])
         elif self.rival is not None:
             design = self._discriminate(n - n_explore, result, self.rival, t_design)
         else:
-            design = self._design(n - n_explore, result, info_log, t_design)
+            design = self._design(n - n_explore, result, self._info_log(result), t_design)
         explore = self._explore(n_explore, t_explore)
         qs, ts, why = (a + b for a, b in zip(design, explore, strict=True))
         return Decision(tuple(qs), tuple(ts), tuple(why))

@@ -176,10 +176,15 @@ class QSamplingAgent:
                 f"descriptor {descriptor['uid']} has no configuration keys {keys.flux!r}/{keys.dark_rate!r} "
                 "and the agent's settings give no flux/dark_rate; set them in the settings"
             )
-        if self.flux is not None and (flux, dark) != (self.flux, self.dark_rate):
-            logger.warning("instrument flux/dark rate changed to %g/%g", flux, dark)
-        self.flux, self.dark_rate = flux, dark
-        self.policy = None  # rebuilt with the new constants on the next ask
+        if self.flux is None:
+            self.flux, self.dark_rate = flux, dark
+        elif (flux, dark) != (self.flux, self.dark_rate):
+            # the fit assumes one flux for all counts; mixing would bias every parameter
+            raise AgentError(
+                f"descriptor {descriptor['uid']}: flux/dark rate {flux:g}/{dark:g} differ from "
+                f"{self.flux:g}/{self.dark_rate:g} of the observations so far; this agent needs them "
+                "constant: start a new store for the new conditions"
+            )
 
     def _observe_event(self, run_uid: str, event: dict) -> None:
         try:

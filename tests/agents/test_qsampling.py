@@ -163,3 +163,14 @@ def test_ask_validates_its_argument(settings, tmp_path):
     assert agent.pending() == []
     with pytest.raises(AgentError, match="flux and dark rate"):
         agent.ask(1)
+
+
+def test_a_change_of_flux_between_runs_is_refused(RE, setup, clock, gate, settings, tmp_path):
+    from agents.demo_sas import make_instrument
+
+    agent = QSamplingAgent(settings, tmp_path / "s.zarr")
+    RE(_scan(agent, make_instrument(setup, clock, seed=5), gate, max_rounds=1))
+    brighter = make_instrument(setup, clock, seed=6)
+    brighter.flux.put(2 * setup.flux, internal=True)
+    with pytest.raises(AgentError, match="differ from .* start a new store"):
+        RE(_scan(agent, brighter, gate, max_rounds=1))
