@@ -50,7 +50,6 @@ def sas_qscan(
     """A RunEngine measures I(Q) of a hidden sample; the agent picks Q and exposure until the
     sample's size is known to 2% (1 sigma); then a report: plots, summary.json, the zarr store."""
     import yaml
-
     from bluesky.utils import FailedStatus
 
     from agents.demo_sas import run_demo

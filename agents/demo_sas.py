@@ -32,7 +32,8 @@ from agents.report import write_report
 from agents.safety import SafetyGate
 from models.sas import SAMPLE_KINDS, SASModel
 from simulators.sas import SimClock, SimSASInstrument, WallClock
-from streams.zarr_store import ZarrRunReader, ZarrRunWriter
+from streams.zarr_reader import ZarrRunReader
+from streams.zarr_writer import ZarrRunWriter
 
 __all__ = ["DemoSetup", "agent_settings", "closed_loop", "run_demo", "safety_settings"]
 

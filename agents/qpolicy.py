@@ -31,7 +31,13 @@ from models.acquisition import greedy_variance_batch, ucb_batch
 from models.design import design_batch
 from models.gp import LogLogGP
 from models.sas import SASModel
-from models.sasfit import FitResult, fisher_information, fit_poisson, fit_poisson_starts, merge_observations
+from models.sasfit import (
+    FitResult,
+    fisher_information,
+    fit_poisson,
+    fit_poisson_starts,
+    merge_observations,
+)
 
 __all__ = ["Decision", "FitState", "QPolicy"]
 

@@ -85,7 +85,7 @@ class QSamplingAgent:
     store
         Directory of its zarr store (created if absent).
     sinks
-        Where derived runs (fit results, posterior) go, e.g. a :class:`streams.zarr_store.ZarrRunWriter`.
+        Where derived runs (fit results, posterior) go, e.g. a :class:`streams.zarr_writer.ZarrRunWriter`.
     """
 
     def __init__(

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.sasfit import merge_observations  # noqa: E402
 from models.sas import SASModel  # noqa: E402
+from models.sasfit import merge_observations  # noqa: E402
 
 if TYPE_CHECKING:
     from agents.qsampling import QSamplingAgent

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from agents.cli import app
 from agents.qsampling import TABLES, QSamplingAgent
 from agents.store import AgentStore
-from streams.zarr_store import ZarrRunReader
+from streams.zarr_reader import ZarrRunReader
 
 runner = CliRunner()
 FAST = "target_rel_sigma: 0.05\nfit_starts: 4\n"

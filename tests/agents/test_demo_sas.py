@@ -1,7 +1,7 @@
 from agents.demo_sas import DemoSetup, _catch_up, agent_settings, closed_loop
 from agents.qsampling import QSamplingAgent
 from simulators.sas import SimClock
-from streams.zarr_store import ZarrRunWriter
+from streams.zarr_writer import ZarrRunWriter
 
 
 class DeafToLastEvent:

@@ -3,11 +3,11 @@ from collections import Counter
 
 import pytest
 from bluesky.utils import Msg, RunEngineInterrupted
+from ophyd import Signal
 
 from agents.errors import SafetyRejectedError
 from agents.plans import POINT_KEY, measure_points, steered_scan
 from agents.protocol import PlanRequest
-from ophyd import Signal
 
 
 class ScriptedAgent:

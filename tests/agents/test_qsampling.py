@@ -123,8 +123,8 @@ def test_a_store_of_another_agent_kind_is_refused(tmp_path):
 
 
 def test_events_without_the_configured_keys_are_reported(RE, settings, tmp_path):
-    from ophyd.sim import det, motor
     import bluesky.plans as bp
+    from ophyd.sim import det, motor
 
     agent = QSamplingAgent(settings.model_copy(update={"flux": 100.0, "dark_rate": 0.5}), tmp_path / "s.zarr")
     RE.subscribe(agent.tell)

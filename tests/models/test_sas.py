@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.errors import ModelError
-from models.sas import SAMPLE_KINDS, SASModel, SampleKind
+from models.sas import SAMPLE_KINDS, SampleKind, SASModel
 
 SLD, SLD_SOLVENT = 3.47, 6.36
 

@@ -13,7 +13,9 @@ from bluesky import RunEngine
 from ophyd.sim import SynSignal, det, motor
 
 from streams.errors import DocumentError, StoreError
-from streams.zarr_store import FORMAT_ATTR, ZarrRunReader, ZarrRunWriter
+from streams.zarr_layout import FORMAT_ATTR
+from streams.zarr_reader import ZarrRunReader
+from streams.zarr_writer import ZarrRunWriter
 
 Docs = list[tuple[str, dict]]
 
