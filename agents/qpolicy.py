@@ -74,8 +74,10 @@ class QPolicy:
         self.candidates = np.geomspace(*settings.q_range, settings.n_candidates)
         self.gp = LogLogGP(settings.q_range)
         self.fit = FitState()
-        self.names = list(fit.fit_params)
-        self.targets = np.array([self.names.index(p) for p in fit.size_params])
+        # size parameters first: multi-start fits spread the leading `n_size` over their bounds
+        self.names = [*fit.size_params, *(p for p in fit.fit_params if p not in fit.size_params)]
+        self.n_size = len(fit.size_params)
+        self.targets = np.arange(self.n_size)
         self._merged = (np.empty(0), np.empty(0), np.empty(0))
         self.rival: FitResult | None = None
 
@@ -104,7 +106,7 @@ class QPolicy:
         result = fit_poisson(
             self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
             initial=initial, bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
-            starts=self.s.fit_starts if full else 1, rng=np.random.default_rng(n_obs),
+            starts=self.s.fit_starts if full else 1, rng=np.random.default_rng(n_obs), vary=self.n_size,
         )
         f.result, f.n_obs, f.exposure = result, n_obs, exposure
         if full:
@@ -119,7 +121,7 @@ class QPolicy:
         fits = fit_poisson_starts(
             self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
             initial=dict(result.values), bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
-            starts=self.s.fit_starts, rng=np.random.default_rng(n_obs + 1),
+            starts=self.s.fit_starts, rng=np.random.default_rng(n_obs + 1), vary=self.n_size,
         )
         best = min([result, *fits], key=lambda r: r.deviance)
         for other in fits:
@@ -181,10 +183,11 @@ class QPolicy:
         return bool(np.all(np.isfinite(sig)) and result.reduced_deviance <= self.s.max_reduced_deviance)
 
     def precision(self, result: FitResult | None) -> dict[str, float]:
-        """Relative 1-sigma of each size parameter (inf when unknown)."""
+        """Relative 1-sigma of each size parameter (inf when unknown), widened by the fit's
+        ``sigma_scale`` when the data scatter more than counting noise explains."""
         if result is None:
             return {p: math.inf for p in self.s.fit.size_params}
-        return {p: float(result.sigmas[p] / abs(result.values[p])) for p in self.s.fit.size_params}
+        return {p: result.relative_sigma(p) for p in self.s.fit.size_params}
 
     # -- decision -----------------------------------------------------------------------------
     def decide(self, q: np.ndarray, counts: np.ndarray, exposure: np.ndarray, n: int, n_explored: int) -> Decision:
@@ -204,7 +207,7 @@ class QPolicy:
 
     def _precise(self, result: FitResult | None) -> bool:
         """Trustworthy, and the size parameters at the goal (from the information of all data)."""
-        return self.trustworthy(result) and self._worst(self._info_log(result)) <= self.s.target_rel_sigma
+        return self.trustworthy(result) and self._worst(self._info_log(result), result.sigma_scale) <= self.s.target_rel_sigma
 
     def _stop_reason(self, n_obs: int, used: float) -> str | None:
         s = self.s
@@ -241,7 +244,7 @@ class QPolicy:
         qs, ts, why = (a + b for a, b in zip(design, explore, strict=True))
         return Decision(tuple(qs), tuple(ts), tuple(why))
 
-    def _cov_log(self, info_log: np.ndarray) -> np.ndarray:
+    def _cov_log(self, info_log: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Covariance of ``ln(theta)`` from the information of all data.
 
         The bounds enter as a Gaussian prior 100x wider than themselves: it only keeps a
@@ -250,11 +253,13 @@ class QPolicy:
         """
         b = self.s.fit.bounds
         prior = np.array([16e-4 / math.log(b[p][1] / b[p][0]) ** 2 for p in self.names])
-        return np.linalg.inv(info_log + np.diag(prior))
+        return np.linalg.inv(info_log + np.diag(prior)) * scale**2
 
-    def _worst(self, info_log: np.ndarray) -> float:
-        """Worst relative 1-sigma of the size parameters from the information of all data."""
-        return float(np.sqrt(np.diag(self._cov_log(info_log))[self.targets]).max())
+    def _worst(self, info_log: np.ndarray, scale: float) -> float:
+        """Worst relative 1-sigma of the size parameters from the information of all data
+        (widened like the fit's, so this, the design's goal and the stop agree)."""
+        cov = self._cov_log(info_log, scale)
+        return float(np.sqrt(np.diag(cov)[self.targets]).max())
 
     def _fmt(self, result: FitResult) -> str:
         return ", ".join(f"{p}={result.values[p]:.4g}±{result.sigmas[p]:.2g}" for p in self.s.fit.size_params)
@@ -299,7 +304,7 @@ class QPolicy:
         """``n`` design points of about ``t_point`` seconds each (cut short where the goal is met)."""
         q, params = self.candidates, result.values
         theta = np.array([params[p] for p in self.names])
-        cov_log = self._cov_log(info_log)
+        cov_log = self._cov_log(info_log, result.sigma_scale)
         jac = self.model.jacobian(q, params, self.names) * self.flux * theta  # d rate / d ln(theta)
         rate = self.flux * self.model.intensity(q, params) + self.dark_rate
         t_min, t_max = self.s.exposure_bounds

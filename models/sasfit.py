@@ -78,11 +78,19 @@ class FitResult:
         """``deviance / dof``: about 1 for an adequate model; ``nan`` when ``dof == 0``."""
         return self.deviance / self.dof if self.dof > 0 else float("nan")
 
-    def relative_sigma(self, name: str) -> float:
-        """``sigma / |value|`` of one parameter."""
+    @property
+    def sigma_scale(self) -> float:
+        """``sqrt(max(1, reduced deviance))``: how much to widen the sigmas when the data scatter
+        more than counting noise explains (model error, or too few counts for the Fisher
+        approximation); 1 when the fit is as good as Poisson noise allows."""
+        rd = self.reduced_deviance
+        return float(np.sqrt(max(1.0, rd))) if np.isfinite(rd) else 1.0
+
+    def relative_sigma(self, name: str, *, scaled: bool = True) -> float:
+        """``sigma / |value|`` of one parameter, widened by :attr:`sigma_scale` unless ``scaled=False``."""
         if name not in self.values:
             raise KeyError(f"{name!r} was not fitted; fitted: {list(self.names)}")
-        return self.sigmas[name] / abs(self.values[name])
+        return self.sigmas[name] * (self.sigma_scale if scaled else 1.0) / abs(self.values[name])
 
 
 def _check_observations(q: Any, counts: Any, exposure: Any) -> tuple[np.ndarray, ...]:
@@ -285,14 +293,23 @@ def _deviance_residuals(counts: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 
 def _start_points(
-    space: _Space, x0: np.ndarray, starts: int, rng: np.random.Generator | None
+    space: _Space, x0: np.ndarray, starts: int, rng: np.random.Generator | None, vary: int = 1
 ) -> list[np.ndarray]:
-    """``x0``, then `starts - 1` points stratified over the first parameter's range."""
+    """``x0``, then `starts - 1` points in a Latin hypercube over the first ``vary`` parameters'
+    ranges (each range cut in `starts - 1` strata, visited once per parameter); the others
+    stay at ``x0``. Several sizes need spreading together: a cylinder's length has its own
+    local optima, independent of its radius."""
     points = [x0]
-    for k in range(starts - 1):
-        u = (k + (rng.uniform() if rng is not None else 0.5)) / (starts - 1)
+    n = starts - 1
+    if n == 0:
+        return points
+    gen = rng if rng is not None else np.random.default_rng(0)
+    strata = [np.arange(n) if j == 0 else gen.permutation(n) for j in range(vary)]
+    for k in range(n):
         x = x0.copy()
-        x[0] = space.lower[0] + u * (space.upper[0] - space.lower[0])
+        for j in range(min(vary, x0.size)):
+            u = (strata[j][k] + (gen.uniform() if rng is not None else 0.5)) / n
+            x[j] = space.lower[j] + u * (space.upper[j] - space.lower[j])
         points.append(x)
     return points
 
@@ -311,6 +328,7 @@ def fit_poisson(
     starts: int = 1,
     rng: np.random.Generator | None = None,
     max_nfev: int | None = None,
+    vary: int = 1,
 ) -> FitResult:
     """Fit ``names`` by maximum Poisson likelihood (minimum deviance).
 
@@ -334,13 +352,16 @@ def fit_poisson(
     bounds : Mapping[str, tuple[float, float]]
         ``(lo, hi)`` for each fitted parameter.
     starts : int
-        Number of starts: ``initial``, then `starts - 1` with ``names[0]`` stratified over its
-        bounds (log-spaced when positive) and the rest at ``initial``; the lowest deviance wins.
-        Sphere-like models have a local minimum per fringe, in size.
+        Number of starts: ``initial``, then `starts - 1` with the first ``vary`` parameters in a
+        Latin hypercube over their bounds (log-spaced when positive) and the rest at
+        ``initial``; the lowest deviance wins. Sphere-like models have a local minimum per
+        fringe, in size.
     rng : np.random.Generator | None
         Draws each extra start uniformly in its stratum; ``None``: stratum centres.
     max_nfev : int | None
         Limit on evaluations per start (``least_squares``' default when ``None``).
+    vary : int
+        How many leading ``names`` the extra starts spread (put the size parameters first).
 
     Returns
     -------
@@ -357,7 +378,7 @@ def fit_poisson(
         count during the fit.
     """
     problem = _Problem.build(model, q, counts, exposure, flux, dark_rate, names, initial, bounds, starts)
-    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng), max_nfev)
+    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng, vary), max_nfev)
     best = min((sol for sol, _ in solutions), key=lambda sol: sol.cost)
     return problem.result(best, sum(n for _, n in solutions))
 
@@ -376,6 +397,7 @@ def fit_poisson_starts(
     starts: int = 1,
     rng: np.random.Generator | None = None,
     max_nfev: int | None = None,
+    vary: int = 1,
 ) -> list[FitResult]:
     """Like :func:`fit_poisson`, but one :class:`FitResult` per start, lowest deviance first.
 
@@ -383,7 +405,7 @@ def fit_poisson_starts(
     search finds (e.g. a core-shell particle with its core and shell sizes traded off).
     """
     problem = _Problem.build(model, q, counts, exposure, flux, dark_rate, names, initial, bounds, starts)
-    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng), max_nfev)
+    solutions = _minimise(problem.residuals, problem.space, problem.start_points(starts, rng, vary), max_nfev)
     return sorted((problem.result(sol, n) for sol, n in solutions), key=lambda r: r.deviance)
 
 
@@ -421,9 +443,9 @@ class _Problem:
             raise FitError(f"expected counts not finite and > 0 at {params}; check the bounds")
         return _deviance_residuals(c_u, mu)
 
-    def start_points(self, starts: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    def start_points(self, starts: int, rng: np.random.Generator | None, vary: int) -> list[np.ndarray]:
         x0 = self.space.to_x(np.array([float(self.base[n]) for n in self.names]))
-        return _start_points(self.space, x0, starts, rng)
+        return _start_points(self.space, x0, starts, rng, vary)
 
     def result(self, sol: OptimizeResult, nfev: int) -> FitResult:
         q_u, _, t_u = self.data

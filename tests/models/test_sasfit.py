@@ -190,3 +190,27 @@ def test_fit_result_helpers() -> None:
     assert np.isnan(result.reduced_deviance)
     with pytest.raises(KeyError, match="'b' was not fitted"):
         result.relative_sigma("b")
+
+
+def test_sigmas_widen_when_the_data_scatter_more_than_counting_noise() -> None:
+    def result(deviance: float) -> FitResult:
+        return FitResult(names=("a",), values={"a": 10.0}, sigmas={"a": 0.1}, cov=np.eye(1) * 0.01,
+                         deviance=deviance, dof=10, nfev=1, success=True)
+
+    assert result(5.0).sigma_scale == 1.0  # better than Poisson: never narrowed
+    assert result(40.0).sigma_scale == pytest.approx(2.0)
+    assert result(40.0).relative_sigma("a") == pytest.approx(0.02)
+    assert result(40.0).relative_sigma("a", scaled=False) == pytest.approx(0.01)
+
+
+def test_extra_starts_spread_every_size_parameter_in_a_latin_hypercube() -> None:
+    from models.sasfit import _make_space, _start_points
+
+    space = _make_space(["radius", "length", "scale"], {"radius": (10, 100), "length": (100, 5000), "scale": (1e-3, 1)})
+    x0 = space.to_x(np.array([30.0, 300.0, 0.01]))
+    points = np.array(_start_points(space, x0, 9, np.random.default_rng(1), vary=2))
+    assert points.shape == (9, 3) and np.array_equal(points[0], x0)
+    for j in (0, 1):  # each of the 8 strata of each varied parameter is visited exactly once
+        u = (points[1:, j] - space.lower[j]) / (space.upper[j] - space.lower[j])
+        assert sorted(np.floor(u * 8).astype(int)) == list(range(8))
+    assert np.all(points[1:, 2] == x0[2])  # the rest stay at the initial values
