@@ -25,6 +25,7 @@ from botorch.exceptions.warnings import InputDataWarning
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import SingleTaskGP
 from botorch.models.transforms import Normalize, Standardize
+from botorch.posteriors import GPyTorchPosterior
 from gpytorch.mlls import ExactMarginalLogLikelihood
 
 from models.device import default_device, default_dtype
@@ -145,12 +146,11 @@ class LogLogGP:
                 input_transform=Normalize(d=1, bounds=bounds),
                 outcome_transform=Standardize(m=1),
             )
-        refit = self._hyper is None or q_u.size >= self.config.refit_growth * self._n_at_fit
-        if not refit:
-            model.load_state_dict(self._hyper, strict=False)
-        else:
+        if self._hyper is None or q_u.size >= self.config.refit_growth * self._n_at_fit:
             self._fit(model)
             self._n_at_fit = q_u.size
+        else:
+            model.load_state_dict(self._hyper, strict=False)
         model.eval()
         self._model = model
 
@@ -208,6 +208,11 @@ class LogLogGP:
             )
         with torch.no_grad():
             post = self.model.posterior(self._x(q))
+            # Standardize untransforms a GPyTorchPosterior into one; only that has a distribution.
+            if not isinstance(post, GPyTorchPosterior):
+                raise ModelError(
+                    f"joint posterior needs a GPyTorchPosterior, got {type(post).__name__}"
+                )
             mean = post.mean.reshape(-1)
             cov = post.distribution.covariance_matrix
         return mean.cpu().numpy(), cov.cpu().numpy()

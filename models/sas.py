@@ -371,7 +371,7 @@ _NUISANCE: dict[str, _Ranges] = {
     "scale": ((1e-4, 0.2), (0.002, 0.03)),
     "background": ((1e-4, 1.0), (0.003, 0.05)),
 }
-_GAUSS = {"radius_pd_type": "gaussian", "radius_pd_nsigma": 3.0}
+_GAUSS: dict[str, ParamValue] = {"radius_pd_type": "gaussian", "radius_pd_nsigma": 3.0}
 
 
 def _kind(model_name: str, fixed: dict[str, ParamValue], size: dict[str, _Ranges],

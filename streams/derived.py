@@ -17,7 +17,7 @@ from __future__ import annotations
 import time as ttime
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, TypeGuard, cast
 
 import event_model
 import numpy as np
@@ -35,7 +35,12 @@ _KINDS = {
     "string": "UT",
     "array": "biufUT",
 }
-_EXIT_STATUSES = ("success", "abort", "fail")
+_ExitStatus = Literal["success", "abort", "fail"]
+_EXIT_STATUSES: tuple[_ExitStatus, ...] = ("success", "abort", "fail")
+
+
+def _is_exit_status(value: str) -> TypeGuard[_ExitStatus]:
+    return value in _EXIT_STATUSES
 
 
 def validate_document(name: str, doc: Mapping[str, Any]) -> None:
@@ -105,7 +110,7 @@ def check_event_data(
 def _check_value(
     key: str, data_key: Mapping[str, Any], value: Any, *, name: str, uid: str | None
 ) -> None:
-    dtype = data_key.get("dtype")
+    dtype: Any = data_key.get("dtype")  # whatever was declared: a wrong one matches no kind
     declared = list(data_key.get("shape", []))
     try:
         arr = np.asarray(value)
@@ -185,8 +190,11 @@ class DerivedRunWriter:
         self._bundle = event_model.compose_run(metadata=md, validate=False)
         self._descriptors: dict[str, Any] = {}
         self._stopped = False
-        validate_document("start", self._bundle.start_doc)
-        self._publish("start", self._bundle.start_doc)
+        # event-model types its documents as TypedDicts, which mypy will not widen to
+        # dict[str, Any]; at runtime they are plain dicts, and sinks get the very object.
+        start_doc = cast(dict[str, Any], self._bundle.start_doc)
+        validate_document("start", start_doc)
+        self._publish("start", start_doc)
 
     @property
     def start_uid(self) -> str:
@@ -225,8 +233,9 @@ class DerivedRunWriter:
             compose.event_counters.pop(name, None)
             raise
         self._descriptors[name] = bundle
-        self._publish("descriptor", bundle.descriptor_doc)
-        return bundle.descriptor_doc
+        descriptor_doc = cast(dict[str, Any], bundle.descriptor_doc)  # a TypedDict: see __init__
+        self._publish("descriptor", descriptor_doc)
+        return descriptor_doc
 
     def emit(
         self,
@@ -269,10 +278,11 @@ class DerivedRunWriter:
         """Send the stop document and return it; later calls do nothing and return ``None``."""
         if self._stopped:
             return None
-        if exit_status not in _EXIT_STATUSES:
+        if not _is_exit_status(exit_status):
             raise ValueError(f"{exit_status=} must be one of {_EXIT_STATUSES}")
         self._stopped = True
-        doc = self._bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        stop = self._bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
+        doc = cast(dict[str, Any], stop)  # a TypedDict: see __init__
         validate_document("stop", doc)
         self._publish("stop", doc)
         return doc

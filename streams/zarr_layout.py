@@ -108,12 +108,24 @@ def _children(group: zarr.Group) -> list[str]:
         return sorted(group.group_keys())
 
 
+def _child_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """``parent[name]`` where the layout has a group; ``KeyError`` if it is absent."""
+    node = parent[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(
+            f"zarr node {node.path!r} is an array where the layout has a group; "
+            "the store is damaged"
+        )
+    return node
+
+
 def _arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     """The event arrays under a descriptor group, keyed by their path relative to it."""
     out = {name: arr for name, arr in group.arrays()}
     for sub in ("data", "timestamps"):
-        if isinstance(group.get(sub), zarr.Group):
-            out.update({f"{sub}/{name}": arr for name, arr in group[sub].arrays()})
+        sub_group = group.get(sub)
+        if isinstance(sub_group, zarr.Group):
+            out.update({f"{sub}/{name}": arr for name, arr in sub_group.arrays()})
     return out
 
 

@@ -14,6 +14,7 @@ from streams.zarr_layout import (
     _LISTED,
     _array_paths,
     _arrays,
+    _child_group,
     _children,
     _event_keys,
     _open_root,
@@ -41,7 +42,7 @@ class ZarrRunReader:
 
     def __init__(self, root: str | os.PathLike[str] | zarr.Group) -> None:
         self._root = root
-        self._runs: zarr.Group = _open_root(root, create=False)["runs"]
+        self._runs: zarr.Group = _child_group(_open_root(root, create=False), "runs")
 
     def runs(self) -> list[str]:
         """Start uids of every stored run, in start-time order."""
@@ -109,13 +110,13 @@ class ZarrRunReader:
 
     def _streams(self, uid: str) -> list[tuple[dict[str, Any], zarr.Group, int]]:
         self._attrs(uid)
-        run = self._runs[uid]
-        if not isinstance(run.get("descriptors"), zarr.Group):
+        descriptors = _child_group(self._runs, uid).get("descriptors")
+        if not isinstance(descriptors, zarr.Group):
             return []
-        out = []
-        for desc_uid in _children(run["descriptors"]):
-            group = run["descriptors"][desc_uid]
-            attrs = group.attrs.asdict()
+        out: list[tuple[dict[str, Any], zarr.Group, int]] = []
+        for desc_uid in _children(descriptors):
+            group = _child_group(descriptors, desc_uid)
+            attrs: dict[str, Any] = group.attrs.asdict()  # JSON as stored
             if "descriptor" not in attrs or "n_committed" not in attrs:
                 raise StoreError(
                     f"descriptor group {group.path!r} lacks 'descriptor'/'n_committed'; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import event_model
 import numpy as np
@@ -17,6 +17,7 @@ from streams.zarr_layout import (
     _LISTED,
     _array_paths,
     _arrays,
+    _child_group,
     _children,
     _create_array,
     _event_keys,
@@ -57,7 +58,7 @@ class ZarrRunWriter:
     """
 
     def __init__(self, root: str | os.PathLike[str] | zarr.Group) -> None:
-        self._runs: zarr.Group = _open_root(root, create=True)["runs"]
+        self._runs: zarr.Group = _child_group(_open_root(root, create=True), "runs")
         self._open: dict[str, _Run] = {}
         self._streams: dict[str, _Stream] = {}
         self._owners: dict[str, str] = {}  # resource uid -> start uid
@@ -118,7 +119,7 @@ class ZarrRunWriter:
 
     def _resume_run(self, uid: str) -> None:
         group = self._runs[uid]
-        attrs = group.attrs.asdict()
+        attrs: dict[str, Any] = group.attrs.asdict()  # JSON as stored
         if "start" not in attrs:
             raise StoreError(f"run group {uid!r} has no 'start' attribute; the store is damaged")
         if "stop" in attrs:
@@ -126,6 +127,9 @@ class ZarrRunWriter:
                 f"run {uid!r} is already stopped (exit_status="
                 f"{attrs['stop'].get('exit_status')!r}); a second start with that uid is refused"
             )
+        if not isinstance(group, zarr.Group):
+            raise StoreError(f"run {uid!r} is stored as a zarr array, not a group; "
+                             "the store is damaged")
         lists = {key: list(attrs.get(key, [])) for key, _ in _LISTED.values()}
         ids = {d[idf] for key, idf in _LISTED.values() for d in lists[key]}
         run = _Run(group, group.require_group("descriptors"), lists, ids)
@@ -133,11 +137,13 @@ class ZarrRunWriter:
         for key in ("resources", "stream_resources"):
             self._owners.update({d["uid"]: uid for d in lists[key]})
         for desc_uid in _children(run.descriptors):
-            self._streams[desc_uid] = self._resume_stream(uid, run.descriptors[desc_uid])
+            self._streams[desc_uid] = self._resume_stream(
+                uid, _child_group(run.descriptors, desc_uid)
+            )
 
     @staticmethod
     def _resume_stream(run_uid: str, group: zarr.Group) -> _Stream:
-        attrs = group.attrs.asdict()
+        attrs: dict[str, Any] = group.attrs.asdict()  # JSON as stored
         if "descriptor" not in attrs or "n_committed" not in attrs:
             raise StoreError(f"descriptor group {group.path!r} lacks 'descriptor'/'n_committed'")
         stream = _Stream(run_uid, group, attrs["descriptor"], int(attrs["n_committed"]))
@@ -153,7 +159,7 @@ class ZarrRunWriter:
             if missing := sorted(set(_array_paths(stream.descriptor)) - set(stream.arrays)):
                 raise StoreError(f"descriptor group {group.path!r} lacks arrays {missing}")
             stream.ready = True
-            stream.uids = {str(u) for u in stream.arrays["uid"][: stream.n]}
+            stream.uids = {str(u) for u in np.asarray(stream.arrays["uid"][: stream.n])}
         return stream
 
     def _run_of(self, run_uid: Any, name: str, uid: str | None) -> _Run:
@@ -193,11 +199,13 @@ class ZarrRunWriter:
         self._append(doc["descriptor"], [doc], "event", doc["uid"])
 
     def _on_event_page(self, doc: dict[str, Any]) -> None:
-        events = list(event_model.unpack_event_page(doc))
+        # __call__ validated doc against event-model's event_page schema.
+        events = list(event_model.unpack_event_page(cast(event_model.EventPage, doc)))
         self._append(doc["descriptor"], events, "event_page", None)
 
     def _on_datum_page(self, doc: dict[str, Any]) -> None:
-        for datum in event_model.unpack_datum_page(doc):
+        # __call__ validated doc against event-model's datum_page schema.
+        for datum in event_model.unpack_datum_page(cast(event_model.DatumPage, doc)):
             self._on_listed("datum", datum)
 
     def _on_listed(self, name: str, doc: dict[str, Any]) -> None:
@@ -216,7 +224,8 @@ class ZarrRunWriter:
         run.group.attrs[key] = run.lists[key]
         run.ids.add(doc[id_field])
         if name in ("resource", "stream_resource"):
-            self._owners[doc["uid"]] = run_uid
+            # doc["run_start"] is run_uid, and _run_of found that run open
+            self._owners[doc["uid"]] = doc["run_start"]
 
     def _append(
         self, desc_uid: str, events: list[dict[str, Any]], name: str, uid: str | None
