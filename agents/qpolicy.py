@@ -115,20 +115,25 @@ class QPolicy:
 
     # -- rival explanations ----------------------------------------------------------------
     def _find_rival(self, result: FitResult, n_obs: int) -> FitResult | None:
-        """A multi-start search for another optimum that fits about as well (deviance within
-        ``rival_deviance``) with size parameters more than 3 sigma away, or ``None``."""
+        """A multi-start search around ``result``.
+
+        It adopts a better optimum if it finds one (deviance lower by more than 1: not the same
+        optimum found again), then returns another optimum that fits about as well (deviance
+        within ``rival_deviance``) with size parameters more than 3 sigma away, or ``None``.
+        """
         q_u, c_u, t_u = self._merged
         fits = fit_poisson_starts(
             self.model, q_u, c_u, t_u, flux=self.flux, dark_rate=self.dark_rate, names=self.names,
             initial=dict(result.values), bounds={p: tuple(self.s.fit.bounds[p]) for p in self.names},
             starts=self.s.fit_starts, rng=np.random.default_rng(n_obs + 1), vary=self.n_size,
         )
-        best = min([result, *fits], key=lambda r: r.deviance)
+        best = min(fits, key=lambda r: r.deviance)
+        if best.deviance < result.deviance - 1.0:  # a better optimum, not the same one re-found
+            self.fit.result = result = best
         for other in fits:
-            close = other.deviance <= best.deviance + self.s.rival_deviance
-            if close and other.success and self._differs(best, other):
-                self.fit.result = best
-                return other if other is not best else result
+            close = other.deviance <= result.deviance + self.s.rival_deviance
+            if close and other.success and self._differs(result, other):
+                return other
         return None
 
     def _differs(self, a: FitResult, b: FitResult) -> bool:
@@ -217,8 +222,10 @@ class QPolicy:
             result = self.fit.result
             if self.trustworthy(result) and max(self.precision(result).values()) <= s.target_rel_sigma:
                 self.rival = self._find_rival(result, n_obs)
-                if self.rival is None:
-                    return f"target precision reached ({self._fmt(self.fit.result)})"
+                # stop only if the search neither found a rival nor moved the fit to a better
+                # optimum (whose precision is judged afresh next round)
+                if self.rival is None and self.fit.result is result:
+                    return f"target precision reached ({self._fmt(result)})"
         if used >= s.budget_exposure:
             return f"exposure budget spent ({used:.1f} s >= {s.budget_exposure} s)"
         if n_obs >= s.max_measurements:

@@ -199,9 +199,7 @@ class QSamplingAgent:
                 self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
             return
         if rows is not None:
-            self.store.append("observations", rows)
-            for k, v in rows.items():
-                self._obs[k].extend(v)
+            self._append("observations", rows)
             self._done.update(rows["point_key"])
             self._event_uids.update(rows["event_uid"])
 
@@ -233,6 +231,13 @@ class QSamplingAgent:
             "time": [float(event["time"])] * n, "point_key": [point_key] * n, "event_uid": [event["uid"]] * n,
         }
 
+    def _append(self, table: str, rows: dict[str, list]) -> None:
+        """Persist rows first, then mirror them in memory: memory never holds what the store lacks."""
+        self.store.append(table, rows)
+        mirror = self._obs if table == "observations" else self._decisions
+        for column, values in rows.items():
+            mirror[column].extend(values)
+
     def _close(self, key: str, outcome: str, reason: str) -> None:
         self._closed.add(key)
         self.store.append("outcomes", {"point_key": [key], "outcome": [outcome], "reason": [reason]})
@@ -249,7 +254,7 @@ class QSamplingAgent:
             raise ValueError(f"ask(n) needs n >= 1, got {n=}")
         pending = self.pending()
         if pending:
-            return [self._request([self._decisions["point_key"][i] for i in pending[:n]], reissue=True)]
+            return [self._request([self._decisions["point_key"][i] for i in pending[:n]])]
         why = self._decisions["why"]
         decision = QPolicy.survey(self.settings, why.count("survey"), n)
         if not decision.q:
@@ -268,17 +273,13 @@ class QSamplingAgent:
             return []
         request_key = uuid.uuid4().hex
         keys = [f"{request_key}:{i}" for i in range(len(decision.q))]
-        now = time.time()
-        self.store.append("decisions", {
+        self._append("decisions", {
             "point_key": keys, "request_key": [request_key] * len(keys), "q": list(decision.q),
-            "exposure": list(decision.exposure), "why": list(decision.why), "time": [now] * len(keys),
+            "exposure": list(decision.exposure), "why": list(decision.why), "time": [time.time()] * len(keys),
         })
-        for col, vals in (("point_key", keys), ("request_key", [request_key] * len(keys)), ("q", decision.q),
-                          ("exposure", decision.exposure), ("why", decision.why), ("time", [now] * len(keys))):
-            self._decisions[col].extend(vals)
         return [self._request(keys, request_key=request_key)]
 
-    def _request(self, point_keys: list[str], *, request_key: str | None = None, reissue: bool = False) -> PlanRequest:
+    def _request(self, point_keys: list[str], *, request_key: str | None = None) -> PlanRequest:
         index = {k: i for i, k in enumerate(self._decisions["point_key"])}
         rows = [index[k] for k in point_keys]
         points = [{"q": float(self._decisions["q"][i]), "exposure": float(self._decisions["exposure"][i])} for i in rows]
