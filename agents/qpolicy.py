@@ -1,22 +1,27 @@
-"""The Q-sampling decision: a pure function of observations and a frozen config.
+"""The Q-sampling decision: a function of observations and a frozen config.
 
-Given every observation so far (Q, counts, exposure) and the settings, :func:`decide` returns
-the next measurements (Q, exposure, and why each was chosen), or that the experiment is done.
-No documents, stores or devices here, so it can be tested with fixed inputs.
-
-The policy has three phases:
+Given every observation so far (Q, counts, exposure) and the settings, :meth:`QPolicy.decide`
+returns the next measurements (Q, exposure, and why each was chosen), or that the experiment is
+done. No documents, stores or devices here, so it can be tested with fixed inputs. The
+:class:`QPolicy` object only caches what is costly to rebuild (the sasmodels kernel, the last
+fit to warm-start from, GP hyper-parameters): the same observations give the same decision.
 
 1. **survey** — ``n_initial`` points spread evenly in log Q at ``initial_exposure``;
-2. **explore** — while the sasmodels fit is not yet trustworthy (no convergence, a reduced
-   deviance above ``max_reduced_deviance``, or undetermined parameters), every point comes from
-   the GP's acquisition (integrated variance reduction by default), counted to ``target_counts``
-   as the GP predicts the rate there;
-3. **design** — once the fit is trustworthy, points come from the optimal design for the size
-   parameters (:func:`models.design.design_batch`), with an ``explore_fraction`` of each batch
-   still from the GP, which guards against a model that does not describe the sample.
+2. **explore** — while the sasmodels fit is not trustworthy (no convergence, a reduced deviance
+   above ``max_reduced_deviance``, or undetermined size parameters), every point comes from the
+   GP's acquisition (integrated variance reduction by default);
+3. **design** — once it is, points come from the optimal design for the size parameters
+   (:func:`models.design.design_batch`), with an ``explore_fraction`` of each batch still from
+   the GP, which guards against a model that does not describe the sample. Each batch's beam
+   time is ``max_batch_growth`` times what was spent so far, ``explore_time_fraction`` of it
+   to the GP's points;
+4. **check** — at the target precision a multi-start fit looks for a rival optimum that fits as
+   well with other sizes; while there is one, design points go where the two predictions
+   differ most, until the data reject one.
 
-It stops when every size parameter's relative 1-sigma is at most ``target_rel_sigma`` with a
-trustworthy fit, or when the exposure budget or the measurement count is spent.
+It stops when every size parameter's relative 1-sigma (widened by ``sqrt(max(1, reduced
+deviance))``) is at most ``target_rel_sigma`` with a trustworthy fit and no rival, or when the
+exposure budget or the measurement count is spent.
 """
 
 from __future__ import annotations
