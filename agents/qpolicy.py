@@ -85,6 +85,7 @@ class QPolicy:
         self.targets = np.arange(self.n_size)
         self._merged = (np.empty(0), np.empty(0), np.empty(0))
         self.rival: FitResult | None = None
+        self._info_cache: tuple[tuple[FitResult, tuple], np.ndarray] | None = None
 
     # -- fit ----------------------------------------------------------------------------------
     def fit_due(self, n_obs: int, exposure: float) -> bool:
@@ -328,10 +329,19 @@ class QPolicy:
         return [float(q[p.index]) for p in points], [p.exposure for p in points], ["design"] * len(points)
 
     def _info_log(self, result: FitResult) -> np.ndarray:
-        """Fisher information of all data so far at the fitted parameters, in ``ln(theta)``."""
+        """Fisher information of all data so far at the fitted parameters, in ``ln(theta)``.
+
+        The stop check and the design both need it within one decision; it costs several
+        model evaluations per distinct Q, so it is kept for the same fit and the same data.
+        """
+        key = (result, self._merged)
+        if self._info_cache is not None and all(a is b for a, b in zip(self._info_cache[0], key, strict=True)):
+            return self._info_cache[1]
         theta = np.array([result.values[p] for p in self.names])
         q_u, _, t_u = self._merged
         info = fisher_information(
             self.model, q_u, t_u, result.values, self.names, flux=self.flux, dark_rate=self.dark_rate
         )
-        return info * np.outer(theta, theta)
+        info_log = info * np.outer(theta, theta)
+        self._info_cache = (key, info_log)
+        return info_log
