@@ -27,7 +27,7 @@ from agents.protocol import Agent, PlanRequest, RejectionAware
 from agents.safety import SafetyGate
 from streams.inprocess import RunEngineSource
 
-__all__ = ["POINT_KEY", "STEP_PLANS", "measure_points", "steered_scan"]
+__all__ = ["POINT_KEY", "STEP_PLANS", "measure_points", "measure_run", "steered_scan"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,46 @@ def measure_points(
             moves += [axes[axis], value]
         yield from bps.mv(*moves, key_signal, key)
         yield from bps.trigger_and_read([*detectors, *axes.values(), key_signal])
+
+
+def measure_run(
+    detectors: Sequence[Any],
+    axes: Mapping[str, Any],
+    points: Sequence[Mapping[str, float]],
+    point_keys: Sequence[str],
+    key_signal: Signal,
+    *,
+    md: Mapping[str, Any] | None = None,
+) -> MsgGenerator:
+    """One run of :func:`measure_points`, with the devices staged: what a queued request runs.
+
+    The in-process loop measures inside the run :func:`steered_scan` holds open; a remote
+    RunEngine (bluesky-queueserver) runs one queue item at a time, so each request is its own run.
+
+    Parameters
+    ----------
+    detectors, axes, points, point_keys, key_signal
+        As for :func:`measure_points`.
+    md
+        Extra metadata for the start document (e.g. the request's idempotency key).
+
+    Examples
+    --------
+    >>> RE(measure_run([sas], {"q": sas.q}, [{"q": 0.01}], ["k:0"], key))  # doctest: +SKIP
+    """
+    if len(points) != len(point_keys):
+        raise ValueError(f"one key per point is needed: {len(points)=} but {len(point_keys)=}")
+    _md: dict[str, Any] = {
+        "plan_name": "measure_run",
+        "detectors": [d.name for d in detectors],
+        "motors": [a.name for a in axes.values()],
+        "num_points": len(points),
+        "num_intervals": max(len(points) - 1, 0),
+    }
+    _md.update(md or {})
+    plan = measure_points(detectors, axes, points, point_keys, key_signal)
+    plan = bpp.run_wrapper(plan, md=_md)
+    return (yield from bpp.stage_wrapper(plan, [*detectors, *axes.values()]))
 
 
 def _measure(request: PlanRequest, detectors, axes, key_signal) -> MsgGenerator:

@@ -6,7 +6,7 @@ from bluesky.utils import Msg, RunEngineInterrupted
 from ophyd import Signal
 
 from agents.errors import SafetyRejectedError
-from agents.plans import POINT_KEY, measure_points, steered_scan
+from agents.plans import POINT_KEY, measure_points, measure_run, steered_scan
 from agents.protocol import PlanRequest
 
 
@@ -47,6 +47,29 @@ def test_measure_points_moves_then_triggers_and_reads_each_point(instrument):
     assert sets == [("sas_q", 0.01), ("sas_exposure", 2.0), (POINT_KEY, "k:0")]
     assert commands.index("trigger") > max(i for i, c in enumerate(commands) if c == "set")
     assert commands[-1] == "save" and Msg("create", name="primary") in msgs
+
+
+def test_measure_run_is_one_run_with_one_keyed_event_per_point(RE, instrument):
+    key_signal = Signal(name=POINT_KEY, value="")
+    axes = {"q": instrument.q, "exposure": instrument.exposure}
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    points = [{"q": 0.01, "exposure": 0.5}, {"q": 0.03, "exposure": 1.0}]
+    RE(measure_run([instrument], axes, points, ["r:0", "r:1"], key_signal, md={"request": "r"}))
+    names = [n for n, _ in docs]
+    assert names.count("start") == 1 and names.count("stop") == 1
+    start = docs[0][1]
+    assert start["request"] == "r" and start["plan_name"] == "measure_run" and start["num_points"] == 2
+    events = [d for n, d in docs if n == "event"]
+    assert [e["data"][POINT_KEY] for e in events] == ["r:0", "r:1"]
+    assert [e["data"]["sas_q"] for e in events] == [0.01, 0.03]
+    assert docs[-1][1]["exit_status"] == "success"
+
+
+def test_measure_run_needs_one_key_per_point(RE, instrument):
+    axes = {"q": instrument.q, "exposure": instrument.exposure}
+    with pytest.raises(ValueError, match="one key per point"):
+        RE(measure_run([instrument], axes, [{"q": 0.01}], [], Signal(name=POINT_KEY, value="")))
 
 
 def test_steered_scan_runs_what_the_agent_asks_and_tells_it_every_document(RE, instrument, gate):
