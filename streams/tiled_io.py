@@ -1,0 +1,382 @@
+"""Bluesky runs in and out of a tiled server.
+
+:class:`TiledDocumentSink` writes runs with Bluesky's own tiled writer
+(:class:`bluesky_tiled_plugins.TiledWriter`, the "BlueskyRun v3" layout: the start and stop
+documents as node metadata, one container per stream holding the descriptor as metadata, the
+event rows in a table and large arrays as separate array nodes).
+
+:class:`TiledRunSource` reads such runs back as event-model documents. It rebuilds them on
+the client from the stored metadata and tables, so it works with any tiled server holding
+that layout; ``BlueskyRun.documents()`` would need the server to be configured with
+bluesky-tiled-plugins' JSON-seq exporter, which ``tiled serve catalog`` cannot be.
+
+What the layout keeps, and so what comes back: start, descriptor and stop documents (with
+the writer's normalisations: tuples become lists, data keys gain ``dtype_numpy`` and
+``object_name``, a data key named ``time`` or ``seq_num`` gets a trailing ``_``), and for each
+event its ``time``, ``seq_num``, ``data`` and ``timestamps``. Event uids are *not* stored;
+an event read back has the uid ``"event-<descriptor uid>-<seq_num>"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from bluesky_tiled_plugins import TiledWriter
+from tiled.client import from_uri
+from tiled.queries import Eq, SpecsQuery
+
+from streams.derived import validate_document
+from streams.errors import StreamError
+
+__all__ = ["TiledDocumentSink", "TiledRunSource", "check_reachable"]
+
+logger = logging.getLogger(__name__)
+
+_TABLE = "internal"  # TiledWriter's name for a stream's event table
+_RANK = {"descriptor": 0, "event": 1}  # order of documents recorded at the same time
+
+
+def check_reachable(
+    uri: str, *, api_key: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Check that a tiled server answers at ``uri`` (and accepts ``api_key``), within seconds.
+
+    The tiled client itself retries a refused connection for tens of seconds; this check
+    fails at once instead.
+
+    Parameters
+    ----------
+    uri : str
+        The server, ``http(s)://host:port``, or a node on it (``.../api/v1/metadata/<path>``).
+    api_key : str, optional
+        When given, the node at ``uri`` is read with it, so a wrong key fails here too.
+    timeout : float
+        Seconds for each request.
+
+    Returns
+    -------
+    dict
+        The server's ``/api/v1/`` description (``library_version``, ``formats``, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``uri`` is not an ``http://`` or ``https://`` URL.
+    StreamError
+        If nothing answers, the answer is not tiled's, or the key is refused; the message
+        names the URI and the reason.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{uri=} is not a tiled server URL; expected http(s)://host:port")
+    base = f"{parts.scheme}://{parts.netloc}"
+    prefix = parts.path.split("/api/")[0].rstrip("/")
+    node_path = parts.path.partition("/api/v1/metadata")[2].strip("/")
+    headers = {"Authorization": f"Apikey {api_key}"} if api_key else {}
+    try:
+        with httpx.Client(timeout=timeout, headers=headers) as http:
+            about = http.get(f"{base}{prefix}/api/v1/")
+            if about.status_code != 200 or "api_version" not in _json(about):
+                raise StreamError(
+                    f"{uri!r} answered {about.request.url} with HTTP {about.status_code}, "
+                    "not a tiled server description; check the URI (host, port and path)"
+                )
+            if api_key is not None:
+                node = http.get(f"{base}{prefix}/api/v1/metadata/{node_path}")
+                if node.status_code in (401, 403):
+                    raise StreamError(
+                        f"tiled server at {uri!r} refused the API key (HTTP {node.status_code}: "
+                        f"{_json(node).get('detail', node.text)}); pass the key it was started "
+                        "with (tiled serve ... --api-key)"
+                    )
+                if node.status_code != 200:
+                    raise StreamError(
+                        f"tiled server at {uri!r} has no readable node {node_path!r} "
+                        f"(HTTP {node.status_code}); check the path in the URI"
+                    )
+            info: dict[str, Any] = _json(about)
+            return info
+    except httpx.TransportError as err:
+        raise StreamError(
+            f"tiled server at {uri!r} is not reachable: {type(err).__name__}: {err}; start one "
+            "(streams.tiled_launch.TiledServer, or `tiled serve catalog ...`) or fix the URI"
+        ) from None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+class TiledDocumentSink:
+    """A :class:`~streams.protocols.DocumentSink` that writes runs into a tiled server.
+
+    Each document is validated against event-model's schema and handed to Bluesky's
+    :class:`~bluesky_tiled_plugins.TiledWriter`, which files each run under its start uid.
+    ``event_page`` documents are accepted (the writer unpacks them).
+
+    Parameters
+    ----------
+    uri : str
+        The tiled server (or a writable container on it).
+    api_key : str, optional
+        An API key with write access. ``None`` lets the tiled client use ``TILED_API_KEY``
+        or a stored login.
+    batch_size : int
+        Events buffered per stream before they are written. The default, 1, writes every
+        event as it arrives, so a run being written can be read while it runs and nothing
+        is lost if the writer stops before the stop document, but each event costs HTTP
+        round trips (about 30 ms for a scalar event, 80 ms with an array, on loopback) and
+        blocks the caller, a RunEngine included. Raise it to ingest stored runs or fast
+        scans (buffered events are written when the batch fills and at the stop document).
+
+    Raises
+    ------
+    StreamError
+        From the constructor, if the server is not reachable or refuses the key.
+    """
+
+    def __init__(self, uri: str, *, api_key: str | None = None, batch_size: int = 1) -> None:
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"{batch_size=} must be an int >= 1")
+        check_reachable(uri, api_key=api_key)
+        self.uri = uri
+        self._client = from_uri(uri, api_key=api_key, show_progress=False)
+        # max_array_size=0: every internal array goes to its own array node. In the event
+        # table (the writer's default for arrays of <= 16 elements) a multi-dimensional numpy
+        # value fails pyarrow's conversion (bluesky-tiled-plugins 2.0.12).
+        self._writer = TiledWriter(self._client, batch_size=batch_size, max_array_size=0)
+        self._open: set[str] = set()
+        self._closed = False
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        """Write one document.
+
+        Raises
+        ------
+        DocumentError
+            If the document fails event-model's schema.
+        StreamError
+            If the sink is closed or the server rejects or fails the write (with the reason).
+        """
+        if self._closed:
+            raise StreamError(f"TiledDocumentSink for {self.uri} is closed; "
+                              f"cannot write a {name!r} document")
+        validate_document(name, doc)
+        try:
+            self._writer(name, doc)
+        except Exception as err:  # re-raised with the document and server named
+            detail = getattr(getattr(err, "response", None), "text", "")
+            raise StreamError(
+                f"writing {name!r} document {doc.get('uid')!r} to tiled at {self.uri} failed: "
+                f"{type(err).__name__}: {err} {detail}".rstrip()
+            ) from err
+        if name == "start":
+            self._open.add(doc["uid"])
+        elif name == "stop":
+            self._open.discard(doc["run_start"])
+
+    def close(self) -> None:
+        """Close the connection. Runs without a stop document stay open on the server."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._open:
+            logger.warning("closing TiledDocumentSink with runs that have no stop document: %s",
+                           sorted(self._open))
+        self._client.context.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class TiledRunSource:
+    """Read runs written by Bluesky's tiled writer back as event-model documents.
+
+    Parameters
+    ----------
+    uri : str
+        The tiled server, or the container on it that holds the runs.
+    api_key : str, optional
+        An API key with read access (``None``: ``TILED_API_KEY`` or a stored login).
+
+    Raises
+    ------
+    StreamError
+        From the constructor, if the server is not reachable or refuses the key.
+    """
+
+    def __init__(self, uri: str, *, api_key: str | None = None) -> None:
+        check_reachable(uri, api_key=api_key)
+        self.uri = uri
+        self._client = from_uri(uri, api_key=api_key, show_progress=False)
+        self._closed = False
+
+    def runs(self, **filters: Any) -> list[str]:
+        """Start uids of the stored runs, in start-time order.
+
+        Parameters
+        ----------
+        **filters
+            Equality on fields of the start document, e.g. ``scan_id=3``, ``uid="..."``,
+            ``plan_name="count"``. A field no run has matches nothing.
+        """
+        self._check_open()
+        node = self._client.search(SpecsQuery(["BlueskyRun"]))
+        for key, value in filters.items():
+            node = node.search(Eq(f"start.{key}", value))
+        return list(node.sort(("start.time", 1)).keys())
+
+    def documents(self, uid: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield run ``uid``'s documents: start, then descriptors and events (one ``event``
+        per stored row) in recorded-time order, then stop if the run has one.
+
+        All of the run's event data are read when the first document is requested.
+
+        Raises
+        ------
+        KeyError
+            If there is no run ``uid``.
+        StreamError
+            If the node is not a BlueskyRun in the v3 (SQL) layout, or a stream holds data
+            this reader cannot rebuild events from (external data, unexpected nodes).
+        """
+        run = self._run(uid)
+        metadata = _plain(run.metadata)
+        body: list[tuple[tuple[float, int, int, int], str, dict[str, Any]]] = []
+        for i, stream_name in enumerate(sorted(run)):
+            for name, doc in _stream_documents(run[stream_name], uid, stream_name):
+                key = (float(doc["time"]), _RANK[name], i, int(doc.get("seq_num", 0)))
+                body.append((key, name, doc))
+        body.sort(key=lambda item: item[0])
+        yield "start", metadata["start"]
+        yield from ((name, doc) for _, name, doc in body)
+        if metadata.get("stop"):
+            yield "stop", metadata["stop"]
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._closed = True
+        self._client.context.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StreamError(f"TiledRunSource for {self.uri} is closed; open a new one")
+
+    def _run(self, uid: str) -> Any:
+        self._check_open()
+        if not isinstance(uid, str) or not uid:
+            raise KeyError(f"run uid must be a non-empty string, not {uid!r}")
+        try:
+            run = self._client[uid]
+        except KeyError:
+            raise KeyError(f"no run {uid!r} at {self.uri}") from None
+        specs = {spec.name: spec.version for spec in run.specs}
+        if not str(specs.get("BlueskyRun") or "").startswith("3."):
+            raise StreamError(
+                f"node {uid!r} at {self.uri} has specs {specs}, not a BlueskyRun v3 (the "
+                "layout bluesky_tiled_plugins.TiledWriter writes); TiledRunSource reads only that"
+            )
+        return run
+
+
+def _stream_documents(
+    stream: Any, run_uid: str, stream_name: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """Descriptors and events of one stream node of a BlueskyRun v3."""
+    descriptors = sorted((_plain(d) for d in stream.descriptors), key=lambda d: d["time"])
+    docs: list[tuple[str, dict[str, Any]]] = [("descriptor", d) for d in descriptors]
+    data_keys: dict[str, Any] = descriptors[0]["data_keys"]
+    where = f"stream {stream_name!r} of run {run_uid!r}"
+    if external := sorted(k for k, dk in data_keys.items() if "external" in dk):
+        raise StreamError(f"{where} has external data keys {external}; TiledRunSource "
+                          "rebuilds events from internal data only")
+    parts = stream.base
+    names = set(parts)
+    if unexpected := sorted(names - set(data_keys) - {_TABLE}):
+        raise StreamError(f"{where} has nodes {unexpected} that are neither data keys nor "
+                          f"the {_TABLE!r} event table; it was not written by TiledWriter")
+    if _TABLE not in names:
+        return docs  # no events were written
+    rows = parts[_TABLE].read().to_dict(orient="records")
+    arrays = {key: parts[key].read() for key in names - {_TABLE}}
+    for key, values in arrays.items():
+        if len(values) != len(rows):
+            raise StreamError(f"{where}: array node {key!r} has {len(values)} rows but the "
+                              f"event table has {len(rows)}; the run is damaged")
+    columns = set(rows[0]) if rows else set()
+    if rows and (missing := sorted(
+        k for k in data_keys
+        if (k not in arrays and k not in columns) or f"ts_{k}" not in columns
+    )):
+        raise StreamError(f"{where}: data keys {missing} lack a data column or array node, "
+                          "or a 'ts_' timestamp column; the run is damaged")
+    times = [d["time"] for d in descriptors]
+    for i, row in enumerate(rows):
+        t = float(row["time"])
+        desc = descriptors[max(0, sum(1 for dt in times[1:] if dt <= t))]
+        docs.append(("event", {
+            "uid": f"event-{desc['uid']}-{int(row['seq_num'])}",
+            "time": t,
+            "seq_num": int(row["seq_num"]),
+            "descriptor": desc["uid"],
+            "data": {
+                key: _value(arrays[key][i] if key in arrays else row[key], dk["shape"])
+                for key, dk in data_keys.items()
+            },
+            "timestamps": {key: float(row[f"ts_{key}"]) for key in data_keys},
+            "filled": {},
+        }))
+    return docs
+
+
+def _value(value: Any, shape: Sequence[int | None]) -> Any:
+    """A stored cell as the RunEngine emits it: a Python scalar, or an array of ``shape``."""
+    if not shape:
+        return value.item() if isinstance(value, np.generic | np.ndarray) else value
+    return _stack(value)
+
+
+def _stack(value: Any) -> np.ndarray:
+    # A list cell of the event table comes back as a numpy object array of rows.
+    arr = np.asarray(value)
+    if arr.dtype == object and arr.size:
+        return np.stack([_stack(v) for v in arr])
+    return arr
+
+
+def _plain(value: Any) -> Any:
+    """Tiled's read-only ``DictView``/``ListView`` (and nested ones) as dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
