@@ -189,6 +189,7 @@ class DerivedRunWriter:
         # validate=False: we validate ourselves so every failure is a DocumentError.
         self._bundle = event_model.compose_run(metadata=md, validate=False)
         self._descriptors: dict[str, Any] = {}
+        self._schema_checked: set[str] = set()
         self._stopped = False
         # event-model types its documents as TypedDicts, which mypy will not widen to
         # dict[str, Any]; at runtime they are plain dicts, and sinks get the very object.
@@ -266,11 +267,17 @@ class DerivedRunWriter:
         counters = self._bundle.compose_descriptor.event_counters
         seq_num = counters[stream]
         doc = bundle.compose_event(data=data, timestamps=timestamps, validate=False)
-        try:
-            validate_document("event", doc)
-        except DocumentError:
-            counters[stream] = seq_num  # the rejected event must not use up a seq_num
-            raise
+        if stream not in self._schema_checked:
+            # The first event of a stream gets the full JSON-schema check. Later ones are
+            # composed by the same code from data that passed check_event_data (keys, dtypes,
+            # shapes) above, so the schema cannot tell them apart; skipping it is what lets a
+            # daemon publish thousands of derived events per second (the schema check costs ~1 ms).
+            try:
+                validate_document("event", doc)
+            except DocumentError:
+                counters[stream] = seq_num  # the rejected event must not use up a seq_num
+                raise
+            self._schema_checked.add(stream)
         self._publish("event", doc)
         return doc
 

@@ -1,0 +1,709 @@
+"""``beampilot run``: agents beside a live experiment, joined to it by Kafka and the queueserver.
+
+The loop, one thread::
+
+    poll documents ──► validate, de-duplicate, order-check ──► agent.tell ──► derived docs to the outbox
+         │                                                                            │
+         └── after each batch: checkpoint (offsets + open runs + outbox) ──► send outbox (Kafka, tiled)
+    when caught up: agent.ask ──► safety gate ──► queueserver (idempotent by key)
+
+Delivery. The broker delivers at least once; the daemon makes that effectively exactly once:
+
+* the checkpoint (one JSON file, replaced atomically) holds the consumer positions, the start and
+  descriptors of every open run, and the derived documents of the batch (the *outbox*), written
+  **before** the outbox is sent. After a kill, the daemon re-sends only those outbox documents
+  whose uids are not already on the derived topic, re-primes each agent with the open runs, and
+  reads on from the saved positions;
+* documents read again after a kill are dropped by uid (steering agents keep the event uids they
+  stored; the order check drops repeated starts, descriptors and stops);
+* plan requests are checked against the queue and its history by idempotency key before they are
+  sent, and an agent is asked for more only when none of its plans is queued, running, or
+  waiting for its run's stop document.
+
+Bad documents (not msgpack, not a document, out of order, too large) are counted, logged with
+their offset and skipped; an agent that raises is logged and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from agents.daemon_config import AgentEntry, DaemonConfig
+from agents.errors import AgentError, ConfigError
+from agents.protocol import PlanRequest, RejectionAware
+from agents.safety import SafetyGate
+from streams.derived import validate_document
+from streams.errors import StreamError
+from streams.sequence import DocumentSequence
+
+__all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+class DaemonMetrics:
+    """Prometheus metrics of one daemon, in a registry of its own (served at ``/metrics``)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.docs_in = Counter("beampilot_documents_in", "Documents read from the stream", ["name"], registry=r)
+        self.docs_out = Counter("beampilot_documents_out", "Derived documents published", ["sink"], registry=r)
+        self.bad = Counter("beampilot_documents_malformed", "Messages skipped as malformed", ["reason"], registry=r)
+        self.dups = Counter("beampilot_documents_duplicate", "Documents dropped as already seen", registry=r)
+        self.lag = Gauge("beampilot_consumer_lag", "Messages on the topic not yet read", registry=r)
+        self.connected = Gauge("beampilot_broker_connected", "1 while the broker answers", registry=r)
+        self.latency = Histogram(
+            "beampilot_processing_latency_seconds", "Time from a message's arrival to the end of its processing",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0), registry=r)
+        self.age = Histogram(
+            "beampilot_document_age_seconds", "Time from a document's own timestamp to the end of its processing",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0), registry=r)
+        self.plans_sent = Counter("beampilot_plans_sent", "Plans sent to the queueserver", ["agent"], registry=r)
+        self.plans_rejected = Counter("beampilot_plans_rejected", "Plans the safety gate refused", ["agent"], registry=r)
+        self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
+                                          "Plans not sent because the queue already had their key", registry=r)
+        self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
+        self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- checkpoint ------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """What the daemon needs to go on after a kill, written atomically after every batch."""
+
+    offsets: dict[str, int] = field(default_factory=dict)
+    open_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {start, descriptors}
+    outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    derived_offsets: dict[str, int] = field(default_factory=dict)  # derived topic before the outbox
+    open_derived: dict[str, dict[str, int]] = field(default_factory=dict)  # derived start uid -> events per stream
+    awaiting: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {request key: sent at}
+    gate_positions: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {axis: value}
+    written_at: float = 0.0
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint | None:
+        if not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise AgentError(f"checkpoint {path} is unreadable ({err}); move it away to start fresh "
+                             "(documents already processed would then be processed again)") from err
+        if raw.get("version") != CHECKPOINT_VERSION:
+            raise AgentError(f"checkpoint {path} has version {raw.get('version')!r}, this beampilot "
+                             f"writes {CHECKPOINT_VERSION}; move it away to start fresh")
+        raw.pop("version")
+        raw["outbox"] = [tuple(pair) for pair in raw.get("outbox", [])]
+        return cls(**raw)
+
+    def save(self, path: Path, *, fsync: bool) -> None:
+        self.written_at = time.time()
+        data = json.dumps({"version": CHECKPOINT_VERSION, **self.__dict__}, default=_jsonable)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# -- agents ----------------------------------------------------------------------------------------
+def build_agent(entry: AgentEntry, state_dir: Path, sinks: list[Any]) -> Any:
+    """Make (or re-open from its store) the agent an entry of the config describes."""
+    if entry.kind == "rate":
+        from agents.reduce import RateAgent, RateSettings
+
+        settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
+        return RateAgent(RateSettings.model_validate({"name": entry.name, **settings}), sinks=sinks)
+    from agents.config import QSamplingSettings, load_settings
+    from agents.qsampling import QSamplingAgent
+
+    store = state_dir / "agents" / entry.name / "store.zarr"
+    if store.exists():
+        agent = QSamplingAgent.resume(store, sinks=sinks)
+        logger.info("agent %s resumed from %s with %d observations", entry.name, store, agent.n_observations)
+        return agent
+    settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
+    return QSamplingAgent(load_settings(QSamplingSettings, {"name": entry.name, **settings}), store, sinks=sinks)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"agent settings file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"agent settings file {p} must hold a mapping")
+    return data
+
+
+@dataclass
+class _Steering:
+    """A steering agent's connection to the plan sink."""
+
+    entry: AgentEntry
+    gate: SafetyGate
+
+
+class _Outbox:
+    """The agents' derived-document sink: documents wait here until the batch is checkpointed."""
+
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        self.docs.append((name, doc))
+
+    def close(self) -> None:
+        pass
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+class Daemon:
+    """Runs the agents of a :class:`DaemonConfig` against a document stream.
+
+    Parameters
+    ----------
+    config
+        The validated configuration.
+    source, derived_sink, plan_sink, extra_sinks
+        Built from ``config`` when not given (tests and the benchmark pass their own).
+    """
+
+    def __init__(self, config: DaemonConfig, *, source: Any = None, derived_sink: Any = None,
+                 plan_sink: Any = None, extra_sinks: Iterable[Any] | None = None) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.state_dir / "checkpoint.json"
+        self.metrics = DaemonMetrics()
+        self.started_at = time.time()
+        self.recent_errors: deque[str] = deque(maxlen=50)
+        self.recent_plans: deque[dict[str, Any]] = deque(maxlen=50)
+        self.last_loop = time.monotonic()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()  # agents' reports are read by the HTTP thread
+        self.sequence = DocumentSequence()
+        self.outbox = _Outbox()
+        self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
+        self.kafka_settings = self._kafka_settings()
+        self.source = source if source is not None else self._make_source()
+        self.derived_sink = derived_sink if derived_sink is not None else self._make_derived_sink()
+        self.extra_sinks = list(extra_sinks) if extra_sinks is not None else self._make_extra_sinks()
+        self.plan_sink = plan_sink if plan_sink is not None else self._make_plan_sink()
+        self.agents: dict[str, Any] = {}
+        self.steering: dict[str, _Steering] = {}
+        for entry in config.agents:
+            self.agents[entry.name] = build_agent(entry, self.state_dir, [self.outbox])
+            if entry.safety is not None:
+                gate = SafetyGate(entry.safety.to_config())
+                gate._position.update(self.state.gate_positions.get(entry.name, {}))
+                self.steering[entry.name] = _Steering(entry, gate)
+        self._recover()
+        if not self.checkpoint_path.exists():
+            self._save()  # from now on a restart knows where this daemon stood
+        self._last_poll_had_records = True
+        self._last_check = 0.0
+        self._history_seen: dict[str, float] = {}
+        self._stopped_agents: set[str] = set()
+
+    # -- construction from config ------------------------------------------------------------------
+    def _kafka_settings(self) -> Any:
+        from streams.kafka import KafkaSettings
+
+        k = self.config.kafka
+        return KafkaSettings(
+            bootstrap_servers=k.bootstrap_servers, client_id=k.client_id, security_protocol=k.security_protocol,
+            sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_plain_username,
+            sasl_plain_password=k.sasl_plain_password, ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile,
+            ssl_keyfile=k.ssl_keyfile, extra=k.extra)
+
+    def _make_source(self) -> Any:
+        from streams.kafka import KafkaDocumentSource
+
+        self.kafka_settings.check_reachable(timeout=5.0)
+        return KafkaDocumentSource([self.config.documents_topic], self.kafka_settings,
+                                   offsets=self.state.offsets or None, from_beginning=True,
+                                   max_message_bytes=self.config.max_message_bytes)
+
+    def _make_derived_sink(self) -> Any:
+        from streams.kafka import KafkaDocumentSink
+
+        return KafkaDocumentSink(self.config.derived_topic, self.kafka_settings, key=f"beampilot.{self.config.beamline}")
+
+    def _make_extra_sinks(self) -> list[Any]:
+        if self.config.tiled is None:
+            return []
+        from streams.tiled_io import TiledDocumentSink
+
+        key = self.config.tiled.api_key.get_secret_value() if self.config.tiled.api_key else None
+        return [TiledDocumentSink(self.config.tiled.uri, api_key=key)]
+
+    def _make_plan_sink(self) -> Any:
+        if not any(a.safety for a in self.config.agents):
+            return None
+        from streams.queueserver import QueueServerPlanSink
+
+        q = self.config.queueserver
+        assert q is not None  # the config's validator demands it for steering agents
+        sink = QueueServerPlanSink(zmq_control_addr=q.zmq_control_addr, http_server_uri=q.http_server_uri,
+                                   api_key=q.api_key.get_secret_value() if q.api_key else None,
+                                   user_group=q.user_group)
+        sink.check_reachable()
+        return sink
+
+    # -- recovery ----------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """After a restart: finish the outbox, close orphaned derived runs, re-prime the agents."""
+        st = self.state
+        if st.outbox:
+            present = self._uids_on_derived_topic(st.derived_offsets)
+            resend = [(n, d) for n, d in st.outbox if d.get("uid") not in present]
+            logger.warning("recovering: %d derived documents of the last batch were already sent, %d are sent now",
+                           len(st.outbox) - len(resend), len(resend))
+            self._send(resend)
+            st.outbox = []
+        for uid, counts in list(st.open_derived.items()):
+            stop = {"uid": str(uuid.uuid4()), "time": time.time(), "run_start": uid, "exit_status": "abort",
+                    "reason": "beampilot daemon restarted; the analysis goes on in a new derived run",
+                    "num_events": counts}
+            validate_document("stop", stop)
+            self.outbox("stop", stop)
+        for run in st.open_runs.values():
+            self.sequence.check("start", run["start"])
+            for descriptor in run["descriptors"]:
+                self.sequence.check("descriptor", descriptor)
+            self._tell_all("start", run["start"])
+            for descriptor in run["descriptors"]:
+                self._tell_all("descriptor", descriptor)
+        if st.open_runs:
+            logger.warning("re-primed the agents with %d open runs", len(st.open_runs))
+        if self.outbox.docs:
+            self._commit()
+
+    def _uids_on_derived_topic(self, offsets: dict[str, int]) -> set[str]:
+        from streams.kafka import KafkaDocumentSource
+
+        reader = KafkaDocumentSource([self.config.derived_topic], self.kafka_settings, offsets=offsets or None,
+                                     from_beginning=True)
+        uids: set[str] = set()
+        try:
+            idle = 0
+            while idle < 3:
+                records = reader.poll(0.2)
+                idle = 0 if records else idle + 1
+                uids.update(r.doc.get("uid") for r in records if r.error is None)
+        finally:
+            reader.close()
+        return uids
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, *, install_signals: bool = True) -> None:
+        """Loop until SIGTERM / SIGINT (or :attr:`stopping` is set), then shut down cleanly."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        logger.info("beampilot daemon: %d agents on %s", len(self.agents), self.config.documents_topic)
+        try:
+            while not self.stopping.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def step(self) -> int:
+        """One poll-process-checkpoint-send round, then plans if caught up. Returns documents read."""
+        self.last_loop = time.monotonic()
+        try:
+            records = self.source.poll(self.config.poll_timeout_s)
+        except Exception as err:  # the source reconnects by itself; never die on a poll
+            self._error("poll", f"poll failed: {err}")
+            records = []
+        self.metrics.connected.set(1 if getattr(self.source, "connected", True) else 0)
+        processed = 0
+        for record in records:
+            processed += self._process(record)
+        if records:
+            self._commit()
+        lag = self.source.lag() if hasattr(self.source, "lag") else None
+        if lag is not None:
+            self.metrics.lag.set(lag)
+        if not records and self.plan_sink is not None:
+            self._plans()
+        return len(records)
+
+    def _process(self, record: Any) -> int:
+        t0 = time.monotonic()
+        if record.error is not None:
+            self.metrics.bad.labels(reason=record.error.split(":")[0][:40]).inc()
+            self._error("document", f"skipped message at {record.topic}:{record.partition}@{record.offset}: {record.error}")
+            return 0
+        name, doc = record.name, record.doc
+        reason = self.sequence.check(name, doc)
+        if reason is not None:
+            if "duplicate" in reason or "already" in reason:
+                self.metrics.dups.inc()
+            else:
+                self.metrics.bad.labels(reason="out of order").inc()
+                self._error("document", f"skipped {name} at {record.topic}:{record.partition}@{record.offset}: {reason}")
+            return 0
+        self._track(name, doc)
+        self._tell_all(name, doc)
+        self.metrics.docs_in.labels(name=name).inc()
+        now = time.monotonic()
+        self.metrics.latency.observe(now - t0)
+        if "time" in doc:
+            self.metrics.age.observe(max(0.0, time.time() - float(doc["time"])))
+        return 1
+
+    def _track(self, name: str, doc: dict[str, Any]) -> None:
+        """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""
+        runs = self.state.open_runs
+        if name == "start":
+            runs[doc["uid"]] = {"start": doc, "descriptors": []}
+        elif name == "descriptor" and doc.get("run_start") in runs:
+            runs[doc["run_start"]]["descriptors"].append(doc)
+        elif name == "stop":
+            run = runs.pop(doc.get("run_start"), None)
+            key = _request_key(run["start"]) if run else None
+            if key is not None:
+                for waiting in self.state.awaiting.values():
+                    waiting.pop(key, None)
+
+    def _tell_all(self, name: str, doc: dict[str, Any]) -> None:
+        with self._lock:
+            for agent_name, agent in self.agents.items():
+                try:
+                    agent.tell(name, doc)
+                except Exception as err:
+                    self._error(f"agent:{agent_name}", f"agent {agent_name} failed on {name} {doc.get('uid')}: "
+                                f"{type(err).__name__}: {err}")
+
+    def _take_outbox(self) -> list[tuple[str, dict[str, Any]]]:
+        docs, self.outbox.docs = self.outbox.docs, []
+        return docs
+
+    def _commit(self) -> None:
+        """Checkpoint positions, open runs and the outbox; then send the outbox."""
+        docs = self._take_outbox()
+        st = self.state
+        st.offsets = self.source.positions()
+        st.outbox = docs
+        st.derived_offsets = self.derived_sink.positions() if hasattr(self.derived_sink, "positions") else {}
+        for name, doc in docs:
+            if name == "start":
+                st.open_derived[doc["uid"]] = {}
+            elif name == "descriptor":
+                st.open_derived.get(doc["run_start"], {}).setdefault(doc.get("name", "primary"), 0)
+            elif name == "stop":
+                st.open_derived.pop(doc["run_start"], None)
+        self._save()
+        self._send(docs)
+        st.outbox = []
+
+    def _save(self) -> None:
+        try:
+            self.state.save(self.checkpoint_path, fsync=self.config.fsync)
+            self.metrics.checkpoints.inc()
+        except OSError as err:
+            # without a checkpoint a kill would repeat work: say so loudly, keep serving
+            self._error("checkpoint", f"cannot write {self.checkpoint_path}: {err}")
+
+    def _send(self, docs: list[tuple[str, dict[str, Any]]]) -> None:
+        if not docs:
+            return
+        for name, doc in docs:
+            self.derived_sink(name, doc)
+        self.derived_sink.flush()
+        self.metrics.docs_out.labels(sink="kafka").inc(len(docs))
+        for sink in self.extra_sinks:
+            try:
+                for name, doc in docs:
+                    sink(name, doc)
+                self.metrics.docs_out.labels(sink=type(sink).__name__).inc(len(docs))
+            except Exception as err:
+                self._error("sink", f"{type(sink).__name__} failed: {err}; the documents are on the Kafka topic")
+
+    # -- plans -------------------------------------------------------------------------------------
+    def _plans(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < 0.25:
+            return
+        self._last_check = now
+        for name, steering in self.steering.items():
+            try:
+                self._plan_round(name, steering)
+            except StreamError as err:
+                self._error("queueserver", f"agent {name}: {err}")
+
+    def _plan_round(self, name: str, steering: _Steering) -> None:
+        waiting = self.state.awaiting.setdefault(name, {})
+        for key in list(waiting):
+            found = self.plan_sink.find(key)
+            if found is None or found.get("where") == "history":
+                # finished (or vanished) without its run's stop reaching us: give the stream time
+                first = self._history_seen.setdefault(key, time.monotonic())
+                if time.monotonic() - first > self.config.settle_s:
+                    waiting.pop(key)
+                    self._history_seen.pop(key, None)
+        if waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
+            return
+        agent = self.agents[name]
+        with self._lock:
+            requests = agent.ask(steering.entry.batch_size)
+        reason = getattr(agent, "stop_reason", None)
+        if not requests and reason and name not in self._stopped_agents:
+            self._stopped_agents.add(name)
+            logger.warning("agent %s says stop: %s", name, reason)
+        for request in requests:
+            self._submit(name, agent, steering, request)
+        if self.outbox.docs:  # a decision may publish a fit
+            self._commit()
+
+    def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> None:
+        verdict = steering.gate.admit(request)
+        if not verdict.accepted:
+            self.metrics.plans_rejected.labels(agent=name).inc()
+            self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan,
+                                      "status": "rejected", "reason": verdict.reason, "time": time.time()})
+            if isinstance(agent, RejectionAware):
+                with self._lock:
+                    agent.rejected(request, verdict.reason)
+            return
+        if self.plan_sink.find(request.key) is not None:
+            self.metrics.plans_deduplicated.inc()
+            return
+        self.state.awaiting[name][request.key] = time.time()
+        self.state.gate_positions[name] = dict(steering.gate._position)
+        self._save()  # the key is on disk before it is on the queue
+        self.plan_sink.submit(request)
+        if self.config.queueserver is not None and self.config.queueserver.start_queue:
+            self.plan_sink.start_queue()  # no-op when it is running already
+        self.metrics.plans_sent.labels(agent=name).inc()
+        self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
+                                  "points": len(request.kwargs.get("points", ())), "time": time.time()})
+
+    # -- status ------------------------------------------------------------------------------------
+    def _error(self, where: str, message: str) -> None:
+        self.metrics.errors.labels(where=where.split(":")[0]).inc()
+        self.recent_errors.append(f"{time.strftime('%H:%M:%S')} {message}")
+        logger.warning("%s", message)
+
+    def healthy(self) -> tuple[bool, str]:
+        if time.monotonic() - self.last_loop > 30:
+            return False, f"the loop has not turned for {time.monotonic() - self.last_loop:.0f} s"
+        if not getattr(self.source, "connected", True):
+            return False, f"broker unreachable: {getattr(self.source, 'last_error', '')}"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        """Everything the status page shows, JSON-able."""
+        with self._lock:
+            reports = {name: agent.report() for name, agent in self.agents.items()}
+        ok, why = self.healthy()
+        samples = {s.name: s.value for m in self.metrics.registry.collect() for s in m.samples
+                   if not s.labels and s.name.endswith(("_total", "lag", "connected"))}
+        return {
+            "healthy": ok, "health": why, "uptime_s": time.time() - self.started_at,
+            "topic": self.config.documents_topic, "derived_topic": self.config.derived_topic,
+            "offsets": dict(self.state.offsets), "open_runs": len(self.state.open_runs),
+            "awaiting_plans": {k: list(v) for k, v in self.state.awaiting.items()},
+            "last_checkpoint": self.state.written_at, "counters": samples,
+            "documents_in": _labelled_sum(self.metrics.docs_in), "documents_out": _labelled_sum(self.metrics.docs_out),
+            "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
+        }
+
+    def close(self) -> None:
+        """Flush, checkpoint, close everything (idempotent)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            if self.outbox.docs:
+                self._commit()
+            else:
+                self.state.offsets = self.source.positions()
+                self._save()
+        except Exception as err:  # closing must not hide the reason we are closing
+            logger.error("final checkpoint failed: %s", err)
+        for thing in (self.source, self.derived_sink, *self.extra_sinks):
+            try:
+                thing.close()
+            except Exception as err:
+                logger.warning("closing %s: %s", type(thing).__name__, err)
+
+
+def _labelled_sum(counter: Counter) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def _request_key(start: dict[str, Any]) -> str | None:
+    return start.get("beampilot_request_key")
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+class StatusServer:
+    """Serves ``/healthz``, ``/metrics`` (Prometheus), ``/status.json`` and ``/`` (a page for people)."""
+
+    def __init__(self, daemon: Daemon, host: str = "127.0.0.1", port: int = 8765) -> None:
+        self.daemon = daemon
+        handler = _handler(daemon)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as err:
+            raise ConfigError(f"cannot serve status on {host}:{port} ({err}); pick another http.port") from err
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="beampilot-http", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> StatusServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler(daemon: Daemon) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: Prometheus scrapes often
+            logger.debug("http: " + format, *args)
+
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            path = self.path.split("?")[0]
+            if path == "/healthz":
+                ok, why = daemon.healthy()
+                self._reply(200 if ok else 503, json.dumps({"status": "ok" if ok else "unhealthy", "reason": why}),
+                            "application/json")
+            elif path == "/metrics":
+                self._reply(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/status.json":
+                self._reply(200, json.dumps(daemon.status(), default=str), "application/json")
+            elif path in ("/", "/status"):
+                self._reply(200, render_status_page(daemon.status()), "text/html; charset=utf-8")
+            else:
+                self._reply(404, "not found: try /, /healthz, /metrics, /status.json", "text/plain")
+
+        def _reply(self, code: int, body: str | bytes, ctype: str) -> None:
+            data = body.encode() if isinstance(body, str) else body
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def render_status_page(s: dict[str, Any]) -> str:
+    """The status page: health first, then flow, plans, agents, errors. Refreshes every 2 s."""
+    e = html.escape
+    colour = "#1a7f37" if s["healthy"] else "#cf222e"
+    counters = s["counters"]
+
+    def num(key: str) -> str:
+        value = counters.get(key)
+        return "–" if value is None else f"{value:,.0f}"
+
+    plan_rows = "".join(
+        f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(p['time']))}</td><td>{e(p['agent'])}</td>"
+        f"<td>{e(p['plan'])}</td><td class='{p['status']}'>{e(p['status'])}</td>"
+        f"<td>{e(p.get('reason', str(p.get('points', '')) + ' points'))}</td><td><code>{e(p['key'][:18])}</code></td></tr>"
+        for p in reversed(s["plans"][-15:])) or "<tr><td colspan=6>none yet</td></tr>"
+    agent_blocks = "".join(
+        f"<div class='agent'><h3>{e(name)} <small>{e(str(r.get('kind', '')))}</small></h3>"
+        f"{_agent_summary(r)}<details><summary>full report</summary><pre>{e(json.dumps(r, indent=1, default=str))}</pre>"
+        f"</details></div>" for name, r in s["agents"].items())
+    errors = "".join(f"<li>{e(x)}</li>" for x in reversed(s["errors"][-15:])) or "<li>none</li>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>beampilot — {e(s['topic'])}</title><style>
+body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#1f2328}}
+.health{{display:inline-block;padding:.3em .8em;border-radius:1em;color:#fff;background:{colour}}}
+.grid{{display:grid;grid-template-columns:repeat(4,1fr);gap:.6em;margin:1em 0}}
+.card{{border:1px solid #d0d7de;border-radius:8px;padding:.6em}} .card b{{font-size:1.6em;display:block}}
+table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.25em .5em;text-align:left}}
+.rejected{{color:#cf222e;font-weight:bold}} .sent{{color:#1a7f37}} .agent{{border-left:4px solid #0969da;padding-left:.8em;margin:1em 0}}
+pre{{background:#f6f8fa;padding:.5em;overflow:auto;max-height:20em}}</style></head><body>
+<h1>beampilot <span class="health">{'healthy' if s['healthy'] else 'UNHEALTHY'}</span></h1>
+<p>{e(s['health'])} · reading <code>{e(s['topic'])}</code> → derived <code>{e(s['derived_topic'])}</code> ·
+up {s['uptime_s']:.0f} s · last checkpoint {time.strftime('%H:%M:%S', time.localtime(s['last_checkpoint'])) if s['last_checkpoint'] else '–'}</p>
+<div class="grid">
+<div class="card">documents in<b>{s['documents_in']:,.0f}</b></div>
+<div class="card">derived out<b>{s['documents_out']:,.0f}</b></div>
+<div class="card">consumer lag<b>{num('beampilot_consumer_lag')}</b></div>
+<div class="card">open runs<b>{s['open_runs']}</b></div>
+<div class="card">malformed skipped<b>{_sum_prefix(counters, 'beampilot_documents_malformed')}</b></div>
+<div class="card">duplicates dropped<b>{num('beampilot_documents_duplicate_total')}</b></div>
+<div class="card">plans sent / rejected<b>{sum(1 for p in s['plans'] if p['status'] == 'sent')} / {sum(1 for p in s['plans'] if p['status'] == 'rejected')}</b></div>
+<div class="card">broker<b>{'connected' if counters.get('beampilot_broker_connected', 1) else 'DOWN'}</b></div>
+</div>
+<h2>Plans</h2><table><tr><th>time</th><th>agent</th><th>plan</th><th>status</th><th>detail</th><th>key</th></tr>{plan_rows}</table>
+<h2>Agents</h2>{agent_blocks}
+<h2>Recent errors</h2><ul>{errors}</ul>
+<p><small><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> · <a href="/status.json">/status.json</a></small></p>
+</body></html>"""
+
+
+def _sum_prefix(counters: dict[str, float], prefix: str) -> str:
+    return f"{sum(v for k, v in counters.items() if k.startswith(prefix)):,.0f}"
+
+
+def _agent_summary(r: dict[str, Any]) -> str:
+    e = html.escape
+    parts = []
+    for key in ("n_observations", "exposure_total_s", "events_in", "events_out", "pending", "stop_reason", "skipped"):
+        if r.get(key) is not None:
+            value = r[key]
+            parts.append(f"{e(key)}: <b>{value:.1f}</b>" if isinstance(value, float) else f"{e(key)}: <b>{e(str(value))}</b>")
+    fit = r.get("fit") or {}
+    for p, v in (fit.get("values") or {}).items():
+        parts.append(f"{e(p)} = <b>{v:.4g}</b> ± {fit['sigmas'].get(p, float('nan')):.2g}")
+    return "<p>" + " · ".join(parts) + "</p>"
+
+
+def serve(config: DaemonConfig, *, ready: Callable[[Daemon, StatusServer], None] | None = None) -> None:
+    """Build the daemon and its status server from ``config`` and run until signalled."""
+    daemon = Daemon(config)
+    server = StatusServer(daemon, config.http.host, config.http.port).start()
+    logger.warning("beampilot daemon up: status %s, reading %s", server.address, config.documents_topic)
+    if ready is not None:
+        ready(daemon, server)
+    try:
+        daemon.run()
+    finally:
+        server.stop()

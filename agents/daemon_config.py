@@ -1,0 +1,136 @@
+"""The daemon's configuration file (``beampilot run --config agent.yaml``), validated at the edge.
+
+A minimal file::
+
+    beamline: sas1                      # documents topic: sas1.bluesky.runengine.documents
+    kafka: {bootstrap_servers: "127.0.0.1:9092"}
+    state_dir: /var/lib/beampilot
+    agents:
+      - {kind: rate, name: rate}
+
+Everything else has a default. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from agents.config import SafetySettings, _Strict, load_settings
+
+__all__ = ["AgentEntry", "DaemonConfig", "HttpSettings", "KafkaConfig", "QueueServerConfig",
+           "TiledConfig", "load_daemon_config"]
+
+
+class KafkaConfig(_Strict):
+    """How to reach the broker. Security settings pass through to kafka-python unchanged."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "beampilot"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class TopicsConfig(_Strict):
+    """Topic names; ``None`` means the bluesky-kafka convention from ``beamline``."""
+
+    documents: str | None = None
+    derived: str | None = None
+
+
+class QueueServerConfig(_Strict):
+    """Where plan requests go: a bluesky-queueserver RE Manager (0MQ control address or HTTP)."""
+
+    zmq_control_addr: str | None = None
+    http_server_uri: str | None = None
+    api_key: SecretStr | None = None
+    user_group: str = "primary"
+    start_queue: bool = True
+
+    @model_validator(mode="after")
+    def _one_address(self) -> QueueServerConfig:
+        if (self.zmq_control_addr is None) == (self.http_server_uri is None):
+            raise ValueError("give exactly one of zmq_control_addr (e.g. tcp://127.0.0.1:60615) "
+                             "or http_server_uri (e.g. http://127.0.0.1:60610)")
+        return self
+
+
+class TiledConfig(_Strict):
+    """A tiled server that also receives the derived runs."""
+
+    uri: str
+    api_key: SecretStr | None = None
+
+
+class HttpSettings(_Strict):
+    """The health / metrics / status server. Loopback by default: expose it on purpose."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+
+
+class AgentEntry(_Strict):
+    """One agent the daemon runs.
+
+    ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``qsampling``:
+    the Q-scan steering agent of the spine). ``settings`` is that agent's settings mapping or a
+    YAML path. Steering agents need ``safety``: no plan leaves without passing it.
+    """
+
+    kind: Literal["rate", "qsampling"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    settings: dict[str, Any] | str = Field(default_factory=dict)
+    safety: SafetySettings | None = None
+    batch_size: int = Field(default=4, ge=1)
+    max_outstanding: int = Field(default=1, ge=1)
+
+
+class DaemonConfig(_Strict):
+    """Everything ``beampilot run`` needs. See ``deploy/agent.example.yaml``."""
+
+    beamline: str = Field(default="beampilot", pattern=r"^[A-Za-z0-9_.-]+$")
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    queueserver: QueueServerConfig | None = None
+    tiled: TiledConfig | None = None
+    state_dir: Path = Path("beampilot-state")
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    agents: list[AgentEntry] = Field(min_length=1)
+    poll_timeout_s: float = Field(default=0.02, gt=0, le=5)
+    max_message_bytes: int = Field(default=16 * 2**20, ge=1024)
+    fsync: bool = True
+    settle_s: float = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DaemonConfig:
+        names = [a.name for a in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent names must be unique, got {names}")
+        for entry in self.agents:
+            if entry.kind == "qsampling":
+                if entry.safety is None:
+                    raise ValueError(f"agent {entry.name!r} steers the beamline: give it a 'safety' section")
+                if self.queueserver is None:
+                    raise ValueError(f"agent {entry.name!r} sends plans: give a 'queueserver' section")
+        return self
+
+    @property
+    def documents_topic(self) -> str:
+        return self.topics.documents or f"{self.beamline}.bluesky.runengine.documents"
+
+    @property
+    def derived_topic(self) -> str:
+        return self.topics.derived or f"{self.beamline}.beampilot.derived.documents"
+
+
+def load_daemon_config(source: str | Path | dict[str, Any]) -> DaemonConfig:
+    """Load and validate a daemon config from a YAML/JSON path or a mapping."""
+    return load_settings(DaemonConfig, source)
