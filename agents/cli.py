@@ -46,6 +46,9 @@ def sas_qscan(
     config: Annotated[Path | None, typer.Option(
         help="YAML with QSamplingAgent settings overriding the demo's (e.g. target_rel_sigma: 0.05).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    stack: Annotated[bool, typer.Option("--stack", help=(
+        "Run through the real servers of 'deploy/dev-stack up' (Kafka, queueserver, tiled) "
+        "instead of in-process; the sample is the stack's (deploy/dev-stack.yaml)."))] = False,
 ) -> None:
     """A RunEngine measures I(Q) of a hidden sample; the agent picks Q and exposure until the
     sample's size is known to 2% (1 sigma); then a report: plots, summary.json, the zarr store."""
@@ -66,6 +69,16 @@ def sas_qscan(
             raise typer.BadParameter(f"{config} must hold a mapping of settings", param_hint="--config")
     if speed is not None and speed <= 0:
         raise typer.BadParameter(f"--speed must be > 0, got {speed}", param_hint="--speed")
+    if stack:
+        from agents.demo_stack import run_stack_demo
+
+        try:
+            summary = run_stack_demo(out, batch_size=batch_size, overrides=overrides, progress=not quiet)
+        except (AgentError, StreamError) as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        _print_summary(summary, out)
+        return
     try:
         summary = run_demo(out, sample_kind=sample.value, seed=seed, resume=resume, speed=speed,
                            batch_size=batch_size, overrides=overrides, progress=not quiet)
@@ -79,6 +92,133 @@ def sas_qscan(
                     f"continue with: beampilot demo sas-qscan --resume {store}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
     _print_summary(summary, out if resume is None else resume.parent)
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Option(help="The daemon's YAML config (see deploy/agent.example.yaml).")],
+    kafka: Annotated[str | None, typer.Option(help="Broker host:port, overriding kafka.bootstrap_servers.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="Port of /healthz, /metrics and the status page.")] = None,
+) -> None:
+    """Run the configured agents as a daemon beside a live experiment: read its Kafka document
+    topic, publish derived documents, send plans to the queueserver, serve /healthz, /metrics
+    and a status page. Stops cleanly on SIGTERM / Ctrl-C; a restart continues where it stopped."""
+    from agents.daemon import serve
+    from agents.daemon_config import load_daemon_config
+    from agents.errors import AgentError
+    from streams.errors import StreamError
+
+    try:
+        cfg = load_daemon_config(config)
+        if kafka is not None or http_port is not None:
+            cfg = cfg.model_copy(update={
+                "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": kafka}) if kafka else cfg.kafka,
+                "http": cfg.http.model_copy(update={"port": http_port}) if http_port is not None else cfg.http})
+
+        def ready(daemon, server) -> None:
+            typer.echo(f"beampilot daemon: {len(daemon.agents)} agent(s) reading {cfg.documents_topic} "
+                       f"on {cfg.kafka.bootstrap_servers}; status page {server.address}/", err=True)
+
+        serve(cfg, ready=ready)
+    except (AgentError, StreamError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("replay")
+def replay(
+    source: Annotated[str, typer.Argument(help="A tiled server URI (http://host:port[/path]) or a beampilot zarr store.")],
+    run: Annotated[list[str] | None, typer.Option("--run", help="Uid of a run to replay (repeatable); default: all.")] = None,
+    speed: Annotated[float, typer.Option(help="Recorded timing divided by SPEED (1: as recorded, 10: ten times faster).")] = 1.0,
+    fast: Annotated[bool, typer.Option("--fast", help="As fast as possible, ignoring the recorded timing.")] = False,
+    kafka: Annotated[str | None, typer.Option(help="Publish to the broker at host:port.")] = None,
+    topic: Annotated[str | None, typer.Option(help="Kafka topic (default: BEAMLINE.bluesky.runengine.documents).")] = None,
+    beamline: Annotated[str, typer.Option(help="Beamline name for the default topic.")] = "beampilot",
+    agents: Annotated[Path | None, typer.Option(
+        help="Feed the agents of this daemon config in-process instead of publishing to Kafka.")] = None,
+    on_sim: Annotated[bool, typer.Option("--on-sim", help=(
+        "Re-measure each recorded run's points on the simulated SAS instrument and stream the new documents."))] = False,
+    sample: Annotated[SampleKind, typer.Option(help="With --on-sim: the simulated sample, when the run does not say.")]
+    = SampleKind.polydisperse_sphere,
+    seed: Annotated[int, typer.Option(help="With --on-sim: seed of the simulated sample and noise.")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Stream stored runs as documents, at recorded timing (scaled by --speed) or --fast, into
+    Kafka or into in-process agents; --on-sim re-runs each recorded run on the simulated devices."""
+    import json
+
+    from agents.errors import AgentError
+    from streams.errors import StreamError
+
+    if speed <= 0:
+        raise typer.BadParameter(f"--speed must be > 0, got {speed}", param_hint="--speed")
+    if (kafka is None) == (agents is None):
+        raise typer.BadParameter("give exactly one target: --kafka HOST:PORT or --agents CONFIG", param_hint="--kafka")
+    try:
+        sink, finish = _replay_target(kafka, topic or f"{beamline}.bluesky.runengine.documents", agents)
+        stats = _replay(source, run, None if fast else speed, sink, on_sim, sample.value, seed, not quiet)
+        stats["target"] = finish()
+    except (AgentError, StreamError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(stats, indent=1, default=str))
+
+
+def _replay_target(kafka: str | None, topic: str, agents_config: Path | None):
+    if kafka is not None:
+        from streams.kafka import KafkaDocumentSink, KafkaSettings
+
+        settings = KafkaSettings(bootstrap_servers=kafka)
+        settings.check_reachable(timeout=5.0)
+        sink = KafkaDocumentSink(topic, settings)
+
+        def finish():
+            sink.flush()
+            sink.close()
+            return {"kafka": kafka, "topic": topic}
+
+        return sink, finish
+    from agents.daemon import build_agent
+    from agents.daemon_config import load_daemon_config
+    from agents.safety import SafetyGate
+
+    cfg = load_daemon_config(agents_config)
+    outbox: list = []
+    built = {e.name: (e, build_agent(e, cfg.state_dir, [lambda n, d: outbox.append((n, d))])) for e in cfg.agents}
+
+    def sink(name, doc):
+        for _, agent in built.values():
+            agent.tell(name, doc)
+
+    def finish():
+        out = {"derived_documents": len(outbox), "agents": {}}
+        for name, (entry, agent) in built.items():
+            report = agent.report()
+            if entry.safety is not None:  # what it would ask for next, judged by the gate, not sent
+                gate = SafetyGate(entry.safety.to_config())
+                report["next_requests"] = [
+                    {"plan": r.plan, "points": len(r.kwargs.get("points", ())), "accepted": (v := gate.admit(r)).accepted,
+                     "reason": v.reason} for r in agent.ask(entry.batch_size)]
+            out["agents"][name] = report
+        return out
+
+    return sink, finish
+
+
+def _replay(source: str, runs, speed, sink, on_sim: bool, sample: str, seed: int, progress: bool) -> dict:
+    from streams.replay import open_store, replay_runs
+
+    store = open_store(source)
+    uids = list(runs) if runs else list(store.runs())
+    if not uids:
+        raise typer.BadParameter(f"{source} holds no runs", param_hint="SOURCE")
+    if not on_sim:
+        stats = replay_runs(store, uids, sink, speed=speed, progress=progress)
+        return {"source": source, "runs": len(uids), **(stats.as_dict() if hasattr(stats, "as_dict") else vars(stats))}
+    from agents.replay_sim import rerun_on_sim
+
+    reruns = [rerun_on_sim(store.documents(uid), sink, sample_kind=sample, seed=seed) for uid in uids]
+    return {"source": source, "runs": len(uids), "reruns": reruns}
 
 
 def _print_summary(summary: dict, out: Path) -> None:
