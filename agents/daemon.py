@@ -57,6 +57,8 @@ __all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+#: a steering agent whose every request is rejected this many rounds in a row is paused, as in steered_scan
+MAX_REJECTED_ROUNDS = 3
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class _Steering:
 
     entry: AgentEntry
     gate: SafetyGate
+    rejected_rounds: int = 0
+    paused: str | None = None  # why it is no longer asked for plans
 
 
 class _Outbox:
@@ -477,7 +481,7 @@ class Daemon:
                 if time.monotonic() - first > self.config.settle_s:
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
-        if waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
+        if steering.paused or waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
             return
         agent = self.agents[name]
         with self._lock:
@@ -486,12 +490,21 @@ class Daemon:
         if not requests and reason and name not in self._stopped_agents:
             self._stopped_agents.add(name)
             logger.warning("agent %s says stop: %s", name, reason)
-        for request in requests:
-            self._submit(name, agent, steering, request)
+        accepted = [self._submit(name, agent, steering, request) for request in requests]
+        if requests and not any(accepted):
+            steering.rejected_rounds += 1
+            if steering.rejected_rounds >= MAX_REJECTED_ROUNDS:
+                steering.paused = (f"every request was rejected {steering.rejected_rounds} rounds in a row "
+                                   f"(last: {self.recent_plans[-1].get('reason', '')}); check the agent's "
+                                   "limits against its safety config, then restart the daemon")
+                self._error(f"agent:{name}", f"agent {name} paused: {steering.paused}")
+        elif requests:
+            steering.rejected_rounds = 0
         if self.outbox.docs:  # a decision may publish a fit
             self._commit()
 
-    def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> None:
+    def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
+        """Gate, de-duplicate, send. True unless the gate rejected it."""
         verdict = steering.gate.admit(request)
         if not verdict.accepted:
             self.metrics.plans_rejected.labels(agent=name).inc()
@@ -500,10 +513,10 @@ class Daemon:
             if isinstance(agent, RejectionAware):
                 with self._lock:
                     agent.rejected(request, verdict.reason)
-            return
+            return False
         if self.plan_sink.find(request.key) is not None:
             self.metrics.plans_deduplicated.inc()
-            return
+            return True
         self.state.awaiting[name][request.key] = time.time()
         self.state.gate_positions[name] = dict(steering.gate._position)
         self._save()  # the key is on disk before it is on the queue
@@ -513,6 +526,7 @@ class Daemon:
         self.metrics.plans_sent.labels(agent=name).inc()
         self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
                                   "points": len(request.kwargs.get("points", ())), "time": time.time()})
+        return True
 
     # -- status ------------------------------------------------------------------------------------
     def _error(self, where: str, message: str) -> None:
@@ -532,8 +546,11 @@ class Daemon:
         with self._lock:
             reports = {name: agent.report() for name, agent in self.agents.items()}
         ok, why = self.healthy()
-        samples = {s.name: s.value for m in self.metrics.registry.collect() for s in m.samples
-                   if not s.labels and s.name.endswith(("_total", "lag", "connected"))}
+        samples: dict[str, float] = {}
+        for m in self.metrics.registry.collect():
+            for s in m.samples:
+                if s.name.endswith(("_total", "lag", "connected")):
+                    samples[s.name] = samples.get(s.name, 0.0) + s.value  # summed over labels
         return {
             "healthy": ok, "health": why, "uptime_s": time.time() - self.started_at,
             "topic": self.config.documents_topic, "derived_topic": self.config.derived_topic,
@@ -542,6 +559,7 @@ class Daemon:
             "last_checkpoint": self.state.written_at, "counters": samples,
             "documents_in": _labelled_sum(self.metrics.docs_in), "documents_out": _labelled_sum(self.metrics.docs_out),
             "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
+            "paused": {n: st.paused for n, st in self.steering.items() if st.paused},
         }
 
     def close(self) -> None:
@@ -650,6 +668,7 @@ def render_status_page(s: dict[str, Any]) -> str:
         f"{_agent_summary(r)}<details><summary>full report</summary><pre>{e(json.dumps(r, indent=1, default=str))}</pre>"
         f"</details></div>" for name, r in s["agents"].items())
     errors = "".join(f"<li>{e(x)}</li>" for x in reversed(s["errors"][-15:])) or "<li>none</li>"
+    paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
 <title>beampilot — {e(s['topic'])}</title><style>
 body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#1f2328}}
@@ -667,20 +686,16 @@ up {s['uptime_s']:.0f} s · last checkpoint {time.strftime('%H:%M:%S', time.loca
 <div class="card">derived out<b>{s['documents_out']:,.0f}</b></div>
 <div class="card">consumer lag<b>{num('beampilot_consumer_lag')}</b></div>
 <div class="card">open runs<b>{s['open_runs']}</b></div>
-<div class="card">malformed skipped<b>{_sum_prefix(counters, 'beampilot_documents_malformed')}</b></div>
+<div class="card">malformed skipped<b>{num('beampilot_documents_malformed_total')}</b></div>
 <div class="card">duplicates dropped<b>{num('beampilot_documents_duplicate_total')}</b></div>
-<div class="card">plans sent / rejected<b>{sum(1 for p in s['plans'] if p['status'] == 'sent')} / {sum(1 for p in s['plans'] if p['status'] == 'rejected')}</b></div>
+<div class="card">plans sent / rejected<b>{num('beampilot_plans_sent_total')} / {num('beampilot_plans_rejected_total')}</b></div>
 <div class="card">broker<b>{'connected' if counters.get('beampilot_broker_connected', 1) else 'DOWN'}</b></div>
 </div>
-<h2>Plans</h2><table><tr><th>time</th><th>agent</th><th>plan</th><th>status</th><th>detail</th><th>key</th></tr>{plan_rows}</table>
+{paused}<h2>Plans</h2><table><tr><th>time</th><th>agent</th><th>plan</th><th>status</th><th>detail</th><th>key</th></tr>{plan_rows}</table>
 <h2>Agents</h2>{agent_blocks}
 <h2>Recent errors</h2><ul>{errors}</ul>
 <p><small><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> · <a href="/status.json">/status.json</a></small></p>
 </body></html>"""
-
-
-def _sum_prefix(counters: dict[str, float], prefix: str) -> str:
-    return f"{sum(v for k, v in counters.items() if k.startswith(prefix)):,.0f}"
 
 
 def _agent_summary(r: dict[str, Any]) -> str:
