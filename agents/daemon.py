@@ -221,6 +221,7 @@ class Daemon:
         self._lock = threading.Lock()  # agents' reports are read by the HTTP thread
         self.sequence = DocumentSequence()
         self.outbox = _Outbox()
+        self._group_committed = 0.0
         self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
         self.kafka_settings = self._kafka_settings()
         self.source = source if source is not None else self._make_source()
@@ -258,14 +259,20 @@ class Daemon:
         from streams.kafka import KafkaDocumentSource
 
         self.kafka_settings.check_reachable(timeout=5.0)
+        # The checkpoint, not the group, says where to start: it moves with the agents' state.
+        # The group only mirrors it, so a facility's lag monitor sees this consumer.
         return KafkaDocumentSource([self.config.documents_topic], self.kafka_settings,
+                                   group_id=self.config.kafka.group_id,
                                    offsets=self.state.offsets or None, from_beginning=True,
                                    max_message_bytes=self.config.max_message_bytes)
 
     def _make_derived_sink(self) -> Any:
         from streams.kafka import KafkaDocumentSink
 
-        return KafkaDocumentSink(self.config.derived_topic, self.kafka_settings, key=f"beampilot.{self.config.beamline}")
+        # Each batch ends in a flush, so the producer need not wake its sender for every document:
+        # a linger lets one request carry the batch (the user's extra settings still win).
+        settings = self.kafka_settings.model_copy(update={"extra": {"linger_ms": 5, **self.kafka_settings.extra}})
+        return KafkaDocumentSink(self.config.derived_topic, settings, key=f"beampilot.{self.config.beamline}")
 
     def _make_extra_sinks(self) -> list[Any]:
         if self.config.tiled is None:
@@ -435,6 +442,12 @@ class Daemon:
         self._save()
         self._send(docs)
         st.outbox = []
+        if self.config.kafka.group_id is not None and time.monotonic() - self._group_committed > 5.0:
+            self._group_committed = time.monotonic()
+            try:
+                self.source.commit(st.offsets)
+            except StreamError as err:
+                self._error("kafka", f"group commit: {err}")
 
     def _save(self) -> None:
         try:
@@ -573,6 +586,8 @@ class Daemon:
             else:
                 self.state.offsets = self.source.positions()
                 self._save()
+            if self.config.kafka.group_id is not None and self.state.offsets:
+                self.source.commit(self.state.offsets)
         except Exception as err:  # closing must not hide the reason we are closing
             logger.error("final checkpoint failed: %s", err)
         for thing in (self.source, self.derived_sink, *self.extra_sinks):

@@ -29,6 +29,7 @@ class KafkaConfig(_Strict):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "beampilot"
+    group_id: str | None = None  # also commit positions to this consumer group (for lag monitors)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None

@@ -49,6 +49,7 @@ from streams.broker import LocalBroker, create_topic
 from streams.kafka import KafkaDocumentSink, KafkaDocumentSource, KafkaSettings
 
 BIN = Path(sys.executable).parent
+DURABLE_FETCH_WAIT_MS = 200
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -215,8 +216,8 @@ def latency(broker: LocalBroker, rate_hz: float, seconds: float, tmp: Path) -> d
 
 
 # -- faults --------------------------------------------------------------------------------------
-def _derived_counts(bootstrap: str, topic: str) -> Counter:
-    source = KafkaDocumentSource([topic], KafkaSettings(bootstrap_servers=bootstrap))
+def _derived_counts(bootstrap: str, topic: str, fetch_max_wait_ms: int = 10) -> Counter:
+    source = KafkaDocumentSource([topic], KafkaSettings(bootstrap_servers=bootstrap), fetch_max_wait_ms=fetch_max_wait_ms)
     records, last = [], time.monotonic()
     while time.monotonic() - last < 2.0:
         batch = source.poll(0.1)
@@ -330,6 +331,9 @@ def fault_broker_restart(n_events: int, tmp: Path) -> dict:
     with LocalBroker(durable=True, workdir=tmp / "durable") as broker:
         state = tmp / "brk"
         config = _daemon_config(broker.bootstrap, state, "brk")
+        # tansu on S3 answers a fetch with nothing when it cannot read its storage within the
+        # fetch's max wait; 10 ms (our low-latency default) is too short for it, 200 ms is not
+        config["kafka"]["extra"] = {"fetch_max_wait_ms": DURABLE_FETCH_WAIT_MS}
         cfg = load_daemon_config(config)
         create_topic(broker.bootstrap, cfg.derived_topic)
         runs = [list(sas_run_documents(n_events // 3, seed=300 + s)) for s in range(3)]
@@ -347,11 +351,12 @@ def fault_broker_restart(n_events: int, tmp: Path) -> dict:
         _wait_settled(state, 60)  # what the broker lost on its way down, nobody can read
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        out = _tally(sent, _derived_counts(broker.bootstrap, cfg.derived_topic))
+        derived = _derived_counts(broker.bootstrap, cfg.derived_topic, DURABLE_FETCH_WAIT_MS)
+        out = _tally(sent, derived)
         on_topic = _raw_on_topic(broker.bootstrap, cfg.documents_topic) & sent
         # where a loss happened: events the broker never kept cannot reach any consumer
         out.update(on_raw_topic_after_restart=len(on_topic),
-                   lost_by_beampilot=len(on_topic - set(_derived_counts(broker.bootstrap, cfg.derived_topic))),
+                   lost_by_beampilot=len(on_topic - set(derived)),
                    broker_down_s=2.0, plans_sent_twice=0, plans_note="analysis agent: sends no plans")
         return out
 

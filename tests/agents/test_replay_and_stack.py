@@ -66,6 +66,18 @@ def test_replay_a_zarr_store_into_in_process_agents(tmp_path):
     assert stats["target"]["agents"]["rate"]["events_out"] == sum(n == "event" for d in runs for n, _ in d)
 
 
+def test_replay_on_sim_feeds_fresh_measurements_of_the_recorded_points(tmp_path):
+    runs = _store_with_runs(tmp_path / "store.zarr", n_runs=1, n_events=4)
+    config = tmp_path / "agents.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "agents": [{"kind": "rate", "name": "rate"}]}))
+    result = runner.invoke(app, ["replay", str(tmp_path / "store.zarr"), "--on-sim", "--agents", str(config),
+                                 "--sample", "cylinder", "--quiet"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["reruns"][0]["recorded_run"] == runs[0][0][1]["uid"] and stats["reruns"][0]["points"] == 4
+    assert stats["target"]["agents"]["rate"]["events_out"] == 4
+
+
 def test_replay_needs_exactly_one_target(tmp_path):
     _store_with_runs(tmp_path / "store.zarr", n_runs=1)
     result = runner.invoke(app, ["replay", str(tmp_path / "store.zarr")])
