@@ -34,6 +34,7 @@ from typing import Any, Self
 
 from streams.errors import StreamError
 from streams.kafka import _create_topic, check_topic_name
+from streams.localhost import free_port
 
 __all__ = ["LocalBroker", "broker_binary", "create_topic", "free_port", "kafka_metadata_ok"]
 
@@ -49,16 +50,6 @@ _S3_ENV = {
 }
 # tansu reads these from the environment too; the command line sets them, so drop strays.
 _TANSU_ENV = ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it).
-
-    Another process may take it before it is used; the window is tiny on a test machine.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def broker_binary() -> str:

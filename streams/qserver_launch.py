@@ -37,18 +37,11 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from streams.errors import StreamError
+from streams.localhost import LOOPBACK, free_port
 
 __all__ = ["LOOPBACK", "REManager", "RedisServer", "free_port"]
 
-LOOPBACK = "127.0.0.1"
 _POLL = 0.05  # s between readiness checks
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` now (the OS picks it; another process could take it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _executable(name: str, hint: str) -> str:

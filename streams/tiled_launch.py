@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from streams.errors import StreamError
+from streams.localhost import free_port
 
 __all__ = ["TiledServer"]
 
@@ -67,7 +67,7 @@ class TiledServer:
             raise ValueError("api_key='' is empty; pass a non-empty key or None to generate one")
         if not startup_timeout > 0:
             raise ValueError(f"{startup_timeout=} must be positive")
-        self.port: int = _free_port() if port is None else port
+        self.port: int = free_port() if port is None else port
         self.workdir = Path(workdir)
         self.api_key: str = api_key if api_key is not None else secrets.token_hex(16)
         self.startup_timeout = startup_timeout
@@ -196,9 +196,3 @@ class TiledServer:
         return [("<api key>" if arg == self.api_key else arg) for arg in self.command()]
 
 
-def _free_port() -> int:
-    """A TCP port free on loopback now (another process could still take it before use)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
