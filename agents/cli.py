@@ -214,7 +214,7 @@ def _replay(source: str, runs, speed, sink, on_sim: bool, sample: str, seed: int
         raise typer.BadParameter(f"{source} holds no runs", param_hint="SOURCE")
     if not on_sim:
         stats = replay_runs(store, uids, sink, speed=speed, progress=progress)
-        return {"source": source, "runs": len(uids), **(stats.as_dict() if hasattr(stats, "as_dict") else vars(stats))}
+        return {"source": source, "runs": len(uids), **vars(stats)}
     from agents.replay_sim import rerun_on_sim
 
     reruns = [rerun_on_sim(store.documents(uid), sink, sample_kind=sample, seed=seed) for uid in uids]

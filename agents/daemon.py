@@ -234,7 +234,7 @@ class Daemon:
             self.agents[entry.name] = build_agent(entry, self.state_dir, [self.outbox])
             if entry.safety is not None:
                 gate = SafetyGate(entry.safety.to_config())
-                gate._position.update(self.state.gate_positions.get(entry.name, {}))
+                gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
         self._recover()
         if not self.checkpoint_path.exists():
@@ -248,12 +248,7 @@ class Daemon:
     def _kafka_settings(self) -> Any:
         from streams.kafka import KafkaSettings
 
-        k = self.config.kafka
-        return KafkaSettings(
-            bootstrap_servers=k.bootstrap_servers, client_id=k.client_id, security_protocol=k.security_protocol,
-            sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_plain_username,
-            sasl_plain_password=k.sasl_plain_password, ssl_cafile=k.ssl_cafile, ssl_certfile=k.ssl_certfile,
-            ssl_keyfile=k.ssl_keyfile, extra=k.extra)
+        return KafkaSettings(**self.config.kafka.model_dump(exclude={"group_id"}))
 
     def _make_source(self) -> Any:
         from streams.kafka import KafkaDocumentSource
@@ -531,7 +526,7 @@ class Daemon:
             self.metrics.plans_deduplicated.inc()
             return True
         self.state.awaiting[name][request.key] = time.time()
-        self.state.gate_positions[name] = dict(steering.gate._position)
+        self.state.gate_positions[name] = steering.gate.positions
         self._save()  # the key is on disk before it is on the queue
         self.plan_sink.submit(request)
         if self.config.queueserver is not None and self.config.queueserver.start_queue:

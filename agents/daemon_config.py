@@ -19,25 +19,17 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from agents.config import SafetySettings, _Strict, load_settings
+from streams.kafka import KafkaSettings
 
 __all__ = ["AgentEntry", "DaemonConfig", "HttpSettings", "KafkaConfig", "QueueServerConfig",
            "TiledConfig", "load_daemon_config"]
 
 
-class KafkaConfig(_Strict):
-    """How to reach the broker. Security settings pass through to kafka-python unchanged."""
+class KafkaConfig(KafkaSettings):
+    """How to reach the broker: :class:`streams.kafka.KafkaSettings` (security settings pass
+    through to kafka-python), plus the consumer group the daemon mirrors its positions to."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "beampilot"
     group_id: str | None = None  # also commit positions to this consumer group (for lag monitors)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
 
 
 class TopicsConfig(_Strict):

@@ -78,8 +78,7 @@ def run_stack_demo(out: Path, *, stack_config: str | Path | None = None, batch_s
         server.stop()
         daemon.close()
     gate = daemon.steering["qsampling"].gate
-    summary = _summary(agent, gate, setup, Path(agent.store.path) if hasattr(agent.store, "path") else out / "state",
-                       time.perf_counter() - wall0, 0.0)
+    summary = _summary(agent, gate, setup, agent.store.path, time.perf_counter() - wall0, 0.0)
     summary["mode"] = "stack"
     summary["plans"] = list(daemon.recent_plans)
     write_report(out, agent, setup, summary)

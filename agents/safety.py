@@ -109,6 +109,15 @@ class SafetyGate:
         self._position: dict[str, float] = {}
         self.verdicts: list[Verdict] = []
 
+    @property
+    def positions(self) -> dict[str, float]:
+        """The last admitted value of each axis (what the next step is measured from)."""
+        return dict(self._position)
+
+    def restore_positions(self, positions: Mapping[str, float]) -> None:
+        """Take up ``positions`` (from :attr:`positions` before a restart) as the last admitted ones."""
+        self._position.update({axis: float(v) for axis, v in positions.items()})
+
     def check(self, request: PlanRequest) -> Verdict:
         """Judge ``request`` without changing the gate's state."""
         reasons = [*self._check_plan(request), *self._check_axes(request), *self._check_rate()]
