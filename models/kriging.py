@@ -1,0 +1,549 @@
+"""Kriging for autonomous mapping: a GP posterior over a grid of candidate positions, kept
+up to date point by point so a decision never waits on a full refit.
+
+Each mapped quantity (peak position, intensity, an orientation component, ...) has its own
+Gaussian process on inputs normalised to the unit square, with a Matérn-5/2 kernel that is
+anisotropic (one length-scale per axis) by default and optionally non-stationary (a learned
+Kumaraswamy warping of each input, botorch's :class:`~botorch.models.transforms.input.Warp`,
+so length-scales can shrink where the map changes fast). Noise is the measurement's own
+variance when the reduction gives one (heteroscedastic, fixed), learned otherwise.
+
+**Incremental posterior.** For the ``n`` observations ``X`` and the ``c`` candidates ``C`` the
+model keeps the Cholesky factor ``L`` of ``K(X, X) + diag(noise)``, ``W = L^-1 K(X, C)``,
+``z = L^-1 (y - mean)`` and the candidates' posterior variance ``k(C, C) - colsum(W**2)``.
+``m`` new observations extend all four by one block row (the rank-``m`` form of a rank-one
+Cholesky update): ``O(n^2 m + n m c)`` work, against ``O(n^3 + n^2 c)`` for a rebuild.
+``L`` is held as a contiguous leading block plus a short tail of recent rows, merged every
+``tail_rows`` rows, so every triangular solve runs on contiguous memory.
+
+**Hyper-parameters** come from the marginal likelihood (botorch's ``fit_gpytorch_mll``) on at
+most ``max_fit_points`` observations, refitted when the data have grown by ``refit_growth``.
+With ``background=True`` the refit and the rebuild it needs run in a worker thread while
+decisions go on with the previous hyper-parameters; the new state is swapped in, with the
+points that arrived meanwhile added, at the next update after it is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from botorch.exceptions.warnings import InputDataWarning
+from botorch.fit import fit_gpytorch_mll
+from botorch.models import SingleTaskGP
+from botorch.models.transforms.input import Warp
+from gpytorch.constraints import GreaterThan
+from gpytorch.kernels import MaternKernel, RBFKernel, ScaleKernel
+from gpytorch.likelihoods import GaussianLikelihood
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.priors import LogNormalPrior
+
+from models.device import default_device, default_dtype
+from models.errors import ModelError
+
+__all__ = ["KrigingConfig", "MappingGP"]
+
+logger = logging.getLogger(__name__)
+
+_JITTER = 1e-6  # added to the diagonal, in standardised units
+
+
+@dataclass(frozen=True)
+class KrigingConfig:
+    """Settings of :class:`MappingGP`.
+
+    Parameters
+    ----------
+    kernel
+        ``"matern52"``, ``"matern32"`` or ``"rbf"``.
+    anisotropic
+        One length-scale per input axis (ARD) instead of one for all.
+    nonstationary
+        Learn a Kumaraswamy warping of each input before the stationary kernel.
+    multiscale
+        A sum of two kernels, one started at a long and one at a short length-scale: smooth
+        variation plus sharp features (domain boundaries) where the points are dense.
+    refit_growth
+        Refit hyper-parameters when the number of observations has grown by this factor.
+    max_fit_points
+        Hyper-parameters are fitted on at most this many observations (a seeded subsample).
+    min_points
+        Fewer observations than this and the model has no posterior yet.
+    background
+        Refit (and rebuild) in a worker thread; ``False`` refits inline (reproducible timing).
+    tail_rows
+        Rows of the Cholesky factor kept apart before they are merged into its leading block.
+    noise_floor
+        Smallest noise variance, as a fraction of the output's variance.
+    """
+
+    kernel: Literal["matern52", "matern32", "rbf"] = "matern52"
+    anisotropic: bool = True
+    nonstationary: bool = False
+    multiscale: bool = False
+    refit_growth: float = 1.5
+    max_fit_points: int = 800
+    min_points: int = 4
+    background: bool = True
+    tail_rows: int = 256
+    noise_floor: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("matern52", "matern32", "rbf"):
+            raise ValueError(f"KrigingConfig.kernel must be matern52, matern32 or rbf, got {self.kernel!r}")
+        if not self.refit_growth > 1.0:
+            raise ValueError(f"KrigingConfig.refit_growth must be > 1, got {self.refit_growth=}")
+        if self.min_points < 2:
+            raise ValueError(f"KrigingConfig.min_points must be >= 2, got {self.min_points=}")
+        if self.max_fit_points < self.min_points:
+            raise ValueError(f"max_fit_points={self.max_fit_points} is below min_points={self.min_points}")
+        if self.tail_rows < 1:
+            raise ValueError(f"KrigingConfig.tail_rows must be >= 1, got {self.tail_rows=}")
+
+
+@dataclass(eq=False)
+class _Hyper:
+    """What one output's fit gives: a kernel on warped unit-square inputs, a constant mean,
+    the output's standardisation and (when no measurement variance is given) its noise."""
+
+    covar: torch.nn.Module
+    warp: torch.nn.Module | None
+    mean: float
+    y_mean: float
+    y_std: float
+    noise: float | None  # standardised; None: the observations carry their own variance
+
+    def inputs(self, u: torch.Tensor) -> torch.Tensor:
+        if self.warp is None:
+            return u
+        with torch.no_grad():
+            return self.warp(u)
+
+    def k(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.covar(self.inputs(a), self.inputs(b)).to_dense()
+
+    def k_diag(self, a: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.covar(self.inputs(a), diag=True)
+
+    def summary(self) -> dict[str, Any]:
+        parts = getattr(self.covar, "kernels", [self.covar])
+        return {
+            "lengthscale": [k.base_kernel.lengthscale.detach().reshape(-1).cpu().tolist() for k in parts],
+            "outputscale": [float(k.outputscale.detach()) for k in parts],
+            "mean": self.mean, "y_mean": self.y_mean, "y_std": self.y_std, "noise": self.noise,
+            "warp": None if self.warp is None else {
+                "concentration0": self.warp.concentration0.detach().reshape(-1).cpu().tolist(),
+                "concentration1": self.warp.concentration1.detach().reshape(-1).cpu().tolist(),
+            },
+        }
+
+
+@dataclass(eq=False)
+class _Factor:
+    """One output's incremental posterior over the candidates (see the module docstring)."""
+
+    hyper: _Hyper
+    n: int = 0
+    L_main: torch.Tensor | None = None  # n0 x n0, contiguous
+    tail_left: torch.Tensor | None = None  # R x n0 rows below L_main (first r used)
+    tail_diag: torch.Tensor | None = None  # R x R lower block (r x r used)
+    n0: int = 0
+    r: int = 0
+    W: torch.Tensor | None = None  # capacity x c, rows [:n] used
+    z: torch.Tensor | None = None  # capacity
+    var: torch.Tensor | None = None  # c: posterior variance at the candidates (standardised)
+    prior_var: torch.Tensor | None = None  # c
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``L^-1 b`` for ``b`` of shape ``n x m`` (contiguous solves only)."""
+        parts = []
+        if self.n0:
+            parts.append(torch.linalg.solve_triangular(self.L_main, b[: self.n0], upper=False))
+        if self.r:
+            top = parts[0] if parts else b[:0]
+            rhs = b[self.n0 : self.n]
+            if self.n0:
+                rhs = rhs - self.tail_left[: self.r] @ top
+            parts.append(torch.linalg.solve_triangular(self.tail_diag[: self.r, : self.r].contiguous(), rhs, upper=False))
+        return torch.cat(parts) if parts else b[:0]
+
+
+class MappingGP:
+    """Multi-output kriging over a fixed set of candidate positions, updated incrementally.
+
+    Parameters
+    ----------
+    bounds
+        ``[[x0, y0, ...], [x1, y1, ...]]`` (``2 x d``): the physical extent; inputs are scaled
+        to the unit cube by it.
+    candidates
+        ``c x d`` positions (physical units) where the posterior is kept current; decisions
+        choose among them.
+    n_outputs
+        Number of mapped quantities.
+    config
+        A :class:`KrigingConfig`.
+    seed
+        Seeds the subsample the hyper-parameters are fitted on.
+
+    Examples
+    --------
+    >>> gp = MappingGP([[0, 0], [10, 10]], grid, n_outputs=2)  # doctest: +SKIP
+    >>> gp.add(xy, values)                   # n x 2 and n x 2
+    >>> mean, var = gp.posterior()           # c x 2 each, in the outputs' own units
+    """
+
+    def __init__(
+        self,
+        bounds: Sequence[Sequence[float]] | np.ndarray,
+        candidates: np.ndarray,
+        n_outputs: int = 1,
+        config: KrigingConfig | None = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        self.config = config or KrigingConfig()
+        self._tkw: dict[str, Any] = {"device": default_device(), "dtype": default_dtype()}
+        b = np.asarray(bounds, dtype=float)
+        if b.ndim != 2 or b.shape[0] != 2 or not np.all(np.isfinite(b)) or not np.all(b[1] > b[0]):
+            raise ValueError(f"bounds must be 2 x d with finite lower < upper, got {bounds!r}")
+        self.bounds = b
+        self.dim = b.shape[1]
+        cand = np.asarray(candidates, dtype=float)
+        if cand.ndim != 2 or cand.shape[1] != self.dim or cand.shape[0] < 1:
+            raise ValueError(f"candidates must be c x {self.dim}, got shape {cand.shape}")
+        self.candidates = cand
+        self._C = self._unit(cand)
+        if n_outputs < 1:
+            raise ValueError(f"n_outputs must be >= 1, got {n_outputs=}")
+        self.n_outputs = n_outputs
+        self._rng = np.random.default_rng(seed)
+        self._X = np.empty((0, self.dim))
+        self._Y = np.empty((0, n_outputs))
+        self._Yvar: np.ndarray | None = None  # n x k, or None when noise is learned
+        self._factors: list[_Factor] | None = None
+        self._n_at_fit = 0
+        self.n_fits = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[tuple[int, list[_Factor]]] | None = None
+        self._saved_hyper: list[dict[str, Any]] | None = None
+
+    # -- inputs -------------------------------------------------------------------------------
+    def _unit(self, x: np.ndarray) -> torch.Tensor:
+        u = (np.asarray(x, dtype=float) - self.bounds[0]) / (self.bounds[1] - self.bounds[0])
+        return torch.as_tensor(u, **self._tkw)
+
+    @property
+    def n_points(self) -> int:
+        return int(self._X.shape[0])
+
+    @property
+    def ready(self) -> bool:
+        """Whether a posterior exists (at least ``min_points`` observations)."""
+        return self._factors is not None
+
+    @property
+    def refit_pending(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    # -- data ---------------------------------------------------------------------------------
+    def add(self, X: np.ndarray, Y: np.ndarray, Yvar: np.ndarray | None = None) -> None:
+        """Add ``m`` observations: positions ``m x d``, values ``m x k``, variances ``m x k``.
+
+        Either every call gives ``Yvar`` (noise known per measurement) or none does (learned).
+        """
+        X = np.atleast_2d(np.asarray(X, dtype=float))
+        Y = np.asarray(Y, dtype=float)
+        if X.shape[1] != self.dim or Y.size != X.shape[0] * self.n_outputs:
+            raise ValueError(f"need X of shape m x {self.dim} and Y m x {self.n_outputs}, got {X.shape}, {Y.shape}")
+        Y = Y.reshape(X.shape[0], self.n_outputs)
+        if not (np.all(np.isfinite(X)) and np.all(np.isfinite(Y))):
+            raise ValueError("X and Y must be finite: drop NaN observations before add() and report them")
+        if Yvar is not None:
+            Yvar = np.asarray(Yvar, dtype=float).reshape(Y.shape)
+            if not np.all(np.isfinite(Yvar)) or np.any(Yvar < 0):
+                raise ValueError("Yvar must be finite and >= 0")
+        if (Yvar is None) != (self._Yvar is None) and self.n_points:
+            raise ValueError("give Yvar on every add() or on none")
+        if X.shape[0] == 0:
+            return
+        self._X = np.concatenate([self._X, X])
+        self._Y = np.concatenate([self._Y, Y])
+        if Yvar is not None:
+            self._Yvar = Yvar if self._Yvar is None else np.concatenate([self._Yvar, Yvar])
+        self._advance()
+
+    def _advance(self) -> None:
+        """Swap in a finished background refit, start one when due, extend the factors."""
+        n = self.n_points
+        if self._pending is not None and self._pending.done():
+            n_snap, factors = self._pending.result()
+            self._pending = None
+            self._factors = factors
+            logger.debug("kriging refit on %d points swapped in at %d", n_snap, n)
+        if self._factors is None:
+            if n < self.config.min_points:
+                return
+            self._factors = self._refit(n, warm=self._saved_hyper)
+            return
+        if n >= self.config.refit_growth * self._n_at_fit and self._pending is None:
+            if self.config.background:
+                self._n_at_fit = n  # scheduled now; no second refit while this one runs
+                self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="kriging-refit")
+                self._pending = self._pool.submit(lambda: (n, self._refit(n, None)))
+            else:
+                self._factors = self._refit(n, warm=None)
+                return
+        for k, f in enumerate(self._factors):
+            if f.n < n:
+                self._extend(f, f.n, n, k=k)
+
+    def _refit(self, n: int, warm: list[dict[str, Any]] | None) -> list[_Factor]:
+        """Fit hyper-parameters on (a subsample of) the first ``n`` points; build fresh factors."""
+        X, Y = self._X[:n].copy(), self._Y[:n].copy()
+        Yvar = None if self._Yvar is None else self._Yvar[:n].copy()
+        with self._lock:
+            idx = np.arange(n)
+            if n > self.config.max_fit_points:
+                idx = np.sort(self._rng.choice(n, self.config.max_fit_points, replace=False))
+        factors = []
+        for k in range(self.n_outputs):
+            hyper = self._fit_output(X[idx], Y[idx, k], None if Yvar is None else Yvar[idx, k],
+                                     warm=None if warm is None else warm[k])
+            f = _Factor(hyper)
+            f.prior_var = hyper.k_diag(self._C)
+            f.var = f.prior_var.clone()
+            self._extend(f, 0, n, X=X, Y=Y, Yvar=Yvar, k=k)
+            factors.append(f)
+        self._n_at_fit = max(self._n_at_fit, n)
+        self.n_fits += 1
+        return factors
+
+    def _fit_output(self, X: np.ndarray, y: np.ndarray, yvar: np.ndarray | None,
+                    warm: dict[str, Any] | None) -> _Hyper:
+        y_mean = float(np.mean(y))
+        y_std = float(np.std(y)) or 1.0
+        tx = self._unit(X)
+        ty = torch.as_tensor((y - y_mean) / y_std, **self._tkw).reshape(-1, 1)
+        tvar = None
+        if yvar is not None:
+            tvar = torch.as_tensor(np.maximum(yvar / y_std**2, self.config.noise_floor), **self._tkw).reshape(-1, 1)
+        d = self.dim
+        ard = d if self.config.anisotropic else None
+        prior = LogNormalPrior(loc=math.sqrt(2) + math.log(d) / 2, scale=math.sqrt(3))
+        covar = self._kernel(ard, prior)
+        if self.config.multiscale:
+            short = self._kernel(ard, None)
+            short.base_kernel.lengthscale = 0.05
+            short.outputscale = 0.1
+            covar = covar + short
+        warp = None
+        if self.config.nonstationary:
+            warp = Warp(d=d, indices=list(range(d)), bounds=torch.tensor([[0.0] * d, [1.0] * d], **self._tkw)).to(**self._tkw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputDataWarning)  # inputs/outputs are scaled here
+            likelihood = None if tvar is not None else GaussianLikelihood(
+                noise_constraint=GreaterThan(self.config.noise_floor)).to(**self._tkw)
+            model = SingleTaskGP(tx, ty, tvar, likelihood=likelihood, covar_module=covar,
+                                 input_transform=warp, outcome_transform=None)
+        if warm:
+            model.load_state_dict(warm, strict=False)
+        mll = ExactMarginalLogLikelihood(model.likelihood, model)
+        try:
+            fit_gpytorch_mll(mll)
+        except Exception as err:  # botorch raises several kinds; keep the start values
+            logger.warning("kriging hyper-parameter fit failed (%s); keeping the starting values", err)
+        model.eval()
+        noise = None if tvar is not None else float(model.likelihood.noise.detach().reshape(-1)[0])
+        return _Hyper(covar=model.covar_module, warp=model.input_transform if warp is not None else None,
+                      mean=float(model.mean_module.constant.detach()), y_mean=y_mean, y_std=y_std, noise=noise)
+
+    def _kernel(self, ard: int | None, prior: Any) -> ScaleKernel:
+        if self.config.kernel == "rbf":
+            base: torch.nn.Module = RBFKernel(ard_num_dims=ard, lengthscale_prior=prior)
+        else:
+            nu = 2.5 if self.config.kernel == "matern52" else 1.5
+            base = MaternKernel(nu=nu, ard_num_dims=ard, lengthscale_prior=prior)
+        return ScaleKernel(base).to(**self._tkw)
+
+    def _extend(self, f: _Factor, lo: int, hi: int, *, X: np.ndarray | None = None,
+                Y: np.ndarray | None = None, Yvar: np.ndarray | None = None, k: int) -> None:
+        """Add observations ``lo:hi`` to factor ``f`` (block Cholesky update)."""
+        X = self._X if X is None else X
+        Y = self._Y if Y is None else Y
+        Yvar = self._Yvar if Yvar is None and X is self._X else Yvar
+        h = f.hyper
+        xn = self._unit(X[lo:hi])
+        m = hi - lo
+        yn = torch.as_tensor((Y[lo:hi, k] - h.y_mean) / h.y_std - h.mean, **self._tkw)
+        noise = (torch.full((m,), h.noise, **self._tkw) if h.noise is not None else
+                 torch.as_tensor(np.maximum(Yvar[lo:hi, k] / h.y_std**2, self.config.noise_floor), **self._tkw))
+        K22 = h.k(xn, xn) + torch.diag(noise + _JITTER)
+        k_nc = h.k(xn, self._C)  # m x c
+        if lo:
+            Xold = self._unit(X[:lo])
+            L21 = f.solve(h.k(Xold, xn)).T  # m x lo
+            S = K22 - L21 @ L21.T
+            w_new_rhs = k_nc - L21 @ f.W[:lo]
+            z_rhs = yn - L21 @ f.z[:lo]
+        else:
+            L21 = torch.zeros((m, 0), **self._tkw)
+            S, w_new_rhs, z_rhs = K22, k_nc, yn
+        L22 = torch.linalg.cholesky(S)
+        W_new = torch.linalg.solve_triangular(L22, w_new_rhs, upper=False)
+        z_new = torch.linalg.solve_triangular(L22, z_rhs.reshape(-1, 1), upper=False).reshape(-1)
+        self._store_rows(f, L21, L22, W_new, z_new)
+        f.var = torch.clamp(f.var - (W_new * W_new).sum(0), min=0.0)
+
+    def _store_rows(self, f: _Factor, L21: torch.Tensor, L22: torch.Tensor, W_new: torch.Tensor,
+                    z_new: torch.Tensor) -> None:
+        m, n = L22.shape[0], f.n
+        c = self._C.shape[0]
+        # W and z: row-major buffers that grow by half again, rows [:n] in use (contiguous)
+        if f.W is None or n + m > f.W.shape[0]:
+            cap = max(n + m, int(1.5 * (0 if f.W is None else f.W.shape[0])), 64)
+            W = torch.empty((cap, c), **self._tkw)
+            z = torch.empty((cap,), **self._tkw)
+            if n:
+                W[:n], z[:n] = f.W[:n], f.z[:n]
+            f.W, f.z = W, z
+        f.W[n : n + m], f.z[n : n + m] = W_new, z_new
+        # L: contiguous leading block + tail rows; merge when the tail is full
+        R = self.config.tail_rows
+        if f.r and f.r + m > R:
+            self._merge_tail(f)
+        if m >= R:  # a large block (a rebuild) goes straight into the leading block
+            L = torch.zeros((f.n0 + m, f.n0 + m), **self._tkw)
+            if f.n0:
+                L[: f.n0, : f.n0] = f.L_main
+            L[f.n0 :, : f.n0] = L21
+            L[f.n0 :, f.n0 :] = L22
+            f.L_main, f.n0 = L, f.n0 + m
+        else:
+            if f.tail_left is None or f.tail_left.shape[1] != f.n0:
+                f.tail_left = torch.zeros((R, f.n0), **self._tkw)
+                f.tail_diag = torch.zeros((R, R), **self._tkw)
+            r = f.r
+            f.tail_left[r : r + m] = L21[:, : f.n0]
+            f.tail_diag[r : r + m, :r] = L21[:, f.n0 :]
+            f.tail_diag[r : r + m, r : r + m] = L22
+            f.r += m
+        f.n += m
+
+    @staticmethod
+    def _merge_tail(f: _Factor) -> None:
+        n0, r = f.n0, f.r
+        L = torch.zeros((n0 + r, n0 + r), dtype=f.tail_diag.dtype, device=f.tail_diag.device)
+        if n0:
+            L[:n0, :n0] = f.L_main
+            L[n0:, :n0] = f.tail_left[:r]
+        L[n0:, n0:] = f.tail_diag[:r, :r]
+        f.L_main, f.n0, f.r = L, n0 + r, 0
+
+    # -- posterior ----------------------------------------------------------------------------
+    def _need(self) -> list[_Factor]:
+        if self._factors is None:
+            raise ModelError(f"the map has {self.n_points} observations; kriging needs at least {self.config.min_points}")
+        return self._factors
+
+    def posterior(self) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance at the candidates, ``c x k`` each, in output units."""
+        means, variances = [], []
+        for f in self._need():
+            h = f.hyper
+            mu = h.mean + f.W[: f.n].T @ f.z[: f.n]
+            means.append((mu * h.y_std + h.y_mean).cpu().numpy())
+            variances.append((f.var * h.y_std**2).cpu().numpy())
+        return np.stack(means, axis=1), np.stack(variances, axis=1)
+
+    def prior_variance(self) -> np.ndarray:
+        """Prior variance at the candidates, ``c x k``, in output units."""
+        return np.stack([(f.prior_var * f.hyper.y_std**2).cpu().numpy() for f in self._need()], axis=1)
+
+    def noise_variance(self) -> np.ndarray:
+        """Typical noise variance of each output (learned, or the median given), ``k``, output units."""
+        out = []
+        for k, f in enumerate(self._need()):
+            h = f.hyper
+            if h.noise is not None:
+                out.append(h.noise * h.y_std**2)
+            else:
+                out.append(float(np.median(self._Yvar[:, k])))
+        return np.asarray(out)
+
+    def covariance_with(self, j: int) -> np.ndarray:
+        """Posterior covariance between every candidate and candidate ``j``: ``c x k``."""
+        cols = []
+        for f in self._need():
+            h = f.hyper
+            kc = h.k(self._C, self._C[j : j + 1]).reshape(-1)
+            cov = kc - f.W[: f.n].T @ f.W[: f.n, j]
+            cols.append((cov * h.y_std**2).cpu().numpy())
+        return np.stack(cols, axis=1)
+
+    def predict(self, X: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance at arbitrary positions ``p x d`` (a full solve; for
+        evaluation and reports, not for decisions)."""
+        factors = self._need()
+        U = self._unit(np.atleast_2d(np.asarray(X, dtype=float)))
+        Xs = self._unit(self._X)
+        means, variances = [], []
+        for f in factors:
+            h = f.hyper
+            mu_parts, var_parts = [], []
+            for u in torch.split(U, chunk):
+                V = f.solve(h.k(Xs[: f.n], u))
+                mu_parts.append(h.mean + V.T @ f.z[: f.n])
+                var_parts.append(torch.clamp(h.k_diag(u) - (V * V).sum(0), min=0.0))
+            means.append((torch.cat(mu_parts) * h.y_std + h.y_mean).cpu().numpy())
+            variances.append((torch.cat(var_parts) * h.y_std**2).cpu().numpy())
+        return np.stack(means, axis=1), np.stack(variances, axis=1)
+
+    # -- state --------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until a background refit is done and swapped in (tests, reports, shutdown)."""
+        while self._pending is not None:
+            self._pending.result()
+            self._advance()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._pending = None
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """Per output: length-scales (unit-square units), output scale, mean, noise, warping."""
+        return [f.hyper.summary() for f in self._need()]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state: fitted hyper-parameters per output and the refit schedule."""
+        hyper = None
+        if self._factors is not None:
+            hyper = []
+            for f in self._factors:
+                params = {f"covar_module.{k}": v.detach().cpu().tolist() for k, v in f.hyper.covar.named_parameters()}
+                if f.hyper.warp is not None:
+                    params.update({f"input_transform.{k}": v.detach().cpu().tolist()
+                                   for k, v in f.hyper.warp.named_parameters()})
+                hyper.append(params)
+        return {"hyperparameters": hyper, "n_at_fit": self._n_at_fit, "n_fits": self.n_fits}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Start from saved hyper-parameters: the first fit is warm-started from them."""
+        hyper = state.get("hyperparameters")
+        if hyper:
+            self._saved_hyper = [{k: torch.as_tensor(v, **self._tkw) for k, v in h.items()} for h in hyper]
+        self.n_fits = int(state.get("n_fits", 0))
+

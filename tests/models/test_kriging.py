@@ -1,0 +1,149 @@
+import numpy as np
+import pytest
+import torch
+
+from models.errors import ModelError
+from models.kriging import KrigingConfig, MappingGP
+from models.mapping import MapAcquisitionConfig, acquisition, order_path, path_length, select_batch
+
+
+def field(x):
+    return np.sin(x[:, 0]) * np.cos(0.7 * x[:, 1]) + 0.1 * x[:, 0]
+
+
+@pytest.fixture
+def grid():
+    g = np.linspace(0, 10, 20)
+    return np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+
+
+def _dense(gp, X, Y, C, k=0):
+    """The posterior from scratch, with the model's own hyper-parameters."""
+    h = gp._factors[k].hyper
+    U, Uc = gp._unit(X), gp._unit(C)
+    noise = h.noise if h.noise is not None else None
+    K = h.k(U, U) + torch.eye(len(X), dtype=torch.float64) * (noise + 1e-6)
+    ks = h.k(Uc, U)
+    y = torch.as_tensor((Y[:, k] - h.y_mean) / h.y_std - h.mean)
+    mu = (h.mean + ks @ torch.linalg.solve(K, y)) * h.y_std + h.y_mean
+    var = (h.k_diag(Uc) - (ks * torch.linalg.solve(K, ks.T).T).sum(1)) * h.y_std**2
+    return mu.numpy(), var.numpy()
+
+
+@pytest.mark.parametrize("cfg", [
+    KrigingConfig(background=False, tail_rows=4, refit_growth=2.0),
+    KrigingConfig(background=False, tail_rows=4, refit_growth=2.0, multiscale=True),
+    KrigingConfig(background=False, tail_rows=4, refit_growth=2.0, nonstationary=True, anisotropic=False),
+])
+def test_incremental_posterior_equals_a_dense_solve(grid, cfg):
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 10, (33, 2))
+    Y = np.column_stack([field(X), field(X[:, ::-1])]) + 0.02 * rng.normal(size=(33, 2))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 2, cfg)
+    for i in range(0, 33, 3):  # 11 block updates, several merges of the factor's tail
+        gp.add(X[i : i + 3], Y[i : i + 3])
+    assert gp.n_fits >= 3  # refitted on the growth schedule: 6, 12, 24
+    mean, var = gp.posterior()
+    for k in range(2):
+        mu, v = _dense(gp, X, Y, grid, k)
+        np.testing.assert_allclose(mean[:, k], mu, atol=1e-8)
+        np.testing.assert_allclose(var[:, k], v, atol=1e-8)
+    m2, v2 = gp.predict(grid[:7])
+    np.testing.assert_allclose(m2, mean[:7], atol=1e-8)
+    np.testing.assert_allclose(v2, var[:7], atol=1e-8)
+
+
+def test_known_noise_and_learning(grid):
+    rng = np.random.default_rng(1)
+    X = rng.uniform(0, 10, (80, 2))
+    Y = field(X)[:, None] + 0.05 * rng.normal(size=(80, 1))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False))
+    gp.add(X, Y, np.full((80, 1), 0.05**2))
+    mean, var = gp.posterior()
+    err = np.sqrt(np.mean((mean[:, 0] - field(grid)) ** 2))
+    assert err < 0.1 * np.std(field(grid)) * 5
+    z = np.abs(mean[:, 0] - field(grid)) / np.sqrt(var[:, 0])
+    assert 0.8 < np.mean(z < 1.645) <= 1.0  # 90% intervals roughly calibrated
+    np.testing.assert_allclose(gp.noise_variance(), [0.05**2])
+
+
+def test_background_refit_swaps_in_without_blocking(grid):
+    rng = np.random.default_rng(2)
+    X = rng.uniform(0, 10, (60, 2))
+    Y = field(X)[:, None]
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=True, refit_growth=1.2))
+    gp.add(X[:10], Y[:10])
+    for i in range(10, 60, 2):
+        gp.add(X[i : i + 2], Y[i : i + 2])
+        assert gp.posterior()[0].shape == (len(grid), 1)  # always a posterior, refit or not
+    gp.wait()
+    assert gp.n_fits >= 2 and not gp.refit_pending
+    mu, v = _dense(gp, X, Y, grid)
+    np.testing.assert_allclose(gp.posterior()[0][:, 0], mu, atol=1e-8)
+    gp.close()
+
+
+def test_state_round_trip_warm_starts(grid):
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 10, (20, 2))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False))
+    gp.add(X, field(X)[:, None])
+    state = gp.state()
+    assert state["hyperparameters"] and state["n_fits"] == gp.n_fits
+    again = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False))
+    again.load_state(state)
+    again.add(X, field(X)[:, None])
+    np.testing.assert_allclose(again.posterior()[0], gp.posterior()[0], rtol=1e-3, atol=1e-3)
+
+
+def test_bad_input_is_named(grid):
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False))
+    with pytest.raises(ModelError, match="at least 4"):
+        gp.posterior()
+    with pytest.raises(ValueError, match="finite"):
+        gp.add(np.array([[1.0, np.nan]]), np.array([[1.0]]))
+    with pytest.raises(ValueError, match="m x 2"):
+        gp.add(np.ones((2, 3)), np.ones((2, 1)))
+    with pytest.raises(ValueError, match="bounds"):
+        MappingGP([[0, 0], [0, 10]], grid)
+    with pytest.raises(ValueError, match="kernel"):
+        KrigingConfig(kernel="cubic")
+
+
+def _fitted(grid, n=30, seed=4):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 10, (n, 2))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False))
+    gp.add(X, field(X)[:, None] + 0.01 * rng.normal(size=(n, 1)), np.full((n, 1), 1e-4))
+    return gp
+
+
+@pytest.mark.parametrize("kind", ["variance", "gradient_variance", "ucb", "ivr"])
+def test_batches_are_distinct_and_spread(grid, kind):
+    gp = _fitted(grid)
+    cfg = MapAcquisitionConfig(kind=kind)
+    batch = select_batch(gp, cfg, 6, position=[5, 5], grid_shape=(20, 20), exclude=[0, 1])
+    assert len(batch) == len(set(batch)) == 6 and not {0, 1} & set(batch)
+    pts = grid[batch]
+    if kind != "ucb":  # the believer update spreads the batch out
+        d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(6) * 99
+        assert d.min() > 0.5
+    assert acquisition(gp, cfg, (20, 20)).shape == (len(grid),)
+
+
+def test_travel_weight_and_max_step_shorten_the_path(grid):
+    gp = _fitted(grid)
+    free = select_batch(gp, MapAcquisitionConfig(), 8, position=[0, 0])
+    near = select_batch(gp, MapAcquisitionConfig(travel_weight=5.0), 8, position=[0, 0])
+    assert path_length(grid[near], [0, 0]) < path_length(grid[free], [0, 0])
+    stepped = select_batch(gp, MapAcquisitionConfig(), 8, position=[0, 0], max_step=2.0)
+    pts = np.vstack([[0, 0], grid[stepped]])
+    assert np.abs(np.diff(pts, axis=0)).max() <= 2.0 + 1e-12
+
+
+def test_order_path_is_short():
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 10, (12, 2))
+    order = order_path(pts, [0, 0])
+    assert sorted(order) == list(range(12))
+    assert path_length(pts[order], [0, 0]) <= path_length(pts, [0, 0])
