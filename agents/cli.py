@@ -94,6 +94,45 @@ def sas_qscan(
     _print_summary(summary, out if resume is None else resume.parent)
 
 
+@demo_app.command("mapping")
+def mapping(
+    out: Annotated[Path, typer.Option(help="Directory for the report (maps.png, summary.json) and store.zarr.")] = Path("demo-mapping"),
+    seed: Annotated[int, typer.Option(help="Seed of the hidden film and of the detector's noise.")] = 3,
+    budget: Annotated[int, typer.Option(min=8, help="Positions the agent may measure.")] = 120,
+    batch: Annotated[int, typer.Option(min=1, max=8, help="Positions per request.")] = 4,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Map a simulated block-copolymer film by autonomous SAXS (kriging, travel-aware batches),
+    then measure a raster of the same length on the same stage, and compare them."""
+    from agents.demo_mapping import run_mapping_demo
+
+    summary = run_mapping_demo(out, seed=seed, budget=budget, batch=batch, progress=not quiet)
+    typer.echo(f"measured {summary['agent']['n_observations']} positions; stop: {summary['agent']['stop_reason']}")
+    for q, e in summary["normalised_rmse"].items():
+        typer.echo(f"  {q:>10}: error (RMSE / sd of truth) beampilot {e['agent']:.3f}, raster {e['raster']:.3f}")
+    st = summary["stage"]
+    typer.echo(f"  stage travel: beampilot {st['agent_travel_mm']:.1f} mm, raster {st['raster_travel_mm']:.1f} mm")
+    for failure in summary["failed_runs"]:
+        typer.secho(f"  a run failed and the next continued: {failure}", fg=typer.colors.YELLOW)
+    typer.echo(f"report: {out / 'maps.png'}, {out / 'summary.json'}")
+
+
+@demo_app.command("tune")
+def tune(
+    out: Annotated[Path, typer.Option(help="Directory for the report (convergence.png, settings.png, summary.json).")] = Path("demo-tune"),
+    seed: Annotated[int, typer.Option(help="Seed of the simulated beamline's noise and of the initial design.")] = 3,
+    budget: Annotated[int, typer.Option(min=4, help="Evaluations (plans on the RunEngine) the agent may spend.")] = 30,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Tune a simulated beamline's optics (mirror pitch and bender, slits, focus) for the most
+    flux at the required beam size, by constrained Bayesian optimization on the RunEngine."""
+    from agents.demo_tune import run_tune_demo
+
+    summary = run_tune_demo(out, seed=seed, budget=budget, progress=not quiet)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
+    typer.echo(f"report: {out}")
+
+
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Option(help="The daemon's YAML config (see deploy/agent.example.yaml).")],

@@ -147,16 +147,25 @@ def build_agent(entry: AgentEntry, state_dir: Path, sinks: list[Any]) -> Any:
 
         settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
         return RateAgent(RateSettings.model_validate({"name": entry.name, **settings}), sinks=sinks)
-    from agents.config import QSamplingSettings, load_settings
-    from agents.qsampling import QSamplingAgent
+    from agents.config import load_settings
 
+    cls, settings_model = _steering_kinds()[entry.kind]
     store = state_dir / "agents" / entry.name / "store.zarr"
     if store.exists():
-        agent = QSamplingAgent.resume(store, sinks=sinks)
+        agent = cls.resume(store, sinks=sinks)
         logger.info("agent %s resumed from %s with %d observations", entry.name, store, agent.n_observations)
         return agent
     settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
-    return QSamplingAgent(load_settings(QSamplingSettings, {"name": entry.name, **settings}), store, sinks=sinks)
+    return cls(load_settings(settings_model, {"name": entry.name, **settings}), store, sinks=sinks)
+
+
+def _steering_kinds() -> dict[str, tuple[Any, Any]]:
+    """Steering agent classes by config ``kind``, with their settings models."""
+    from agents.config import QSamplingSettings
+    from agents.mapping import MappingAgent, MappingSettings
+    from agents.qsampling import QSamplingAgent
+
+    return {"qsampling": (QSamplingAgent, QSamplingSettings), "mapping": (MappingAgent, MappingSettings)}
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

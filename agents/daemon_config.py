@@ -74,11 +74,11 @@ class AgentEntry(_Strict):
     """One agent the daemon runs.
 
     ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``qsampling``:
-    the Q-scan steering agent of the spine). ``settings`` is that agent's settings mapping or a
+    the Q-scan steering agent of the spine; ``mapping``: where on the sample to measure next). ``settings`` is that agent's settings mapping or a
     YAML path. Steering agents need ``safety``: no plan leaves without passing it.
     """
 
-    kind: Literal["rate", "qsampling"]
+    kind: Literal["rate", "qsampling", "mapping"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     settings: dict[str, Any] | str = Field(default_factory=dict)
     safety: SafetySettings | None = None
@@ -108,7 +108,7 @@ class DaemonConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"agent names must be unique, got {names}")
         for entry in self.agents:
-            if entry.kind == "qsampling":
+            if entry.kind != "rate":
                 if entry.safety is None:
                     raise ValueError(f"agent {entry.name!r} steers the beamline: give it a 'safety' section")
                 if self.queueserver is None:

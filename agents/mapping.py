@@ -1,0 +1,498 @@
+"""``MappingAgent``: autonomous mapping of a sample by kriging — where to put the beam next.
+
+The agent is told a run's documents. Each event of the configured stream carries the stage's
+position and either a detector frame (reduced here to the mapped quantities: SAXS peak
+position, intensity, orientation components, by :func:`models.saxs2d.reduce_frame`) or the
+quantities themselves (``reduction: none``). Asked for ``n`` points it returns one ``measure``
+request that moves the stage's axes to ``n`` positions chosen by :mod:`models.mapping` on the
+posterior of a :class:`models.kriging.MappingGP`, ordered along a short path; the safety gate
+checks them against the stage limits and maximum step like any other request.
+
+It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
+grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
+to its zarr store as it happens, so :meth:`MappingAgent.resume` continues a killed session:
+observations, decisions, failures and the kriging hyper-parameters come back, and positions
+asked for but never measured are asked for again, with the same keys, first.
+
+Failures are named and survived: a frame that fails reduction (NaN, negative, no peak) is
+reported by run uid and seq_num and re-measured up to ``max_retries``; a position the stage
+never reaches (a refused move ends the run) is asked again up to ``max_retries`` times, then
+given up; a position the gate rejects is closed at once. Each leaves a row in ``outcomes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from event_model import DocumentRouter, RunRouter
+from pydantic import Field, model_validator
+from scipy.stats import qmc
+
+from agents.config import _Strict, load_settings
+from agents.errors import AgentError
+from agents.plans import POINT_KEY
+from agents.protocol import PlanRequest
+from agents.store import AgentStore
+from models.errors import ModelError
+from models.kriging import KrigingConfig, MappingGP
+from models.mapping import MapAcquisitionConfig, order_path, path_length, select_batch
+from models.saxs2d import DetectorGeometry, ReductionError, reduce_frame
+from streams.derived import DerivedRunWriter
+from streams.protocols import DocumentSink
+
+__all__ = ["MappingAgent", "MappingSettings"]
+
+logger = logging.getLogger(__name__)
+
+
+class GeometrySettings(_Strict):
+    """The SAXS detector's geometry, for frame reduction."""
+
+    n_pixels: int = Field(default=64, ge=8)
+    q_max: float = Field(default=0.08, gt=0)
+
+
+class MappingSettings(_Strict):
+    """Settings of :class:`MappingAgent` (see its module docs for each)."""
+
+    name: str = "mapping"
+    axes: tuple[str, str] = ("stage_x", "stage_y")
+    extent: tuple[float, float, float, float]
+    grid: tuple[int, int] = (50, 50)
+    reduction: Literal["saxs_ring", "none"] = "saxs_ring"
+    quantities: list[str] = Field(default_factory=lambda: ["peak_q", "intensity", "order_x", "order_y"], min_length=1)
+    sigma_keys: dict[str, str] = Field(default_factory=dict)
+    weights: list[float] | None = None
+    frame_key: str = "stage_saxs_counts"
+    exposure_key: str = "stage_saxs_exposure"
+    stream: str = "primary"
+    geometry: GeometrySettings = Field(default_factory=GeometrySettings)
+    n_initial: int = Field(default=8, ge=4)
+    acquisition: Literal["variance", "gradient_variance", "ucb", "ivr"] = "gradient_variance"
+    gradient_weight: float = Field(default=2.0, ge=0)
+    travel_weight: float = Field(default=2.0, ge=0)
+    ucb_beta: float = Field(default=2.0, ge=0)
+    ucb_output: int = Field(default=0, ge=0)
+    kernel: Literal["matern52", "matern32", "rbf"] = "matern52"
+    anisotropic: bool = True
+    nonstationary: bool = False
+    multiscale: bool = True
+    refit_growth: float = Field(default=1.5, gt=1)
+    background_refit: bool = True
+    max_points: int = Field(default=400, ge=1)
+    target_sd: float | None = Field(default=None, gt=0, lt=1)
+    max_retries: int = Field(default=3, ge=0)
+    max_step: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MappingSettings:
+        x0, x1, y0, y1 = self.extent
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"extent must be (x0, x1, y0, y1) with x0 < x1 and y0 < y1, got {self.extent}")
+        if min(self.grid) < 2:
+            raise ValueError(f"grid must be at least 2 x 2 positions, got {self.grid}")
+        if self.weights is not None and len(self.weights) != len(self.quantities):
+            raise ValueError(f"weights {self.weights} need one number per quantity {self.quantities}")
+        if self.acquisition == "ucb" and self.ucb_output >= len(self.quantities):
+            raise ValueError(f"ucb_output={self.ucb_output} but there are {len(self.quantities)} quantities")
+        if len(set(self.axes)) != 2:
+            raise ValueError(f"axes must name two different axes, got {self.axes}")
+        return self
+
+    def kriging(self) -> KrigingConfig:
+        return KrigingConfig(kernel=self.kernel, anisotropic=self.anisotropic, nonstationary=self.nonstationary,
+                             multiscale=self.multiscale, refit_growth=self.refit_growth,
+                             background=self.background_refit)
+
+    def acquisition_config(self) -> MapAcquisitionConfig:
+        return MapAcquisitionConfig(
+            kind=self.acquisition, weights=None if self.weights is None else tuple(self.weights),
+            gradient_weight=self.gradient_weight, travel_weight=self.travel_weight,
+            ucb_beta=self.ucb_beta, ucb_output=self.ucb_output)
+
+
+def _tables(settings: MappingSettings) -> dict[str, dict[str, Any]]:
+    obs: dict[str, Any] = {"x": "f8", "y": "f8"}
+    for q in settings.quantities:
+        obs[q] = "f8"
+        obs[f"{q}_sigma"] = "f8"
+    obs.update({"time": "f8", "point_key": str, "event_uid": str})
+    return {
+        "observations": obs,
+        "decisions": {"point_key": str, "request_key": str, "x": "f8", "y": "f8", "why": str, "time": "f8"},
+        "outcomes": {"point_key": str, "outcome": str, "reason": str},  # error / retry / rejected / failed
+    }
+
+
+class ObservationError(AgentError):
+    """An event the agent cannot use (named by run uid, seq_num and cause)."""
+
+
+class _RunParser(DocumentRouter):
+    def __init__(self, agent: MappingAgent, start: dict) -> None:
+        super().__init__()
+        self.agent = agent
+        self.run_uid = start["uid"]
+        self.descriptors: set[str] = set()
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.agent.settings.stream:
+            self.descriptors.add(doc["uid"])
+
+    def event(self, doc: dict) -> None:
+        if doc["descriptor"] in self.descriptors:
+            self.agent._observe_event(self.run_uid, doc)
+
+    def stop(self, doc: dict) -> None:
+        self.agent._close_derived(doc.get("exit_status", "success"))
+
+
+class MappingAgent:
+    """Maps quantities over a sample by kriging, choosing batches of stage positions.
+
+    Parameters
+    ----------
+    settings
+        A :class:`MappingSettings` (or a dict / YAML path validated into one).
+    store
+        Directory of its zarr store (created if absent).
+    sinks
+        Where derived runs go: one event per reduced frame (position, quantities, sigmas).
+    """
+
+    def __init__(
+        self,
+        settings: MappingSettings | dict | str | Path,
+        store: str | Path,
+        *,
+        sinks: Sequence[DocumentSink] = (),
+        _create: bool = True,
+    ) -> None:
+        if not isinstance(settings, MappingSettings):
+            settings = load_settings(MappingSettings, settings)
+        self.settings = s = settings
+        self.name = s.name
+        self.sinks = list(sinks)
+        self.store = AgentStore(store, type(self).__name__, _tables(s), create=_create)
+        if _create and self.store.get_attr("config") is None:
+            self.store.set_attr("config", s.model_dump(mode="json"))
+        x0, x1, y0, y1 = s.extent
+        nx, ny = s.grid
+        gx, gy = np.linspace(x0, x1, nx), np.linspace(y0, y1, ny)
+        self.candidates = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)  # row-major (iy, ix)
+        self.grid_shape = (ny, nx)
+        self.geometry = DetectorGeometry(n_pixels=s.geometry.n_pixels, q_max=s.geometry.q_max)
+        self.acq = s.acquisition_config()
+        self.errors: list[str] = []
+        self.duplicates = 0
+        self.stop_reason: str | None = None
+        self.latencies: list[float] = []
+        self._gp: MappingGP | None = None
+        self._router = RunRouter([lambda name, start: ([_RunParser(self, start)], [])])
+        self._derived: DerivedRunWriter | None = None
+        self._load()
+
+    @classmethod
+    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> MappingAgent:
+        """Re-open an agent from its store: same settings, observations, decisions and model state."""
+        probe = AgentStore(store, cls.__name__, {}, create=False)
+        settings = load_settings(MappingSettings, probe.get_attr("config"))
+        return cls(settings, store, sinks=sinks, _create=False)
+
+    # -- state --------------------------------------------------------------------------------
+    def _load(self) -> None:
+        self._obs = {k: list(v) for k, v in self.store.read("observations").items()}
+        self._done = set(self._obs["point_key"])
+        self._event_uids = set(self._obs["event_uid"])
+        self._decisions = {k: list(v) for k, v in self.store.read("decisions").items()}
+        out = self.store.read("outcomes")
+        self._closed: set[str] = set()
+        self._tries: dict[str, int] = {}  # failed readings per position
+        self._reasks: dict[str, int] = {}  # requests repeated per position
+        for key, outcome in zip(out["point_key"], out["outcome"], strict=True):
+            if outcome == "error":
+                self._tries[key] = self._tries.get(key, 0) + 1
+            elif outcome == "retry":
+                self._reasks[key] = self._reasks.get(key, 0) + 1
+            else:
+                self._closed.add(key)
+        self._fed = 0  # observations already in the GP
+
+    @property
+    def n_observations(self) -> int:
+        return len(self._obs["x"])
+
+    def pending(self) -> list[int]:
+        """Indices (into decisions) of positions asked for, not yet measured, not given up."""
+        return [i for i, k in enumerate(self._decisions["point_key"]) if k not in self._done and k not in self._closed]
+
+    @property
+    def gp(self) -> MappingGP:
+        """The kriging model, built on first use and fed every observation so far."""
+        if self._gp is None:
+            s = self.settings
+            x0, x1, y0, y1 = s.extent
+            self._gp = MappingGP([[x0, y0], [x1, y1]], self.candidates, len(s.quantities), s.kriging(), seed=s.seed)
+            state = self.store.get_attr("model_state")
+            if state:
+                self._gp.load_state(state)
+        n = self.n_observations
+        if self._fed < n:
+            sl = slice(self._fed, n)
+            X = np.column_stack([self._obs["x"][sl], self._obs["y"][sl]])
+            Y = np.column_stack([self._obs[q][sl] for q in self.settings.quantities])
+            V = np.column_stack([np.square(self._obs[f"{q}_sigma"][sl]) for q in self.settings.quantities])
+            self._gp.add(X, Y, V if np.all(np.isfinite(V)) else None)
+            self._fed = n
+        return self._gp
+
+    # -- tell ---------------------------------------------------------------------------------
+    def tell(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self._open_derived(doc)
+        self._router(name, doc)
+
+    def _observe_event(self, run_uid: str, event: dict) -> None:
+        key = str(event["data"].get(POINT_KEY, "")) or f"event:{event['uid']}"
+        if key in self._done or event["uid"] in self._event_uids:
+            self.duplicates += 1
+            return
+        try:
+            row = self._parse(run_uid, event, key)
+        except ObservationError as err:
+            self.errors.append(str(err))
+            logger.warning("%s", err)
+            self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
+            self._tries[key] = self._tries.get(key, 0) + 1
+            if self._tries[key] > self.settings.max_retries:
+                self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
+            return
+        self.store.append("observations", row)  # persisted first, then mirrored in memory
+        for column, values in row.items():
+            self._obs[column].extend(values)
+        self._done.add(key)
+        self._event_uids.add(event["uid"])
+        self._publish(row, event)
+
+    def _parse(self, run_uid: str, event: dict, key: str) -> dict[str, list]:
+        s, data = self.settings, event["data"]
+        where = f"run {run_uid}, event seq_num {event.get('seq_num')}"
+        missing = [a for a in s.axes if a not in data]
+        if missing:
+            raise ObservationError(f"{where}: no position keys {missing}; set axes in the settings to the stage's names")
+        x, y = (float(data[a]) for a in s.axes)
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise ObservationError(f"{where}: stage position ({x}, {y}) is not finite")
+        if s.reduction == "saxs_ring":
+            if s.frame_key not in data or s.exposure_key not in data:
+                raise ObservationError(f"{where}: no frame {s.frame_key!r} or exposure {s.exposure_key!r}; "
+                                       "set frame_key/exposure_key to the detector's data keys")
+            try:
+                reduced = reduce_frame(np.asarray(data[s.frame_key]), float(data[s.exposure_key]), self.geometry)
+            except ReductionError as err:
+                raise ObservationError(f"{where}: frame at ({x:g}, {y:g}) failed reduction: {err}; "
+                                       "the position will be measured again") from None
+            values, sigmas = reduced.values, reduced.sigmas
+        else:
+            values = {q: data.get(q) for q in s.quantities}
+            sigmas = {q: data.get(s.sigma_keys[q], np.nan) if q in s.sigma_keys else np.nan for q in s.quantities}
+        row: dict[str, list] = {"x": [x], "y": [y]}
+        for q in s.quantities:
+            v, sg = values.get(q), sigmas.get(q, np.nan)
+            if v is None:
+                raise ObservationError(f"{where}: no quantity {q!r} (known: {sorted(values)}); check quantities")
+            v, sg = float(v), float(sg)
+            if not np.isfinite(v) or (np.isfinite(sg) and sg < 0):
+                raise ObservationError(f"{where}: {q} = {v!r} (sigma {sg!r}) is not a finite reading; "
+                                       "the position will be measured again")
+            row[q], row[f"{q}_sigma"] = [v], [sg]
+        row.update({"time": [float(event["time"])], "point_key": [key], "event_uid": [event["uid"]]})
+        return row
+
+    def _close(self, key: str, outcome: str, reason: str) -> None:
+        self._closed.add(key)
+        self.store.append("outcomes", {"point_key": [key], "outcome": [outcome], "reason": [reason]})
+        self.errors.append(f"position {key}: {reason}")
+        logger.warning("position %s %s: %s", key, outcome, reason)
+
+    def rejected(self, request: PlanRequest, reason: str) -> None:
+        """The safety gate refused ``request``: its positions are closed, not retried."""
+        for key in request.kwargs.get("point_keys", ()):
+            self._close(key, "rejected", reason)
+
+    # -- ask ----------------------------------------------------------------------------------
+    def ask(self, n: int) -> list[PlanRequest]:
+        if n < 1:
+            raise ValueError(f"ask(n) needs n >= 1, got {n=}")
+        t0 = time.perf_counter()
+        pending = self.pending()
+        if pending:
+            keys = [self._decisions["point_key"][i] for i in pending[:n]]
+            for key in keys:  # asked again; a failed reading explains one repeat, else count it
+                self._reasks[key] = self._reasks.get(key, 0) + 1
+                unexplained = self._reasks[key] - self._tries.get(key, 0)
+                if unexplained > self.settings.max_retries:
+                    self._close(key, "failed", f"never measured after {unexplained} requests "
+                                "(did the stage refuse the move, or the run end before it?)")
+                else:
+                    self.store.append("outcomes", {"point_key": [key], "outcome": ["retry"],
+                                                   "reason": ["asked again: not measured after its request"]})
+            keys = [k for k in keys if k not in self._closed]
+            if keys:
+                return [self._request(keys)]
+        chosen, why = self._decide(n)
+        if not chosen:
+            return []
+        request_key = uuid.uuid4().hex
+        keys = [f"{request_key}:{i}" for i in range(len(chosen))]
+        pts = self.candidates[chosen]
+        rows = {"point_key": keys, "request_key": [request_key] * len(keys), "x": pts[:, 0].tolist(),
+                "y": pts[:, 1].tolist(), "why": [why] * len(keys), "time": [time.time()] * len(keys)}
+        self.store.append("decisions", rows)
+        for column, values in rows.items():
+            self._decisions[column].extend(values)
+        if self._gp is not None and self._gp.ready:
+            self.store.set_attr("model_state", self._gp.state())
+        self.latencies.append(time.perf_counter() - t0)
+        return [self._request(keys, request_key=request_key)]
+
+    def _decide(self, n: int) -> tuple[list[int], str]:
+        s = self.settings
+        asked = len(self._decisions["point_key"]) - len(self._closed - self._done)
+        room = s.max_points - asked
+        if room <= 0:
+            self.stop_reason = f"measured {self.n_observations} positions: max_points={s.max_points} reached"
+            return [], ""
+        n = min(n, room)
+        taken = self._taken()
+        if self.n_observations < s.n_initial or not self._model_ready():
+            # the initial design: a scrambled Halton set, snapped to the grid; more of it when
+            # some of its positions failed, until enough are measured to build the model
+            need = min(n, max(s.n_initial - self.n_observations, 1))
+            halton = qmc.Halton(2, seed=s.seed).random(len(self._decisions["point_key"]) + need + s.n_initial)
+            x0, x1, y0, y1 = s.extent
+            pts = np.column_stack([x0 + halton[:, 0] * (x1 - x0), y0 + halton[:, 1] * (y1 - y0)])
+            idx = [int(np.argmin(np.linalg.norm(self.candidates - p, axis=1))) for p in pts]
+            idx = [i for i in dict.fromkeys(idx) if i not in taken]
+            here = self._position()
+            chosen: list[int] = []
+            for i in idx:  # in Halton order, each within max_step of the one before
+                p = self.candidates[i]
+                if s.max_step is None or here is None or np.abs(p - here).max() <= s.max_step:
+                    chosen.append(i)
+                    here = p
+                if len(chosen) == need:
+                    break
+            if not chosen:
+                return [], ""
+            if s.max_step is None:
+                order = order_path(self.candidates[chosen], self._position())
+                chosen = [chosen[i] for i in order]
+            return chosen, "initial"
+        gp = self.gp
+        if s.target_sd is not None:
+            _, var = gp.posterior()
+            w = np.ones(var.shape[1]) if s.weights is None else np.asarray(s.weights)
+            score = float((np.sqrt(var / gp.prior_variance()).mean(0) @ w) / w.sum())
+            if score < s.target_sd:
+                self.stop_reason = (f"converged: mean posterior sd / prior sd = {score:.3f} < "
+                                    f"target_sd={s.target_sd} after {self.n_observations} positions")
+                return [], ""
+        position = self._position()
+        chosen = select_batch(gp, self.acq, n, position=position, grid_shape=self.grid_shape,
+                              exclude=sorted(taken), max_step=s.max_step)
+        if not chosen:
+            self.stop_reason = "every candidate position has been measured or given up"
+        return chosen, s.acquisition
+
+    def _model_ready(self) -> bool:
+        try:
+            return self.gp.ready
+        except ModelError:
+            return False
+
+    def _taken(self) -> set[int]:
+        """Candidate indices measured, pending or given up (never chosen twice)."""
+        d = self._decisions
+        if not d["x"]:
+            return set()
+        pts = np.column_stack([d["x"], d["y"]])
+        nx, ny = self.settings.grid[0], self.settings.grid[1]
+        x0, x1, y0, y1 = self.settings.extent
+        ix = np.rint((pts[:, 0] - x0) / (x1 - x0) * (nx - 1)).astype(int)
+        iy = np.rint((pts[:, 1] - y0) / (y1 - y0) * (ny - 1)).astype(int)
+        return set((iy * nx + ix).tolist())
+
+    def _position(self) -> np.ndarray | None:
+        """Where the stage is: the last measured position."""
+        if not self._obs["x"]:
+            return None
+        return np.array([self._obs["x"][-1], self._obs["y"][-1]])
+
+    def _request(self, point_keys: list[str], *, request_key: str | None = None) -> PlanRequest:
+        index = {k: i for i, k in enumerate(self._decisions["point_key"])}
+        ax, ay = self.settings.axes
+        points = [{ax: float(self._decisions["x"][index[k]]), ay: float(self._decisions["y"][index[k]])}
+                  for k in point_keys]
+        key = request_key or f"{self._decisions['request_key'][index[point_keys[0]]]}:retry{self.n_observations}"
+        return PlanRequest("measure", kwargs={"points": points, "point_keys": point_keys}, key=key, agent=self.name)
+
+    # -- derived documents --------------------------------------------------------------------
+    def _open_derived(self, start: dict) -> None:
+        if not self.sinks:
+            return
+        self._close_derived("success")
+        writer = DerivedRunWriter(self.sinks, raw_run_uid=start["uid"],
+                                  metadata={"agent": self.name, "analysis": "mapping-reduction"})
+        number = {"dtype": "number", "shape": [], "source": self.name}
+        keys = {"x": number, "y": number, "raw_seq_num": {"dtype": "integer", "shape": [], "source": self.name}}
+        for q in self.settings.quantities:
+            keys[q] = number
+            keys[f"{q}_sigma"] = number
+        writer.add_stream("map", keys)
+        self._derived = writer
+
+    def _publish(self, row: dict[str, list], event: dict) -> None:
+        if self._derived is None:
+            return
+        data: dict[str, Any] = {"x": row["x"][0], "y": row["y"][0], "raw_seq_num": int(event.get("seq_num", 0))}
+        for q in self.settings.quantities:
+            sg = row[f"{q}_sigma"][0]
+            data[q], data[f"{q}_sigma"] = row[q][0], sg if np.isfinite(sg) else -1.0
+        self._derived.emit("map", data)
+
+    def _close_derived(self, exit_status: str) -> None:
+        if self._derived is not None:
+            self._derived.close(exit_status=exit_status)
+            self._derived = None
+
+    # -- report -------------------------------------------------------------------------------
+    def path(self) -> np.ndarray:
+        """Measured positions in the order measured, ``n x 2``."""
+        return np.column_stack([self._obs["x"], self._obs["y"]]) if self._obs["x"] else np.empty((0, 2))
+
+    def report(self) -> dict[str, Any]:
+        why = self._decisions["why"]
+        lat = np.asarray(self.latencies)
+        gp = self._gp
+        return {
+            "agent": self.name, "kind": type(self).__name__, "n_observations": self.n_observations,
+            "decisions": {w: why.count(w) for w in sorted(set(why))}, "pending": len(self.pending()),
+            "travel": path_length(self.path()), "stop_reason": self.stop_reason,
+            "errors": list(self.errors), "duplicates_ignored": self.duplicates,
+            "decision_latency_ms": None if lat.size == 0 else {
+                "p50": float(1e3 * np.median(lat)), "p95": float(1e3 * np.percentile(lat, 95))},
+            "kriging": None if gp is None or not gp.ready else {"n_fits": gp.n_fits, "hyperparameters": gp.hyperparameters()},
+        }
+
+    def close(self) -> None:
+        """Stop the kriging model's background worker."""
+        if self._gp is not None:
+            self._gp.close()

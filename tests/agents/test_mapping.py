@@ -1,0 +1,177 @@
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky.utils import FailedStatus
+
+from agents.errors import ConfigError, SafetyRejectedError
+from agents.mapping import MappingAgent
+from agents.plans import steered_scan
+from agents.safety import AxisLimits, SafetyConfig, SafetyGate
+from simulators.maps import FilmMap
+from simulators.sas import SimClock
+from simulators.stage import SimSampleStage, StageFaults
+
+QUANTITIES = ["peak_q", "intensity", "order_x", "order_y"]
+
+
+class ListSink:
+    def __init__(self):
+        self.docs = []
+
+    def __call__(self, name, doc):
+        self.docs.append((name, doc))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def film():
+    return FilmMap(seed=3)
+
+
+@pytest.fixture
+def clock():
+    return SimClock(start=0.0)
+
+
+def _stage(film, clock, faults=None):
+    stage = SimSampleStage("stage", truth=film, speed=2.0, seed=1, clock=clock, faults=faults)
+    stage.saxs.exposure.set(0.5).wait()
+    return stage
+
+
+def _gate(film, clock, max_step=4.0, shrink=0.0):
+    x0, x1, y0, y1 = film.extent
+    limits = {"stage_x": AxisLimits(x0 + shrink, x1 - shrink, max_step), "stage_y": AxisLimits(y0, y1, max_step)}
+    return SafetyGate(SafetyConfig(frozenset({"measure"}), limits, max_points_per_request=8), clock=clock.time)
+
+
+def _agent(film, store, sinks=(), **overrides):
+    settings = {"extent": list(film.extent), "quantities": QUANTITIES, "max_points": 16, "grid": [20, 20],
+                "max_step": 4.0, "n_initial": 6, **overrides}
+    return MappingAgent(settings, store, sinks=sinks)
+
+
+def _run(agent, stage, gate, batch=4):
+    RE = RunEngine({}, context_managers=[])
+    RE(steered_scan(agent, [stage.saxs], {"stage_x": stage.x, "stage_y": stage.y}, gate=gate, batch_size=batch))
+
+
+def test_closed_loop_maps_the_film_through_the_gate(film, clock, tmp_path):
+    sink = ListSink()
+    agent = _agent(film, tmp_path / "s.zarr", sinks=[sink])
+    stage = _stage(film, clock)
+    gate = _gate(film, clock)
+    _run(agent, stage, gate)
+    report = agent.report()
+    assert report["n_observations"] == 16 and report["stop_reason"].startswith("measured 16 positions")
+    assert gate.report()["rejected"] == 0 and report["errors"] == []
+    path = agent.path()
+    assert np.abs(np.diff(path, axis=0)).max() <= 4.0 + 1e-9  # the agent knows the gate's max_step
+    assert stage.travel > 0 and report["travel"] > 0
+    # derived run: one reduced event per frame, linked to the raw run
+    events = [d for n, d in sink.docs if n == "event"]
+    start = next(d for n, d in sink.docs if n == "start")
+    assert len(events) == 16 and start["raw_run_uid"]
+    truth = film.values(path[:, 0], path[:, 1])
+    got = np.array([e["data"]["peak_q"] for e in events])
+    assert np.allclose(got, truth["peak_q"], rtol=0.05)
+    mean, var = agent.gp.posterior()
+    assert mean.shape == (400, 4) and np.all(var >= 0)
+    assert agent.store.get_attr("model_state")["hyperparameters"]
+    agent.close()
+
+
+def test_lost_frames_are_named_and_measured_again(film, clock, tmp_path):
+    agent = _agent(film, tmp_path / "s.zarr", max_points=12)
+    _run(agent, _stage(film, clock, StageFaults(drop_probability=0.3)), _gate(film, clock))
+    report = agent.report()
+    assert report["n_observations"] == 12
+    assert report["errors"] and all("seq_num" in e and "failed reduction" in e for e in report["errors"])
+    outcomes = agent.store.read("outcomes")
+    retried = set(outcomes["point_key"][outcomes["outcome"] == "error"])
+    assert retried <= set(agent.store.read("observations")["point_key"])  # each measured in the end
+    agent.close()
+
+
+def test_refused_moves_end_the_run_then_the_position_is_given_up(film, clock, tmp_path):
+    agent = _agent(film, tmp_path / "s.zarr", max_retries=1)
+    stage = _stage(film, clock, StageFaults(refuse_probability=1.0))
+    gate = _gate(film, clock)
+    for _ in range(3):
+        with pytest.raises(FailedStatus):
+            _run(agent, stage, gate)
+    outcomes = agent.store.read("outcomes")
+    failed = outcomes["reason"][outcomes["outcome"] == "failed"]
+    assert len(failed) and "never measured after 2 requests" in failed[0]
+    assert agent.n_observations == 0
+    agent.close()
+
+
+def test_gate_rejections_close_positions_and_stop_the_scan(film, clock, tmp_path):
+    agent = _agent(film, tmp_path / "s.zarr")
+    with pytest.raises(SafetyRejectedError):
+        _run(agent, _stage(film, clock), _gate(film, clock, shrink=4.9))  # x limits 4.9..5.1
+    outcomes = agent.store.read("outcomes")
+    assert "rejected" in set(outcomes["outcome"])
+    assert any("outside limits" in r for r in outcomes["reason"])
+    agent.close()
+
+
+def test_resume_continues_without_repeating(film, clock, tmp_path):
+    store = tmp_path / "s.zarr"
+    agent = _agent(film, store, max_points=8)
+    stage, gate = _stage(film, clock), _gate(film, clock)
+    _run(agent, stage, gate)
+    first = agent.store.read("observations")["point_key"].tolist()
+    agent.close()
+    again = MappingAgent.resume(store)
+    assert again.n_observations == 8 and again.settings.max_points == 8
+    again.store.set_attr("config", {**again.store.get_attr("config")})  # untouched by resume
+    resumed = MappingAgent(again.settings.model_copy(update={"max_points": 16}), store)
+    _run(resumed, stage, gate)
+    keys = resumed.store.read("observations")["point_key"].tolist()
+    assert keys[:8] == first and len(keys) == len(set(keys)) == 16
+    resumed.close()
+
+
+def test_bad_settings_are_named(film, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'target_precision'"):
+        MappingAgent({"extent": [0, 10, 0, 10], "target_precision": 0.1}, tmp_path / "a.zarr")
+    with pytest.raises(ConfigError, match="extent"):
+        MappingAgent({"extent": [10, 0, 0, 10]}, tmp_path / "b.zarr")
+    with pytest.raises(ConfigError, match="weights"):
+        MappingAgent({"extent": [0, 10, 0, 10], "weights": [1.0]}, tmp_path / "c.zarr")
+
+
+def test_demo_writes_the_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from agents.cli import app
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "mapping", "--out", str(out), "--budget", "12", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "measured 12 positions" in result.output and "raster" in result.output
+    assert (out / "maps.png").stat().st_size > 10_000
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["safety"]["rejected"] == 0 and summary["failed_runs"] == []
+    assert set(summary["normalised_rmse"]) == {"peak_q", "intensity", "order_x", "order_y"}
+    assert summary["stage"]["agent_travel_mm"] > 0 and summary["stage"]["raster_travel_mm"] > 0
+
+
+def test_the_daemon_builds_and_resumes_a_mapping_agent(tmp_path):
+    from agents.daemon import build_agent
+    from agents.daemon_config import AgentEntry
+
+    entry = AgentEntry(kind="mapping", name="map1", settings={"extent": [0, 10, 0, 10]},
+                       safety={"limits": {"stage_x": {"low": 0, "high": 10}, "stage_y": {"low": 0, "high": 10}}})
+    agent = build_agent(entry, tmp_path, [])
+    assert isinstance(agent, MappingAgent) and agent.name == "map1"
+    requests = agent.ask(4)
+    assert requests[0].plan == "measure" and len(requests[0].kwargs["points"]) == 4
+    again = build_agent(entry, tmp_path, [])  # the store exists: resumed, the points still pending
+    assert again.ask(4)[0].kwargs["point_keys"] == requests[0].kwargs["point_keys"]
