@@ -164,8 +164,10 @@ def _steering_kinds() -> dict[str, tuple[Any, Any]]:
     from agents.config import QSamplingSettings
     from agents.mapping import MappingAgent, MappingSettings
     from agents.qsampling import QSamplingAgent
+    from agents.tuning import TuningAgent, TuningSettings
 
-    return {"qsampling": (QSamplingAgent, QSamplingSettings), "mapping": (MappingAgent, MappingSettings)}
+    return {"qsampling": (QSamplingAgent, QSamplingSettings), "mapping": (MappingAgent, MappingSettings),
+            "tuning": (TuningAgent, TuningSettings)}
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

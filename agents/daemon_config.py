@@ -74,11 +74,13 @@ class AgentEntry(_Strict):
     """One agent the daemon runs.
 
     ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``qsampling``:
-    the Q-scan steering agent of the spine; ``mapping``: where on the sample to measure next). ``settings`` is that agent's settings mapping or a
-    YAML path. Steering agents need ``safety``: no plan leaves without passing it.
+    the Q-scan steering agent of the spine; ``mapping``: where on the sample to measure next;
+    ``tuning``: beamline settings by Bayesian optimization). ``settings`` is that agent's
+    settings mapping or a YAML path. Steering agents need ``safety``: no plan leaves without
+    passing it.
     """
 
-    kind: Literal["rate", "qsampling", "mapping"]
+    kind: Literal["rate", "qsampling", "mapping", "tuning"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     settings: dict[str, Any] | str = Field(default_factory=dict)
     safety: SafetySettings | None = None

@@ -1,0 +1,580 @@
+"""``TuningAgent``: Bayesian optimisation of beamline settings, one plan on the RunEngine per batch.
+
+The agent maximises an objective read from each event (the flux) subject to an upper limit on
+another reading (the beam size), over the axes of its settings. Asked for ``n`` points it returns
+one ``measure`` request: first a scrambled Sobol design, then batches chosen by constrained qLogNEI
+(:class:`models.bo.BayesOptimizer`), so :func:`agents.plans.steered_scan` and the safety gate run
+it unchanged. The GP models ``ln(flux)`` (flux spans decades and is positive) and
+``ln(beam_size / required)`` (feasible when <= 0).
+
+Safety: the agent searches only inside its axes' limits, and when an axis has a ``max_step`` it
+searches only where the step is allowed: a batch of one within ``max_step`` of the last point it
+asked for, a larger batch within ``max_step / 2`` (so every step inside the batch is allowed too),
+and the initial design within ``max_step / 2`` of ``start`` (or the middle of the limits). A
+request the gate rejects anyway is reported, its points closed, and they are given to the
+acquisition as pending points so the next proposal looks elsewhere.
+
+Bad input: an event whose objective or constraint is NaN (a lost reading), missing or not
+positive is named by run uid and ``seq_num``, and its point is measured again, with the same key,
+up to ``max_retries`` times, then given up and reported. The agent stops, with the reason in
+``report()["stop_reason"]``, when its budget of evaluations is spent, when the expected
+improvement stays below ``converge_tol`` for ``converge_patience`` decisions, or when no
+evaluation met the constraint and the model gives no setting a probability of feasibility above
+``min_p_feasible``.
+
+Everything is persisted as it happens (observations on ``tell``; decisions before ``ask``
+returns; the recommendation and the GP's hyper-parameters after each fit), so
+:meth:`TuningAgent.resume` continues where a killed process stopped, asking first for the points
+that were asked for but never measured, with their original keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from event_model import DocumentRouter, RunRouter
+from pydantic import Field, model_validator
+
+from agents.config import _Strict, load_settings
+from agents.errors import AgentError
+from agents.plans import POINT_KEY
+from agents.protocol import PlanRequest
+from agents.store import AgentStore
+from models.bo import BayesOptimizer, BOConfig, sobol_design
+from models.errors import ModelError
+from streams.derived import DerivedRunWriter
+from streams.protocols import DocumentSink
+
+__all__ = ["TuningAgent", "TuningAxis", "TuningKeys", "TuningSettings"]
+
+logger = logging.getLogger(__name__)
+
+_N_SOBOL = 1024  # candidates on which the probability of feasibility is judged
+
+
+class TuningAxis(_Strict):
+    """Limits of one axis the agent may move, and its largest allowed step (as in the gate)."""
+
+    low: float
+    high: float
+    max_step: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TuningAxis:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"need finite low < high, got low={self.low}, high={self.high}")
+        return self
+
+
+class TuningKeys(_Strict):
+    """Event data keys of the objective (maximised) and the constrained reading, and the stream."""
+
+    objective: str = "optics_flux"
+    constraint: str = "optics_beam_size"
+    stream: str = "primary"
+
+
+class TuningSettings(_Strict):
+    """Settings of :class:`TuningAgent`.
+
+    ``axes`` maps each axis name (as the steered scan's ``axes`` mapping names it) to its limits;
+    ``required_beam_size`` is the upper limit of ``keys.constraint`` (``None``: unconstrained).
+    ``budget`` counts evaluations (successful readings); ``n_initial`` of them are a Sobol design.
+    ``log_objective``: model ``ln(objective)`` (for a positive quantity spanning decades, like
+    flux; readings must then be > 0) rather than the objective itself.
+    ``objective_noise``/``constraint_noise``: the readings' known rms noise, relative (as they are
+    modelled in logs; absolute for an objective with ``log_objective: false``); ``None``: inferred.
+    Give both or neither when there is a constraint.
+    """
+
+    name: str = "tuning"
+    axes: dict[str, TuningAxis] = Field(min_length=1)
+    keys: TuningKeys = Field(default_factory=TuningKeys)
+    required_beam_size: float | None = Field(default=None, gt=0)
+    log_objective: bool = True
+    objective_noise: float | None = Field(default=None, gt=0)
+    constraint_noise: float | None = Field(default=None, gt=0)
+    start: dict[str, float] | None = None
+    batch_size: int = Field(default=1, ge=1, le=32)
+    budget: int = Field(default=40, ge=2)
+    n_initial: int = Field(default=8, ge=2)
+    max_retries: int = Field(default=2, ge=0)
+    converge_tol: float | None = Field(default=1e-3, gt=0)
+    converge_patience: int = Field(default=3, ge=1)
+    min_p_feasible: float = Field(default=1e-3, gt=0, lt=1)
+    infeasible_after: int | None = Field(default=None, ge=2)
+    recommend_p_feasible: float = Field(default=0.9, gt=0, lt=1)
+    local_every: int = Field(default=3, ge=0)
+    local_fraction: float = Field(default=0.15, gt=0, le=1)
+    acq_restarts: int = Field(default=6, ge=1)
+    acq_raw_samples: int = Field(default=256, ge=8)
+    mc_samples: int = Field(default=128, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuningSettings:
+        if self.required_beam_size is not None and (self.objective_noise is None) != (self.constraint_noise is None):
+            raise ValueError("give both objective_noise and constraint_noise, or neither (then both are inferred)")
+        if self.n_initial > self.budget:
+            raise ValueError(f"n_initial={self.n_initial} exceeds budget={self.budget}")
+        if self.start is not None:
+            unknown = sorted(set(self.start) - set(self.axes))
+            missing = sorted(set(self.axes) - set(self.start))
+            if unknown or missing:
+                raise ValueError(f"start must give every axis and only those: unknown {unknown}, missing {missing}")
+            out = {a: v for a, v in self.start.items() if not self.axes[a].low <= v <= self.axes[a].high}
+            if out:
+                raise ValueError(f"start values {out} are outside the axes' limits")
+        return self
+
+    @property
+    def axis_names(self) -> list[str]:
+        return list(self.axes)
+
+
+class ObservationError(AgentError):
+    """An event the agent cannot use (named by run uid, seq_num and cause)."""
+
+
+def _tables(axes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    x = {f"x:{a}": "f8" for a in axes}
+    return {
+        "observations": {**x, "objective": "f8", "constraint": "f8", "seq_num": "f8", "time": "f8",
+                         "point_key": str, "event_uid": str, "run_uid": str},
+        "decisions": {**x, "log_acq": "f8", "time": "f8", "point_key": str, "request_key": str, "why": str},
+        "outcomes": {"point_key": str, "outcome": str, "reason": str},  # error / failed / rejected
+        "recommendations": {**x, "n_observations": "f8", "predicted_objective": "f8",
+                            "p_feasible": "f8", "point_key": str},
+    }
+
+
+class _RunParser(DocumentRouter):
+    """Fresh per-run state, built for each start document."""
+
+    def __init__(self, agent: TuningAgent, start: dict) -> None:
+        super().__init__()
+        self.agent, self.run_uid = agent, start["uid"]
+        self.descriptors: set[str] = set()
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.agent.settings.keys.stream:
+            self.descriptors.add(doc["uid"])
+
+    def event(self, doc: dict) -> None:
+        if doc["descriptor"] in self.descriptors:
+            self.agent._observe_event(self.run_uid, doc)
+
+    def stop(self, doc: dict) -> None:
+        self.agent._close_derived(doc.get("exit_status", "success"))
+
+
+class TuningAgent:
+    """Maximises flux at a required beam size by constrained Bayesian optimisation.
+
+    Parameters
+    ----------
+    settings
+        A :class:`TuningSettings` (or a dict / YAML path validated into one).
+    store
+        Directory of its zarr store (created if absent).
+    sinks
+        Where derived runs (each recommendation as an event) go.
+    """
+
+    def __init__(
+        self,
+        settings: TuningSettings | dict | str | Path,
+        store: str | Path,
+        *,
+        sinks: Sequence[DocumentSink] = (),
+        _create: bool = True,
+    ) -> None:
+        if not isinstance(settings, TuningSettings):
+            settings = load_settings(TuningSettings, settings)
+        self.settings = settings
+        self.name = settings.name
+        self.axes = settings.axis_names
+        self.sinks = list(sinks)
+        self.store = AgentStore(store, type(self).__name__, _tables(self.axes), create=_create)
+        if _create and self.store.get_attr("config") is None:
+            self.store.set_attr("config", settings.model_dump(mode="json"))
+        lows = [settings.axes[a].low for a in self.axes]
+        highs = [settings.axes[a].high for a in self.axes]
+        self.bounds = np.array([lows, highs])
+        self.optimizer = BayesOptimizer(
+            self.bounds, n_constraints=int(settings.required_beam_size is not None),
+            config=BOConfig(num_restarts=settings.acq_restarts, raw_samples=settings.acq_raw_samples,
+                            mc_samples=settings.mc_samples, seed=settings.seed),
+        )
+        self.errors: list[str] = []
+        self.duplicates = 0
+        self.stop_reason: str | None = None
+        self._router = RunRouter([lambda name, start: ([_RunParser(self, start)], [])])
+        self._derived: DerivedRunWriter | None = None
+        self._load()
+
+    @classmethod
+    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> TuningAgent:
+        """Re-open an agent from its store: same config, observations, decisions and model state."""
+        probe = AgentStore(store, cls.__name__, {}, create=False)
+        config = probe.get_attr("config")
+        if config is None:
+            raise AgentError(f"{store} holds no TuningAgent config; it was not written by one")
+        return cls(load_settings(TuningSettings, config), store, sinks=sinks, _create=False)
+
+    # -- state --------------------------------------------------------------------------------
+    def _load(self) -> None:
+        self._obs = {k: list(v) for k, v in self.store.read("observations").items()}
+        self._dec = {k: list(v) for k, v in self.store.read("decisions").items()}
+        self._index = {k: i for i, k in enumerate(self._dec["point_key"])}
+        self._done = set(self._obs["point_key"])
+        self._event_uids = set(self._obs["event_uid"])
+        out = self.store.read("outcomes")
+        self._closed: dict[str, str] = {}
+        self._tries: dict[str, int] = {}
+        for key, outcome in zip(out["point_key"], out["outcome"], strict=True):
+            if outcome == "error":
+                self._tries[key] = self._tries.get(key, 0) + 1
+            else:
+                self._closed[key] = outcome
+        state = self.store.get_attr("model_state") or {}
+        if state.get("bo"):
+            self.optimizer.load_state(state["bo"])
+        self._quiet = int(state.get("quiet_decisions", 0))
+        self._last_asked = self._last_point()
+        self._before_request: tuple[str, np.ndarray | None] | None = None
+
+    def _last_point(self) -> np.ndarray | None:
+        """Where the last request that was not rejected ended (the gate's last position)."""
+        for i in range(len(self._dec["point_key"]) - 1, -1, -1):
+            if self._closed.get(self._dec["point_key"][i]) != "rejected":
+                return self._x(i)
+        return None
+
+    def _x(self, i: int, table: dict[str, list] | None = None) -> np.ndarray:
+        t = self._dec if table is None else table
+        return np.array([t[f"x:{a}"][i] for a in self.axes])
+
+    @property
+    def n_observations(self) -> int:
+        return len(self._obs["point_key"])
+
+    def pending(self) -> list[str]:
+        """Keys of points asked for, not yet measured, not given up or rejected."""
+        return [k for k in self._dec["point_key"] if k not in self._done and k not in self._closed]
+
+    def observations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``X`` (`n x d`, axis units), objective `n` and constraint `n` of every evaluation."""
+        X = np.array([[self._obs[f"x:{a}"][i] for a in self.axes] for i in range(self.n_observations)])
+        return X.reshape(-1, len(self.axes)), np.asarray(self._obs["objective"]), np.asarray(self._obs["constraint"])
+
+    # -- tell ---------------------------------------------------------------------------------
+    def tell(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self._open_derived(doc)
+        self._router(name, doc)
+
+    def _observe_event(self, run_uid: str, event: dict) -> None:
+        key = str(event["data"].get(POINT_KEY, ""))
+        try:
+            row = self._parse(run_uid, event, key)
+        except ObservationError as err:
+            self.errors.append(str(err))
+            logger.warning("%s", err)
+            if key not in self._index:
+                return  # not one of ours: nothing to retry
+            self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
+            self._tries[key] = self._tries.get(key, 0) + 1
+            if self._tries[key] > self.settings.max_retries:
+                self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
+            return
+        if row is not None:
+            self.store.append("observations", row)  # persist first, then mirror in memory
+            for column, values in row.items():
+                self._obs[column].extend(values)
+            self._done.add(key)
+            self._event_uids.add(event["uid"])
+
+    def _parse(self, run_uid: str, event: dict, key: str) -> dict[str, list] | None:
+        data, keys = event["data"], self.settings.keys
+        where = f"run {run_uid}, event seq_num {event.get('seq_num')}"
+        if key not in self._index:
+            raise ObservationError(
+                f"{where}: point key {key!r} is not one this agent asked for; the event is ignored"
+            )
+        if key in self._done or event["uid"] in self._event_uids:
+            self.duplicates += 1
+            return None
+        wanted = [keys.objective] + ([keys.constraint] if self.settings.required_beam_size else [])
+        missing = [k for k in wanted if k not in data]
+        if missing:
+            raise ObservationError(f"{where}: no data keys {missing}; set keys.* in the settings to this detector's names")
+        values = {k: float(data[k]) for k in wanted}
+        positive = {keys.constraint, *([keys.objective] if self.settings.log_objective else [])}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v) or (k in positive and v <= 0)}
+        if bad:
+            tries = self._tries.get(key, 0) + 1
+            shown = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+            raise ObservationError(
+                f"{where}: {shown} is NaN or not positive (a lost reading?) at point {key}; "
+                f"failed reading {tries} of at most {self.settings.max_retries + 1}, the point will be "
+                "measured again while tries remain"
+            )
+        i = self._index[key]
+        constraint = values.get(keys.constraint, float("nan"))
+        row: dict[str, list] = {f"x:{a}": [self._dec[f"x:{a}"][i]] for a in self.axes}
+        row.update({
+            "objective": [values[keys.objective]], "constraint": [constraint],
+            "seq_num": [float(event.get("seq_num", -1))], "time": [float(event["time"])],
+            "point_key": [key], "event_uid": [event["uid"]], "run_uid": [run_uid],
+        })
+        return row
+
+    def _close(self, key: str, outcome: str, reason: str) -> None:
+        self._closed[key] = outcome
+        self.store.append("outcomes", {"point_key": [key], "outcome": [outcome], "reason": [reason]})
+        self.errors.append(f"point {key}: {reason}")
+
+    def rejected(self, request: PlanRequest, reason: str) -> None:
+        """The safety gate refused ``request``: its points are closed, not retried."""
+        for key in request.kwargs.get("point_keys", ()):
+            self._close(key, "rejected", f"safety gate: {reason}")
+        if self._before_request is not None and self._before_request[0] == request.key:
+            self._last_asked = self._before_request[1]  # the gate did not move
+
+    # -- ask ----------------------------------------------------------------------------------
+    def ask(self, n: int) -> list[PlanRequest]:
+        if n < 1:
+            raise ValueError(f"ask(n) needs n >= 1, got {n=}")
+        self.stop_reason = None  # judged afresh on every ask
+        pending = self.pending()
+        if pending:
+            keys = pending[:n]
+            request_key = f"{self._dec['request_key'][self._index[keys[0]]]}:retry{self.n_observations}"
+            return [self._request(keys, request_key)]
+        n_initial = sum(w == "initial" for w in self._dec["why"])
+        if self.n_observations >= self.settings.budget:
+            self._decide_with_model(0)  # the final recommendation uses every evaluation
+            self.stop_reason = self.stop_reason or (
+                f"budget spent: {self.n_observations} evaluations of a budget of {self.settings.budget}"
+            )
+            return []
+        room = self.settings.budget - self.n_observations
+        if n_initial < self.settings.n_initial or np.sum(np.isfinite(self.observations()[1])) < 2:
+            X = self._initial_design(n_initial, min(n, room, max(self.settings.n_initial - n_initial, 1)))
+            return [self._new_request(X, "initial", [float("nan")] * len(X))]
+        q = min(n, self.settings.batch_size, room)
+        suggestion = self._decide_with_model(q)
+        if suggestion is None:
+            return []
+        why = f"local-{suggestion.kind}" if self._is_local() else suggestion.kind
+        return [self._new_request(suggestion.X, why, [suggestion.log_acq] * len(suggestion.X))]
+
+    def _initial_design(self, start: int, m: int) -> np.ndarray:
+        """Points ``start .. start+m`` of the agent's Sobol design (extended if points failed)."""
+        box = self._step_box(self._anchor_for_design(), halve=True)
+        total = max(self.settings.n_initial, start + m)
+        design = sobol_design(box, 1 << max(total - 1, 1).bit_length(), seed=self.settings.seed)
+        return design[start : start + m]
+
+    def _anchor_for_design(self) -> np.ndarray:
+        if self.settings.start is not None:
+            return np.array([self.settings.start[a] for a in self.axes])
+        return self.bounds.mean(axis=0)
+
+    def _step_box(self, anchor: np.ndarray | None, *, halve: bool) -> np.ndarray:
+        """The limits, narrowed around ``anchor`` to what each axis's max_step allows."""
+        box = self.bounds.copy()
+        if anchor is None:
+            return box
+        for j, a in enumerate(self.axes):
+            step = self.settings.axes[a].max_step
+            if step is not None:
+                # a hair inside the step, so round-off never makes an allowed move a rejected one
+                reach = (step / 2 if halve else step) * (1.0 - 1e-9)
+                box[0, j] = max(box[0, j], anchor[j] - reach)
+                box[1, j] = min(box[1, j], anchor[j] + reach)
+        return box
+
+    def _is_local(self) -> bool:
+        every = self.settings.local_every
+        n_model = sum(w != "initial" for w in self._dec["why"])
+        return bool(every) and (n_model + 1) % every == 0
+
+    def _fit(self) -> bool:
+        X, f, c = self.observations()
+        Y = np.log(f) if self.settings.log_objective else f
+        C = None
+        if self.settings.required_beam_size is not None:
+            C = np.log(c / self.settings.required_beam_size).reshape(-1, 1)
+        noise = None
+        if self.settings.objective_noise is not None:
+            noise = [self.settings.objective_noise] + ([self.settings.constraint_noise] if C is not None else [])
+        try:
+            self.optimizer.fit(X, Y, C, noise_std=noise)
+        except ModelError as err:
+            self.errors.append(f"model: {err}")
+            return False
+        return True
+
+    def _decide_with_model(self, q: int) -> Any:
+        """Fit, record the recommendation, check for infeasibility; if ``q``, suggest a batch."""
+        if not self._fit():
+            return None
+        self._record_recommendation()
+        self.store.set_attr("model_state", {"bo": self.optimizer.state(), "quiet_decisions": self._quiet})
+        if self._infeasible():
+            return None
+        if q == 0:
+            return None
+        local = self._is_local()
+        box = self._step_box(self._last_asked, halve=q > 1)
+        if local and (best := self.recommendation()) is not None:
+            half = self.settings.local_fraction * (self.bounds[1] - self.bounds[0])
+            x = np.array([best["settings"][a] for a in self.axes])
+            lo, hi = np.maximum(box[0], x - half), np.minimum(box[1], x + half)
+            if np.all(lo < hi):
+                box = np.stack([lo, hi])
+        rejected = [self._x(self._index[k]) for k, o in self._closed.items() if o == "rejected"]
+        suggestion = self.optimizer.suggest(q, search_bounds=box, X_pending=np.array(rejected) if rejected else None,
+                                            seed=self.settings.seed + len(self._dec["point_key"]))
+        if not local and suggestion.kind == "qlognei":  # only a global EI says "nothing to gain"
+            self._check_convergence(suggestion.log_acq)
+            self.store.set_attr("model_state", {"bo": self.optimizer.state(), "quiet_decisions": self._quiet})
+        return None if self.stop_reason else suggestion
+
+    def _infeasible(self) -> bool:
+        required = self.settings.required_beam_size
+        if required is None:
+            return False
+        _, _, c = self.observations()
+        after = self.settings.infeasible_after or 2 * self.settings.n_initial
+        if np.any(c <= required) or self.n_observations < after:
+            return False
+        candidates = np.vstack([sobol_design(self.bounds, _N_SOBOL, seed=self.settings.seed + 1), self.observations()[0]])
+        p = self.optimizer.probability_feasible(candidates)
+        j = int(np.argmax(p))
+        if p[j] >= self.settings.min_p_feasible:
+            return False
+        where = ", ".join(f"{a}={v:.4g}" for a, v in zip(self.axes, candidates[j], strict=True))
+        self.stop_reason = (
+            f"constraint infeasible: no setting found meeting {self.settings.keys.constraint} <= {required:g} "
+            f"after {self.n_observations} evaluations; the model's highest probability of feasibility is "
+            f"{p[j]:.2g} (at {where}), below min_p_feasible={self.settings.min_p_feasible:g}. The smallest "
+            f"{self.settings.keys.constraint} measured was {np.nanmin(c):.4g}: ask for a larger one or widen the axes' limits"
+        )
+        return True
+
+    def _check_convergence(self, log_acq: float) -> None:
+        tol = self.settings.converge_tol
+        if tol is None or not math.isfinite(log_acq):
+            return
+        self._quiet = self._quiet + 1 if log_acq < math.log(tol) else 0
+        if self._quiet >= self.settings.converge_patience:
+            self.stop_reason = (
+                f"converged: the expected relative improvement stayed below converge_tol={tol:g} for "
+                f"{self._quiet} decisions in a row (last {math.exp(log_acq):.2g}) after {self.n_observations} evaluations"
+            )
+
+    def _new_request(self, X: np.ndarray, why: str, log_acq: list[float]) -> PlanRequest:
+        request_key = uuid.uuid4().hex
+        keys = [f"{request_key}:{i}" for i in range(len(X))]
+        rows: dict[str, list] = {f"x:{a}": [float(v) for v in X[:, j]] for j, a in enumerate(self.axes)}
+        rows.update({"log_acq": log_acq, "time": [time.time()] * len(keys), "point_key": keys,
+                     "request_key": [request_key] * len(keys), "why": [why] * len(keys)})
+        self.store.append("decisions", rows)  # persist before anyone sees the request
+        for column, values in rows.items():
+            self._dec[column].extend(values)
+        self._index.update({k: len(self._index) + i for i, k in enumerate(keys)})
+        return self._request(keys, request_key)
+
+    def _request(self, keys: list[str], request_key: str) -> PlanRequest:
+        points = [{a: float(self._dec[f"x:{a}"][self._index[k]]) for a in self.axes} for k in keys]
+        self._before_request = (request_key, self._last_asked)
+        self._last_asked = self._x(self._index[keys[-1]])
+        return PlanRequest("measure", kwargs={"points": points, "point_keys": keys}, key=request_key, agent=self.name)
+
+    # -- recommendation -----------------------------------------------------------------------
+    def _record_recommendation(self) -> None:
+        rec = self.optimizer.recommend(min_p_feasible=self.settings.recommend_p_feasible)
+        if rec is None:
+            return
+        rows = self.store.read("recommendations")["n_observations"]
+        if len(rows) and int(rows[-1]) == self.n_observations:
+            return
+        row: dict[str, list] = {f"x:{a}": [float(v)] for a, v in zip(self.axes, rec.x, strict=True)}
+        predicted = math.exp(rec.mean) if self.settings.log_objective else rec.mean
+        row.update({"n_observations": [self.n_observations], "predicted_objective": [predicted],
+                    "p_feasible": [rec.p_feasible], "point_key": [self._obs["point_key"][rec.index]]})
+        self.store.append("recommendations", row)
+        if self._derived is not None:
+            self._derived.emit("recommendation", {
+                **{a: float(v) for a, v in zip(self.axes, rec.x, strict=True)},
+                "predicted_objective": predicted, "p_feasible": rec.p_feasible,
+                "n_observations": self.n_observations,
+            })
+
+    def recommendation_history(self) -> list[dict[str, Any]]:
+        """Each recommendation made: evaluations so far, settings, predicted objective, P(feasible)."""
+        t = self.store.read("recommendations")
+        return [
+            {"n_observations": int(t["n_observations"][i]),
+             "settings": {a: float(t[f"x:{a}"][i]) for a in self.axes},
+             "predicted_objective": float(t["predicted_objective"][i]),
+             "p_feasible": float(t["p_feasible"][i]), "point_key": str(t["point_key"][i])}
+            for i in range(len(t["n_observations"]))
+        ]
+
+    def recommendation(self) -> dict[str, Any] | None:
+        """The latest recommendation (the evaluated setting with the best posterior-mean
+        objective among those feasible with probability >= recommend_p_feasible), or None."""
+        history = self.recommendation_history()
+        return history[-1] if history else None
+
+    # -- derived documents --------------------------------------------------------------------
+    def _open_derived(self, start: dict) -> None:
+        if not self.sinks:
+            return
+        self._close_derived("success")
+        writer = DerivedRunWriter(self.sinks, raw_run_uid=start["uid"],
+                                  metadata={"agent": self.name, "analysis": "tuning-recommendation"})
+        names = [*self.axes, "predicted_objective", "p_feasible", "n_observations"]
+        writer.add_stream("recommendation", {k: {"dtype": "number", "shape": [], "source": self.name} for k in names})
+        self._derived = writer
+
+    def _close_derived(self, exit_status: str) -> None:
+        if self._derived is not None:
+            self._derived.close(exit_status=exit_status)
+            self._derived = None
+
+    # -- report -------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        X, f, c = self.observations()
+        required = self.settings.required_beam_size
+        feasible = np.isfinite(f) & ((c <= required) if required is not None else True)
+        best_observed = None
+        if np.any(feasible):
+            i = int(np.argmax(np.where(feasible, f, -np.inf)))
+            best_observed = {"settings": dict(zip(self.axes, X[i].tolist(), strict=True)),
+                             self.settings.keys.objective: float(f[i]), self.settings.keys.constraint: float(c[i])}
+        why = self._dec["why"]
+        return {
+            "agent": self.name, "kind": type(self).__name__, "n_observations": self.n_observations,
+            "budget": self.settings.budget, "required_beam_size": required,
+            "decisions": {w: why.count(w) for w in sorted(set(why))}, "pending": len(self.pending()),
+            "recommendation": self.recommendation(), "best_observed_feasible": best_observed,
+            "stop_reason": self.stop_reason, "errors": list(self.errors), "duplicates_ignored": self.duplicates,
+            "model_fits": self.optimizer.n_fits, "model_warnings": len(self.optimizer.warnings),
+        }
+
+    def to_json(self) -> str:
+        """The report as JSON (for logs and the daemon's health endpoint)."""
+        return json.dumps(self.report(), default=float)

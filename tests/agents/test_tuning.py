@@ -1,0 +1,188 @@
+"""TuningAgent through a real RunEngine: optimum, safety gate, NaN readings, infeasibility, resume."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from bluesky.utils import RunEngineInterrupted
+
+from agents.config import SafetySettings, load_settings
+from agents.demo_tune import (
+    OPERATING_LIMITS,
+    TuneSetup,
+    agent_settings,
+    make_optics,
+    run_tune_demo,
+    safety_settings,
+)
+from agents.errors import ConfigError
+from agents.plans import POINT_KEY, steered_scan
+from agents.safety import SafetyGate
+from agents.tuning import TuningAgent, TuningSettings
+from simulators.optics import AXES, OpticsFaults, optics_response, true_optimum
+from simulators.sas import SimClock
+
+#: a cheap acquisition: these tests check the loop's behaviour, the benchmark its efficiency
+FAST = {"acq_restarts": 2, "acq_raw_samples": 48, "mc_samples": 32}
+SETUP = TuneSetup(seed=11, required_beam_size=12.0, budget=14)
+
+
+@pytest.fixture
+def clock():
+    return SimClock(start=0.0)
+
+
+@pytest.fixture
+def optics(clock):
+    return make_optics(SETUP, clock, seed=5)
+
+
+@pytest.fixture
+def gate(clock):
+    return SafetyGate(safety_settings().to_config(), clock=clock.time)
+
+
+def _settings(**over) -> TuningSettings:
+    return agent_settings(SETUP, {**FAST, **over})
+
+
+def _scan(RE, agent, optics, gate, **kw):
+    events = []
+    token = RE.subscribe(lambda name, doc: events.append(doc) if name == "event" else None)
+    try:
+        RE(steered_scan(agent, [optics], {a: getattr(optics, a) for a in AXES}, gate=gate, **kw))
+    finally:
+        RE.unsubscribe(token)
+    return events
+
+
+def test_closed_loop_finds_a_good_feasible_setting_within_the_step_limits(RE, optics, gate, tmp_path):
+    # three of the five axes (the mirror stays where it is): a small budget is enough
+    moved = ("slit_h", "slit_v", "focus")
+    agent = TuningAgent(_settings(n_initial=6, axes={a: OPERATING_LIMITS[a] for a in moved}), tmp_path / "s.zarr")
+    events = _scan(RE, agent, optics, gate)
+    report = agent.report()
+    assert report["stop_reason"] == "budget spent: 14 evaluations of a budget of 14"
+    fixed = {a: (v, v) for a, v in optics.settings().items() if a not in moved}
+    limits = tuple(fixed.get(a, (OPERATING_LIMITS[a]["low"], OPERATING_LIMITS[a]["high"])) for a in AXES)
+    _, best_flux, _ = true_optimum(12.0, limits)
+    flux, size = optics_response({**optics.settings(), **report["recommendation"]["settings"]})
+    assert float(size) <= 12.0 * 1.01 and float(flux) >= 0.8 * best_flux
+    # one observation per event, each point measured once, no rejections: the agent kept to the steps
+    keys = [e["data"][POINT_KEY] for e in events]
+    assert sorted(agent.store.read("observations")["point_key"]) == sorted(keys)
+    assert Counter(keys).most_common(1)[0][1] == 1
+    assert gate.report()["rejected"] == 0
+    X = np.array([[e["data"][f"optics_{a}"] for a in moved] for e in events])
+    steps = np.abs(np.diff(X, axis=0)).max(axis=0)
+    assert all(steps[j] <= OPERATING_LIMITS[a]["max_step"] for j, a in enumerate(moved))
+    assert report["decisions"]["initial"] == 6 and report["errors"] == []
+
+
+def test_gate_rejections_are_reported_to_the_agent_and_the_loop_goes_on(RE, optics, clock, tmp_path):
+    tight = SafetySettings(limits={**OPERATING_LIMITS, "slit_h": {"low": 0.05, "high": 1.2, "max_step": 2.0}})
+    gate = SafetyGate(tight.to_config(), clock=clock.time)
+    agent = TuningAgent(_settings(budget=9), tmp_path / "s.zarr")
+    _scan(RE, agent, optics, gate, max_rejected_rounds=20)
+    rejected = [r for r in agent.report()["errors"] if "safety gate" in r]
+    assert rejected and all("slit_h=" in r and "outside limits [0.05, 1.2]" in r for r in rejected)
+    outcomes = agent.store.read("outcomes")
+    refused_points = sum(len(v.request.kwargs["points"]) for v in gate.verdicts if not v.accepted)
+    assert Counter(outcomes["outcome"])["rejected"] == refused_points == len(rejected)
+    assert agent.n_observations == 9  # the rejected points were not counted, the budget was spent
+    assert not set(outcomes["point_key"]) & set(agent.store.read("observations")["point_key"])
+
+
+def test_nan_readings_are_named_and_measured_again(RE, optics, gate, tmp_path):
+    optics.faults = OpticsFaults(nan_probability=0.3)
+    agent = TuningAgent(_settings(budget=10, n_initial=8), tmp_path / "s.zarr")
+    events = _scan(RE, agent, optics, gate)
+    lost = [e for e in events if np.isnan(e["data"]["optics_flux"])]
+    assert lost, "the fault setting should have lost some readings"
+    errors = agent.report()["errors"]
+    first = lost[0]
+    assert any(f"seq_num {first['seq_num']}" in e and "optics_flux=nan" in e and "measured again" in e
+               for e in errors)
+    assert all(first["descriptor"] and "run " in e for e in errors if "NaN" in e)
+    measured = set(agent.store.read("observations")["point_key"])
+    failed = {k for k, o in zip(*(agent.store.read("outcomes")[c] for c in ("point_key", "outcome")), strict=True)
+              if o == "failed"}
+    assert all(e["data"][POINT_KEY] in measured | failed for e in lost)  # retried with the same key
+    assert agent.n_observations == 10
+
+
+def test_a_requirement_that_cannot_be_met_stops_with_the_reason(RE, optics, gate, tmp_path):
+    agent = TuningAgent(_settings(required_beam_size=5.0, budget=30, n_initial=6), tmp_path / "s.zarr")
+    _scan(RE, agent, optics, gate)
+    reason = agent.report()["stop_reason"]
+    assert reason.startswith("constraint infeasible: no setting found meeting optics_beam_size <= 5 after 12 "
+                             "evaluations; the model's highest probability of feasibility is ")
+    assert "ask for a larger one" in reason
+    assert agent.n_observations == 12 and agent.report()["recommendation"] is None
+
+
+def test_resume_from_the_store_continues_without_repeating_points(RE, optics, gate, tmp_path):
+    settings = _settings(budget=11)
+    agent = TuningAgent(settings, tmp_path / "s.zarr")
+    first = _scan(RE, agent, optics, gate, max_rounds=3)  # two rounds of the design (4 points each), one BO
+    again = TuningAgent.resume(tmp_path / "s.zarr")
+    assert again.settings == settings and again.n_observations == agent.n_observations == 9
+    assert again.optimizer.state() == agent.optimizer.state()  # hyper-parameters to warm-start from
+    later = _scan(RE, again, optics, gate)
+    keys = [e["data"][POINT_KEY] for e in first + later]
+    assert len(keys) == len(set(keys)) == 11
+    assert again.report()["stop_reason"].startswith("budget spent")
+    history = again.recommendation_history()
+    assert [h["n_observations"] for h in history] == sorted({h["n_observations"] for h in history})
+
+
+def test_an_aborted_run_leaves_pending_points_asked_for_first_with_their_keys(RE, optics, gate, tmp_path):
+    agent = TuningAgent(_settings(budget=12, batch_size=4, n_initial=8), tmp_path / "s.zarr")
+    seen = []
+
+    def pause_after_three(name, doc):
+        if name == "event":
+            seen.append(doc)
+            if len(seen) == 3:
+                threading.Thread(target=RE.request_pause, kwargs={"defer": True}).start()
+
+    token = RE.subscribe(pause_after_three)
+    with pytest.raises(RunEngineInterrupted):
+        RE(steered_scan(agent, [optics], {a: getattr(optics, a) for a in AXES}, gate=gate, batch_size=4))
+    RE.abort()
+    RE.unsubscribe(token)
+    pending = agent.pending()
+    assert pending and agent.n_observations == len(seen)
+    request = agent.ask(4)[0]
+    assert list(request.kwargs["point_keys"]) == pending[:4]
+    agent.rejected(request, "refused by a test")
+    assert agent.pending() == []
+
+
+def test_bad_settings_are_refused_with_their_names(tmp_path):
+    base = _settings().model_dump(mode="json")
+    with pytest.raises(ConfigError, match="unknown key 'budgte'"):
+        load_settings(TuningSettings, {**base, "budgte": 10})
+    with pytest.raises(ConfigError, match="unknown key 'axes.slit_h.maxstep'"):
+        load_settings(TuningSettings, {**base, "axes": {**base["axes"], "slit_h": {"low": 0.1, "high": 1, "maxstep": 1}}})
+    with pytest.raises(ConfigError, match=r"start values \{'focus': 50.0\} are outside"):
+        load_settings(TuningSettings, {**base, "start": {**{a: OPERATING_LIMITS[a]["low"] for a in AXES}, "focus": 50.0}})
+    with pytest.raises(ConfigError, match="n_initial=8 exceeds budget=4"):
+        load_settings(TuningSettings, {**base, "budget": 4})
+    with pytest.raises(ValueError, match="n >= 1"):
+        TuningAgent(_settings(), tmp_path / "s.zarr").ask(0)
+
+
+def test_the_demo_writes_its_report(tmp_path):
+    summary = run_tune_demo(tmp_path / "demo", seed=3, budget=10, progress=False, overrides=FAST)
+    assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"store.zarr", "convergence.png", "settings.png",
+                                                               "summary.json"}
+    assert summary["n_evaluations"] == 10 and summary["stop_reason"].startswith("budget spent")
+    assert summary["true_optimum"]["beam_size"] == pytest.approx(12.0)
+    assert summary["safety"]["admitted"] >= 3 and summary["safety"]["rejected"] == 0
+    # resuming a finished demo adds nothing: the budget is spent
+    again = run_tune_demo(tmp_path / "unused", resume=tmp_path / "demo" / "store.zarr", progress=False)
+    assert again["n_evaluations"] == 10 and again["safety"]["admitted"] == 0
