@@ -12,7 +12,7 @@ method measures the same map with the same Gaussian noise (sd = 2% of the map's 
   (``background_refit: false``) so the runs are reproducible; the agent's ask latency in these
   runs therefore includes its refits.
 * **random** — uniformly random positions, reconstructed with the same kriging model.
-* **gpcam** — gpCAM's ``GPOptimizer`` (installed side by side, :mod:`benchmarks.gpcam_baseline`)
+* **gpcam** — gpCAM's ``GPOptimizer`` (installed side by side, ``benchmarks/baselines/gpcam.py``)
   with its default kernel and its ``variance`` acquisition, one point per ask, hyper-parameters
   trained whenever the data have grown 1.5x, the known noise given.
 
@@ -266,7 +266,7 @@ def _task(args: tuple) -> tuple[tuple, dict[str, Any]]:
     if "benchmarks_gpcam" not in sys.modules:
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("benchmarks_gpcam", Path(__file__).parent / "gpcam_baseline.py")
+        spec = importlib.util.spec_from_file_location("benchmarks_gpcam", Path(__file__).parent / "baselines" / "gpcam.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["benchmarks_gpcam"] = module
         spec.loader.exec_module(module)

@@ -51,7 +51,7 @@ running, OpenBLAS's default 2 threads made a 100-point ``ask`` about 30x slower 
 0.01 s) and a 5000-point one 1.5x slower than ``OPENBLAS_NUM_THREADS=1``; :func:`latency`
 reports the thread variables it ran under.
 
-    python benchmarks/gpcam_baseline.py     # smoke check: a 100-point closed loop, to stderr
+    python benchmarks/baselines/gpcam.py    # smoke check: a 100-point closed loop, to stderr
 """
 
 from __future__ import annotations
