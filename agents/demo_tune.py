@@ -43,7 +43,7 @@ from simulators.sas import SimClock
 from streams.zarr_writer import ZarrRunWriter
 
 __all__ = ["OPERATING_LIMITS", "TuneSetup", "agent_settings", "closed_loop", "make_optics",
-           "run_tune_demo", "safety_settings"]
+           "run_tune_demo", "safety_settings", "summarize", "true_value_curve", "write_report"]
 
 DEMO_ATTR = "beampilot_tune_demo"
 
@@ -125,7 +125,7 @@ def closed_loop(
 
 
 class _Progress:
-    """A live line on stderr: evaluations, best feasible flux seen, against the budget."""
+    """A live line on stderr: readings taken (lost ones too), best feasible flux, against the budget."""
 
     def __init__(self, agent: TuningAgent, enabled: bool) -> None:
         self.agent = agent
@@ -135,7 +135,7 @@ class _Progress:
     def __call__(self, name: str, doc: dict) -> None:
         if name != "event":
             return
-        self.bar.n = self.agent.n_observations
+        self.bar.update(1)  # readings taken (the agent hears of each one a moment later)
         best = self.agent.report()["best_observed_feasible"]
         flux = best[KEYS["objective"]] if best else float("nan")
         self.bar.set_postfix_str(f"best feasible flux {flux:.3g}/s")
@@ -266,6 +266,8 @@ def _plot_convergence(out: Path, agent: TuningAgent, setup: TuneSetup, summary: 
     ax2.scatter(n, c, s=12, c=np.where(feasible, "tab:blue", "tab:red"))
     ax2.axhline(req, color="k", ls="--", lw=1, label=f"required <= {req:g} µm")
     ax2.set(xlabel="evaluation", ylabel="beam size (µm)", yscale="log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax2.legend(fontsize=8)
     return _save(fig, out / "convergence.png")
 

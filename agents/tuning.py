@@ -5,7 +5,13 @@ another reading (the beam size), over the axes of its settings. Asked for ``n`` 
 one ``measure`` request: first a scrambled Sobol design, then batches chosen by constrained qLogNEI
 (:class:`models.bo.BayesOptimizer`), so :func:`agents.plans.steered_scan` and the safety gate run
 it unchanged. The GP models ``ln(flux)`` (flux spans decades and is positive) and
-``ln(beam_size / required)`` (feasible when <= 0).
+``ln(beam_size / required)`` (feasible when <= 0), with the readings' noise known from the
+settings (an instrument's specification) or inferred. Every ``local_every``-th decision searches
+only a box of ``local_fraction`` of each range around the current recommendation: under noise,
+improvement-based acquisition refines an optimum slowly, and these local steps sharpen it (on
+the tuning seeds of ``benchmarks/tuning.py`` every 2nd decision worked best). The recommendation
+is the evaluated setting with the best posterior-mean objective among those feasible with
+probability >= ``recommend_p_feasible``.
 
 Safety: the agent searches only inside its axes' limits, and when an axis has a ``max_step`` it
 searches only where the step is allowed: a batch of one within ``max_step`` of the last point it
@@ -53,7 +59,7 @@ from models.errors import ModelError
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
 
-__all__ = ["TuningAgent", "TuningAxis", "TuningKeys", "TuningSettings"]
+__all__ = ["ObservationError", "TuningAgent", "TuningAxis", "TuningKeys", "TuningSettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,16 @@ class TuningSettings(_Strict):
     ``objective_noise``/``constraint_noise``: the readings' known rms noise, relative (as they are
     modelled in logs; absolute for an objective with ``log_objective: false``); ``None``: inferred.
     Give both or neither when there is a constraint.
+    ``start``: the beamline's current settings (default: the middle of the limits); the initial
+    design lies within ``max_step / 2`` of it. ``max_retries``: re-measurements of a lost reading.
+    ``converge_tol``/``converge_patience``: stop when qLogNEI's expected improvement (of
+    ``ln(objective)``, so relative, with ``log_objective``) stays below the tolerance for that many
+    global decisions in a row; ``None`` never stops early. ``infeasible_after`` (default
+    ``2 n_initial``) evaluations with none meeting the constraint, and no setting with a modelled
+    probability of feasibility above ``min_p_feasible``, stop the agent.
+    ``recommend_p_feasible``: what the recommendation needs. ``local_every``/``local_fraction``:
+    see the module docs (0 turns local steps off). ``acq_restarts``, ``acq_raw_samples``,
+    ``mc_samples``: the acquisition optimiser's effort. ``seed``: design and samplers.
     """
 
     name: str = "tuning"
@@ -112,7 +128,7 @@ class TuningSettings(_Strict):
     min_p_feasible: float = Field(default=1e-3, gt=0, lt=1)
     infeasible_after: int | None = Field(default=None, ge=2)
     recommend_p_feasible: float = Field(default=0.9, gt=0, lt=1)
-    local_every: int = Field(default=3, ge=0)
+    local_every: int = Field(default=2, ge=0)
     local_fraction: float = Field(default=0.15, gt=0, le=1)
     acq_restarts: int = Field(default=6, ge=1)
     acq_raw_samples: int = Field(default=256, ge=8)

@@ -65,6 +65,7 @@ from simulators.sas import Clock, SimClock, _CheckedSignal, _ResultSignal
 
 __all__ = [
     "AXES",
+    "DEFAULT_MODEL",
     "HARDWARE_LIMITS",
     "OpticsFaults",
     "OpticsModel",

@@ -62,10 +62,11 @@ def _scan(RE, agent, optics, gate, **kw):
 def test_closed_loop_finds_a_good_feasible_setting_within_the_step_limits(RE, optics, gate, tmp_path):
     # three of the five axes (the mirror stays where it is): a small budget is enough
     moved = ("slit_h", "slit_v", "focus")
-    agent = TuningAgent(_settings(n_initial=6, axes={a: OPERATING_LIMITS[a] for a in moved}), tmp_path / "s.zarr")
+    agent = TuningAgent(_settings(n_initial=6, budget=12, axes={a: OPERATING_LIMITS[a] for a in moved}),
+                        tmp_path / "s.zarr")
     events = _scan(RE, agent, optics, gate)
     report = agent.report()
-    assert report["stop_reason"] == "budget spent: 14 evaluations of a budget of 14"
+    assert report["stop_reason"] == "budget spent: 12 evaluations of a budget of 12"
     fixed = {a: (v, v) for a, v in optics.settings().items() if a not in moved}
     limits = tuple(fixed.get(a, (OPERATING_LIMITS[a]["low"], OPERATING_LIMITS[a]["high"])) for a in AXES)
     _, best_flux, _ = true_optimum(12.0, limits)
@@ -86,13 +87,16 @@ def test_gate_rejections_are_reported_to_the_agent_and_the_loop_goes_on(RE, opti
     tight = SafetySettings(limits={**OPERATING_LIMITS, "slit_h": {"low": 0.05, "high": 1.2, "max_step": 2.0}})
     gate = SafetyGate(tight.to_config(), clock=clock.time)
     agent = TuningAgent(_settings(budget=9), tmp_path / "s.zarr")
-    _scan(RE, agent, optics, gate, max_rejected_rounds=20)
+    _scan(RE, agent, optics, gate, max_rounds=9, max_rejected_rounds=20)
     rejected = [r for r in agent.report()["errors"] if "safety gate" in r]
     assert rejected and all("slit_h=" in r and "outside limits [0.05, 1.2]" in r for r in rejected)
     outcomes = agent.store.read("outcomes")
     refused_points = sum(len(v.request.kwargs["points"]) for v in gate.verdicts if not v.accepted)
     assert Counter(outcomes["outcome"])["rejected"] == refused_points == len(rejected)
-    assert agent.n_observations == 9  # the rejected points were not counted, the budget was spent
+    # the loop went on after the first rejection, and only admitted points were measured
+    accepted = [v.accepted for v in gate.verdicts]
+    assert True in accepted[accepted.index(False):]
+    assert agent.n_observations == sum(len(v.request.kwargs["points"]) for v in gate.verdicts if v.accepted)
     assert not set(outcomes["point_key"]) & set(agent.store.read("observations")["point_key"])
 
 
@@ -103,10 +107,9 @@ def test_nan_readings_are_named_and_measured_again(RE, optics, gate, tmp_path):
     lost = [e for e in events if np.isnan(e["data"]["optics_flux"])]
     assert lost, "the fault setting should have lost some readings"
     errors = agent.report()["errors"]
-    first = lost[0]
-    assert any(f"seq_num {first['seq_num']}" in e and "optics_flux=nan" in e and "measured again" in e
-               for e in errors)
-    assert all(first["descriptor"] and "run " in e for e in errors if "NaN" in e)
+    first, run_uid = lost[0], agent.store.read("observations")["run_uid"][0]  # one run: the steered scan
+    assert any(f"run {run_uid}, event seq_num {first['seq_num']}: optics_flux=nan, optics_beam_size=nan" in e
+               and "measured again" in e for e in errors)
     measured = set(agent.store.read("observations")["point_key"])
     failed = {k for k, o in zip(*(agent.store.read("outcomes")[c] for c in ("point_key", "outcome")), strict=True)
               if o == "failed"}
@@ -115,13 +118,14 @@ def test_nan_readings_are_named_and_measured_again(RE, optics, gate, tmp_path):
 
 
 def test_a_requirement_that_cannot_be_met_stops_with_the_reason(RE, optics, gate, tmp_path):
-    agent = TuningAgent(_settings(required_beam_size=5.0, budget=30, n_initial=6), tmp_path / "s.zarr")
+    agent = TuningAgent(_settings(required_beam_size=5.0, budget=30, n_initial=6, infeasible_after=9),
+                        tmp_path / "s.zarr")
     _scan(RE, agent, optics, gate)
     reason = agent.report()["stop_reason"]
-    assert reason.startswith("constraint infeasible: no setting found meeting optics_beam_size <= 5 after 12 "
+    assert reason.startswith("constraint infeasible: no setting found meeting optics_beam_size <= 5 after 9 "
                              "evaluations; the model's highest probability of feasibility is ")
     assert "ask for a larger one" in reason
-    assert agent.n_observations == 12 and agent.report()["recommendation"] is None
+    assert agent.n_observations == 9 and agent.report()["recommendation"] is None
 
 
 def test_resume_from_the_store_continues_without_repeating_points(RE, optics, gate, tmp_path):
@@ -177,12 +181,12 @@ def test_bad_settings_are_refused_with_their_names(tmp_path):
 
 
 def test_the_demo_writes_its_report(tmp_path):
-    summary = run_tune_demo(tmp_path / "demo", seed=3, budget=10, progress=False, overrides=FAST)
+    summary = run_tune_demo(tmp_path / "demo", seed=3, budget=9, progress=False, overrides=FAST)
     assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"store.zarr", "convergence.png", "settings.png",
                                                                "summary.json"}
-    assert summary["n_evaluations"] == 10 and summary["stop_reason"].startswith("budget spent")
+    assert summary["n_evaluations"] == 9 and summary["stop_reason"].startswith("budget spent")
     assert summary["true_optimum"]["beam_size"] == pytest.approx(12.0)
     assert summary["safety"]["admitted"] >= 3 and summary["safety"]["rejected"] == 0
     # resuming a finished demo adds nothing: the budget is spent
     again = run_tune_demo(tmp_path / "unused", resume=tmp_path / "demo" / "store.zarr", progress=False)
-    assert again["n_evaluations"] == 10 and again["safety"]["admitted"] == 0
+    assert again["n_evaluations"] == 9 and again["safety"]["admitted"] == 0
