@@ -17,3 +17,7 @@ class SafetyRejectedError(AgentError):
 
 class AgentStoreError(AgentError):
     """An agent's zarr store is missing, belongs to another agent, or is inconsistent."""
+
+
+class ObservationError(AgentError):
+    """An event a steering agent cannot use as an observation (named by run, seq_num and cause)."""

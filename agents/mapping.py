@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from event_model import DocumentRouter, RunRouter
 from pydantic import Field, model_validator
 from scipy.stats import qmc
 
 from agents.config import _Strict, load_settings
-from agents.errors import AgentError
+from agents.errors import ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
+from agents.runs import stream_router
 from agents.store import AgentStore
 from models.errors import ModelError
 from models.kriging import KrigingConfig, MappingGP
@@ -131,29 +131,6 @@ def _tables(settings: MappingSettings) -> dict[str, dict[str, Any]]:
     }
 
 
-class ObservationError(AgentError):
-    """An event the agent cannot use (named by run uid, seq_num and cause)."""
-
-
-class _RunParser(DocumentRouter):
-    def __init__(self, agent: MappingAgent, start: dict) -> None:
-        super().__init__()
-        self.agent = agent
-        self.run_uid = start["uid"]
-        self.descriptors: set[str] = set()
-
-    def descriptor(self, doc: dict) -> None:
-        if doc.get("name") == self.agent.settings.stream:
-            self.descriptors.add(doc["uid"])
-
-    def event(self, doc: dict) -> None:
-        if doc["descriptor"] in self.descriptors:
-            self.agent._observe_event(self.run_uid, doc)
-
-    def stop(self, doc: dict) -> None:
-        self.agent._close_derived(doc.get("exit_status", "success"))
-
-
 class MappingAgent:
     """Maps quantities over a sample by kriging, choosing batches of stage positions.
 
@@ -195,7 +172,8 @@ class MappingAgent:
         self.stop_reason: str | None = None
         self.latencies: list[float] = []
         self._gp: MappingGP | None = None
-        self._router = RunRouter([lambda name, start: ([_RunParser(self, start)], [])])
+        self._router = stream_router(s.stream, self._observe_event,
+                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
         self._load()
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from event_model import DocumentRouter, RunRouter
 
 from agents.config import QSamplingSettings, load_settings
-from agents.errors import AgentError
+from agents.errors import AgentError, ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.qpolicy import QPolicy
+from agents.runs import stream_router
 from agents.store import AgentStore
 from models.sasfit import FitResult
 from streams.derived import DerivedRunWriter
@@ -46,33 +46,6 @@ OUTCOMES = {"point_key": str, "outcome": str, "reason": str}  # rejected / faile
 FITS = {"n_observations": "f8", "exposure": "f8", "reduced_deviance": "f8",
         "values": str, "sigmas": str, "relative_sigma": str}  # JSON objects keyed by parameter
 TABLES = {"observations": OBSERVATIONS, "decisions": DECISIONS, "outcomes": OUTCOMES, "fits": FITS}
-
-
-class ObservationError(AgentError):
-    """An event the agent cannot use as an observation (named by run, seq_num and cause)."""
-
-
-class _RunParser(DocumentRouter):
-    """Fresh per-run state (descriptors, instrument configuration) built for each start document."""
-
-    def __init__(self, agent: QSamplingAgent, start: dict) -> None:
-        super().__init__()
-        self.agent = agent
-        self.run_uid = start["uid"]
-        self.descriptors: dict[str, dict] = {}
-
-    def descriptor(self, doc: dict) -> None:
-        if doc.get("name") == self.agent.settings.keys.stream:
-            self.descriptors[doc["uid"]] = doc
-            self.agent._configure_from(doc)
-
-    def event(self, doc: dict) -> None:
-        descriptor = self.descriptors.get(doc["descriptor"])
-        if descriptor is not None:
-            self.agent._observe_event(self.run_uid, doc)
-
-    def stop(self, doc: dict) -> None:
-        self.agent._run_stopped(self.run_uid, doc)
 
 
 class QSamplingAgent:
@@ -109,7 +82,8 @@ class QSamplingAgent:
         self.errors: list[str] = []
         self.duplicates = 0
         self.stop_reason: str | None = None
-        self._router = RunRouter([lambda name, start: ([_RunParser(self, start)], [])])
+        self._router = stream_router(settings.keys.stream, self._observe_event, self._run_stopped,
+                                     on_descriptor=self._configure_from)
         self._derived: DerivedRunWriter | None = None
         self._load()
 

@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from event_model import DocumentRouter, RunRouter
 from pydantic import Field, model_validator
 
 from agents.config import _Strict, load_settings
-from agents.errors import AgentError
+from agents.errors import AgentError, ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
+from agents.runs import stream_router
 from agents.store import AgentStore
 from models.bo import BayesOptimizer, BOConfig, sobol_design
 from models.errors import ModelError
@@ -156,10 +156,6 @@ class TuningSettings(_Strict):
         return list(self.axes)
 
 
-class ObservationError(AgentError):
-    """An event the agent cannot use (named by run uid, seq_num and cause)."""
-
-
 def _tables(axes: Sequence[str]) -> dict[str, dict[str, Any]]:
     x = {f"x:{a}": "f8" for a in axes}
     return {
@@ -170,26 +166,6 @@ def _tables(axes: Sequence[str]) -> dict[str, dict[str, Any]]:
         "recommendations": {**x, "n_observations": "f8", "predicted_objective": "f8",
                             "p_feasible": "f8", "point_key": str},
     }
-
-
-class _RunParser(DocumentRouter):
-    """Fresh per-run state, built for each start document."""
-
-    def __init__(self, agent: TuningAgent, start: dict) -> None:
-        super().__init__()
-        self.agent, self.run_uid = agent, start["uid"]
-        self.descriptors: set[str] = set()
-
-    def descriptor(self, doc: dict) -> None:
-        if doc.get("name") == self.agent.settings.keys.stream:
-            self.descriptors.add(doc["uid"])
-
-    def event(self, doc: dict) -> None:
-        if doc["descriptor"] in self.descriptors:
-            self.agent._observe_event(self.run_uid, doc)
-
-    def stop(self, doc: dict) -> None:
-        self.agent._close_derived(doc.get("exit_status", "success"))
 
 
 class TuningAgent:
@@ -233,7 +209,8 @@ class TuningAgent:
         self.errors: list[str] = []
         self.duplicates = 0
         self.stop_reason: str | None = None
-        self._router = RunRouter([lambda name, start: ([_RunParser(self, start)], [])])
+        self._router = stream_router(settings.keys.stream, self._observe_event,
+                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
         self._load()
 

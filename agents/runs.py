@@ -1,0 +1,49 @@
+"""How a steering agent reads runs: the events of one named stream, per run.
+
+Every steering agent is told whole runs but learns only from the events of one stream (usually
+``primary``). :func:`stream_router` builds the event-model ``RunRouter`` that does this: fresh
+per-run state for each start document, descriptors of that stream remembered, each of their
+events handed on with the run's uid, and the stop document handed on when the run ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from event_model import DocumentRouter, RunRouter
+
+__all__ = ["stream_router"]
+
+
+class _StreamParser(DocumentRouter):
+    def __init__(self, start: dict, stream: str, on_event: Callable[[str, dict], Any],
+                 on_stop: Callable[[str, dict], Any], on_descriptor: Callable[[dict], Any] | None) -> None:
+        super().__init__()
+        self.run_uid = start["uid"]
+        self.stream, self.on_event, self.on_stop, self.on_descriptor = stream, on_event, on_stop, on_descriptor
+        self.descriptors: set[str] = set()
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.stream:
+            self.descriptors.add(doc["uid"])
+            if self.on_descriptor is not None:
+                self.on_descriptor(doc)
+
+    def event(self, doc: dict) -> None:
+        if doc["descriptor"] in self.descriptors:
+            self.on_event(self.run_uid, doc)
+
+    def stop(self, doc: dict) -> None:
+        self.on_stop(self.run_uid, doc)
+
+
+def stream_router(
+    stream: str,
+    on_event: Callable[[str, dict], Any],
+    on_stop: Callable[[str, dict], Any],
+    on_descriptor: Callable[[dict], Any] | None = None,
+) -> RunRouter:
+    """A ``RunRouter`` calling ``on_event(run_uid, event)`` for each event of ``stream``,
+    ``on_descriptor(descriptor)`` for each of its descriptors and ``on_stop(run_uid, stop)``."""
+    return RunRouter([lambda name, start: ([_StreamParser(start, stream, on_event, on_stop, on_descriptor)], [])])
