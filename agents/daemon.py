@@ -164,10 +164,11 @@ def _steering_kinds() -> dict[str, tuple[Any, Any]]:
     from agents.config import QSamplingSettings
     from agents.mapping import MappingAgent, MappingSettings
     from agents.qsampling import QSamplingAgent
+    from agents.sextupole import SextupoleAgent, SextupoleSettings
     from agents.tuning import TuningAgent, TuningSettings
 
     return {"qsampling": (QSamplingAgent, QSamplingSettings), "mapping": (MappingAgent, MappingSettings),
-            "tuning": (TuningAgent, TuningSettings)}
+            "tuning": (TuningAgent, TuningSettings), "sextupole": (SextupoleAgent, SextupoleSettings)}
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

@@ -75,12 +75,13 @@ class AgentEntry(_Strict):
 
     ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``qsampling``:
     the Q-scan steering agent of the spine; ``mapping``: where on the sample to measure next;
-    ``tuning``: beamline settings by Bayesian optimization). ``settings`` is that agent's
+    ``tuning``: beamline settings by Bayesian optimization; ``sextupole``: storage-ring
+    sextupoles by ML-MOGA). ``settings`` is that agent's
     settings mapping or a YAML path. Steering agents need ``safety``: no plan leaves without
     passing it.
     """
 
-    kind: Literal["rate", "qsampling", "mapping", "tuning"]
+    kind: Literal["rate", "qsampling", "mapping", "tuning", "sextupole"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     settings: dict[str, Any] | str = Field(default_factory=dict)
     safety: SafetySettings | None = None
