@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# the benchmarks also need what they compare against (gpCAM): the [bench] extra
+# the benchmarks also need what they compare against (gpCAM, Xopt): the [bench] extra
 BENCH_STAMP := $(VENV)/.beampilot-bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
@@ -33,6 +33,7 @@ benchmark: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/qsampling.py
 	$(BIN)/python benchmarks/mapping.py
 	$(BIN)/python benchmarks/tuning.py
+	$(BIN)/python benchmarks/moga.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
