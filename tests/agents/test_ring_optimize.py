@@ -106,6 +106,21 @@ def test_ring_demo_writes_its_report(tmp_path):
     assert saved["hypervolume"]["ml_moga"]["evaluations"] == [8, 16]
     assert saved["hypervolume"]["mobo"]["evaluations"][-1] == 10
     assert summary["chosen"]["status"] == "ok" and summary["failed_evaluations"] == 0
+    # run again on the same OUT: every optimizer resumes from its store, nothing is tracked twice
+    again = run_ring_demo(tmp_path, generations=2, pop_size=8, mobo_evaluations=10, seed=1, progress=False,
+                          aperture_tracking=TINY)
+    assert again["final_hypervolume"] == summary["final_hypervolume"]
+    assert len(OptimizationStore(tmp_path / "ml_moga.zarr", create=False).evaluations()["status"]) == 16
+
+
+def test_an_external_scheduler_is_used_by_address():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with dask_client(cluster.scheduler_address) as client:
+            outcomes = DaskEvaluator(client, TINY)(_knobs(3))
+            assert client.scheduler.address == cluster.scheduler_address
+    assert outcomes == SerialEvaluator(TINY)(_knobs(3))
 
 
 def test_cli_ring_demo_help_and_bad_input():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,12 @@ def test_the_daemon_builds_and_resumes_a_sextupole_agent(ring, tmp_path):
     assert resumed.kwargs["points"] == uninterrupted.kwargs["points"]
     assert [k for k in resumed.kwargs["point_keys"] if ":ramp" not in k] == \
         [k for k in uninterrupted.kwargs["point_keys"] if ":ramp" not in k]
+
+
+def test_the_shipped_example_settings_match_the_simulated_ring():
+    settings = load_settings(SextupoleSettings, str(Path(__file__).parents[2] / "deploy" / "sextupole.example.yaml"))
+    model = RingModel(TrackingConfig.full())  # the ring at full integrator resolution
+    X = np.array([[0.0, 0.0, 0.0, 1.0, 1.0], [10.0, -20.0, 30.0, 3.5, 0.5]])
+    for x, s in zip(X, settings.strengths(X), strict=True):
+        expected = model.strengths(dict(zip(settings.knob_names, x, strict=True)))
+        np.testing.assert_allclose(s, [expected[f] for f in settings.families], atol=0.05)

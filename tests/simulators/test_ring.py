@@ -154,3 +154,12 @@ def test_device_faults():
         ring.trigger().wait(5)
     with pytest.raises(ValueError, match="nan_probability"):
         RingFaults(nan_probability=2.0)
+
+
+def test_a_setting_that_loses_every_particle_is_reported_as_such():
+    # a chamber of a micrometre: every particle is lost in the first straight
+    tiny_chamber = dataclasses.replace(TrackingConfig.cheap(), chamber_x=1e-6, chamber_y=1e-6)
+    m = RingModel(tiny_chamber)
+    result = m.evaluate(m.strengths(START))
+    assert result.status == "all_lost"
+    assert result.da_area_mm2 == 0 and result.momentum_acceptance == 0 and result.injection_efficiency == 0
