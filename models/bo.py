@@ -80,8 +80,10 @@ logger = logging.getLogger(__name__)
 _NUMERICS = (OptimizationWarning, NumericsWarning, NumericalWarning, BadInitialCandidatesWarning)
 #: notices of situations botorch handles itself, recorded, not raised: qLogNEI's that in some
 #: posterior samples no observed point is feasible (it then takes a lower bound of the objective
-#: as the incumbent), and optimize_acqf's that it restarts from new initial conditions
-_HANDLED = ("When all training points are infeasible", "Optimization failed in `gen_candidates_scipy`")
+#: as the incumbent), and optimize_acqf's that it restarts from new initial conditions (and
+#: that the restart failed too: it then returns the best candidates it found)
+_HANDLED = ("When all training points are infeasible", "Optimization failed in `gen_candidates_scipy`",
+            "Optimization failed on the second try")
 
 
 @dataclass(frozen=True)
