@@ -1,0 +1,865 @@
+"""Classical baselines for the detector analyses: denoising, Bragg-peak integration, upsampling.
+
+Each ML model of ``models`` is measured against the classical method it replaces, and both go
+through the same code where they overlap (:func:`integrate_in_mask` integrates the U-Net's masks
+and the threshold baseline's alike), so the comparison is fair.
+
+* Denoising of Poisson counts: the Anscombe transform, a Gaussian filter or BM3D for unit-variance
+  Gaussian noise, and the exact unbiased inverse of Mäkitalo & Foi.
+* Bragg peaks: sphere and ellipsoid summation with a background shell (Mantid's
+  ``IntegratePeaksMD`` and ``IntegrateEllipsoids``), and threshold + connected components.
+* Super-resolution: cubic-spline ("bicubic") interpolation that conserves the total intensity.
+
+A ``mask`` argument follows numpy's masked-array convention everywhere: ``True`` marks a pixel
+to leave out (a module gap, a dead or hot pixel). Masked pixels may hold anything, NaN included.
+
+References
+----------
+F. J. Anscombe, "The transformation of Poisson, binomial and negative-binomial data",
+Biometrika 35, 246-254 (1948).
+M. Mäkitalo and A. Foi, "Optimal inversion of the Anscombe transformation in low-count Poisson
+image denoising", IEEE Trans. Image Process. 20(1), 99-109 (2011).
+M. Mäkitalo and A. Foi, "A closed-form approximation of the exact unbiased inverse of the
+Anscombe variance-stabilizing transformation", IEEE Trans. Image Process. 20(9), 2697-2698 (2011).
+K. Dabov, A. Foi, V. Katkovnik and K. Egiazarian, "Image denoising by sparse 3-D
+transform-domain collaborative filtering", IEEE Trans. Image Process. 16(8), 2080-2095 (2007).
+C. M. Stein, "Estimation of the mean of a multivariate normal distribution", Ann. Stat. 9(6),
+1135-1151 (1981).
+Mantid, ``IntegratePeaksMD`` and ``IntegrateEllipsoids`` algorithm documentation,
+https://docs.mantidproject.org.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
+from scipy.stats import poisson
+
+__all__ = [
+    "PeakIntegrals",
+    "anscombe",
+    "anscombe_bm3d",
+    "anscombe_gaussian",
+    "bicubic_upsample",
+    "ellipsoid_integrate",
+    "integrate_in_mask",
+    "inverse_anscombe_algebraic",
+    "inverse_anscombe_closed_form",
+    "inverse_anscombe_exact",
+    "rebin",
+    "sphere_integrate",
+    "sure_gaussian_sigma",
+    "threshold_components",
+]
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
+
+#: Largest Poisson mean of the exact-inverse table; above it the closed form is within 2e-5 (relative).
+_EXACT_MAX_LAMBDA = 400.0
+#: Gaussian filter widths (px) searched by :func:`sure_gaussian_sigma`.
+_SURE_SIGMAS = tuple(float(s) for s in np.geomspace(0.3, 12.0, 25))
+#: Width (px) of the pilot estimate of λ that sets the Anscombe-domain noise variance for SURE.
+_SURE_PILOT_SIGMA = 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def _counts(counts: ArrayLike, mask: ArrayLike | None, name: str = "counts",
+            ndim: tuple[int, ...] | None = None) -> tuple[FloatArray, BoolArray]:
+    """Return ``counts`` as float64 and the boolean bad-pixel mask, checking the unmasked values."""
+    x = np.asarray(counts)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be a real numeric array: {x.dtype=}")
+    x = x.astype(np.float64)
+    if ndim is not None and x.ndim not in ndim:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} dimensions: {x.shape=}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty: {x.shape=}")
+    if mask is None:
+        bad = np.zeros(x.shape, dtype=bool)
+    else:
+        bad = np.asarray(mask)
+        if bad.dtype != np.bool_ or bad.shape != x.shape:
+            raise ValueError(f"mask must be boolean and of {name}'s shape: {bad.dtype=}, "
+                             f"{bad.shape=}, {x.shape=}")
+    good = x[~bad]
+    if not np.isfinite(good).all():
+        idx = tuple(int(i[0]) for i in np.nonzero(~np.isfinite(x) & ~bad))
+        raise ValueError(f"{name} has a non-finite value at {idx} (mask it instead)")
+    if (good < 0).any():
+        idx = tuple(int(i[0]) for i in np.nonzero((x < 0) & ~bad))
+        raise ValueError(f"{name} has a negative count {x[idx]} at {idx}")
+    return np.where(bad, 0.0, x), bad
+
+
+def _positive(name: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite: {name}={value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Anscombe transform and its inverses
+
+
+def anscombe(x: ArrayLike) -> FloatArray:
+    """Anscombe variance-stabilising transform, ``A(x) = 2 sqrt(x + 3/8)``.
+
+    For Poisson ``x`` of mean λ ≳ 4, ``A(x)`` is close to Gaussian with unit variance.
+
+    Raises
+    ------
+    ValueError
+        ``x`` is not finite or is negative.
+
+    Examples
+    --------
+    >>> float(anscombe(0.0)) == 2 * (3 / 8) ** 0.5
+    True
+    """
+    v, _ = _counts(x, None, name="x")
+    return 2.0 * np.sqrt(v + 0.375)
+
+
+def _transformed(d: ArrayLike) -> FloatArray:
+    v = np.asarray(d, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError("transformed values must be finite")
+    return v
+
+
+def inverse_anscombe_algebraic(d: ArrayLike) -> FloatArray:
+    """Algebraic inverse of the Anscombe transform, ``(D / 2)² - 3/8``.
+
+    Biased at low counts: ``E[A(x)]`` lies below ``A(E[x])``, so it underestimates λ there.
+    """
+    v = _transformed(d)
+    return (v / 2.0) ** 2 - 0.375
+
+
+def inverse_anscombe_closed_form(d: ArrayLike) -> FloatArray:
+    """Closed-form approximation of the exact unbiased inverse (Mäkitalo & Foi, TIP 20(9), 2011).
+
+    ``I(D) = D²/4 + sqrt(3/2)/(4 D) - 11/(8 D²) + 5 sqrt(3/2)/(8 D³) - 1/8``, clipped at 0 (the
+    exact inverse's value for ``D <= 2 sqrt(3/8)``). Its error against the exact inverse is
+    largest below ``D ≈ 2``, i.e. below λ ≈ 0.5.
+    """
+    v = _transformed(d)
+    out = np.zeros_like(v)
+    pos = v > 0
+    D = v[pos]
+    s = math.sqrt(1.5)
+    out[pos] = 0.25 * D**2 + 0.25 * s / D - 1.375 / D**2 + 0.625 * s / D**3 - 0.125
+    return np.maximum(out, 0.0)
+
+
+@lru_cache(maxsize=1)
+def _exact_table() -> tuple[FloatArray, FloatArray]:
+    """``(E[A(Poisson(λ))], λ)`` on a grid of λ from 0 to :data:`_EXACT_MAX_LAMBDA`."""
+    lam = np.concatenate([[0.0], np.geomspace(1e-4, _EXACT_MAX_LAMBDA, 4000)])
+    k = np.arange(int(_EXACT_MAX_LAMBDA + 15 * math.sqrt(_EXACT_MAX_LAMBDA) + 60))
+    pmf = poisson.pmf(k[:, None], lam[None, :])
+    expect = (2.0 * np.sqrt(k + 0.375)) @ pmf
+    return expect, lam
+
+
+def inverse_anscombe_exact(d: ArrayLike) -> FloatArray:
+    """Exact unbiased inverse of the Anscombe transform (Mäkitalo & Foi, TIP 20(1), 2011).
+
+    The inverse of ``λ ↦ E[A(x) | x ~ Poisson(λ)] = Σ_k 2 sqrt(k + 3/8) λ^k e^{-λ} / k!``:
+    a denoiser that estimates ``E[A(x)]`` is mapped back to λ without bias. The expectation is
+    tabulated once for λ in ``[0, 400]`` and inverted by linear interpolation on 4,000 log-spaced
+    nodes; above the table the closed form (:func:`inverse_anscombe_closed_form`) is used, and
+    values below ``E[A(x) | λ = 0] = 2 sqrt(3/8)`` map to 0.
+
+    Parameters
+    ----------
+    d : array_like
+        Estimates of ``E[A(x)]``, any shape.
+
+    Returns
+    -------
+    ndarray
+        λ, of ``d``'s shape.
+
+    Examples
+    --------
+    >>> lam = 0.2
+    >>> k = np.arange(40)
+    >>> from scipy.stats import poisson
+    >>> e = float((2 * np.sqrt(k + 0.375) * poisson.pmf(k, lam)).sum())
+    >>> round(float(inverse_anscombe_exact(e)), 4)
+    0.2
+    """
+    v = _transformed(d)
+    expect, lam = _exact_table()
+    out = np.interp(v.ravel(), expect, lam).reshape(v.shape)
+    high = v > expect[-1]
+    if high.any():
+        out[high] = inverse_anscombe_closed_form(v[high])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# denoising
+
+
+def _fill_masked(a: FloatArray, bad: BoolArray, width: float) -> FloatArray:
+    """Replace masked pixels by the Gaussian-weighted mean of their unmasked neighbours."""
+    if not bad.any():
+        return a
+    good = (~bad).astype(np.float64)
+    num = ndimage.gaussian_filter(np.where(bad, 0.0, a), width, mode="reflect")
+    den = ndimage.gaussian_filter(good, width, mode="reflect")
+    fallback = float(a[~bad].mean())  # far from any good pixel: the frame's mean
+    local = np.divide(num, den, out=np.full_like(a, fallback), where=den > 1e-3)
+    return np.where(bad, local, a)
+
+
+def _filter_diagonal_trace(n: int, sigma: float) -> float:
+    """Trace of the ``n x n`` matrix of a 1D Gaussian filter with reflecting boundaries."""
+    radius = int(4.0 * sigma + 0.5)
+    m = min(n, 4 * radius + 4)
+    diag = np.diag(ndimage.gaussian_filter1d(np.eye(m), sigma, axis=0, mode="reflect"))
+    if m == n:
+        return float(diag.sum())
+    edge = diag[: 2 * radius + 2]  # the left edge; the right one mirrors it
+    centre = float(diag[m // 2])
+    return float(2 * edge.sum() + (n - 2 * edge.size) * centre)
+
+
+def _anscombe_variance(lam: FloatArray) -> FloatArray:
+    """``Var[A(x)]`` for ``x ~ Poisson(lam)``: ``4 (lam + 3/8) - E[A(x)]²``, 1 above the table."""
+    expect, grid = _exact_table()
+    e = np.interp(lam, grid, expect)
+    var = 4.0 * (lam + 0.375) - e**2
+    return np.where(lam > grid[-1], 1.0, np.clip(var, 1e-6, None))
+
+
+def sure_gaussian_sigma(
+    counts: ArrayLike,
+    mask: ArrayLike | None = None,
+    sigmas: tuple[float, ...] = _SURE_SIGMAS,
+) -> float:
+    """Width of the Gaussian filter that minimises Stein's unbiased risk estimate (SURE).
+
+    In the Anscombe domain the noise is close to Gaussian, and a Gaussian filter is a linear
+    smoother ``H``, so its risk is estimated without the truth as
+    ``SURE(σ) = Σ w_i ((H y - y)_i² - v_i + 2 v_i H_ii)``. The noise variance ``v_i`` is 1 at
+    high counts but falls below it under ~4 counts, so it is taken as ``Var[A(x) | λ̂_i]`` of a
+    pilot estimate ``λ̂`` (counts smoothed at 2 px). The weights ``w_i = λ̂_i + 3/8 = (dλ/dA)²``
+    make it estimate the count-domain squared error (delta method), the error PSNR measures;
+    unweighted, it over-smooths bright peaks. ``H_ii`` is the filter's mean diagonal, from the
+    exact traces of the 1D filters (reflecting boundaries). Masked pixels are filled as in
+    :func:`anscombe_gaussian` and left out of the sums; the fill's effect on ``H`` is ignored.
+
+    Parameters
+    ----------
+    counts : array_like
+        Poisson counts, any dimension.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out.
+    sigmas : tuple of float
+        Candidate widths in pixels.
+
+    Returns
+    -------
+    float
+        The candidate with the smallest SURE.
+    """
+    x, bad = _counts(counts, mask)
+    if not sigmas or any(not (math.isfinite(s) and s > 0) for s in sigmas):
+        raise ValueError(f"sigmas must be positive and finite: {sigmas=}")
+    y = _fill_masked(anscombe(x), bad, 3.0)
+    keep = ~bad
+    # below ~4 counts the Anscombe variance falls short of 1; taking it as 1 there over-smooths
+    pilot = ndimage.gaussian_filter(_fill_masked(x, bad, 3.0), _SURE_PILOT_SIGMA, mode="reflect")
+    var = _anscombe_variance(pilot)[keep]
+    # (dλ/dA)² = λ + 3/8 turns an Anscombe-domain error into a count-domain one (delta method)
+    weight = pilot[keep] + 0.375
+    wvar = float((weight * var).sum())
+    risks = []
+    for s in sigmas:
+        hy = ndimage.gaussian_filter(y, s, mode="reflect")
+        # the filter's diagonal is the same at every interior pixel: tr(H) / N per pixel
+        h_ii = math.prod(_filter_diagonal_trace(n, s) for n in y.shape) / y.size
+        err2 = float((weight * (hy - y)[keep] ** 2).sum())
+        risks.append(err2 - wvar + 2.0 * h_ii * wvar)
+    return sigmas[int(np.argmin(risks))]
+
+
+def anscombe_gaussian(
+    counts: ArrayLike,
+    sigma: float | Literal["sure"] = "sure",
+    mask: ArrayLike | None = None,
+) -> FloatArray:
+    """Denoise Poisson counts: Anscombe transform, Gaussian filter, exact unbiased inverse.
+
+    ``λ̂ = I⁻¹(G_σ * A(counts))`` with ``I⁻¹`` :func:`inverse_anscombe_exact`.
+
+    Parameters
+    ----------
+    counts : array_like
+        Poisson counts, any dimension (a 2D frame, a 3D volume).
+    sigma : float or "sure"
+        Filter width in pixels, or ``"sure"`` to choose it by :func:`sure_gaussian_sigma`.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out: it is filled by the local mean of its unmasked
+        neighbours before filtering (so it does not drag them down) and set to 0 in the result.
+
+    Returns
+    -------
+    ndarray
+        Estimated expected counts, float64, of ``counts``' shape.
+
+    Raises
+    ------
+    ValueError
+        Unmasked counts are negative or not finite, the mask does not match, or ``sigma`` is not
+        positive.
+    """
+    x, bad = _counts(counts, mask)
+    if isinstance(sigma, str):
+        if sigma != "sure":
+            raise ValueError(f"sigma must be a positive number or 'sure': {sigma=}")
+        width = sure_gaussian_sigma(x, bad)
+    else:
+        width = _positive("sigma", sigma)
+    a = _fill_masked(anscombe(x), bad, max(width, 2.0))
+    out = inverse_anscombe_exact(ndimage.gaussian_filter(a, width, mode="reflect"))
+    out[bad] = 0.0
+    return out
+
+
+def anscombe_bm3d(
+    counts: ArrayLike,
+    mask: ArrayLike | None = None,
+    profile: str = "np",
+) -> FloatArray:
+    """Denoise a Poisson frame: Anscombe transform, BM3D at unit noise, exact unbiased inverse.
+
+    ``λ̂ = I⁻¹(BM3D(A(counts), σ = 1))`` (Mäkitalo & Foi 2011; Dabov et al. 2007), the strongest
+    classical Poisson denoiser. Needs the ``bm3d`` package, a benchmark-only dependency.
+
+    Parameters
+    ----------
+    counts : array_like
+        A 2D frame of Poisson counts, ``H x W``.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out: filled by the local mean of its unmasked neighbours
+        before filtering and set to 0 in the result.
+    profile : str
+        BM3D profile (``"np"`` normal, ``"refilter"``, ``"vn"``, ``"high"``, ``"deb"``).
+
+    Returns
+    -------
+    ndarray
+        Estimated expected counts, float64, ``H x W``.
+
+    Raises
+    ------
+    ImportError
+        ``bm3d`` is not installed.
+    ValueError
+        ``counts`` is not 2D, unmasked counts are negative or not finite, or the mask does not
+        match.
+    """
+    x, bad = _counts(counts, mask, ndim=(2,))
+    try:
+        import bm3d
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "anscombe_bm3d needs the 'bm3d' package, a benchmark-only dependency: "
+            "pip install '.[bench]' (or pip install bm3d)"
+        ) from err
+    a = _fill_masked(anscombe(x), bad, 3.0)
+    out = inverse_anscombe_exact(np.asarray(bm3d.bm3d(a, sigma_psd=1.0, profile=profile)))
+    out[bad] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Bragg-peak integration
+
+
+@dataclass(frozen=True)
+class PeakIntegrals:
+    """Integrated intensities of ``n`` peaks and how they were obtained.
+
+    ``intensity = S_peak - n_peak b``, ``b = S_shell / n_shell`` the background per pixel, and
+    ``sigma = sqrt(S_peak + (n_peak / n_shell)² S_shell)`` (Poisson propagation, as Mantid's
+    ``IntegratePeaksMD``). A peak whose shell holds no pixel has NaN intensity, sigma and
+    background.
+
+    Attributes
+    ----------
+    intensity, sigma, background : ndarray
+        ``n``: integrated intensity, its standard deviation and the background per pixel.
+    n_peak, n_shell : ndarray of int
+        ``n``: pixels summed in the peak region and in the background shell.
+    centroids : ndarray
+        ``n x d``: peak positions in pixel coordinates (given, or the components' centroids).
+    labels : ndarray of int or None
+        For the mask-based integrators, the label image: peak ``i`` is ``labels == i + 1``.
+    """
+
+    intensity: FloatArray
+    sigma: FloatArray
+    background: FloatArray
+    n_peak: NDArray[np.int64]
+    n_shell: NDArray[np.int64]
+    centroids: FloatArray
+    labels: NDArray[np.int64] | None = None
+
+
+def _summed(rows: list[tuple[float, float, int, int]], centroids: FloatArray,
+            labels: NDArray[np.int64] | None = None) -> PeakIntegrals:
+    """Build :class:`PeakIntegrals` from per-peak ``(S_peak, S_shell, n_peak, n_shell)``."""
+    s_in, s_sh, n_in, n_sh = np.array(rows, dtype=np.float64).reshape(-1, 4).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bkg = np.where(n_sh > 0, s_sh / np.maximum(n_sh, 1), np.nan)
+        ratio = np.where(n_sh > 0, n_in / np.maximum(n_sh, 1), np.nan)
+    return PeakIntegrals(
+        intensity=s_in - n_in * bkg,
+        sigma=np.sqrt(s_in + ratio**2 * s_sh),
+        background=bkg,
+        n_peak=n_in.astype(np.int64),
+        n_shell=n_sh.astype(np.int64),
+        centroids=centroids,
+        labels=labels,
+    )
+
+
+def _centres(centers: ArrayLike, ndim: int) -> FloatArray:
+    c = np.asarray(centers, dtype=np.float64)
+    if c.ndim == 1 and c.size == ndim:
+        c = c[None, :]
+    if c.ndim != 2 or c.shape[1] != ndim or not np.isfinite(c).all():
+        raise ValueError(f"centers must be a finite `n x {ndim}` array of pixel coordinates: "
+                         f"{c.shape=}")
+    return c
+
+
+def _region_sums(x: FloatArray, bad: BoolArray, centre: FloatArray, metric: FloatArray,
+                 r_peak: float, r_inner: float, r_outer: float) -> tuple[float, float, int, int]:
+    """Sums over ``d ≤ r_peak`` and ``r_inner < d ≤ r_outer``, ``d² = Δᵀ metric Δ``."""
+    half = r_outer * np.sqrt(np.diag(np.linalg.inv(metric)))
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, x.shape)
+    if (hi <= lo).any():
+        return 0.0, 0.0, 0, 0
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grids = np.meshgrid(*(np.arange(a, b) - c for a, b, c in zip(lo, hi, centre)), indexing="ij")
+    delta = np.stack(grids, axis=-1)
+    d2 = np.einsum("...i,ij,...j->...", delta, metric, delta)
+    sub, ok = x[box], ~bad[box]
+    peak = ok & (d2 <= r_peak**2)
+    shell = ok & (d2 > r_inner**2) & (d2 <= r_outer**2)
+    return float(sub[peak].sum()), float(sub[shell].sum()), int(peak.sum()), int(shell.sum())
+
+
+def sphere_integrate(
+    data: ArrayLike,
+    centers: ArrayLike,
+    radius: float,
+    bkg_inner: float,
+    bkg_outer: float,
+    mask: ArrayLike | None = None,
+) -> PeakIntegrals:
+    """Sum counts in a sphere (circle in 2D) minus the background from a spherical shell.
+
+    Mantid's ``IntegratePeaksMD``: ``I = S_in - n_in S_shell / n_shell`` over the pixels whose
+    centres lie within ``radius`` of a peak centre, with the shell ``bkg_inner < r ≤ bkg_outer``,
+    and ``σ(I)² = S_in + (n_in / n_shell)² S_shell``. Pixels outside the array or masked are
+    left out of both sums (``n_peak`` then says how much of the sphere was summed).
+
+    Parameters
+    ----------
+    data : array_like
+        Counts, a 2D frame or 3D volume (any dimension ``d``).
+    centers : array_like
+        Peak centres in pixel (array index) coordinates, ``n x d``.
+    radius : float
+        Peak radius in pixels.
+    bkg_inner, bkg_outer : float
+        Radii bounding the background shell, ``radius ≤ bkg_inner < bkg_outer``.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out.
+
+    Returns
+    -------
+    PeakIntegrals
+
+    Raises
+    ------
+    ValueError
+        Counts are negative or not finite, centres have the wrong shape, or the radii are out of
+        order.
+    """
+    x, bad = _counts(data, mask, name="data")
+    c = _centres(centers, x.ndim)
+    radius = _positive("radius", radius)
+    if not radius <= bkg_inner < bkg_outer:
+        raise ValueError(f"need radius <= bkg_inner < bkg_outer: {radius=}, {bkg_inner=}, "
+                         f"{bkg_outer=}")
+    eye = np.eye(x.ndim)
+    rows = [_region_sums(x, bad, ci, eye, radius, bkg_inner, bkg_outer) for ci in c]
+    return _summed(rows, c)
+
+
+def _peak_covariance(x: FloatArray, bad: BoolArray, centre: FloatArray,
+                     region_radius: float) -> FloatArray | None:
+    """Covariance of the counts above the local background within ``region_radius``."""
+    lo = np.maximum(np.floor(centre - region_radius).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + region_radius).astype(int) + 1, x.shape)
+    if (hi <= lo).any():
+        return None
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grids = np.meshgrid(*(np.arange(a, b) - c for a, b, c in zip(lo, hi, centre)), indexing="ij")
+    delta = np.stack(grids, axis=-1)
+    r = np.sqrt((delta**2).sum(-1))
+    inside = ~bad[box] & (r <= region_radius)
+    rim = inside & (r > 0.8 * region_radius)
+    if not rim.any():
+        return None
+    # the rim of the region is mostly background. Its mean, not its median: the median of
+    # integer counts jumps by whole counts, and the moments amplify that by ~R^(d+2). The
+    # weights keep their sign: clipping them at 0 would turn background noise into spread.
+    weight = np.where(inside, x[box] - x[box][rim].mean(), 0.0)
+    total = weight.sum()
+    if total <= 0:
+        return None
+    pts = delta[inside]
+    w = weight[inside] / total
+    mean = w @ pts
+    dev = pts - mean
+    cov = (dev * w[:, None]).T @ dev
+    return cov if np.isfinite(cov).all() else None
+
+
+def ellipsoid_integrate(
+    data: ArrayLike,
+    centers: ArrayLike,
+    region_radius: float,
+    n_sigma: float = 3.0,
+    bkg_inner_scale: float = 1.0,
+    bkg_outer_scale: float | None = None,
+    min_sigma: float = 0.5,
+    weak_threshold: float | None = None,
+    mask: ArrayLike | None = None,
+) -> PeakIntegrals:
+    """Sum counts in an ellipsoid fitted to each peak, minus the background from an ellipsoidal shell.
+
+    Mantid's ``IntegrateEllipsoids``: the covariance ``Σ`` of the counts above the local
+    background within ``region_radius`` of the centre (background: mean of the region's outer
+    fifth) gives the principal axes; the peak region is ``Δᵀ Σ⁻¹ Δ ≤ n_sigma²`` and the shell
+    ``bkg_inner_scale < sqrt(Δᵀ Σ⁻¹ Δ) / n_sigma ≤ bkg_outer_scale`` (by default
+    ``2^(1/d)``: a shell of the peak's volume, like Mantid's defaults in 3D). Intensity and σ(I) as in
+    :func:`sphere_integrate`. Principal widths are floored at ``min_sigma`` pixels and capped at
+    ``region_radius / n_sigma`` (the ellipsoid stays inside the region that measured it); where
+    no count stands above the background it falls back to a sphere of radius ``region_radius``.
+
+    The moments of a weak peak are mostly noise. With ``weak_threshold`` set, a peak whose
+    ``I/σ(I)`` falls below it is integrated again with the ellipsoid of the nearest peak above
+    it, as Mantid's ``IntegrateEllipsoidsTwoStep`` does.
+
+    Parameters
+    ----------
+    data : array_like
+        Counts, any dimension ``d``.
+    centers : array_like
+        Peak centres in pixel coordinates, ``n x d``.
+    region_radius : float
+        Radius in pixels of the neighbourhood whose counts define the ellipsoid; make it at least
+        ``3 σ`` of the widest peak, or the covariance is truncated.
+    n_sigma : float
+        Size of the peak ellipsoid in standard deviations.
+    bkg_inner_scale, bkg_outer_scale : float
+        Shell bounds as multiples of the peak ellipsoid, ``1 ≤ inner < outer``; the outer one
+        defaults to ``2^(1/d) bkg_inner_scale``.
+    min_sigma : float
+        Smallest principal width, pixels.
+    weak_threshold : float, optional
+        ``I/σ(I)`` below which a peak borrows the shape of the nearest stronger one; by default
+        every peak keeps its own.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out.
+
+    Returns
+    -------
+    PeakIntegrals
+
+    Raises
+    ------
+    ValueError
+        Counts are negative or not finite, centres have the wrong shape, or a size is out of
+        range.
+    """
+    x, bad = _counts(data, mask, name="data")
+    c = _centres(centers, x.ndim)
+    region_radius = _positive("region_radius", region_radius)
+    n_sigma = _positive("n_sigma", n_sigma)
+    min_sigma = _positive("min_sigma", min_sigma)
+    if bkg_outer_scale is None:
+        bkg_outer_scale = 2.0 ** (1.0 / x.ndim) * bkg_inner_scale
+    if not 1.0 <= bkg_inner_scale < bkg_outer_scale:
+        raise ValueError(f"need 1 <= bkg_inner_scale < bkg_outer_scale: {bkg_inner_scale=}, "
+                         f"{bkg_outer_scale=}")
+    if weak_threshold is not None:
+        _positive("weak_threshold", weak_threshold)
+    radii = (n_sigma, n_sigma * bkg_inner_scale, n_sigma * bkg_outer_scale)
+    metrics = []
+    for ci in c:
+        cov = _peak_covariance(x, bad, ci, region_radius)
+        if cov is None:
+            cov = np.eye(x.ndim) * (region_radius / n_sigma) ** 2
+        vals, vecs = np.linalg.eigh(cov)
+        # no wider than the region that measured it: noise can inflate a weak peak's moments
+        vals = np.clip(vals, min_sigma**2, max((region_radius / n_sigma) ** 2, min_sigma**2))
+        metrics.append((vecs / vals) @ vecs.T)
+    rows = [_region_sums(x, bad, ci, m, *radii) for ci, m in zip(c, metrics)]
+    if weak_threshold is None or not rows:
+        return _summed(rows, c)
+    first = _summed(rows, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        strong = np.nan_to_num(first.intensity / first.sigma) >= weak_threshold
+    if strong.all() or not strong.any():
+        return first
+    strong_idx = np.flatnonzero(strong)
+    for i in np.flatnonzero(~strong):
+        nearest = strong_idx[np.argmin(((c[strong_idx] - c[i]) ** 2).sum(axis=1))]
+        rows[i] = _region_sums(x, bad, c[i], metrics[nearest], *radii)
+    return _summed(rows, c)
+
+
+def integrate_in_mask(
+    counts: ArrayLike,
+    peak_mask: ArrayLike,
+    background_shell_width: float = 3.0,
+    mask: ArrayLike | None = None,
+) -> PeakIntegrals:
+    """Integrate every connected component of a peak mask, with the background from a shell.
+
+    The integrator of any segmentation (the Bragg U-Net, :func:`threshold_components`): each
+    component (full connectivity: 8 neighbours in 2D, 26 in 3D) is summed, and the background
+    per pixel is the mean over the pixels within ``background_shell_width`` (Euclidean) of the
+    component that belong to no component and are not masked.
+    ``I = S_in - n_in S_shell / n_shell``, ``σ(I)² = S_in + (n_in / n_shell)² S_shell``.
+
+    Parameters
+    ----------
+    counts : array_like
+        Counts, any dimension.
+    peak_mask : array_like of bool
+        ``True`` on peak pixels, of ``counts``' shape.
+    background_shell_width : float
+        Shell width in pixels.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out (it is also dropped from the peaks).
+
+    Returns
+    -------
+    PeakIntegrals
+        Peaks in label order, with ``labels`` and the components' unweighted centroids.
+
+    Raises
+    ------
+    ValueError
+        Counts are negative or not finite, a mask does not match, or the width is not positive.
+    """
+    x, bad = _counts(counts, mask)
+    pm = np.asarray(peak_mask)
+    if pm.dtype != np.bool_ or pm.shape != x.shape:
+        raise ValueError(f"peak_mask must be boolean and of counts' shape: {pm.dtype=}, "
+                         f"{pm.shape=}, {x.shape=}")
+    width = _positive("background_shell_width", background_shell_width)
+    pm = pm & ~bad
+    structure = ndimage.generate_binary_structure(x.ndim, x.ndim)
+    labels, n = ndimage.label(pm, structure=structure)
+    labels = labels.astype(np.int64)
+    pad = math.ceil(width)
+    rows = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        assert sl is not None  # labels are consecutive
+        box = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, dim))
+                    for s, dim in zip(sl, x.shape))
+        comp = labels[box] == i
+        dist = ndimage.distance_transform_edt(~comp)
+        shell = (dist > 0) & (dist <= width) & ~pm[box] & ~bad[box]
+        sub = x[box]
+        rows.append((float(sub[comp].sum()), float(sub[shell].sum()),
+                     int(comp.sum()), int(shell.sum())))
+    centroids = np.array(ndimage.center_of_mass(pm, labels, range(1, n + 1)),
+                         dtype=np.float64).reshape(n, x.ndim)
+    return _summed(rows, centroids, labels)
+
+
+def threshold_components(
+    frame: ArrayLike,
+    threshold: float = 5.0,
+    background: Literal["median", "percentile"] = "median",
+    size: int = 15,
+    percentile: float = 50.0,
+    min_pixels: int = 3,
+    dilate: int = 1,
+    background_shell_width: float = 3.0,
+    mask: ArrayLike | None = None,
+) -> tuple[BoolArray, PeakIntegrals]:
+    """Find peaks by thresholding above the background, then integrate each component.
+
+    The background ``b`` is a median filter of width ``size`` (wider than the peaks) or one
+    percentile of the frame; a pixel is a peak pixel when ``counts > b + k sqrt(max(b, 1))``
+    (Poisson noise, floored at one count so an empty background does not let single counts
+    through). Components (full connectivity) smaller than ``min_pixels`` are dropped, the rest
+    are grown by ``dilate`` pixels to take in the peaks' tails, and each is integrated by
+    :func:`integrate_in_mask` — the same integrator as the U-Net's.
+
+    Parameters
+    ----------
+    frame : array_like
+        Counts, any dimension.
+    threshold : float
+        ``k``, the threshold in Poisson standard deviations.
+    background : {"median", "percentile"}
+        How ``b`` is estimated.
+    size : int
+        Median filter width in pixels.
+    percentile : float
+        Percentile for ``background="percentile"``.
+    min_pixels : int
+        Smallest component kept, pixels (before dilation).
+    dilate : int
+        Dilation of the kept components, pixels (0: none).
+    background_shell_width : float
+        Passed to :func:`integrate_in_mask`.
+    mask : array_like of bool, optional
+        ``True`` where a pixel is left out.
+
+    Returns
+    -------
+    peak_mask : ndarray of bool
+        The peak pixels, of ``frame``'s shape.
+    integrals : PeakIntegrals
+        One entry per component of ``peak_mask``.
+
+    Raises
+    ------
+    ValueError
+        Counts are negative or not finite, or a parameter is out of range.
+    """
+    x, bad = _counts(frame, mask, name="frame")
+    _positive("threshold", threshold)
+    if size < 1 or min_pixels < 1 or dilate < 0 or not 0 <= percentile <= 100:
+        raise ValueError(f"need size >= 1, min_pixels >= 1, dilate >= 0, 0 <= percentile <= 100: "
+                         f"{size=}, {min_pixels=}, {dilate=}, {percentile=}")
+    if background == "median":
+        # masked pixels take the frame's median so gaps do not pull the local background down
+        filled = np.where(bad, np.median(x[~bad]), x)
+        b = ndimage.median_filter(filled, size=size, mode="reflect")
+    elif background == "percentile":
+        b = np.full_like(x, np.percentile(x[~bad], percentile))
+    else:
+        raise ValueError(f"background must be 'median' or 'percentile': {background=}")
+    hot = (x > b + threshold * np.sqrt(np.maximum(b, 1.0))) & ~bad
+    structure = ndimage.generate_binary_structure(x.ndim, x.ndim)
+    labels, n = ndimage.label(hot, structure=structure)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    peaks = keep[labels]
+    if dilate:
+        peaks = ndimage.binary_dilation(peaks, structure, iterations=dilate) & ~bad
+    return peaks, integrate_in_mask(x, peaks, background_shell_width, bad)
+
+
+# --------------------------------------------------------------------------------------------
+# super-resolution
+
+
+def _factor(factor: int) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, int | np.integer) or factor < 1:
+        raise ValueError(f"factor must be a positive integer: {factor=}")
+    return int(factor)
+
+
+def rebin(fine: ArrayLike, factor: int) -> FloatArray:
+    """Sum ``factor``-sided blocks of pixels: the coarse detector that sees the same photons.
+
+    Raises
+    ------
+    ValueError
+        A side is not a multiple of ``factor``.
+    """
+    f = _factor(factor)
+    x = np.asarray(fine, dtype=np.float64)
+    if any(n % f for n in x.shape):
+        raise ValueError(f"every side must be a multiple of {factor=}: {x.shape=}")
+    shape = [v for n in x.shape for v in (n // f, f)]
+    return x.reshape(shape).sum(axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
+def bicubic_upsample(
+    coarse: ArrayLike,
+    factor: int,
+    space: Literal["linear", "log"] = "linear",
+    floor: float | None = None,
+) -> FloatArray:
+    """Upsample an intensity image by cubic-spline interpolation, conserving counts per pixel area.
+
+    ``fine = zoom(coarse, factor, order=3) / factor^d`` with pixel-edge alignment
+    (``grid_mode=True``): each coarse pixel becomes ``factor^d`` fine pixels whose intensities
+    sum, approximately, to the coarse one (exactly for a locally linear image). This is scipy's
+    order-3 B-spline interpolation, the usual stand-in for bicubic. With ``space="log"`` the
+    interpolation runs on ``log(coarse + floor)`` and the result is ``exp(...) - floor``, scaled
+    the same way: better for patterns spanning decades, such as SANS, but the total is then only
+    approximately conserved. Linear-space results can undershoot below 0 next to sharp edges;
+    they are returned as they are, not clipped.
+
+    Parameters
+    ----------
+    coarse : array_like
+        Non-negative intensities, any dimension ``d``.
+    factor : int
+        Upsampling factor per axis.
+    space : {"linear", "log"}
+        Where to interpolate.
+    floor : float, optional
+        Offset of the log (``space="log"``); by default half the smallest positive intensity.
+
+    Returns
+    -------
+    ndarray
+        ``factor`` times larger along every axis.
+
+    Raises
+    ------
+    ValueError
+        Intensities are negative or not finite, or ``factor``, ``space`` or ``floor`` is invalid.
+    """
+    x, _ = _counts(coarse, None, name="coarse")
+    f = _factor(factor)
+    scale = float(f**x.ndim)
+
+    def zoom(a: FloatArray) -> FloatArray:
+        return ndimage.zoom(a, f, order=3, mode="reflect", grid_mode=True)
+
+    if space == "linear":
+        return zoom(x) / scale
+    if space != "log":
+        raise ValueError(f"space must be 'linear' or 'log': {space=}")
+    if floor is None:
+        positive = x[x > 0]
+        if positive.size == 0:
+            return np.zeros([n * f for n in x.shape])
+        floor = 0.5 * float(positive.min())
+    floor = _positive("floor", floor)
+    return (np.exp(zoom(np.log(x + floor))) - floor) / scale
