@@ -1,0 +1,196 @@
+"""``beampilot train denoise|bragg|sans-sr``: train a detector network from the simulators.
+
+Each task pairs a data recipe (:mod:`simulators.detector`: which generator, which sample kinds,
+which count levels, which detector effects) with a network (:mod:`models.nets`), a loss and the
+one training loop (:func:`models.training.train`). Training draws from the TRAIN kinds with the
+training seed; the held-out evaluation printed at the end uses other seeds (``seed + 10_000``)
+and the HELD-OUT kinds, and compares the network with the classical method it replaces
+(:mod:`models.classical`). The weights are written with their metadata and checksum
+(:func:`models.registry.save_weights`).
+
+* **denoise** - :class:`models.nets.PoissonDenoiser` on 64 x 64 crops of every training kind,
+  mean 0.01-100 counts per pixel (log-uniform), random photon-counting or integrating detector
+  effects; Poisson NLL against the expected counts outside the detector mask (``--noise2noise``:
+  against a second, independent draw instead, as for real data without clean targets).
+* **bragg** - :class:`models.nets.PeakUNet` (2D) on 64 x 64 Bragg frames over the whole
+  signal-to-noise range; BCE + Dice against the true peak support.
+* **sans-sr** - :class:`models.nets.SuperResolver` (``--factor`` 2 or 4) on sasmodels patterns of
+  the training kinds, 10^5-10^6 counts per coarse pattern; Poisson NLL of the fine expected
+  counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import nets
+from models.registry import WeightsRecord, save_weights
+from models.training import TrainConfig, train
+from simulators import detector as det
+
+__all__ = ["TASKS", "Task", "run_training"]
+
+EVAL_SEED_OFFSET = 10_000
+PATCH = 64
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+# -- denoise ---------------------------------------------------------------------------------------
+
+def denoise_sample(rng: np.random.Generator, kinds: tuple[str, ...], mean: float | None = None,
+                   shape: tuple[int, int] = (PATCH, PATCH), pair: bool = False) -> det.FrameSample:
+    kind = kinds[int(rng.integers(len(kinds)))]
+    level = _log_uniform(rng, 0.01, 100.0) if mean is None else mean
+    return det.denoise_frame(rng, kind, shape, level, effects=det.random_effects(rng), pair=pair)
+
+
+def _denoise_batch(noise2noise: bool) -> Callable[[np.random.Generator, int], nets_batch]:
+    def make(rng: np.random.Generator, size: int) -> nets_batch:
+        xs, ys, ms = [], [], []
+        for _ in range(size):
+            s = denoise_sample(rng, det.DENOISE_TRAIN_KINDS, pair=noise2noise)
+            good = ~s.mask
+            xs.append(np.where(good, s.counts, 0.0))
+            ys.append(np.where(good, s.counts2 if noise2noise else s.expected, 0.0))
+            ms.append(good)
+        return _tensors(xs), _tensors(ys), _tensors(ms)
+    return make
+
+
+def _denoise_loss(rate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return nets.poisson_nll(rate, target, mask)
+
+
+# -- bragg -----------------------------------------------------------------------------------------
+
+def bragg_sample(rng: np.random.Generator, shape: tuple[int, int] = (PATCH, PATCH)) -> det.FrameSample:
+    recipe = det.BraggRecipe(shape=shape, n_peaks=(1, 6), count_scale=_log_uniform(rng, 0.05, 3.0))
+    return det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
+
+
+def _bragg_batch(rng: np.random.Generator, size: int) -> nets_batch:
+    xs, ys = [], []
+    for _ in range(size):
+        s = bragg_sample(rng)
+        xs.append(np.where(s.mask, 0.0, s.counts))
+        ys.append(s.support.astype(np.float32))
+    return _tensors(xs), _tensors(ys), None
+
+
+def _bragg_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return nets.dice_bce(logits, target)
+
+
+# -- sans-sr ---------------------------------------------------------------------------------------
+
+def sans_sample(rng: np.random.Generator, kinds: tuple[str, ...], factor: int,
+                total: float | None = None) -> det.SANSPair:
+    kind = kinds[int(rng.integers(len(kinds)))]
+    counts = _log_uniform(rng, 1e5, 1e6) if total is None else total
+    return det.sans_pair(rng, kind, factor=factor, coarse_shape=(32, 32), total_counts=counts)
+
+
+def _sans_batch(factor: int) -> Callable[[np.random.Generator, int], nets_batch]:
+    def make(rng: np.random.Generator, size: int) -> nets_batch:
+        pairs = [sans_sample(rng, det.SANS_TRAIN_KINDS, factor) for _ in range(size)]
+        return _tensors([p.coarse_counts for p in pairs]), _tensors([p.fine_expected for p in pairs]), None
+    return make
+
+
+def _sans_loss(fine: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return nets.poisson_nll(fine, target)
+
+
+nets_batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _tensors(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.as_tensor(np.stack(arrays)[:, None].astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Task:
+    """What ``beampilot train NAME`` trains: the network, its data and loss."""
+
+    name: str
+    architecture: str
+    architecture_config: dict[str, Any]
+    data: dict[str, Any]
+    steps: int
+    batch: int
+
+
+TASKS: dict[str, Task] = {
+    "denoise": Task("denoise", "poisson-denoiser-unet", {"width": 16, "depth": 3},
+                    {"generator": "simulators.detector.denoise_frame", "kinds": list(det.DENOISE_TRAIN_KINDS),
+                     "held_out_kinds": list(det.DENOISE_HELD_OUT_KINDS), "mean_counts": [0.01, 100.0],
+                     "shape": [PATCH, PATCH], "effects": "random_effects (photon-counting or integrating)"},
+                    steps=1500, batch=12),
+    "bragg": Task("bragg", "bragg-peak-unet", {"dims": 2, "width": 16, "depth": 3},
+                  {"generator": "simulators.detector.bragg_frame_2d", "shape": [PATCH, PATCH], "n_peaks": [1, 6],
+                   "count_scale": [0.05, 3.0], "effects": "random_effects (photon-counting)"},
+                  steps=1500, batch=12),
+    "sans-sr": Task("sans-sr", "sans-super-resolver", {"factor": 4, "width": 24, "depth": 3},
+                    {"generator": "simulators.detector.sans_pair", "kinds": list(det.SANS_TRAIN_KINDS),
+                     "held_out_kinds": list(det.SANS_HELD_OUT_KINDS), "coarse_shape": [32, 32],
+                     "total_counts": [1e5, 1e6]},
+                    steps=1500, batch=8),
+}
+
+
+def _make_batch(task: Task, noise2noise: bool) -> Callable[[np.random.Generator, int], nets_batch]:
+    if task.name == "denoise":
+        return _denoise_batch(noise2noise)
+    if task.name == "bragg":
+        return _bragg_batch
+    return _sans_batch(task.architecture_config["factor"])
+
+
+_LOSSES = {"denoise": _denoise_loss, "bragg": _bragg_loss, "sans-sr": _sans_loss}
+
+
+def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
+                 seed: int = 0, factor: int | None = None, noise2noise: bool = False, n_eval: int = 24,
+                 progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train, evaluate on held-out data, write the weights; return the record as a dict."""
+    from agents.detector_eval import evaluate
+
+    task = TASKS[task_name]
+    if factor is not None:
+        if task_name != "sans-sr":
+            raise ValueError("--factor applies to sans-sr only")
+        task = Task(task.name, task.architecture, {**task.architecture_config, "factor": factor}, task.data,
+                    task.steps, task.batch)
+    config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed)
+    torch.manual_seed(seed)  # the initial weights too
+    model = nets.__dict__[{"poisson-denoiser-unet": "PoissonDenoiser", "bragg-peak-unet": "PeakUNet",
+                           "sans-super-resolver": "SuperResolver"}[task.architecture]](**task.architecture_config)
+    t0 = time.perf_counter()
+    history = train(model, _make_batch(task, noise2noise), _LOSSES[task_name], config, progress=progress,
+                    device=torch.device("cpu") if not torch.cuda.is_available() else None)
+    metrics = evaluate(task_name, model, seed=seed + EVAL_SEED_OFFSET, n=n_eval,
+                       factor=task.architecture_config.get("factor"))
+    losses = history["losses"]
+    name = task_name if task_name != "sans-sr" else f"sans-sr-x{task.architecture_config['factor']}"
+    record = WeightsRecord(
+        name=name, architecture=task.architecture, architecture_config=task.architecture_config,
+        training={**asdict(config), "loss": {"denoise": "poisson_nll" + (" (noise2noise)" if noise2noise else ""),
+                                             "bragg": "bce+dice", "sans-sr": "poisson_nll"}[task_name],
+                  "optimizer": "adam, cosine decay", "final_loss": float(np.mean(losses[-50:])),
+                  "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model)},
+        data={**task.data, "train_seed": seed, "eval_seed": seed + EVAL_SEED_OFFSET},
+        metrics=metrics,
+    )
+    pt = save_weights(model, out, record)
+    return json.loads(pt.with_suffix(".json").read_text())

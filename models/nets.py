@@ -1,0 +1,210 @@
+"""Detector networks: a Poisson denoiser, a Bragg-peak U-Net (2D and 3D), a SANS super-resolver.
+
+All three share one building block, a small U-Net (:class:`UNet`) in 2D or 3D: two convolutions
+per level, max-pooling down, transposed convolutions up, skip connections by concatenation.
+They run on :func:`models.device.default_device` (CUDA when present), in batches, and on CUDA
+may use bf16 autocast and channels-last (:func:`infer`).
+
+* :class:`PoissonDenoiser` - input: raw counts; the network sees the Anscombe transform of the
+  counts (variance-stabilised, so one network serves 0.01 to 100 counts per pixel) and the
+  log of the frame's mean level, and predicts the log of the expected counts; ``forward``
+  returns the expected counts (>= 0). Train it with :func:`poisson_nll` against the expected
+  counts (simulated data) or against an independent second draw of the same frame
+  (Noise2Noise: the loss is unbiased because ``E[second draw] = expected``).
+* :class:`PeakUNet` - input: raw counts (log-scaled inside); output: per-pixel (voxel) logits
+  of "inside a Bragg peak". Train with :func:`dice_bce`.
+* :class:`SuperResolver` - input: a coarse SANS pattern (counts); output: the pattern on a grid
+  ``factor`` times finer in each direction, as expected counts per fine pixel (the total kept
+  by construction: each coarse pixel's counts are shared among its fine pixels by a softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["PeakUNet", "PoissonDenoiser", "SuperResolver", "UNet", "dice_bce", "infer", "n_parameters",
+           "poisson_nll"]
+
+
+def _conv(dims: int) -> type[nn.Module]:
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+class _Block(nn.Sequential):
+    def __init__(self, dims: int, c_in: int, c_out: int) -> None:
+        conv = _conv(dims)
+        super().__init__(conv(c_in, c_out, 3, padding=1), nn.GELU(), conv(c_out, c_out, 3, padding=1), nn.GELU())
+
+
+class UNet(nn.Module):
+    """A U-Net of ``depth`` levels with ``width * 2**level`` channels, 2D or 3D.
+
+    Input sizes must be divisible by ``2**(depth - 1)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, width: int = 16, depth: int = 3, dims: int = 2) -> None:
+        super().__init__()
+        if dims not in (2, 3) or depth < 1 or width < 1:
+            raise ValueError(f"UNet needs dims 2 or 3, depth >= 1, width >= 1; got {dims=}, {depth=}, {width=}")
+        self.dims, self.depth = dims, depth
+        chans = [width * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        c = c_in
+        for ch in chans:
+            self.down.append(_Block(dims, c, ch))
+            c = ch
+        up_conv = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+        self.up = nn.ModuleList(up_conv(chans[i], chans[i - 1], 2, stride=2) for i in range(depth - 1, 0, -1))
+        self.merge = nn.ModuleList(_Block(dims, 2 * chans[i - 1], chans[i - 1]) for i in range(depth - 1, 0, -1))
+        self.head = _conv(dims)(chans[0], c_out, 1)
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** (self.depth - 1)
+        if any(s % multiple for s in x.shape[2:]):
+            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {multiple}")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.depth - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for up, merge in zip(self.up, self.merge, strict=True):
+            x = up(x)
+            x = merge(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+def _anscombe(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 * torch.sqrt(torch.clamp(x, min=0.0) + 0.375)
+
+
+class PoissonDenoiser(nn.Module):
+    """Counts in, expected counts out (see the module docstring)."""
+
+    def __init__(self, *, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.net = UNet(2, 1, width=width, depth=depth, dims=2)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
+        a = _anscombe(counts)
+        a_level = _anscombe(level)
+        x = torch.cat([(a - a_level) / a_level.clamp(min=1.0), torch.log(level).expand_as(counts)], dim=1)
+        return level * torch.exp(torch.clamp(self.net(x), -20.0, 20.0))
+
+
+class PeakUNet(nn.Module):
+    """Counts in, peak logits out, in 2D (``dims=2``) or 3D time-of-flight crops (``dims=3``)."""
+
+    def __init__(self, *, dims: int = 2, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.net = UNet(1, 1, width=width, depth=depth, dims=dims)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(range(2, counts.dim()))
+        x = torch.log1p(torch.clamp(counts, min=0.0))
+        x = x - x.mean(dim=spatial, keepdim=True)
+        return self.net(x)
+
+
+class SuperResolver(nn.Module):
+    """Coarse counts in, fine expected counts out; the total per coarse pixel is kept."""
+
+    def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3) -> None:
+        super().__init__()
+        if factor not in (2, 4):
+            raise ValueError(f"factor must be 2 or 4, got {factor}")
+        self.factor = factor
+        self.net = UNet(1, factor * factor + 1, width=width, depth=depth, dims=2)
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        x = torch.log1p(torch.clamp(coarse, min=0.0))
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        out = self.net(x)
+        share = torch.softmax(out[:, : f * f], dim=1)  # how a coarse pixel's counts split among its f*f
+        # a smooth estimate of the coarse pixel's expected total, multiplicatively corrected
+        smooth = F.avg_pool2d(F.pad(torch.clamp(coarse, min=0.0), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        total = smooth * torch.exp(torch.clamp(out[:, f * f:], -5.0, 5.0))
+        fine = F.pixel_shuffle(share * total, f)
+        return fine
+
+
+def poisson_nll(rate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Poisson negative log-likelihood ``rate - target log rate`` (constant terms dropped).
+
+    ``target`` may be the expected counts or an independent draw (Noise2Noise). ``mask``: 1 where
+    the pixel counts.
+    """
+    loss = rate - target * torch.log(rate.clamp(min=1e-8))
+    if mask is not None:
+        return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss.mean()
+
+
+def dice_bce(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss (peaks are a small fraction of the pixels)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    dims = tuple(range(1, logits.dim()))
+    inter = (p * target).sum(dims)
+    dice = 1.0 - (2.0 * inter + 1.0) / (p.sum(dims) + target.sum(dims) + 1.0)
+    return bce + dice_weight * dice.mean()
+
+
+@contextmanager
+def _autocast(device: torch.device, bf16: bool) -> Iterator[None]:
+    if bf16 and device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def infer(model: nn.Module, batch: torch.Tensor, *, device: torch.device | None = None, bf16: bool = False,
+          max_batch: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run ``model`` on ``batch`` (N x C x ...) in evaluation mode; returns the output on the CPU
+    and a note of what happened.
+
+    On CUDA, a ``torch.cuda.OutOfMemoryError`` halves the sub-batch and tries again, down to one
+    frame, then falls back to the CPU; the note says so (``{"device": ..., "sub_batch": ...,
+    "fallback": reason or None}``). ``bf16`` uses bfloat16 autocast on CUDA (ignored on CPU).
+    """
+    from models.device import default_device
+
+    device = default_device() if device is None else device
+    model = model.eval()
+    note: dict[str, Any] = {"device": str(device), "sub_batch": None, "fallback": None}
+    sub = max_batch or len(batch)
+    while True:
+        try:
+            model.to(device)
+            outs = []
+            with torch.inference_mode(), _autocast(device, bf16):
+                for i in range(0, len(batch), sub):
+                    x = batch[i:i + sub].to(device, non_blocking=True)
+                    if device.type == "cuda" and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    outs.append(model(x).float().cpu())
+            note["sub_batch"] = sub
+            return torch.cat(outs), note
+        except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - needs a GPU
+            torch.cuda.empty_cache()
+            if sub > 1:
+                sub = max(1, sub // 2)
+                note["fallback"] = f"CUDA out of memory; sub-batch halved to {sub}"
+                continue
+            device = torch.device("cpu")
+            note["fallback"] = f"CUDA out of memory at one frame ({err}); ran on the CPU"
+            note["device"] = "cpu"
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,89 @@
+"""Tests of models.nets and models.registry: shapes, losses, batched inference, weights that load
+only when they are what they claim to be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.nets import PeakUNet, PoissonDenoiser, SuperResolver, UNet, dice_bce, infer, poisson_nll
+from models.registry import WeightsError, WeightsRecord, load_weights, save_weights
+
+
+def test_networks_keep_shapes_and_physical_ranges():
+    torch.manual_seed(0)
+    counts = torch.poisson(torch.full((2, 1, 32, 32), 0.5))
+    rate = PoissonDenoiser(width=8, depth=2)(counts)
+    assert rate.shape == counts.shape and bool(torch.all(rate >= 0))
+    assert PeakUNet(dims=3, width=4, depth=2)(torch.poisson(torch.ones(1, 1, 8, 16, 16))).shape == (1, 1, 8, 16, 16)
+    coarse = torch.poisson(torch.full((1, 1, 16, 16), 50.0))
+    sr = SuperResolver(factor=4, width=8, depth=2)
+    fine = sr(coarse)
+    assert fine.shape == (1, 1, 64, 64) and bool(torch.all(fine >= 0))
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(1, 1, depth=3)(torch.zeros(1, 1, 10, 10))
+    with pytest.raises(ValueError, match="factor"):
+        SuperResolver(factor=3)
+
+
+def test_losses_are_minimised_by_the_truth():
+    expected = torch.rand(1, 1, 16, 16) * 5 + 0.1
+    draws = torch.poisson(expected.expand(200, 1, 16, 16))
+    at_truth = poisson_nll(expected.expand_as(draws), draws)
+    assert at_truth < poisson_nll(expected.expand_as(draws) * 1.3, draws)
+    assert at_truth < poisson_nll(expected.expand_as(draws) * 0.7, draws)
+    target = (torch.rand(2, 1, 16, 16) > 0.8).float()
+    assert dice_bce(20 * (2 * target - 1), target) < dice_bce(torch.zeros_like(target), target)
+
+
+def test_a_denoiser_learns_a_flat_rate_noise2noise_style():
+    """A few optimiser steps against independent draws move the estimate to the true rate."""
+    torch.manual_seed(1)
+    model = PoissonDenoiser(width=8, depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        lam = torch.rand(8, 1, 1, 1) * 3 + 0.2
+        a, b = torch.poisson(lam.expand(8, 1, 16, 16)), torch.poisson(lam.expand(8, 1, 16, 16))
+        loss = poisson_nll(model(a), b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lam = torch.tensor(2.0)
+    out, note = infer(model, torch.poisson(lam.expand(4, 1, 16, 16)), device=torch.device("cpu"), max_batch=2)
+    assert note == {"device": "cpu", "sub_batch": 2, "fallback": None}
+    assert float(out.mean()) == pytest.approx(2.0, rel=0.15)
+    assert float(out.std()) < 0.5 * 2.0**0.5  # smoother than Poisson noise of the raw counts
+
+
+def test_weights_round_trip_and_refusals(tmp_path):
+    model = PeakUNet(dims=2, width=4, depth=2)
+    record = WeightsRecord(name="bragg-test", architecture="bragg-peak-unet",
+                           architecture_config={"dims": 2, "width": 4, "depth": 2},
+                           training={"steps": 1}, data={"recipe": "test"}, metrics={"iou": 0.0})
+    pt = save_weights(model, tmp_path, record)
+    loaded, rec = load_weights(pt, architecture="bragg-peak-unet")
+    assert rec.sha256 and rec.training == {"steps": 1}
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(WeightsError, match="'poisson-denoiser-unet' network was asked for"):
+        load_weights(pt, architecture="poisson-denoiser-unet")
+    # a corrupted weights file
+    data = bytearray(pt.read_bytes())
+    data[-20] ^= 0xFF
+    pt.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_weights(pt)
+    # metadata that names another configuration than the state dict has
+    save_weights(model, tmp_path, record)
+    meta = json.loads((tmp_path / "bragg-test.json").read_text())
+    meta["architecture_config"]["width"] = 8
+    (tmp_path / "bragg-test.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_weights(tmp_path / "bragg-test")
+    with pytest.raises(WeightsError, match="no weights"):
+        load_weights(tmp_path / "nothing-here")
+    with pytest.raises(WeightsError, match="is not a 'poisson-denoiser-unet'"):
+        save_weights(model, tmp_path, WeightsRecord(name="x", architecture="poisson-denoiser-unet",
+                                                    architecture_config={}))
