@@ -147,6 +147,12 @@ def build_agent(entry: AgentEntry, state_dir: Path, sinks: list[Any]) -> Any:
 
         settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
         return RateAgent(RateSettings.model_validate({"name": entry.name, **settings}), sinks=sinks)
+    if entry.kind == "detector":
+        from agents.config import load_settings
+        from agents.detector_agent import DetectorAnalysisAgent, DetectorSettings
+
+        settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
+        return DetectorAnalysisAgent(load_settings(DetectorSettings, {"name": entry.name, **settings}), sinks=sinks)
     from agents.config import load_settings
 
     cls, settings_model = _steering_kinds()[entry.kind]
@@ -374,6 +380,8 @@ class Daemon:
             processed += self._process(record)
         if records:
             self._commit()
+        else:
+            self._poll_agents()
         lag = self.source.lag() if hasattr(self.source, "lag") else None
         if lag is not None:
             self.metrics.lag.set(lag)
@@ -427,6 +435,21 @@ class Daemon:
                 except Exception as err:
                     self._error(f"agent:{agent_name}", f"agent {agent_name} failed on {name} {doc.get('uid')}: "
                                 f"{type(err).__name__}: {err}")
+
+    def _poll_agents(self) -> None:
+        """While the stream is quiet, agents that batch (detector analysis) run a batch whose
+        latency budget has passed; what they emit is checkpointed and sent."""
+        with self._lock:
+            for agent_name, agent in self.agents.items():
+                poll = getattr(agent, "poll", None)
+                if poll is None:
+                    continue
+                try:
+                    poll()
+                except Exception as err:
+                    self._error(f"agent:{agent_name}", f"agent {agent_name} failed on poll: {type(err).__name__}: {err}")
+        if self.outbox.docs:
+            self._commit()
 
     def _take_outbox(self) -> list[tuple[str, dict[str, Any]]]:
         docs, self.outbox.docs = self.outbox.docs, []

@@ -70,18 +70,23 @@ class HttpSettings(_Strict):
     port: int = Field(default=8765, ge=0, le=65535)
 
 
+#: agent kinds that only publish derived runs: they send no plans, so need no safety section
+ANALYSIS_KINDS = frozenset({"rate", "detector"})
+
+
 class AgentEntry(_Strict):
     """One agent the daemon runs.
 
-    ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``qsampling``:
-    the Q-scan steering agent of the spine; ``mapping``: where on the sample to measure next;
-    ``tuning``: beamline settings by Bayesian optimization; ``sextupole``: storage-ring
-    sextupoles by ML-MOGA). ``settings`` is that agent's
-    settings mapping or a YAML path. Steering agents need ``safety``: no plan leaves without
+    ``kind`` picks the class (``rate``: counts to rates, an analysis agent; ``detector``: a
+    detector network on every frame - denoise, Bragg peaks, SANS super-resolution - also an
+    analysis agent; ``qsampling``: the Q-scan steering agent of the spine; ``mapping``: where on
+    the sample to measure next; ``tuning``: beamline settings by Bayesian optimization;
+    ``sextupole``: storage-ring sextupoles by ML-MOGA). ``settings`` is that agent's settings
+    mapping or a YAML path. Steering agents need ``safety``: no plan leaves without
     passing it.
     """
 
-    kind: Literal["rate", "qsampling", "mapping", "tuning", "sextupole"]
+    kind: Literal["rate", "detector", "qsampling", "mapping", "tuning", "sextupole"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     settings: dict[str, Any] | str = Field(default_factory=dict)
     safety: SafetySettings | None = None
@@ -111,7 +116,7 @@ class DaemonConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"agent names must be unique, got {names}")
         for entry in self.agents:
-            if entry.kind != "rate":
+            if entry.kind not in ANALYSIS_KINDS:
                 if entry.safety is None:
                     raise ValueError(f"agent {entry.name!r} steers the beamline: give it a 'safety' section")
                 if self.queueserver is None:

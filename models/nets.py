@@ -97,7 +97,10 @@ class PoissonDenoiser(nn.Module):
         a = _anscombe(counts)
         a_level = _anscombe(level)
         x = torch.cat([(a - a_level) / a_level.clamp(min=1.0), torch.log(level).expand_as(counts)], dim=1)
-        return level * torch.exp(torch.clamp(self.net(x), -20.0, 20.0))
+        # residual on a local mean: at high counts the network only corrects it, at low counts
+        # it replaces it (the mean is floored at a tenth of the frame's level)
+        local = F.avg_pool2d(F.pad(torch.clamp(counts, min=0.0), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        return (local + 0.1 * level) * torch.exp(torch.clamp(self.net(x), -20.0, 20.0))
 
 
 class PeakUNet(nn.Module):

@@ -1,0 +1,457 @@
+"""An analysis agent that runs a detector network on every frame of a stream.
+
+:class:`DetectorAnalysisAgent` reads detector frames from the events of one stream (inline arrays,
+or external data referenced by resource / datum documents), checks each frame at the edge, batches
+good frames within a latency budget, runs the network (:func:`models.nets.infer`: CUDA when present,
+smaller batches then the CPU on out-of-memory) and publishes one derived run per raw run, linked to
+it by ``raw_run_uid`` (:class:`streams.derived.DerivedRunWriter`).
+
+Derived streams, one event per good raw frame, in raw order; every event of every stream carries
+``raw_seq_num``, ``raw_uid`` and ``raw_time`` of the raw event:
+
+* ``denoise`` - ``denoised``: expected counts, float32 array of the frame's shape;
+* ``bragg`` - ``peak_mask``: uint8 array of the frame's shape, ``n_peaks``: integer; and a second
+  stream ``peaks`` with one event per peak (``peak_index``, ``intensity``, ``sigma``, ``background``,
+  ``n_pixels``, ``centroid``: float array of length ``ndim``), from
+  :func:`models.classical.integrate_in_mask` on the raw counts. One event per peak keeps every data
+  key of fixed shape, which every sink (zarr, tiled) stores as a plain column;
+* ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction.
+
+A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
+nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
+cause, counted in ``report()["failed_frames"]`` by cause, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import event_model
+import numpy as np
+import torch
+from pydantic import Field
+from torch.nn import functional as F
+
+from agents.config import _Strict
+from agents.errors import AgentError, ConfigError
+from agents.protocol import PlanRequest
+from models.classical import integrate_in_mask
+from models.nets import UNet, infer
+from models.registry import WeightsError, load_weights
+from streams.derived import DerivedRunWriter
+from streams.protocols import DocumentSink
+
+__all__ = ["ANALYSES", "FRAME_HANDLERS", "DetectorAnalysisAgent", "DetectorSettings", "FrameError",
+           "register_frame_handler"]
+
+logger = logging.getLogger(__name__)
+
+#: the network architecture each analysis needs
+ANALYSES: dict[str, str] = {"denoise": "poisson-denoiser-unet", "bragg": "bragg-peak-unet",
+                            "sans-sr": "sans-super-resolver"}
+
+
+class FrameError(AgentError):
+    """A frame that cannot be analysed; ``cause`` is the key it is counted under in the report."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# -- external data ---------------------------------------------------------------------------------
+#: ``handler(resource, datum_kwargs) -> frame`` by resource ``spec``
+FrameHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], np.ndarray]
+FRAME_HANDLERS: dict[str, FrameHandler] = {}
+
+
+def register_frame_handler(spec: str, handler: FrameHandler) -> None:
+    """Read external data of resource ``spec`` with ``handler(resource, datum_kwargs)``."""
+    FRAME_HANDLERS[spec] = handler
+
+
+def _npy_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
+    """One ``.npy`` per resource: the whole array, or ``array[frame]`` when a ``frame`` kwarg is given."""
+    path = Path(resource.get("root") or "") / resource["resource_path"]
+    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
+    if not path.is_file():
+        raise FrameError("missing_file", f"external file {path} (resource {resource.get('uid')}) does not exist")
+    try:
+        stored = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.array(stored[int(kwargs["frame"])] if "frame" in kwargs else stored)
+    except (OSError, ValueError, IndexError) as err:
+        raise FrameError("external_read", f"cannot read {path} with {dict(kwargs)}: {err}") from None
+
+
+def _hdf5_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
+    raise FrameError("unsupported_spec", f"resource {resource.get('uid')} has spec 'AD_HDF5', which needs h5py "
+                     "(not installed); write NPY resources or register a handler with register_frame_handler")
+
+
+register_frame_handler("NPY", _npy_handler)
+register_frame_handler("AD_HDF5", _hdf5_handler)
+
+
+# -- settings and per-run state --------------------------------------------------------------------
+class DetectorSettings(_Strict):
+    """Settings of :class:`DetectorAnalysisAgent`.
+
+    ``max_batch`` frames go to the network together; a smaller batch runs when its oldest frame
+    has waited ``max_latency_s`` (checked on every ``tell`` and :meth:`~DetectorAnalysisAgent.poll`)
+    and at every stop document. ``read_noise``: rms of an integrating detector's read noise;
+    values down to ``-5 * read_noise`` are then accepted (0: counts must be >= 0).
+    """
+
+    name: str = "detector"
+    analysis: Literal["denoise", "bragg", "sans-sr"]
+    weights: str
+    stream: str = "primary"
+    frame_key: str = "det_image"
+    mask_key: str | None = None  # per-frame bad-pixel mask, True (non-zero) where a pixel is left out
+    max_batch: int = Field(default=8, ge=1)
+    max_latency_s: float = Field(default=0.5, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    read_noise: float = Field(default=0.0, ge=0)
+    peak_threshold: float = Field(default=0.5, gt=0, lt=1)
+    background_shell_width: float = Field(default=3.0, gt=0)
+
+
+@dataclass
+class _Run:
+    writer: DerivedRunWriter
+    frame_shape: tuple[int, ...] | None = None  # fixed by the first good frame
+    streams: set[str] = field(default_factory=set)  # derived streams declared so far
+
+
+@dataclass
+class _Frame:
+    run_uid: str
+    seq_num: int
+    uid: str
+    time: float
+    counts: np.ndarray  # as read, float64, squeezed to the network's ndim
+    mask: np.ndarray | None  # bool, True = left out
+    arrived: float  # agent clock
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if values else None
+
+
+class DetectorAnalysisAgent:
+    """Run a detector network (denoiser, Bragg-peak U-Net, SANS super-resolver) on every frame.
+
+    Parameters
+    ----------
+    settings
+        A :class:`DetectorSettings` (or a mapping validated into one).
+    sinks
+        Where derived runs go.
+    clock
+        Seconds, monotonic; the latency budget and the reported latencies use it (tests pass a fake).
+
+    Raises
+    ------
+    WeightsError
+        The weights are missing, corrupted (checksum) or not for this analysis (architecture).
+    ConfigError
+        ``device="cuda"`` where CUDA is not available.
+    """
+
+    def __init__(self, settings: DetectorSettings | dict[str, Any], *, sinks: Sequence[DocumentSink] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(settings, DetectorSettings):
+            settings = DetectorSettings.model_validate(settings)
+        self.settings, self.name, self.sinks, self.clock = settings, settings.name, list(sinks), clock
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"agent {self.name!r}: device='cuda' but CUDA is not available; use 'auto' or 'cpu'")
+        self.device = None if settings.device == "auto" else torch.device(settings.device)
+        try:
+            self.model, self.record = load_weights(settings.weights, architecture=ANALYSES[settings.analysis])
+        except WeightsError as err:
+            raise WeightsError(f"detector agent {self.name!r} ({settings.analysis}): {err}") from None
+        unet = next(m for m in self.model.modules() if isinstance(m, UNet))
+        self.ndim, self._multiple = unet.dims, 2 ** (unet.depth - 1)
+        self._factor = int(getattr(self.model, "factor", 1))
+        self._runs: dict[str, _Run] = {}
+        self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)
+        self._external: dict[str, set[str]] = {}  # descriptor uid -> external data keys
+        self._resources: dict[str, dict[str, Any]] = {}
+        self._datums: dict[str, dict[str, Any]] = {}
+        self._pending: list[_Frame] = []
+        self.frames_in = self.frames_out = self.batches = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.zeroed_pixels = 0
+        self._latencies: deque[float] = deque(maxlen=100_000)
+        self._note: dict[str, Any] | None = None
+        self._fallbacks = 0
+
+    # -- the agent protocol ------------------------------------------------------------------------
+    def tell(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self._start(doc)
+        elif name == "descriptor":
+            self._descriptor(doc)
+        elif name == "resource":
+            self._resources[doc["uid"]] = doc
+        elif name == "datum":
+            self._datums[doc["datum_id"]] = doc
+        elif name == "datum_page":
+            for datum in event_model.unpack_datum_page(cast(Any, doc)):
+                self._datums[datum["datum_id"]] = datum
+        elif name == "event":
+            self._event(doc)
+        elif name == "event_page":
+            for event in event_model.unpack_event_page(cast(Any, doc)):
+                self._event(event)
+        elif name == "stop":
+            self._stop(doc)
+        self.poll()
+
+    def ask(self, n: int) -> list[PlanRequest]:
+        return []
+
+    def poll(self) -> int:
+        """Run the pending batch if its oldest frame has waited ``max_latency_s``; returns frames run."""
+        if self._pending and self.clock() - self._pending[0].arrived >= self.settings.max_latency_s:
+            return self.flush()
+        return 0
+
+    def flush(self) -> int:
+        """Run every pending frame now; returns how many."""
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[int, ...], list[_Frame]] = {}
+        for frame in pending:  # one model call per frame shape; a run's frames share one shape
+            groups.setdefault(frame.counts.shape, []).append(frame)
+        for group in groups.values():
+            self._run_batch(group)
+        return len(pending)
+
+    def report(self) -> dict[str, Any]:
+        lat = list(self._latencies)
+        return {"agent": self.name, "kind": type(self).__name__, "analysis": self.settings.analysis,
+                "open_runs": len(self._runs), "frames_in": self.frames_in, "frames_out": self.frames_out,
+                "frames_pending": len(self._pending), "failed_frames": dict(self.failed),
+                "batches": self.batches, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "latency_s": {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99)},
+                "inference": self._note, "fallbacks": self._fallbacks,
+                "negative_pixels_zeroed_for_integration": self.zeroed_pixels,
+                "weights": {"name": self.record.name, "architecture": self.record.architecture,
+                            "sha256": self.record.sha256}}
+
+    def close(self) -> None:
+        """Run what is pending, then end open derived runs with ``exit_status="abort"``."""
+        self.flush()
+        for run in self._runs.values():
+            run.writer.close(exit_status="abort", reason="agent closed before the raw run stopped")
+        self._runs.clear()
+
+    # -- documents ---------------------------------------------------------------------------------
+    def _start(self, doc: dict[str, Any]) -> None:
+        if doc["uid"] in self._runs or doc.get("raw_run_uid"):  # a repeat, or a derived run
+            return
+        md = {"agent": self.name, "analysis": self.settings.analysis, "frame_key": self.settings.frame_key,
+              "weights": {"name": self.record.name, "architecture": self.record.architecture,
+                          "sha256": self.record.sha256}}
+        self._runs[doc["uid"]] = _Run(DerivedRunWriter(self.sinks, raw_run_uid=doc["uid"], metadata=md))
+
+    def _descriptor(self, doc: dict[str, Any]) -> None:
+        if doc["run_start"] not in self._runs or doc.get("name", "primary") != self.settings.stream:
+            return
+        keys = doc.get("data_keys", {})
+        declared = list(keys.get(self.settings.frame_key, {}).get("shape") or [])
+        self._descriptors[doc["uid"]] = (doc["run_start"], declared)
+        self._external[doc["uid"]] = {k for k, dk in keys.items() if dk.get("external")}
+
+    def _stop(self, doc: dict[str, Any]) -> None:
+        run = self._runs.get(doc["run_start"])
+        if run is None:
+            return
+        self.flush()
+        del self._runs[doc["run_start"]]
+        gone = {uid for uid, (run_uid, _) in self._descriptors.items() if run_uid == doc["run_start"]}
+        for uid in gone:
+            self._descriptors.pop(uid)
+            self._external.pop(uid, None)
+        resources = {uid for uid, r in self._resources.items() if r.get("run_start") == doc["run_start"]}
+        self._datums = {k: d for k, d in self._datums.items() if d.get("resource") not in resources}
+        for uid in resources:
+            self._resources.pop(uid)
+        run.writer.close(exit_status=doc.get("exit_status", "success"))
+
+    def _event(self, event: dict[str, Any]) -> None:
+        where = self._descriptors.get(event["descriptor"])
+        if where is None:
+            return
+        run_uid, declared = where
+        self.frames_in += 1
+        try:
+            counts, mask = self._read_frame(event, self._runs[run_uid], declared)
+        except FrameError as err:
+            self._fail(run_uid, event, err.cause, str(err))
+            return
+        self._pending.append(_Frame(run_uid, int(event["seq_num"]), str(event["uid"]), float(event["time"]),
+                                    counts, mask, self.clock()))
+        if len(self._pending) >= self.settings.max_batch:
+            self.flush()
+
+    def _fail(self, run_uid: str, event: Mapping[str, Any], cause: str, message: str) -> None:
+        self.failed[cause] += 1
+        logger.error("agent %s: frame of run %s seq_num %s (event %s) failed [%s]: %s", self.name, run_uid,
+                     event.get("seq_num"), event.get("uid"), cause, message)
+
+    # -- reading and checking frames -------------------------------------------------------------------
+    def _value(self, event: Mapping[str, Any], key: str) -> Any:
+        data = event["data"]
+        if key not in data:
+            raise FrameError("missing_key", f"event has no data key {key!r} (has {sorted(data)})")
+        value = data[key]
+        if key in self._external.get(event["descriptor"], set()) and isinstance(value, str):
+            datum = self._datums.get(value)
+            if datum is None:
+                raise FrameError("unknown_datum", f"datum {value!r} of {key!r} was never received")
+            resource = self._resources.get(datum["resource"])
+            if resource is None:
+                raise FrameError("unknown_datum", f"resource {datum['resource']!r} of datum {value!r} was "
+                                 "never received")
+            handler = FRAME_HANDLERS.get(resource.get("spec", ""))
+            if handler is None:
+                raise FrameError("unsupported_spec", f"resource spec {resource.get('spec')!r} has no handler "
+                                 f"(known: {sorted(FRAME_HANDLERS)})")
+            value = handler(resource, datum.get("datum_kwargs") or {})
+        return value
+
+    def _read_frame(self, event: Mapping[str, Any], run: _Run,
+                    declared: list[int | None]) -> tuple[np.ndarray, np.ndarray | None]:
+        key = self.settings.frame_key
+        try:
+            arr = np.asarray(self._value(event, key))
+        except ValueError as err:  # a ragged nested list
+            raise FrameError("shape", f"{key!r} is not a rectangular array: {err}") from None
+        if arr.dtype.kind not in "iuf":
+            raise FrameError("dtype", f"{key!r} has dtype {arr.dtype}; a numeric (integer or float) array is needed")
+        if declared and (arr.ndim != len(declared)
+                         or any(d is not None and d != n for d, n in zip(declared, arr.shape, strict=True))):
+            raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}, its descriptor declares {declared}")
+        while arr.ndim > self.ndim and arr.shape[0] == 1:  # area detectors often add a leading axis of 1
+            arr = arr[0]
+        if arr.ndim != self.ndim or 0 in arr.shape:
+            raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}; the {self.settings.analysis} "
+                             f"network needs a non-empty {self.ndim}D frame")
+        if run.frame_shape is not None and arr.shape != run.frame_shape:
+            raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}, the run's frames have "
+                             f"{list(run.frame_shape)}")
+        mask = self._read_mask(event, arr.shape)
+        counts = arr.astype(np.float64)
+        good = counts if mask is None else counts[~mask]
+        if not np.isfinite(good).all():
+            raise FrameError("non_finite", f"{key!r} has {int((~np.isfinite(good)).sum())} NaN/inf unmasked pixels")
+        floor = -5.0 * self.settings.read_noise
+        if good.size and good.min() < floor:
+            raise FrameError("negative", f"{key!r} has counts down to {good.min():g} (< {floor:g}; "
+                             f"read_noise={self.settings.read_noise})")
+        run.frame_shape = arr.shape
+        return counts, mask
+
+    def _read_mask(self, event: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
+        key = self.settings.mask_key
+        if key is None:
+            return None
+        try:
+            m = np.asarray(self._value(event, key))
+        except ValueError as err:
+            raise FrameError("mask", f"mask {key!r} is not a rectangular array: {err}") from None
+        while m.ndim > len(shape) and m.shape[0] == 1:
+            m = m[0]
+        if m.shape != shape or m.dtype.kind not in "biu":
+            raise FrameError("mask", f"mask {key!r} has shape {list(m.shape)} and dtype {m.dtype}; "
+                             f"a boolean or integer array of shape {list(shape)} is needed")
+        return m.astype(bool)
+
+    # -- inference and output --------------------------------------------------------------------------
+    def _run_batch(self, frames: list[_Frame]) -> None:
+        x = np.stack([f.counts if f.mask is None else np.where(f.mask, 0.0, f.counts) for f in frames])
+        batch = torch.from_numpy(x.astype(np.float32)).unsqueeze(1)
+        shape = batch.shape[2:]
+        pad = [(-n) % self._multiple for n in shape]  # the U-Net needs multiples of 2**(depth-1)
+        if any(pad):
+            flat = [p for extra in reversed(pad) for p in (0, extra)]
+            batch = F.pad(batch, flat, mode="replicate")
+        try:
+            out, note = infer(self.model, batch, device=self.device, bf16=self.settings.bf16,
+                              max_batch=self.settings.max_batch)
+        except (RuntimeError, ValueError) as err:
+            for f in frames:
+                self._fail(f.run_uid, {"seq_num": f.seq_num, "uid": f.uid}, "inference",
+                           f"{type(err).__name__}: {err}")
+            return
+        self.batches += 1
+        self.batch_sizes[len(frames)] += 1
+        self._note = note
+        if note.get("fallback") is not None:
+            self._fallbacks += 1
+            logger.warning("agent %s: %s (batch of %d frames)", self.name, note["fallback"], len(frames))
+        crop = tuple(slice(0, n * self._factor) for n in shape)  # drop the padding (scaled for SR)
+        result = out[:, 0].numpy()[(slice(None), *crop)]
+        for frame, y in zip(frames, result, strict=True):
+            try:
+                self._emit(frame, y)
+            except Exception as err:  # noqa: BLE001 -- one failed publish must not lose the rest of the batch
+                self._fail(frame.run_uid, {"seq_num": frame.seq_num, "uid": frame.uid}, "publish",
+                           f"{type(err).__name__}: {err}")
+
+    def _emit(self, frame: _Frame, y: np.ndarray) -> None:
+        run = self._runs.get(frame.run_uid)
+        if run is None:  # pragma: no cover - stop flushes first
+            raise FrameError("publish", "the raw run was already stopped")
+        raw = {"raw_seq_num": frame.seq_num, "raw_uid": frame.uid, "raw_time": frame.time}
+        analysis = self.settings.analysis
+        if analysis == "denoise":
+            self._send(run, "denoise", {"denoised": y.astype(np.float32), **raw})
+        elif analysis == "sans-sr":
+            self._send(run, "sans-sr", {"super_resolved": y.astype(np.float32), **raw})
+        else:
+            self._emit_peaks(run, frame, y, raw)
+        self.frames_out += 1
+        self._latencies.append(self.clock() - frame.arrived)
+
+    def _emit_peaks(self, run: _Run, frame: _Frame, logits: np.ndarray, raw: dict[str, Any]) -> None:
+        peaks = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > self.settings.peak_threshold
+        counts = frame.counts
+        bad = np.zeros(counts.shape, bool) if frame.mask is None else frame.mask
+        peaks &= ~bad
+        negative = (counts < 0) & ~bad
+        if negative.any():  # read noise (accepted above); integrate_in_mask takes counts >= 0 only
+            self.zeroed_pixels += int(negative.sum())
+            counts = np.where(negative, 0.0, counts)
+        integ = integrate_in_mask(counts, peaks, self.settings.background_shell_width, mask=frame.mask)
+        n = len(integ.intensity)
+        self._send(run, "bragg", {"peak_mask": peaks.astype(np.uint8), "n_peaks": n, **raw})
+        for i in range(n):
+            self._send(run, "peaks", {"peak_index": i, "intensity": float(integ.intensity[i]),
+                                      "sigma": float(integ.sigma[i]), "background": float(integ.background[i]),
+                                      "n_pixels": int(integ.n_peak[i]),
+                                      "centroid": np.asarray(integ.centroids[i], dtype=np.float64), **raw})
+
+    def _send(self, run: _Run, stream: str, data: dict[str, Any]) -> None:
+        if stream not in run.streams:  # declared at its first event, when the output shapes are known
+            run.writer.add_stream(stream, {k: self._data_key(v) for k, v in data.items()})
+            run.streams.add(stream)
+        run.writer.emit(stream, data)
+
+    def _data_key(self, value: Any) -> dict[str, Any]:
+        source = f"{self.name}:{self.record.name}"
+        if isinstance(value, np.ndarray):
+            return {"dtype": "array", "shape": list(value.shape), "source": source}
+        if isinstance(value, str):
+            return {"dtype": "string", "shape": [], "source": source}
+        kind = "integer" if isinstance(value, int) else "number"
+        return {"dtype": kind, "shape": [], "source": source}

@@ -1,0 +1,401 @@
+"""DetectorAnalysisAgent: frames in (inline and external), derived runs out, bad frames counted."""
+
+from __future__ import annotations
+
+import event_model
+import numpy as np
+import pytest
+import torch
+
+from agents.daemon import build_agent
+from agents.daemon_config import AgentEntry, load_daemon_config
+from agents.detector_agent import DetectorAnalysisAgent
+from models.classical import integrate_in_mask
+from models.nets import PeakUNet, PoissonDenoiser, SuperResolver
+from models.registry import WeightsError, WeightsRecord, save_weights
+from simulators.detector import BraggRecipe, bragg_frame_2d, denoise_frame
+from streams.derived import validate_document
+
+SHAPE = (32, 32)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _save(tmp_path, model, architecture, name, config):
+    record = WeightsRecord(name=name, architecture=architecture, architecture_config=config)
+    return save_weights(model, tmp_path, record)
+
+
+@pytest.fixture(scope="module")
+def bragg_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PeakUNet(dims=2, width=4, depth=2)
+    return model, _save(tmp_path_factory.mktemp("w"), model, "bragg-peak-unet", "tiny-bragg",
+                        {"dims": 2, "width": 4, "depth": 2})
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(8)]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict]] = []
+
+    def __call__(self, name, doc) -> None:
+        self.docs.append((name, doc))
+
+    def events(self, stream: str) -> list[dict]:
+        descriptors = {d["uid"] for n, d in self.docs if n == "descriptor" and d["name"] == stream}
+        return [d for n, d in self.docs if n == "event" and d["descriptor"] in descriptors]
+
+
+def _raw_run(*, external: bool = False, key_shape=SHAPE):
+    run = event_model.compose_run(metadata={"plan_name": "count"})
+    data_key = {"dtype": "array", "shape": list(key_shape), "source": "sim"}
+    if external:
+        data_key["external"] = "FILESTORE:"
+    desc = run.compose_descriptor(name="primary", data_keys={"det_image": data_key})
+    return run, desc
+
+
+def _event(desc, value, *, external: bool = False):
+    kwargs = {"filled": {"det_image": False}} if external else {}
+    return desc.compose_event(data={"det_image": value}, timestamps={"det_image": 1.0}, validate=False, **kwargs)
+
+
+def _agent(weights, sinks, clock=None, **settings):
+    base = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 4, "max_latency_s": 0.0}
+    return DetectorAnalysisAgent({**base, **settings}, sinks=sinks, clock=clock or FakeClock())
+
+
+def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, frames):
+    model, weights = bragg_weights
+    with torch.inference_mode():  # a threshold that leaves a few peak components with background around
+        p = torch.sigmoid(model(torch.from_numpy(frames[0].astype(np.float32))[None, None]))
+    threshold = float(torch.quantile(p, 0.97))
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=3, max_latency_s=1e9, peak_threshold=threshold)
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    raw = [_event(desc, f) for f in frames[:5]]
+    for event in raw[:2]:
+        agent.tell("event", event)
+    page = event_model.pack_event_page(*raw[2:])
+    agent.tell("event_page", page)
+    agent.tell("stop", run.compose_stop())
+
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+    names = [n for n, _ in sink.docs]
+    assert names[0] == "start" and names[-1] == "stop" and sink.docs[-1][1]["exit_status"] == "success"
+    start = sink.docs[0][1]
+    assert start["raw_run_uid"] == run.start_doc["uid"] and start["weights"]["name"] == "tiny-bragg"
+    bragg = sink.events("bragg")
+    assert [e["data"]["raw_seq_num"] for e in bragg] == [1, 2, 3, 4, 5]
+    assert [e["data"]["raw_uid"] for e in bragg] == [e["uid"] for e in raw]
+    assert all(e["data"]["peak_mask"].shape == SHAPE and e["data"]["peak_mask"].dtype == np.uint8 for e in bragg)
+    # the peaks stream holds integrate_in_mask of the raw counts in the published mask
+    peaks = sink.events("peaks")
+    assert sum(e["data"]["n_peaks"] for e in bragg) == len(peaks) > 0
+    for e, counts in zip(bragg, frames, strict=False):
+        want = integrate_in_mask(counts, e["data"]["peak_mask"].astype(bool))
+        got = [p["data"] for p in peaks if p["data"]["raw_seq_num"] == e["data"]["raw_seq_num"]]
+        assert [g["peak_index"] for g in got] == list(range(len(want.intensity)))
+        np.testing.assert_allclose([g["intensity"] for g in got], want.intensity)
+        np.testing.assert_allclose([g["sigma"] for g in got], want.sigma)
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 5 and report["failed_frames"] == {}
+    assert report["batch_sizes"] == {"3": 1, "2": 1}
+    assert report["weights"]["architecture"] == "bragg-peak-unet" and len(report["weights"]["sha256"]) == 64
+    assert report["inference"]["device"] == "cpu"
+
+
+def test_external_npy_frames_through_resource_and_datum(bragg_weights, frames, tmp_path):
+    _, weights = bragg_weights
+    np.save(tmp_path / "stack.npy", np.stack(frames[:3]))  # one stacked file, a frame index per datum
+    np.save(tmp_path / "single.npy", frames[3])  # one file per resource
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=8, max_latency_s=1e9)
+    run, desc = _raw_run(external=True)
+    stacked = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="stack.npy", resource_kwargs={})
+    single = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="single.npy", resource_kwargs={})
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("resource", stacked.resource_doc)
+    agent.tell("resource", single.resource_doc)
+    datums = [stacked.compose_datum(datum_kwargs={"frame": i}) for i in range(3)]
+    agent.tell("datum_page", event_model.pack_datum_page(*datums[1:]))
+    agent.tell("datum", datums[0])
+    last = single.compose_datum(datum_kwargs={})
+    agent.tell("datum", last)
+    for datum in [*datums, last]:
+        agent.tell("event", _event(desc, datum["datum_id"], external=True))
+    agent.tell("stop", run.compose_stop())
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1, 2, 3, 4]
+    assert agent.report()["failed_frames"] == {} and agent.report()["frames_out"] == 4
+
+
+def test_batches_wait_for_max_batch_or_max_latency(bragg_weights, frames):
+    _, weights = bragg_weights
+    clock, sink = FakeClock(), Recorder()
+    agent = _agent(weights, [sink], max_batch=4, max_latency_s=5.0, clock=clock)
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    for i in range(3):
+        agent.tell("event", _event(desc, frames[i]))
+        clock.t += 1.0
+    assert sink.events("bragg") == [] and agent.report()["frames_pending"] == 3
+    agent.tell("event", _event(desc, frames[3]))  # the batch is full: all four run at once
+    assert len(sink.events("bragg")) == 4 and agent.report()["batch_sizes"] == {"4": 1}
+    agent.tell("event", _event(desc, frames[4]))
+    clock.t += 4.9
+    agent.tell("event", _event(desc, frames[5]))
+    assert len(sink.events("bragg")) == 4  # the oldest waited 4.9 s < 5 s
+    clock.t += 0.1
+    assert agent.poll() == 2  # what a daemon calls when idle; every tell checks the same clock
+    assert len(sink.events("bragg")) == 6
+    agent.tell("event", _event(desc, frames[6]))
+    agent.tell("stop", run.compose_stop())  # a stop runs what is pending
+    report = agent.report()
+    assert report["batch_sizes"] == {"1": 1, "2": 1, "4": 1} and report["frames_out"] == 7
+    # waits on the fake clock: 3, 2, 1, 0 (full batch), 5, 0.1 (latency budget), 0 (stop)
+    assert report["latency_s"]["p50"] == pytest.approx(1.0) and 4.8 < report["latency_s"]["p99"] <= 5.0
+
+
+def test_bad_frames_are_counted_by_cause_and_the_stream_goes_on(bragg_weights, frames, tmp_path, caplog):
+    _, weights = bragg_weights
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=2, max_latency_s=1e9)
+    run, desc = _raw_run(key_shape=[None, None])  # shape fixed by the first frame
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    nan, negative = frames[2].copy(), frames[3].copy()
+    nan[3, 4], negative[5, 6] = np.nan, -2.0
+    values = [frames[0], frames[1][:16, :16], nan, negative, np.full(SHAPE, "x"), frames[4], [[1, 2], [3]],
+              frames[5]]
+    for value in values:
+        agent.tell("event", _event(desc, value))
+    agent.tell("stop", run.compose_stop())
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1, 6, 8]
+    assert agent.report()["failed_frames"] == {"shape": 2, "non_finite": 1, "negative": 1, "dtype": 1}
+    assert f"run {run.start_doc['uid']} seq_num 3" in caplog.text and "non_finite" in caplog.text
+
+    # external data: a missing file, an unsupported spec; the good frame after them comes out
+    run, desc = _raw_run(external=True)
+    missing = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="gone.npy", resource_kwargs={})
+    hdf5 = run.compose_resource(spec="AD_HDF5", root=str(tmp_path), resource_path="f.h5", resource_kwargs={})
+    np.save(tmp_path / "ok.npy", frames[6])
+    ok = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="ok.npy", resource_kwargs={})
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    for res in (missing, hdf5, ok):
+        agent.tell("resource", res.resource_doc)
+        datum = res.compose_datum(datum_kwargs={})
+        agent.tell("datum", datum)
+        agent.tell("event", _event(desc, datum["datum_id"], external=True))
+    agent.tell("event", _event(desc, "never-sent-datum", external=True))
+    agent.tell("stop", run.compose_stop())
+    failed = agent.report()["failed_frames"]
+    assert failed["missing_file"] == 1 and failed["unsupported_spec"] == 1 and failed["unknown_datum"] == 1
+    assert "gone.npy" in caplog.text and "h5py" in caplog.text
+    assert sink.events("bragg")[-1]["data"]["raw_seq_num"] == 3
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+
+
+def test_read_noise_allows_slightly_negative_counts(bragg_weights, frames):
+    _, weights = bragg_weights
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, read_noise=1.0)
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    for shift in (-0.5, -6.0):  # -0.5 > -5 sigma passes; -6 does not
+        frame = frames[0].copy()
+        frame[0, 0] = shift
+        agent.tell("event", _event(desc, frame))
+    agent.tell("stop", run.compose_stop())
+    assert len(sink.events("bragg")) == 1 and agent.report()["failed_frames"] == {"negative": 1}
+
+
+def test_a_detector_mask_excuses_its_pixels(bragg_weights, frames):
+    _, weights = bragg_weights
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, mask_key="det_mask", peak_threshold=0.01)
+    run = event_model.compose_run()
+    keys = {"det_image": {"dtype": "array", "shape": list(SHAPE), "source": "sim"},
+            "det_mask": {"dtype": "array", "shape": list(SHAPE), "source": "sim"}}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :4] = True  # a module gap
+    frame = frames[0].copy()
+    frame[:, :4] = np.nan  # what the gap reads: ignored
+    for m in (mask, mask[:8]):  # the second mask has the wrong shape
+        agent.tell("event", desc.compose_event(data={"det_image": frame, "det_mask": m},
+                                               timestamps={"det_image": 1.0, "det_mask": 1.0}, validate=False))
+    agent.tell("stop", run.compose_stop())
+    (event,) = sink.events("bragg")
+    assert not event["data"]["peak_mask"][:, :4].any() and event["data"]["peak_mask"][:, 4:].all()
+    assert agent.report()["failed_frames"] == {"mask": 1}
+
+
+def test_bragg_on_3d_time_of_flight_volumes(tmp_path):
+    torch.manual_seed(0)
+    weights = _save(tmp_path, PeakUNet(dims=3, width=2, depth=2), "bragg-peak-unet", "tof",
+                    {"dims": 3, "width": 2, "depth": 2})
+    counts = np.random.default_rng(0).poisson(2.0, (6, 16, 16)).astype(float)
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, peak_threshold=0.5)
+    run, desc = _raw_run(key_shape=counts.shape)
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("event", _event(desc, counts))
+    agent.tell("stop", run.compose_stop())
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+    (event,) = sink.events("bragg")
+    assert event["data"]["peak_mask"].shape == counts.shape
+    assert all(p["data"]["centroid"].shape == (3,) for p in sink.events("peaks"))
+
+
+def test_denoise_and_super_resolution_streams(tmp_path):
+    torch.manual_seed(0)
+    den = _save(tmp_path, PoissonDenoiser(width=4, depth=2), "poisson-denoiser-unet", "tiny-den",
+                {"width": 4, "depth": 2})
+    sr = _save(tmp_path, SuperResolver(factor=2, width=4, depth=2), "sans-super-resolver", "tiny-sr",
+               {"factor": 2, "width": 4, "depth": 2})
+    frame = denoise_frame(0, "rings", (31, 33), mean_counts=2.0).counts  # odd sizes: padded inside
+    for analysis, weights, key, shape in (("denoise", den, "denoised", (31, 33)),
+                                          ("sans-sr", sr, "super_resolved", (62, 66))):
+        sink = Recorder()
+        agent = _agent(weights, [sink], analysis=analysis, max_batch=2)
+        run, desc = _raw_run(key_shape=(1, 31, 33))  # an area detector's leading axis of 1
+        agent.tell("start", run.start_doc)
+        agent.tell("descriptor", desc.descriptor_doc)
+        agent.tell("event", _event(desc, frame[None]))
+        agent.tell("stop", run.compose_stop())
+        for name, doc in sink.docs:
+            validate_document(name, doc)
+        (event,) = sink.events(analysis)
+        assert event["data"][key].shape == shape and np.isfinite(event["data"][key]).all()
+        if analysis == "sans-sr":  # the super-resolver keeps each coarse pixel's total (up to padding)
+            np.testing.assert_allclose(event["data"][key].sum(), frame.sum(), rtol=0.2)
+
+
+def test_wrong_weights_are_refused_at_construction(tmp_path, bragg_weights):
+    den = _save(tmp_path, PoissonDenoiser(width=4, depth=2), "poisson-denoiser-unet", "den",
+                {"width": 4, "depth": 2})
+    with pytest.raises(WeightsError, match="'poisson-denoiser-unet' weights, but a 'bragg-peak-unet'"):
+        _agent(den, [])
+    _, good = bragg_weights
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for suffix in (".pt", ".json"):
+        (broken / f"tiny-bragg{suffix}").write_bytes(good.with_suffix(suffix).read_bytes())
+    with (broken / "tiny-bragg.pt").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(WeightsError, match="detector agent 'detector' .*checksum mismatch"):
+        _agent(broken / "tiny-bragg.pt", [])
+
+
+def test_daemon_builds_a_detector_agent(tmp_path, bragg_weights):
+    _, weights = bragg_weights
+    settings = {"analysis": "bragg", "weights": str(weights), "frame_key": "pilatus_image", "device": "cpu"}
+    config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
+                                 "state_dir": str(tmp_path)})  # an analysis agent needs no safety section
+    sink = Recorder()
+    agent = build_agent(config.agents[0], tmp_path, [sink])
+    assert isinstance(agent, DetectorAnalysisAgent) and agent.name == "peaks" and agent.ask(4) == []
+    assert agent.settings.frame_key == "pilatus_image"
+    with pytest.raises(Exception, match="analysis"):
+        build_agent(AgentEntry(kind="detector", name="x", settings={"weights": str(weights)}), tmp_path, [])
+
+
+class _ListSource:
+    """A document source of records held in memory (the daemon's poll / positions interface)."""
+
+    def __init__(self, docs) -> None:
+        from streams.kafka import Record
+
+        self.records = [Record("raw", 0, i, 0, 0, name, doc) for i, (name, doc) in enumerate(docs)]
+        self.position = 0
+
+    def poll(self, timeout_s):
+        out, self.records = self.records[:3], self.records[3:]
+        self.position += len(out)
+        return out
+
+    def positions(self):
+        return {"raw:0": self.position}
+
+    def close(self) -> None:
+        pass
+
+
+class _ListSink(Recorder):
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frames):
+    from agents.daemon import Daemon
+
+    _, weights = bragg_weights
+    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 2, "max_latency_s": 1e9}
+    config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
+                                 "state_dir": str(tmp_path / "state"), "fsync": False})
+    run, desc = _raw_run()
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+            *[("event", _event(desc, f)) for f in frames[:5]], ("stop", run.compose_stop())]
+    sink = _ListSink()
+    daemon = Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[])
+    try:
+        while daemon.step():
+            pass
+    finally:
+        daemon.close()
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1, 2, 3, 4, 5]
+    assert sink.docs[-1][0] == "stop" and sink.docs[0][1]["raw_run_uid"] == run.start_doc["uid"]
+    assert daemon.agents["peaks"].report()["batch_sizes"] == {"1": 1, "2": 2}
+
+
+def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budget(tmp_path, bragg_weights, frames):
+    import time
+
+    from agents.daemon import Daemon
+
+    _, weights = bragg_weights
+    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 8, "max_latency_s": 0.05}
+    config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
+                                 "state_dir": str(tmp_path / "state"), "fsync": False})
+    run, desc = _raw_run()
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+            *[("event", _event(desc, f)) for f in frames[:1]]]  # the run stays open: no more documents
+    sink = _ListSink()
+    daemon = Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[])
+    try:
+        while daemon.step():
+            pass
+        assert sink.events("bragg") == []  # one frame waits for its batch
+        time.sleep(0.1)
+        daemon.step()  # nothing to read: the budget has passed, the batch runs anyway
+    finally:
+        daemon.close()
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
