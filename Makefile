@@ -34,6 +34,7 @@ benchmark: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/mapping.py
 	$(BIN)/python benchmarks/tuning.py
 	$(BIN)/python benchmarks/moga.py
+	$(BIN)/python benchmarks/detector_ml.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

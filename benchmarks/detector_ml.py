@@ -1,0 +1,292 @@
+"""Detector ML against the classical methods: denoising, Bragg-peak masks and integration, SANS SR, speed.
+
+Every quality figure is measured on held-out simulated data: seeds the training never used
+(``EVAL_SEED`` here, training used ``seed`` 0 and evaluated on 10000) and, for denoising and
+super-resolution, sample kinds held out of training (``DENOISE_HELD_OUT_KINDS``: speckle;
+``SANS_HELD_OUT_KINDS``: core-shell sphere and oriented core-shell cylinder). The networks are the
+weights shipped in ``models/weights`` (or ``--weights DIR``).
+
+* **Denoising** at mean 0.1, 1 and 10 counts per pixel (``--n-denoise`` frames of 128 x 128 per
+  level, random photon-counting or integrating detector effects, detector mask excluded): PSNR
+  and SSIM against the expected counts for the network, Anscombe + Gaussian (width by SURE) and
+  Anscombe + BM3D (exact unbiased inverse). ``denoise_psnr_gain_db`` is the network's gain over
+  the best classical method at each level. The integrated-intensity bias after denoising:
+  Bragg frames are denoised and every peak is summed over its true support, against the same
+  sum of the expected counts (``sum(est - truth) / sum(truth)`` over all peaks).
+* **Bragg peaks** (``--n-bragg`` frames of 128 x 128 across the whole signal-to-noise range):
+  IoU and Dice of the U-Net's mask and of threshold + connected components against the true
+  support; intensities from the U-Net's mask (``integrate_in_mask``), sphere and ellipsoid
+  summation (at the true centres: an advantage to them) and threshold + components, with
+  ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks with no support on
+  the frame left out). A peak a method does not find counts with I_est = 0. ``bragg_error_ratio_low_snr`` is the U-Net's R at I/sigma < 5
+  divided by the best classical method's.
+* **SANS super-resolution** at 2x and 4x (``--n-sr`` patterns, 32 x 32 coarse, 10^5-10^6 counts):
+  PSNR of log10 intensity and SSIM against the fine expected pattern, network against bicubic
+  (in log space); and the reduced chi-square of the azimuthally averaged I(Q) of each estimate
+  against the truth, with the truth's Poisson variance at the fine pixel level.
+* **Throughput** on this machine's CPU (torch threads = cores): frames per second and p99
+  latency of denoising and of masking, each frame alone, at 256 x 256 and 512 x 512, and the two
+  together at 512 x 512 (``cpu_fps_512_denoise_and_mask``). ``gpu_fps_1024``: denoising +
+  masking of 1024 x 1024 frames in batches of 32 with bf16 autocast, when CUDA is present;
+  ``null`` otherwise. (The frames travel host to device inside the timing.)
+
+Prints one JSON object on stdout; progress on stderr.
+
+    python benchmarks/detector_ml.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+EVAL_SEED = 20_261_125
+LEVELS = (0.1, 1.0, 10.0)
+
+
+def _net(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    from models.nets import infer
+
+    out, _ = infer(model, torch.as_tensor(x[None, None].astype(np.float32)), device=torch.device("cpu"))
+    return out[0, 0].numpy().astype(np.float64)
+
+
+def denoising(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
+    from models import classical, metrics
+    from simulators import detector as det
+
+    rng = np.random.default_rng(EVAL_SEED)
+    model = models["denoise"]
+    out: dict[str, Any] = {}
+    t_ml, t_bm3d = [], []
+    for level in LEVELS:
+        rows: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("ml", "gaussian", "bm3d") for k in ("psnr", "ssim")}
+        for _ in range(n):
+            kind = det.DENOISE_HELD_OUT_KINDS[int(rng.integers(len(det.DENOISE_HELD_OUT_KINDS)))]
+            s = det.denoise_frame(rng, kind, (128, 128), level, effects=det.random_effects(rng))
+            x = np.where(s.mask, 0.0, np.maximum(s.counts, 0.0))
+            t0 = time.perf_counter()
+            est = {"ml": _net(model, x)}
+            t_ml.append(time.perf_counter() - t0)
+            est["gaussian"] = classical.anscombe_gaussian(x, mask=s.mask)
+            t0 = time.perf_counter()
+            est["bm3d"] = classical.anscombe_bm3d(x, mask=s.mask)
+            t_bm3d.append(time.perf_counter() - t0)
+            for m, e in est.items():
+                rows[f"{m}_psnr"].append(metrics.psnr(e, s.expected, mask=s.mask))
+                rows[f"{m}_ssim"].append(metrics.ssim(e, s.expected, mask=s.mask))
+            bar.update()
+        out[f"{level:g}"] = {k: float(np.mean(v)) for k, v in rows.items()}
+    gains = {k: v["ml_psnr"] - max(v["gaussian_psnr"], v["bm3d_psnr"]) for k, v in out.items()}
+    bias = _intensity_bias(model, n, rng)
+    return {"by_mean_counts": out, "denoise_psnr_gain_db": gains,
+            "speedup_over_bm3d_128": float(np.median(t_bm3d) / np.median(t_ml)),
+            "integrated_intensity_bias": bias}
+
+
+def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) -> dict[str, float]:
+    from models import classical
+    from simulators import detector as det
+
+    sums = {"ml": 0.0, "raw": 0.0, "bm3d": 0.0, "truth": 0.0}
+    for _ in range(n):
+        recipe = det.BraggRecipe(shape=(128, 128), n_peaks=(3, 10), count_scale=float(np.exp(rng.uniform(-2, 1))))
+        s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
+        x = np.where(s.mask, 0.0, s.counts)
+        support = s.support & ~s.mask
+        for name, est in (("ml", _net(model, x)), ("raw", x), ("bm3d", classical.anscombe_bm3d(x, mask=s.mask))):
+            sums[name] += float(est[support].sum())
+        sums["truth"] += float(s.expected[support].sum())
+    return {k: (sums[k] - sums["truth"]) / sums["truth"] for k in ("ml", "raw", "bm3d")}
+
+
+def bragg(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
+    from models import classical, metrics
+    from simulators import detector as det
+
+    rng = np.random.default_rng(EVAL_SEED + 1)
+    model = models["bragg"]
+    iou = {"ml": [], "threshold": []}
+    dice = {"ml": [], "threshold": []}
+    peaks: list[dict[str, float]] = []
+    for _ in range(n):
+        recipe = det.BraggRecipe(shape=(128, 128), n_peaks=(3, 12), count_scale=float(np.exp(rng.uniform(-3, 1.1))))
+        s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
+        x = np.where(s.mask, 0.0, s.counts)
+        ml_mask = _net(model, x) > 0.0
+        th_mask, th = classical.threshold_components(x, mask=s.mask)
+        for name, m in (("ml", ml_mask), ("threshold", th_mask)):
+            iou[name].append(metrics.iou(m, s.support))
+            dice[name].append(metrics.dice(m, s.support))
+        ml = classical.integrate_in_mask(x, ml_mask, mask=s.mask)
+        sph = classical.sphere_integrate(x, s.centers, radius=6.0, bkg_inner=8.0, bkg_outer=11.0, mask=s.mask)
+        ell = classical.ellipsoid_integrate(x, s.centers, region_radius=10.0, weak_threshold=10.0, mask=s.mask)
+        for j, (c, it, sig) in enumerate(zip(s.centers, s.true_intensity, s.sigma_intensity, strict=True)):
+            if not sig > 0:  # no support on the frame (a peak cut off by the edge): nothing to find
+                continue
+            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig),
+                          "ml": _nearest(ml, c), "threshold": _nearest(th, c),
+                          "sphere": _finite(sph.intensity[j]), "ellipsoid": _finite(ell.intensity[j])})
+        bar.update()
+    bins = [(0, 5), (5, 10), (10, 30), (30, np.inf)]
+    r: dict[str, dict[str, float]] = {}
+    for lo, hi in bins:
+        sel = [p for p in peaks if lo <= p["i_over_sigma"] < hi]
+        if not sel:
+            continue
+        truth = np.array([p["i_true"] for p in sel])
+        r[f"{lo}-{hi}"] = {m: float(np.sum(np.abs(np.array([p[m] for p in sel]) - truth)) / truth.sum())
+                           for m in ("ml", "threshold", "sphere", "ellipsoid")} | {"n_peaks": len(sel)}
+    low = r.get("0-5", {})
+    best_classical = min((low[m] for m in ("threshold", "sphere", "ellipsoid")), default=float("nan"))
+    return {"iou": {k: float(np.mean(v)) for k, v in iou.items()}, "dice": {k: float(np.mean(v)) for k, v in dice.items()},
+            "r_by_i_over_sigma": r, "bragg_iou": float(np.mean(iou["ml"])),
+            "bragg_error_ratio_low_snr": float(low.get("ml", np.nan) / best_classical) if low else None}
+
+
+def _finite(v: float) -> float:
+    return float(v) if np.isfinite(v) else 0.0
+
+
+def _nearest(integrals: Any, center: np.ndarray, radius: float = 4.0) -> float:
+    """The intensity of the found peak whose centroid lies nearest ``center`` (within ``radius``)."""
+    if integrals.centroids is None or len(integrals.intensity) == 0:
+        return 0.0
+    d = np.linalg.norm(np.asarray(integrals.centroids) - np.asarray(center)[None, :], axis=1)
+    j = int(np.argmin(d))
+    return _finite(integrals.intensity[j]) if d[j] <= radius else 0.0
+
+
+def _radial(img: np.ndarray, qx: np.ndarray, qy: np.ndarray, nbins: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    q = np.hypot(qx, qy)  # pixel-centre grids, the image's shape
+    edges = np.linspace(0, q.max(), nbins + 1)
+    idx = np.clip(np.digitize(q.ravel(), edges) - 1, 0, nbins - 1)
+    s = np.bincount(idx, img.ravel(), nbins)
+    c = np.bincount(idx, minlength=nbins)
+    return s, c
+
+
+def super_resolution(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
+    from agents.detector_eval import log_psnr
+    from models import classical, metrics
+    from simulators import detector as det
+
+    out: dict[str, Any] = {}
+    for factor in (2, 4):
+        rng = np.random.default_rng(EVAL_SEED + factor)
+        model = models[f"sans-sr-x{factor}"]
+        rows: dict[str, list[float]] = {k: [] for k in ("ml_log_psnr", "bicubic_log_psnr", "ml_ssim", "bicubic_ssim",
+                                                        "ml_chi2", "bicubic_chi2")}
+        for _ in range(n):
+            kind = det.SANS_HELD_OUT_KINDS[int(rng.integers(len(det.SANS_HELD_OUT_KINDS)))]
+            p = det.sans_pair(rng, kind, factor=factor, coarse_shape=(32, 32),
+                              total_counts=float(np.exp(rng.uniform(np.log(1e5), np.log(1e6)))))
+            truth = p.fine_expected
+            for name, est in (("ml", _net(model, p.coarse_counts)),
+                              ("bicubic", classical.bicubic_upsample(p.coarse_counts, factor, space="log"))):
+                rows[f"{name}_log_psnr"].append(log_psnr(est, truth))
+                rows[f"{name}_ssim"].append(metrics.ssim(np.log10(np.maximum(est, 1e-6)),
+                                                         np.log10(np.maximum(truth, 1e-6))))
+                se, c = _radial(est, p.qx_fine, p.qy_fine)
+                st, _ = _radial(truth, p.qx_fine, p.qy_fine)
+                ok = (c > 0) & (st > 0)
+                # variance of the ring sum of a Poisson draw of the truth at this count level
+                rows[f"{name}_chi2"].append(float(np.sum((se[ok] - st[ok]) ** 2 / st[ok]) / max(ok.sum() - 1, 1)))
+            bar.update()
+        m = {k: float(np.mean(v)) for k, v in rows.items()}
+        m["gain_db"] = m["ml_log_psnr"] - m["bicubic_log_psnr"]
+        out[f"x{factor}"] = m
+    return out
+
+
+def throughput(models: dict[str, Any], repeats: int = 20) -> dict[str, Any]:
+    from models.nets import infer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    rng = np.random.default_rng(1)
+    for size in (256, 512):
+        frame = torch.as_tensor(rng.poisson(1.0, (1, 1, size, size)).astype(np.float32))
+        for name in ("denoise", "bragg"):
+            lat = []
+            infer(models[name], frame, device=torch.device("cpu"))
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                infer(models[name], frame, device=torch.device("cpu"))
+                lat.append(time.perf_counter() - t0)
+            out[f"{name}_{size}"] = {"fps": 1.0 / float(np.mean(lat)), "p99_latency_s": float(np.percentile(lat, 99))}
+    both = 1.0 / (1.0 / out["denoise_512"]["fps"] + 1.0 / out["bragg_512"]["fps"])
+    out["cpu_fps_512_denoise_and_mask"] = both
+    return out
+
+
+def gpu_throughput(models: dict[str, Any], batch: int = 32, repeats: int = 10) -> float | None:
+    """Frames per second of denoising + masking at 1024 x 1024 in bf16 on CUDA (None without one)."""
+    from models.nets import infer
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda")
+    frames = torch.poisson(torch.ones(batch, 1, 1024, 1024))
+    for name in ("denoise", "bragg"):
+        infer(models[name], frames, device=device, bf16=True)  # warm-up, cudnn autotune
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for name in ("denoise", "bragg"):
+            infer(models[name], frames, device=device, bf16=True)
+    torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default=None, help="directory of NAME.pt/NAME.json (default: shipped)")
+    parser.add_argument("--n-denoise", type=int, default=6)
+    parser.add_argument("--n-bragg", type=int, default=40)
+    parser.add_argument("--n-sr", type=int, default=24)
+    args = parser.parse_args()
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from models.registry import load_weights
+
+    t0 = time.perf_counter()
+    names = ("denoise", "bragg", "sans-sr-x2", "sans-sr-x4")
+    models = {n: load_weights(Path(args.weights) / n if args.weights else n)[0] for n in names}
+    total = 3 * args.n_denoise + args.n_bragg + 2 * args.n_sr
+    with tqdm(total=total, desc="detector-ml benchmark", unit="frame", file=sys.stderr) as bar:
+        den = denoising(models, args.n_denoise, bar)
+        bra = bragg(models, args.n_bragg, bar)
+        sr = super_resolution(models, args.n_sr, bar)
+    speed = throughput(models)
+    gpu = gpu_throughput(models)
+    out = {
+        "benchmark": "detector_ml",
+        "denoise_psnr_gain_db": den["denoise_psnr_gain_db"],
+        "bragg_iou": bra["bragg_iou"],
+        "bragg_error_ratio_low_snr": bra["bragg_error_ratio_low_snr"],
+        "sr_psnr_gain_db_4x": sr["x4"]["gain_db"],
+        "sr_psnr_gain_db_2x": sr["x2"]["gain_db"],
+        "cpu_fps_512_denoise_and_mask": speed["cpu_fps_512_denoise_and_mask"],
+        "gpu_fps_1024": gpu,
+        "gpu_note": None if gpu is not None else "no CUDA device on the machine that ran this",
+        "denoising": den,
+        "bragg": bra,
+        "super_resolution": sr,
+        "throughput": speed,
+        "eval_seed": EVAL_SEED,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out, default=float))
+
+
+if __name__ == "__main__":
+    main()
