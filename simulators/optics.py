@@ -46,7 +46,6 @@ Poisson counting in the monitor; beam size carries relative Gaussian noise (prof
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,6 +60,7 @@ from scipy.special import erf
 from scipy.stats import qmc
 
 from simulators.errors import OutOfRangeError, SimulatedFaultError
+from simulators.readout import ReadoutFaults, complete_after, noise_and_fault_rngs
 from simulators.sas import Clock, SimClock, _CheckedSignal, _ResultSignal
 
 __all__ = [
@@ -297,31 +297,8 @@ def true_optimum(
     return {a: float(v) for a, v in zip(AXES, x, strict=True)}, float(f), float(s)
 
 
-@dataclass(frozen=True)
-class OpticsFaults:
-    """Faults to inject, drawn from an rng seeded from the device's seed.
-
-    Attributes
-    ----------
-    nan_probability : float
-        Probability that a reading is lost: flux and beam size read NaN.
-    error_probability : float
-        Probability that a trigger fails with :class:`SimulatedFaultError`.
-    read_latency : float
-        Clock seconds added to every reading, on top of the exposure.
-    """
-
-    nan_probability: float = 0.0
-    error_probability: float = 0.0
-    read_latency: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("nan_probability", "error_probability"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]; got {value}")
-        if not (np.isfinite(self.read_latency) and self.read_latency >= 0):
-            raise ValueError(f"read_latency must be finite and >= 0 s; got {self.read_latency=}")
+#: faults of the beam monitor (see :class:`simulators.readout.ReadoutFaults`)
+OpticsFaults = ReadoutFaults
 
 
 class SimBeamlineOptics(Device):
@@ -426,9 +403,7 @@ class SimBeamlineOptics(Device):
 
     def reseed(self, seed: int) -> None:
         """Restart the noise and fault random streams from ``seed`` (e.g. on resuming)."""
-        noise_seq, fault_seq = np.random.SeedSequence(seed).spawn(2)
-        self._rng = np.random.default_rng(noise_seq)
-        self._fault_rng = np.random.default_rng(fault_seq)
+        self._rng, self._fault_rng = noise_and_fault_rngs(seed)
 
     def _checker(self, axis: str) -> Any:
         lo, hi = self._limits[axis]
@@ -468,26 +443,13 @@ class SimBeamlineOptics(Device):
         if nan_draw < self._faults.nan_probability:
             flux_read = size_read = float("nan")
         duration = exposure + self._faults.read_latency
-        if self._clock.virtual:
-            self._clock.sleep(duration)
-            self._finish(status, flux_read, size_read)
-        else:
-            threading.Thread(target=self._expose, args=(status, flux_read, size_read, duration),
-                             daemon=True).start()
+        complete_after(status, self._clock, duration, lambda: self._publish(flux_read, size_read))
         return status
 
-    def _expose(self, status: DeviceStatus, flux: float, size: float, duration: float) -> None:
-        try:
-            self._clock.sleep(duration)
-            self._finish(status, flux, size)
-        except Exception as exc:  # noqa: BLE001 -- a failed reading must fail the status, not vanish
-            status.set_exception(exc)
-
-    def _finish(self, status: DeviceStatus, flux: float, size: float) -> None:
+    def _publish(self, flux: float, size: float) -> None:
         now = self._clock.time()
         self.flux.put(flux, internal=True, timestamp=now)
         self.beam_size.put(size, internal=True, timestamp=now)
-        status.set_finished()
 
 
 def _check_exposure(value: Any) -> float:

@@ -50,7 +50,6 @@ particle has zero apertures; neither raises.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from ophyd import Device, DeviceStatus
 from scipy.optimize import minimize
 
 from simulators.errors import OutOfRangeError, SimulatedFaultError, SimulatorError
+from simulators.readout import ReadoutFaults, complete_after, noise_and_fault_rngs
 from simulators.sas import Clock, SimClock, _CheckedSignal, _ResultSignal
 
 __all__ = [
@@ -392,22 +392,9 @@ def _as_vector(values: Mapping[str, float] | Sequence[float], names: Sequence[st
     return vec
 
 
-@dataclass(frozen=True)
-class RingFaults:
-    """Faults to inject: ``nan_probability`` (a lost reading), ``error_probability`` (a failed
-    trigger), ``read_latency`` (clock seconds added to every reading)."""
-
-    nan_probability: float = 0.0
-    error_probability: float = 0.0
-    read_latency: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("nan_probability", "error_probability"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]; got {value}")
-        if not (math.isfinite(self.read_latency) and self.read_latency >= 0):
-            raise ValueError(f"read_latency must be finite and >= 0 s; got {self.read_latency=}")
+#: faults of the ring's lifetime and injection-efficiency readings (see
+#: :class:`simulators.readout.ReadoutFaults`)
+RingFaults = ReadoutFaults
 
 
 class SimStorageRing(Device):
@@ -500,9 +487,7 @@ class SimStorageRing(Device):
 
     def reseed(self, seed: int) -> None:
         """Restart the noise and fault random streams from ``seed``."""
-        noise_seq, fault_seq = np.random.SeedSequence(seed).spawn(2)
-        self._rng = np.random.default_rng(noise_seq)
-        self._fault_rng = np.random.default_rng(fault_seq)
+        self._rng, self._fault_rng = noise_and_fault_rngs(seed)
 
     def _checker(self, family: str) -> Any:
         lo, hi = HARDWARE_LIMITS[family]
@@ -540,23 +525,11 @@ class SimStorageRing(Device):
             lifetime = efficiency = float("nan")
         values = (lifetime, efficiency, result.da_area_mm2, 100.0 * result.momentum_acceptance)
         duration = self._measure_time + self._faults.read_latency
-        if self._clock.virtual:
-            self._clock.sleep(duration)
-            self._finish(status, values)
-        else:
-            threading.Thread(target=self._expose, args=(status, values, duration), daemon=True).start()
+        complete_after(status, self._clock, duration, lambda: self._publish(values))
         return status
 
-    def _expose(self, status: DeviceStatus, values: tuple[float, ...], duration: float) -> None:
-        try:
-            self._clock.sleep(duration)
-            self._finish(status, values)
-        except Exception as exc:  # noqa: BLE001 -- a failed reading must fail the status, not vanish
-            status.set_exception(exc)
-
-    def _finish(self, status: DeviceStatus, values: tuple[float, ...]) -> None:
+    def _publish(self, values: tuple[float, ...]) -> None:
         now = self._clock.time()
         signals = (self.lifetime, self.injection_efficiency, self.dynamic_aperture, self.momentum_acceptance)
         for signal, value in zip(signals, values, strict=True):
             signal.put(float(value), internal=True, timestamp=now)
-        status.set_finished()
