@@ -204,7 +204,7 @@ class OptimizationStore:
         self.store.append("evaluations", rows)
         # the state last: a generation counts as done only once it is there
         self.store.set_attr("meta", meta)
-        self.store.set_attr("optimizer_state", _jsonable(state))
+        self.store.set_attr("optimizer_state", state)
 
     def evaluations(self) -> dict[str, np.ndarray]:
         return self.store.read("evaluations")
@@ -214,18 +214,6 @@ class OptimizationStore:
 
     def meta(self) -> dict[str, Any] | None:
         return self.store.get_attr("meta")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 @dataclass

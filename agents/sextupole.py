@@ -39,7 +39,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,18 +259,6 @@ def ramp(start: np.ndarray, end: np.ndarray, max_step: np.ndarray) -> np.ndarray
     points = start + (end - start) * t
     # keep round-off inside the segment (convex, so inside the limits); not a clamp of a setting
     return np.clip(points, np.minimum(start, end), np.maximum(start, end))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _tables(families: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -509,7 +497,7 @@ class SextupoleAgent:
         for i, (lifetime, efficiency) in self._results.items():
             F[i], G[i] = (-lifetime, -efficiency), 0.0
         self.optimizer.tell(self._X, F, G)
-        self.store.set_attr("optimizer_state", _jsonable(self.optimizer.state()))
+        self.store.set_attr("optimizer_state", self.optimizer.state())
         self._open = False
         if self._derived is not None:
             self._derived.emit("generation", self._summary())

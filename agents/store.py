@@ -150,8 +150,15 @@ class AgentStore:
 
     # -- attributes ---------------------------------------------------------------------------
     def set_attr(self, name: str, value: Any) -> None:
-        """Store a JSON-able value (round-tripped through ``json`` so errors show here)."""
-        self.group.attrs[name] = json.loads(json.dumps(value, allow_nan=False))
+        """Store a JSON-able value (round-tripped through ``json`` so errors show here); numpy
+        arrays and scalars inside it are stored as lists and numbers."""
+        self.group.attrs[name] = json.loads(json.dumps(value, allow_nan=False, default=_numpy_to_json))
 
     def get_attr(self, name: str, default: Any = None) -> Any:
         return self.group.attrs.get(name, default)
+
+
+def _numpy_to_json(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
