@@ -142,8 +142,11 @@ def _explain(err: ValidationError, where: str) -> str:
     return f"invalid configuration in {where}:\n  " + "\n  ".join(lines)
 
 
-def load_settings(model: type[_Strict], source: str | Path | dict[str, Any]) -> Any:
-    """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key."""
+def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str, Any]) -> Any:
+    """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key.
+    An instance of ``model`` is returned as it is (it was validated when it was made)."""
+    if isinstance(source, model):
+        return source
     where = "dict"
     if not isinstance(source, dict):
         path = Path(source)

@@ -152,14 +152,10 @@ class MappingAgent:
         sinks: Sequence[DocumentSink] = (),
         _create: bool = True,
     ) -> None:
-        if not isinstance(settings, MappingSettings):
-            settings = load_settings(MappingSettings, settings)
-        self.settings = s = settings
+        self.settings = s = load_settings(MappingSettings, settings)
         self.name = s.name
         self.sinks = list(sinks)
-        self.store = AgentStore(store, type(self).__name__, _tables(s), create=_create)
-        if _create and self.store.get_attr("config") is None:
-            self.store.set_attr("config", s.model_dump(mode="json"))
+        self.store = AgentStore.for_agent(store, type(self).__name__, _tables(s), s, create=_create)
         x0, x1, y0, y1 = s.extent
         nx, ny = s.grid
         gx, gy = np.linspace(x0, x1, nx), np.linspace(y0, y1, ny)
@@ -180,9 +176,8 @@ class MappingAgent:
     @classmethod
     def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> MappingAgent:
         """Re-open an agent from its store: same settings, observations, decisions and model state."""
-        probe = AgentStore(store, cls.__name__, {}, create=False)
-        settings = load_settings(MappingSettings, probe.get_attr("config"))
-        return cls(settings, store, sinks=sinks, _create=False)
+        config = AgentStore.stored_config(store, cls.__name__)
+        return cls(load_settings(MappingSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _load(self) -> None:

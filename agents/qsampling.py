@@ -69,14 +69,10 @@ class QSamplingAgent:
         sinks: Sequence[DocumentSink] = (),
         _create: bool = True,
     ) -> None:
-        if not isinstance(settings, QSamplingSettings):
-            settings = load_settings(QSamplingSettings, settings)
-        self.settings = settings
+        self.settings = settings = load_settings(QSamplingSettings, settings)
         self.name = settings.name
         self.sinks = list(sinks)
-        self.store = AgentStore(store, type(self).__name__, TABLES, create=_create)
-        if _create and self.store.get_attr("config") is None:
-            self.store.set_attr("config", settings.model_dump(mode="json"))
+        self.store = AgentStore.for_agent(store, type(self).__name__, TABLES, settings, create=_create)
         self.flux, self.dark_rate = settings.flux, settings.dark_rate
         self.policy: QPolicy | None = None
         self.errors: list[str] = []
@@ -90,9 +86,8 @@ class QSamplingAgent:
     @classmethod
     def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> QSamplingAgent:
         """Re-open an agent from its store: same config, observations, decisions and model state."""
-        probe = AgentStore(store, cls.__name__, TABLES, create=False)
-        settings = load_settings(QSamplingSettings, probe.get_attr("config"))
-        return cls(settings, store, sinks=sinks, _create=False)
+        config = AgentStore.stored_config(store, cls.__name__)
+        return cls(load_settings(QSamplingSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _load(self) -> None:

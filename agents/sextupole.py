@@ -47,7 +47,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agents.config import _Strict, load_settings
-from agents.errors import AgentError, AgentStoreError, ObservationError
+from agents.errors import AgentStoreError, ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.runs import stream_router
@@ -293,16 +293,14 @@ class SextupoleAgent:
 
     def __init__(self, settings: SextupoleSettings | dict | str | Path, store: str | Path, *,
                  sinks: Sequence[DocumentSink] = (), _create: bool = True) -> None:
-        if not isinstance(settings, SextupoleSettings):
-            settings = load_settings(SextupoleSettings, settings)
-        self.settings = settings
+        self.settings = settings = load_settings(SextupoleSettings, settings)
         self.name = settings.name
         self.families = list(settings.families)
         self.axes = [settings.data_key(f) for f in self.families]
         self.sinks = list(sinks)
-        self.store = AgentStore(store, type(self).__name__, _tables(self.families), create=_create)
-        if _create and self.store.get_attr("config") is None:
-            self.store.set_attr("config", settings.model_dump(mode="json"))
+        self.store = AgentStore.for_agent(store, type(self).__name__, _tables(self.families), settings,
+                                          create=_create)
+        if _create and self.store.get_attr("run_id") is None:
             self.store.set_attr("run_id", uuid.uuid4().hex[:12])
         self._run_id = str(self.store.get_attr("run_id"))
         self.bounds = np.array([[settings.knobs[k][i] for k in settings.knob_names] for i in (0, 1)])
@@ -320,10 +318,7 @@ class SextupoleAgent:
     @classmethod
     def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> SextupoleAgent:
         """Re-open an agent from its store: same config, observations, generation and optimiser."""
-        probe = AgentStore(store, cls.__name__, {}, create=False)
-        config = probe.get_attr("config")
-        if config is None:
-            raise AgentError(f"{store} holds no SextupoleAgent config; it was not written by one")
+        config = AgentStore.stored_config(store, cls.__name__)
         return cls(load_settings(SextupoleSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------

@@ -75,6 +75,24 @@ class AgentStore:
         for table, columns in self._tables.items():
             self._ensure_table(table, columns)
 
+    @classmethod
+    def for_agent(cls, path: str | Path, agent_kind: str, tables: Mapping[str, Mapping[str, Any]], settings: Any,
+                  *, create: bool) -> AgentStore:
+        """Open an agent's store; a store it creates records the agent's settings (attr ``config``,
+        what :meth:`stored_config` gives back when the agent resumes)."""
+        store = cls(path, agent_kind, tables, create=create)
+        if create and store.get_attr("config") is None:
+            store.set_attr("config", settings.model_dump(mode="json"))
+        return store
+
+    @classmethod
+    def stored_config(cls, path: str | Path, agent_kind: str) -> dict[str, Any]:
+        """The settings an agent recorded in its existing store (what ``resume`` starts from)."""
+        config = cls(path, agent_kind, {}, create=False).get_attr("config")
+        if config is None:
+            raise AgentStoreError(f"{path} holds no {agent_kind} config; it was not written by one")
+        return config
+
     def _open_root(self, create: bool) -> zarr.Group:
         if not create and not self.path.exists():
             raise AgentStoreError(f"no store at {self.path}: check the path")

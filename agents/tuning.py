@@ -49,7 +49,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agents.config import _Strict, load_settings
-from agents.errors import AgentError, ObservationError
+from agents.errors import ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.runs import stream_router
@@ -189,15 +189,11 @@ class TuningAgent:
         sinks: Sequence[DocumentSink] = (),
         _create: bool = True,
     ) -> None:
-        if not isinstance(settings, TuningSettings):
-            settings = load_settings(TuningSettings, settings)
-        self.settings = settings
+        self.settings = settings = load_settings(TuningSettings, settings)
         self.name = settings.name
         self.axes = settings.axis_names
         self.sinks = list(sinks)
-        self.store = AgentStore(store, type(self).__name__, _tables(self.axes), create=_create)
-        if _create and self.store.get_attr("config") is None:
-            self.store.set_attr("config", settings.model_dump(mode="json"))
+        self.store = AgentStore.for_agent(store, type(self).__name__, _tables(self.axes), settings, create=_create)
         lows = [settings.axes[a].low for a in self.axes]
         highs = [settings.axes[a].high for a in self.axes]
         self.bounds = np.array([lows, highs])
@@ -217,10 +213,7 @@ class TuningAgent:
     @classmethod
     def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> TuningAgent:
         """Re-open an agent from its store: same config, observations, decisions and model state."""
-        probe = AgentStore(store, cls.__name__, {}, create=False)
-        config = probe.get_attr("config")
-        if config is None:
-            raise AgentError(f"{store} holds no TuningAgent config; it was not written by one")
+        config = AgentStore.stored_config(store, cls.__name__)
         return cls(load_settings(TuningSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
