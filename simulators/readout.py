@@ -14,11 +14,14 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ophyd import DeviceStatus
 
-from simulators.sas import Clock
+if TYPE_CHECKING:  # simulators.sas uses this module: only the type comes from there
+    from ophyd import DeviceStatus
+
+    from simulators.sas import Clock
 
 __all__ = ["ReadoutFaults", "complete_after", "noise_and_fault_rngs"]
 

@@ -23,6 +23,7 @@ from ophyd.status import Status
 
 from models.sas import SASModel
 from simulators.errors import OutOfRangeError, SimulatedFaultError
+from simulators.readout import complete_after
 
 __all__ = [
     "Clock",
@@ -355,27 +356,13 @@ class SimSASInstrument(Device):
             counts[:] = np.nan
         result = float(counts[0]) if np.ndim(q) == 0 else counts
         duration = exposure + self._faults.read_latency
-        if self._clock.virtual:
-            self._clock.sleep(duration)
-            self._finish(status, result, exposure)
-        else:
-            threading.Thread(
-                target=self._expose, args=(status, result, exposure, duration), daemon=True
-            ).start()
+        complete_after(status, self._clock, duration, lambda: self._publish(result, exposure))
         return status
 
-    def _expose(self, status: DeviceStatus, result: Any, exposure: float, duration: float) -> None:
-        try:
-            self._clock.sleep(duration)
-            self._finish(status, result, exposure)
-        except Exception as exc:  # a failed reading must fail the status, not vanish
-            status.set_exception(exc)
-
-    def _finish(self, status: DeviceStatus, result: Any, exposure: float) -> None:
+    def _publish(self, result: Any, exposure: float) -> None:
         now = self._clock.time()
         self.counts.put(result, internal=True, timestamp=now)
         self.beam_time.put(self.beam_time.get() + exposure, internal=True, timestamp=now)
-        status.set_finished()
 
 
 def _check_settings(

@@ -31,6 +31,7 @@ from ophyd.status import Status
 from models.saxs2d import DetectorGeometry, ring_intensity
 from simulators.errors import OutOfRangeError, SimulatedFaultError
 from simulators.maps import TruthMap
+from simulators.readout import complete_after
 from simulators.sas import Clock, SimClock
 
 __all__ = [
@@ -441,27 +442,14 @@ class SimSampleStage(Device):
         frame = self._rng.poisson(rate * exposure).astype(np.float64)
         if lost:
             frame[:] = np.nan
-        if self._clock.virtual:
-            self._clock.sleep(exposure)
-            self._finish(status, frame, exposure)
-        else:
-            threading.Thread(target=self._expose_in_thread, args=(status, frame, exposure),
-                             daemon=True).start()
+        complete_after(status, self._clock, exposure, lambda: self._publish(frame, exposure))
         return status
 
-    def _expose_in_thread(self, status: DeviceStatus, frame: np.ndarray, exposure: float) -> None:
-        try:
-            self._clock.sleep(exposure)
-            self._finish(status, frame, exposure)
-        except Exception as exc:  # noqa: BLE001 - a failed reading must fail its status
-            status.set_exception(exc)
-
-    def _finish(self, status: DeviceStatus, frame: np.ndarray, exposure: float) -> None:
+    def _publish(self, frame: np.ndarray, exposure: float) -> None:
         detector = self.saxs
         now = self._clock.time()
         detector.counts.put(frame, internal=True, timestamp=now)
         detector.beam_time.put(detector.beam_time.get() + exposure, internal=True, timestamp=now)
-        status.set_finished()
 
 
 def _is_scalar(truth: Any) -> bool:
