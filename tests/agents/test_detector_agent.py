@@ -354,18 +354,23 @@ class _ListSink(Recorder):
         pass
 
 
-def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frames):
+def _daemon(tmp_path, weights, frames, *, stop, **batching):
+    """A daemon with one Bragg detector agent, reading one raw run of ``frames`` from memory."""
     from agents.daemon import Daemon
 
-    _, weights = bragg_weights
-    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 2, "max_latency_s": 1e9}
+    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", **batching}
     config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
                                  "state_dir": str(tmp_path / "state"), "fsync": False})
     run, desc = _raw_run()
-    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc),
-            *[("event", _event(desc, f)) for f in frames[:5]], ("stop", run.compose_stop())]
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc), *[("event", _event(desc, f)) for f in frames]]
+    if stop:
+        docs.append(("stop", run.compose_stop()))
     sink = _ListSink()
-    daemon = Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[])
+    return Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[]), sink, run
+
+
+def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frames):
+    daemon, sink, run = _daemon(tmp_path, bragg_weights[1], frames[:5], stop=True, max_batch=2, max_latency_s=1e9)
     try:
         while daemon.step():
             pass
@@ -379,17 +384,8 @@ def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frame
 def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budget(tmp_path, bragg_weights, frames):
     import time
 
-    from agents.daemon import Daemon
-
-    _, weights = bragg_weights
-    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 8, "max_latency_s": 0.05}
-    config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
-                                 "state_dir": str(tmp_path / "state"), "fsync": False})
-    run, desc = _raw_run()
-    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc),
-            *[("event", _event(desc, f)) for f in frames[:1]]]  # the run stays open: no more documents
-    sink = _ListSink()
-    daemon = Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[])
+    # the run stays open: no stop, no more documents
+    daemon, sink, _ = _daemon(tmp_path, bragg_weights[1], frames[:1], stop=False, max_batch=8, max_latency_s=0.05)
     try:
         while daemon.step():
             pass
