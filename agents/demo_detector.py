@@ -87,6 +87,7 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from agents.detector_eval import matched_intensities
     from models import classical, metrics
 
     masks = [np.asarray(e["data"]["peak_mask"], bool) for e in events if "peak_mask" in e["data"]]
@@ -99,7 +100,7 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
         th_iou.append(metrics.iou(th_mask, s.support))
         for name, mk in (("ml", m), ("threshold", th_mask)):
             found = classical.integrate_in_mask(raw, mk, mask=s.mask)
-            err[name] += _matched_error(found, s)
+            err[name] += float(np.sum(np.abs(matched_intensities(found, s.centers) - s.true_intensity)))
         err["truth"] += float(np.sum(s.true_intensity))
     fig, axes = plt.subplots(3, 4, figsize=(13, 9.5))
     for row, j in enumerate(range(min(3, len(raws)))):
@@ -118,21 +119,6 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
     return {"analysis": "bragg", "iou_ml": float(np.mean(ml_iou)), "iou_threshold_components": float(np.mean(th_iou)),
             "r_ml": err["ml"] / err["truth"], "r_threshold_components": err["threshold"] / err["truth"],
             "figures": ["bragg.png"]}
-
-
-def _matched_error(found: Any, s: Any) -> float:
-    """sum |I_found - I_true| over the true peaks (a peak not found counts I = 0)."""
-    total = 0.0
-    cents = np.asarray(found.centroids) if found.centroids is not None and len(found.intensity) else np.empty((0, 2))
-    for c, it in zip(s.centers, s.true_intensity, strict=True):
-        est = 0.0
-        if len(cents):
-            d = np.linalg.norm(cents - np.asarray(c)[None, :], axis=1)
-            j = int(np.argmin(d))
-            if d[j] <= 4.0 and np.isfinite(found.intensity[j]):
-                est = float(found.intensity[j])
-        total += abs(est - float(it))
-    return total
 
 
 def _sr_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: list[dict[str, Any]],

@@ -23,14 +23,30 @@ from models import classical, metrics
 from models.nets import infer
 from simulators import detector as det
 
-__all__ = ["evaluate", "log_psnr"]
+__all__ = ["evaluate", "log_psnr", "matched_intensities", "predict"]
 
 LEVELS = (0.1, 1.0, 10.0)
 
 
-def _net(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """The network's output for one frame, on the CPU, as float64."""
     out, _ = infer(model, torch.as_tensor(x[None, None].astype(np.float32)), device=torch.device("cpu"))
     return out[0, 0].numpy().astype(np.float64)
+
+
+def matched_intensities(found: Any, centers: np.ndarray, radius: float = 4.0) -> np.ndarray:
+    """For each true peak centre, the intensity of the found peak whose centroid lies nearest
+    (within ``radius`` pixels); 0 where none does or its intensity is not finite."""
+    out = np.zeros(len(centers))
+    if found.centroids is None or len(found.intensity) == 0:
+        return out
+    cents = np.asarray(found.centroids, dtype=float)
+    for i, c in enumerate(np.asarray(centers, dtype=float)):
+        d = np.linalg.norm(cents - c[None, :], axis=1)
+        j = int(np.argmin(d))
+        if d[j] <= radius and np.isfinite(found.intensity[j]):
+            out[i] = float(found.intensity[j])
+    return out
 
 
 def log_psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
@@ -53,7 +69,7 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
                 # an integrating detector's read noise can make a reading negative: the Anscombe
                 # transform (and so the classical method) needs counts >= 0
                 x = np.where(s.mask, 0.0, np.maximum(s.counts, 0.0))
-                ml.append(metrics.psnr(_net(model, x), s.expected, mask=s.mask))
+                ml.append(metrics.psnr(predict(model, x), s.expected, mask=s.mask))
                 gauss.append(metrics.psnr(classical.anscombe_gaussian(x, mask=s.mask), s.expected, mask=s.mask))
             out[f"{level:g}"] = {"psnr_ml": float(np.mean(ml)), "psnr_anscombe_gaussian": float(np.mean(gauss)),
                                  "gain_db": float(np.mean(ml) - np.mean(gauss))}
@@ -64,7 +80,7 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             recipe = det.BraggRecipe(shape=shape, n_peaks=(1, 6), count_scale=float(np.exp(rng.uniform(-3, 1.1))))
             s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
             x = np.where(s.mask, 0.0, s.counts)
-            pred = _net(model, x) > 0.0
+            pred = predict(model, x) > 0.0
             th_mask, _ = classical.threshold_components(x, mask=s.mask)
             ml_iou.append(metrics.iou(pred, s.support))
             ml_dice.append(metrics.dice(pred, s.support))
@@ -79,7 +95,7 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             p = det.sans_pair(rng, kind, factor=f, coarse_shape=(32, 32),
                               total_counts=float(np.exp(rng.uniform(np.log(1e5), np.log(1e6)))))
             truth = p.fine_expected
-            ml.append(log_psnr(_net(model, p.coarse_counts), truth))
+            ml.append(log_psnr(predict(model, p.coarse_counts), truth))
             bic.append(log_psnr(classical.bicubic_upsample(p.coarse_counts, f, space="log"), truth))
         return {"held_out_kinds": list(det.SANS_HELD_OUT_KINDS), "factor": f, "log_psnr_ml": float(np.mean(ml)),
                 "log_psnr_bicubic": float(np.mean(bic)), "gain_db": float(np.mean(ml) - np.mean(bic)), "n": n}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from models import nets
-from models.registry import WeightsRecord, save_weights
+from models.registry import ARCHITECTURES, WeightsRecord, save_weights
 from models.training import TrainConfig, train
 from simulators import detector as det
 
@@ -174,8 +174,7 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
                     task.steps, task.batch)
     config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed)
     torch.manual_seed(seed)  # the initial weights too
-    model = nets.__dict__[{"poisson-denoiser-unet": "PoissonDenoiser", "bragg-peak-unet": "PeakUNet",
-                           "sans-super-resolver": "SuperResolver"}[task.architecture]](**task.architecture_config)
+    model = ARCHITECTURES[task.architecture](**task.architecture_config)
     t0 = time.perf_counter()
     history = train(model, _make_batch(task, noise2noise), _LOSSES[task_name], config, progress=progress,
                     device=torch.device("cpu") if not torch.cuda.is_available() else None)

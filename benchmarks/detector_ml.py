@@ -52,10 +52,9 @@ LEVELS = (0.1, 1.0, 10.0)
 
 
 def _net(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    from models.nets import infer
+    from agents.detector_eval import predict
 
-    out, _ = infer(model, torch.as_tensor(x[None, None].astype(np.float32)), device=torch.device("cpu"))
-    return out[0, 0].numpy().astype(np.float64)
+    return predict(model, x)
 
 
 def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str, Any]:
@@ -110,6 +109,7 @@ def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) ->
 
 
 def bragg(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
+    from agents.detector_eval import matched_intensities
     from models import classical, metrics
     from simulators import detector as det
 
@@ -127,14 +127,14 @@ def bragg(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
         for name, m in (("ml", ml_mask), ("threshold", th_mask)):
             iou[name].append(metrics.iou(m, s.support))
             dice[name].append(metrics.dice(m, s.support))
-        ml = classical.integrate_in_mask(x, ml_mask, mask=s.mask)
+        ml = matched_intensities(classical.integrate_in_mask(x, ml_mask, mask=s.mask), s.centers)
+        thr = matched_intensities(th, s.centers)
         sph = classical.sphere_integrate(x, s.centers, radius=6.0, bkg_inner=8.0, bkg_outer=11.0, mask=s.mask)
         ell = classical.ellipsoid_integrate(x, s.centers, region_radius=10.0, weak_threshold=10.0, mask=s.mask)
-        for j, (c, it, sig) in enumerate(zip(s.centers, s.true_intensity, s.sigma_intensity, strict=True)):
+        for j, (it, sig) in enumerate(zip(s.true_intensity, s.sigma_intensity, strict=True)):
             if not sig > 0:  # no support on the frame (a peak cut off by the edge): nothing to find
                 continue
-            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig),
-                          "ml": _nearest(ml, c), "threshold": _nearest(th, c),
+            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig), "ml": ml[j], "threshold": thr[j],
                           "sphere": _finite(sph.intensity[j]), "ellipsoid": _finite(ell.intensity[j])})
         bar.update()
     bins = [(0, 5), (5, 10), (10, 30), (30, np.inf)]
@@ -155,15 +155,6 @@ def bragg(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
 
 def _finite(v: float) -> float:
     return float(v) if np.isfinite(v) else 0.0
-
-
-def _nearest(integrals: Any, center: np.ndarray, radius: float = 4.0) -> float:
-    """The intensity of the found peak whose centroid lies nearest ``center`` (within ``radius``)."""
-    if integrals.centroids is None or len(integrals.intensity) == 0:
-        return 0.0
-    d = np.linalg.norm(np.asarray(integrals.centroids) - np.asarray(center)[None, :], axis=1)
-    j = int(np.argmin(d))
-    return _finite(integrals.intensity[j]) if d[j] <= radius else 0.0
 
 
 def _radial(img: np.ndarray, qx: np.ndarray, qy: np.ndarray, nbins: int = 24) -> tuple[np.ndarray, np.ndarray]:
