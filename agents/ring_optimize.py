@@ -36,7 +36,7 @@ import numpy as np
 from agents.errors import AgentStoreError
 from agents.store import AgentStore
 from models.mobo import MOBOConfig, MultiObjectiveBO
-from models.moga import GeneticOptimizer, MLMogaConfig, NSGA2Config, hypervolume
+from models.moga import GeneticOptimizer, MLMogaConfig, NSGA2Config, hypervolume, non_dominated
 from simulators.ring import KNOBS, RingModel, TrackingConfig
 
 __all__ = [
@@ -232,8 +232,6 @@ class History:
 
 def _front_and_hv(F: np.ndarray, g: np.ndarray, ref: Sequence[float]) -> tuple[np.ndarray, float]:
     ok = g <= 0
-    from models.moga import non_dominated
-
     Fo = F[ok]
     front = Fo[non_dominated(Fo)] if len(Fo) else np.empty((0, 2))
     return front[np.argsort(front[:, 0])] if len(front) else front, hypervolume(Fo, ref) if len(Fo) else 0.0
