@@ -46,6 +46,10 @@ class AgentStore:
         ``{table: {column: numpy dtype or str}}`` the agent keeps.
     create
         Create the group if absent (``False``: it must exist, as when resuming).
+    read_only
+        Open an existing store without writing anything (implies ``create=False``): for readers
+        that watch a store another process is writing. A table the writer has not finished
+        creating raises :class:`~agents.errors.AgentStoreError`; try again a moment later.
     """
 
     def __init__(
@@ -55,8 +59,11 @@ class AgentStore:
         tables: Mapping[str, Mapping[str, Any]],
         *,
         create: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        create = create and not read_only
         self.agent_kind = agent_kind
         self._tables = {t: dict(cols) for t, cols in tables.items()}
         self._layout: dict[str, tuple[zarr.Group, list[str], list[str]]] = {}
@@ -97,7 +104,7 @@ class AgentStore:
         if not create and not self.path.exists():
             raise AgentStoreError(f"no store at {self.path}: check the path")
         try:
-            return zarr.open_group(self.path, mode="a" if create else "r+")
+            return zarr.open_group(self.path, mode="r" if self.read_only else "a" if create else "r+")
         except Exception as err:  # zarr raises several kinds for a non-store directory
             raise AgentStoreError(f"{self.path} is not a zarr store ({err}); pass a store directory") from err
 
@@ -115,21 +122,30 @@ class AgentStore:
             )
 
     def _ensure_table(self, table: str, columns: Mapping[str, Any]) -> None:
-        group = self.group.require_group(table)
         numbers = [c for c, d in columns.items() if d is not str]
         strings = [c for c, d in columns.items() if d is str]
-        if "numbers" not in group:
-            group.create_array("numbers", shape=(_CHUNK, len(numbers)), chunks=(_CHUNK, max(len(numbers), 1)),
-                               dtype="f8", fill_value=np.nan)
-            group.create_array("strings", shape=(_CHUNK, len(strings)), chunks=(_CHUNK, max(len(strings), 1)),
-                               dtype=str, fill_value="")
-            group.attrs.update({"numbers": numbers, "strings": strings, "n_committed": 0})
-        elif (group.attrs.get("numbers"), group.attrs.get("strings")) != (numbers, strings):
+        group = self.group.get(table)
+        if group is None and not self.read_only:
+            # the layout goes in with the group, so no reader ever sees a table without columns
+            group = self.group.create_group(table, attributes={"numbers": numbers, "strings": strings,
+                                                               "n_committed": 0})
+        if group is None:
+            raise AgentStoreError(f"{self.path}: table {table!r} is not written (yet); "
+                                  "if an agent is creating this store, try again in a moment")
+        if (group.attrs.get("numbers"), group.attrs.get("strings")) != (numbers, strings):
             raise AgentStoreError(
                 f"{self.path}: table {table!r} has columns {group.attrs.get('numbers')} + "
                 f"{group.attrs.get('strings')}, this agent expects {numbers} + {strings}; "
                 "it was written by another version of the agent"
             )
+        for name, cols, dtype, fill in (("numbers", numbers, "f8", np.nan), ("strings", strings, str, "")):
+            if name in group:
+                continue
+            if self.read_only:
+                raise AgentStoreError(f"{self.path}: table {table!r} is still being created; "
+                                      "try again in a moment")
+            group.create_array(name, shape=(_CHUNK, len(cols)), chunks=(_CHUNK, max(len(cols), 1)),
+                               dtype=dtype, fill_value=fill)
         self._layout[table] = (group, numbers, strings)
 
     # -- rows ---------------------------------------------------------------------------------

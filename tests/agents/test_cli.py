@@ -54,7 +54,7 @@ def test_bad_settings_and_stores_get_clear_errors(tmp_path):
 
 def _observed_keys(store: Path) -> list[str]:
     try:
-        return list(AgentStore(store, "QSamplingAgent", TABLES, create=False).read("observations")["point_key"])
+        return list(AgentStore(store, "QSamplingAgent", TABLES, read_only=True).read("observations")["point_key"])
     except Exception:  # not created yet, or created a moment ago
         return []
 
@@ -67,11 +67,13 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
     store = out / "store.zarr"
     cmd = [sys.executable, "-m", "agents.cli", "demo", "sas-qscan", "--out", str(out), "--quiet",
            "--config", str(config), "--seed", "1001", "--speed", "20"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 60
     while len(_observed_keys(store)) < 20 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the demo ended before it could be killed"
+    assert proc.poll() is None, f"the demo ended before it could be killed: {errors.read_text()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _observed_keys(store)

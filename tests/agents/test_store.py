@@ -69,3 +69,23 @@ def test_bad_rows_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="allow_nan|Out of range"):
         store.set_attr("x", float("nan"))
     assert store.n_rows("obs") == 0
+
+
+def test_a_read_only_reader_writes_nothing_and_waits_for_half_created_tables(tmp_path):
+    path = tmp_path / "s.zarr"
+    writer = AgentStore(path, "Kind", {})
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    with pytest.raises(AgentStoreError, match="not written"):
+        AgentStore(path, "Kind", TABLES, read_only=True)
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before, "a reader created files"
+    # a writer killed after the table's group, before its arrays
+    writer.group.create_group("obs", attributes={"numbers": ["q"], "strings": ["key"], "n_committed": 0})
+    with pytest.raises(AgentStoreError, match="still being created"):
+        AgentStore(path, "Kind", TABLES, read_only=True)
+    # the writer's next start completes the table, and readers see its rows
+    AgentStore(path, "Kind", TABLES).append("obs", {"q": [0.5], "key": ["a"]})
+    reader = AgentStore(path, "Kind", TABLES, read_only=True)
+    assert list(reader.read("obs")["key"]) == ["a"]
+    with pytest.raises(ValueError, match="read-only"):
+        reader.append("obs", {"q": [0.6], "key": ["b"]})
+    assert list(AgentStore(path, "Kind", TABLES).read("obs")["q"]) == [0.5]
