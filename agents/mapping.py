@@ -84,6 +84,7 @@ class MappingSettings(_Strict):
     nonstationary: bool = False
     multiscale: bool = True
     refit_growth: float = Field(default=1.5, gt=1)
+    calibration_level: float | None = Field(default=0.9, ge=0.5, lt=1)
     background_refit: bool = True
     max_points: int = Field(default=400, ge=1)
     target_sd: float | None = Field(default=None, gt=0, lt=1)
@@ -109,7 +110,7 @@ class MappingSettings(_Strict):
     def kriging(self) -> KrigingConfig:
         return KrigingConfig(kernel=self.kernel, anisotropic=self.anisotropic, nonstationary=self.nonstationary,
                              multiscale=self.multiscale, refit_growth=self.refit_growth,
-                             background=self.background_refit)
+                             calibration_level=self.calibration_level, background=self.background_refit)
 
     def acquisition_config(self) -> MapAcquisitionConfig:
         return MapAcquisitionConfig(

@@ -21,6 +21,13 @@ most ``max_fit_points`` observations, refitted when the data have grown by ``ref
 With ``background=True`` the refit and the rebuild it needs run in a worker thread while
 decisions go on with the previous hyper-parameters; the new state is swapped in, with the
 points that arrived meanwhile added, at the next update after it is ready.
+
+**Calibrated intervals.** The marginal likelihood's posterior variance is often far from the
+errors it should describe (on the benchmark's smooth maps 98% of the truth fell inside the
+90% intervals). At each refit every output's variance is rescaled by one factor chosen so that
+``calibration_level`` of the fit's leave-one-out residuals fall inside their intervals
+(:func:`loo_variance_scale`; closed form, no refits). The posterior mean, and acquisitions
+that compare variance with prior variance, do not change.
 """
 
 from __future__ import annotations
@@ -49,11 +56,48 @@ from gpytorch.priors import LogNormalPrior
 from models.device import default_device, default_dtype
 from models.errors import ModelError
 
-__all__ = ["KrigingConfig", "MappingGP"]
+__all__ = ["KrigingConfig", "MappingGP", "loo_variance_scale"]
 
 logger = logging.getLogger(__name__)
 
 _JITTER = 1e-6  # added to the diagonal, in standardised units
+_MIN_CALIBRATION_POINTS = 20  # fewer, and leave-one-out says too little to calibrate on
+
+
+def loo_variance_scale(K: torch.Tensor, noise: torch.Tensor, r: torch.Tensor, level: float) -> float:
+    """The factor ``s2`` on the latent posterior variance that puts a fraction ``level`` of the
+    leave-one-out residuals inside their central ``level`` intervals.
+
+    ``K`` is the latent covariance of the ``n`` observations, ``noise`` their noise variances,
+    ``r`` the observations minus the prior mean (all standardised). With ``A = (K + diag(noise))^-1``
+    the leave-one-out residual of observation ``i`` is ``(A r)_i / A_ii`` and its predictive
+    variance ``1 / A_ii`` (Sundararajan & Keerthi, Neural Comput. 13, 1103, 2001), of which
+    ``1 / A_ii - noise_i`` is latent. The smallest ``s2`` in ``[1e-3, 1e3]`` for which
+    ``|residual_i| <= z * sqrt(s2 * latent_i + noise_i)`` holds for a fraction ``level`` is
+    found by bisection (the fraction only grows with ``s2``); a bound is returned when the
+    fraction is reached already at the low one or never at the high one.
+    """
+    n = K.shape[0]
+    A = torch.cholesky_inverse(torch.linalg.cholesky(K + torch.diag(noise + _JITTER)))
+    a = torch.diagonal(A)
+    resid = ((A @ r) / a).abs().cpu().numpy()
+    latent = np.maximum((1.0 / a - noise - _JITTER).cpu().numpy(), 1e-12)
+    nv = noise.cpu().numpy()
+    z = math.sqrt(2.0) * float(torch.erfinv(torch.tensor(level, dtype=torch.float64)))
+    need = math.ceil(level * n - 1e-9)
+
+    def enough(s2: float) -> bool:
+        return int(np.sum(resid <= z * np.sqrt(s2 * latent + nv))) >= need
+
+    lo, hi = math.log(1e-3), math.log(1e3)
+    if enough(math.exp(lo)):
+        return math.exp(lo)
+    if not enough(math.exp(hi)):
+        return math.exp(hi)
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if enough(math.exp(mid)) else (mid, hi)
+    return math.exp(hi)
 
 
 @dataclass(frozen=True)
@@ -83,6 +127,10 @@ class KrigingConfig:
         Rows of the Cholesky factor kept apart before they are merged into its leading block.
     noise_floor
         Smallest noise variance, as a fraction of the output's variance.
+    calibration_level
+        Scale each output's posterior variance so that this fraction of the leave-one-out
+        residuals of its fit lies inside the matching central interval (``None``: the marginal
+        likelihood's variance as it is). See :func:`loo_variance_scale`.
     """
 
     kernel: Literal["matern52", "matern32", "rbf"] = "matern52"
@@ -95,6 +143,7 @@ class KrigingConfig:
     background: bool = True
     tail_rows: int = 256
     noise_floor: float = 1e-4
+    calibration_level: float | None = 0.9
 
     def __post_init__(self) -> None:
         if self.kernel not in ("matern52", "matern32", "rbf"):
@@ -107,6 +156,8 @@ class KrigingConfig:
             raise ValueError(f"max_fit_points={self.max_fit_points} is below min_points={self.min_points}")
         if self.tail_rows < 1:
             raise ValueError(f"KrigingConfig.tail_rows must be >= 1, got {self.tail_rows=}")
+        if self.calibration_level is not None and not 0.5 <= self.calibration_level < 1.0:
+            raise ValueError(f"KrigingConfig.calibration_level must be in [0.5, 1) or None, got {self.calibration_level=}")
 
 
 @dataclass(eq=False)
@@ -120,6 +171,12 @@ class _Hyper:
     y_mean: float
     y_std: float
     noise: float | None  # standardised; None: the observations carry their own variance
+    var_scale: float = 1.0  # calibration of the posterior variance (leave-one-out)
+
+    @property
+    def var_unit(self) -> float:
+        """Standardised variance to output units, calibration included."""
+        return self.y_std**2 * self.var_scale
 
     def inputs(self, u: torch.Tensor) -> torch.Tensor:
         if self.warp is None:
@@ -141,6 +198,7 @@ class _Hyper:
             "lengthscale": [k.base_kernel.lengthscale.detach().reshape(-1).cpu().tolist() for k in parts],
             "outputscale": [float(k.outputscale.detach()) for k in parts],
             "mean": self.mean, "y_mean": self.y_mean, "y_std": self.y_std, "noise": self.noise,
+            "variance_scale": self.var_scale,
             "warp": None if self.warp is None else {
                 "concentration0": self.warp.concentration0.detach().reshape(-1).cpu().tolist(),
                 "concentration1": self.warp.concentration1.detach().reshape(-1).cpu().tolist(),
@@ -366,8 +424,13 @@ class MappingGP:
             logger.warning("kriging hyper-parameter fit failed (%s); keeping the starting values", err)
         model.eval()
         noise = None if tvar is not None else float(model.likelihood.noise.detach().reshape(-1)[0])
-        return _Hyper(covar=model.covar_module, warp=model.input_transform if warp is not None else None,
-                      mean=float(model.mean_module.constant.detach()), y_mean=y_mean, y_std=y_std, noise=noise)
+        hyper = _Hyper(covar=model.covar_module, warp=model.input_transform if warp is not None else None,
+                       mean=float(model.mean_module.constant.detach()), y_mean=y_mean, y_std=y_std, noise=noise)
+        level = self.config.calibration_level
+        if level is not None and len(y) >= _MIN_CALIBRATION_POINTS:
+            nv = tvar.reshape(-1) if tvar is not None else torch.full((len(y),), noise, **self._tkw)
+            hyper.var_scale = loo_variance_scale(hyper.k(tx, tx), nv, ty.reshape(-1) - hyper.mean, level)
+        return hyper
 
     def _kernel(self, ard: int | None, prior: Any) -> ScaleKernel:
         if self.config.kernel == "rbf":
@@ -464,12 +527,12 @@ class MappingGP:
             h = f.hyper
             mu = h.mean + f.W[: f.n].T @ f.z[: f.n]
             means.append((mu * h.y_std + h.y_mean).cpu().numpy())
-            variances.append((f.var * h.y_std**2).cpu().numpy())
+            variances.append((f.var * h.var_unit).cpu().numpy())
         return np.stack(means, axis=1), np.stack(variances, axis=1)
 
     def prior_variance(self) -> np.ndarray:
         """Prior variance at the candidates, ``c x k``, in output units."""
-        return np.stack([(f.prior_var * f.hyper.y_std**2).cpu().numpy() for f in self._need()], axis=1)
+        return np.stack([(f.prior_var * f.hyper.var_unit).cpu().numpy() for f in self._need()], axis=1)
 
     def noise_variance(self) -> np.ndarray:
         """Typical noise variance of each output (learned, or the median given), ``k``, output units."""
@@ -489,7 +552,7 @@ class MappingGP:
             h = f.hyper
             kc = h.k(self._C, self._C[j : j + 1]).reshape(-1)
             cov = kc - f.W[: f.n].T @ f.W[: f.n, j]
-            cols.append((cov * h.y_std**2).cpu().numpy())
+            cols.append((cov * h.var_unit).cpu().numpy())
         return np.stack(cols, axis=1)
 
     def predict(self, X: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -507,7 +570,7 @@ class MappingGP:
                 mu_parts.append(h.mean + V.T @ f.z[: f.n])
                 var_parts.append(torch.clamp(h.k_diag(u) - (V * V).sum(0), min=0.0))
             means.append((torch.cat(mu_parts) * h.y_std + h.y_mean).cpu().numpy())
-            variances.append((torch.cat(var_parts) * h.y_std**2).cpu().numpy())
+            variances.append((torch.cat(var_parts) * h.var_unit).cpu().numpy())
         return np.stack(means, axis=1), np.stack(variances, axis=1)
 
     # -- state --------------------------------------------------------------------------------

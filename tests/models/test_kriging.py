@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models.errors import ModelError
-from models.kriging import KrigingConfig, MappingGP
+from models.kriging import KrigingConfig, MappingGP, loo_variance_scale
 from models.mapping import MapAcquisitionConfig, acquisition, order_path, path_length, select_batch
 
 
@@ -26,7 +26,7 @@ def _dense(gp, X, Y, C, k=0):
     ks = h.k(Uc, U)
     y = torch.as_tensor((Y[:, k] - h.y_mean) / h.y_std - h.mean)
     mu = (h.mean + ks @ torch.linalg.solve(K, y)) * h.y_std + h.y_mean
-    var = (h.k_diag(Uc) - (ks * torch.linalg.solve(K, ks.T).T).sum(1)) * h.y_std**2
+    var = (h.k_diag(Uc) - (ks * torch.linalg.solve(K, ks.T).T).sum(1)) * h.var_unit
     return mu.numpy(), var.numpy()
 
 
@@ -65,6 +65,56 @@ def test_known_noise_and_learning(grid):
     z = np.abs(mean[:, 0] - field(grid)) / np.sqrt(var[:, 0])
     assert 0.8 < np.mean(z < 1.645) <= 1.0  # 90% intervals roughly calibrated
     np.testing.assert_allclose(gp.noise_variance(), [0.05**2])
+
+
+def _matern_draw(rng, n, lengthscale=0.3):
+    X = torch.as_tensor(rng.uniform(0, 1, (n, 2)))
+    d = torch.cdist(X, X) / lengthscale * np.sqrt(5)
+    K = (1 + d + d**2 / 3) * torch.exp(-d)
+    f = torch.linalg.cholesky(K + 1e-8 * torch.eye(n)) @ torch.as_tensor(rng.normal(size=n))
+    return K, f
+
+
+def test_loo_scale_puts_the_level_inside_explicit_leave_one_out_intervals():
+    rng = np.random.default_rng(3)
+    n, noise = 60, 1e-3
+    K, f = _matern_draw(rng, n)
+    y = f + np.sqrt(noise) * torch.as_tensor(rng.normal(size=n))
+    nv = torch.full((n,), noise, dtype=torch.float64)
+    # the model is told a prior 9x too small: its intervals are too narrow by 3x
+    s2 = loo_variance_scale(K / 9, nv, y, 0.9)
+    # leave each point out explicitly, with the same (wrong) prior
+    resid, latent = np.empty(n), np.empty(n)
+    for i in range(n):
+        keep = np.arange(n) != i
+        Kk = K[keep][:, keep] / 9 + torch.diag(nv[keep] + 1e-6)
+        kx = K[i, keep] / 9
+        resid[i] = abs(float(y[i] - kx @ torch.linalg.solve(Kk, y[keep])))
+        latent[i] = float(K[i, i] / 9 - kx @ torch.linalg.solve(Kk, kx))
+    def inside(scale):
+        return np.mean(resid <= 1.6449 * np.sqrt(scale * latent + noise))
+    assert inside(s2 * 1.01) >= 0.9 > inside(s2 * 0.98)
+    assert 3 < s2 < 30  # about the 9 the prior is off by
+
+
+def test_calibrated_intervals_cover_the_truth_and_can_be_switched_off(grid):
+    rng = np.random.default_rng(4)
+    X = rng.uniform(0, 10, (120, 2))
+    Y = field(X)[:, None] + 0.02 * rng.normal(size=(120, 1))
+    gps = {level: MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, calibration_level=level))
+           for level in (None, 0.9)}
+    for gp in gps.values():
+        gp.add(X, Y, np.full((120, 1), 0.02**2))
+    (m0, v0), (m1, v1) = gps[None].posterior(), gps[0.9].posterior()
+    scale = gps[0.9].hyperparameters()[0]["variance_scale"]
+    assert gps[None].hyperparameters()[0]["variance_scale"] == 1.0 and scale != 1.0
+    np.testing.assert_allclose(m1, m0)  # the mean is the marginal likelihood's
+    np.testing.assert_allclose(v1, v0 * scale)
+    np.testing.assert_allclose(gps[0.9].predict(grid[:5])[1], v1[:5], rtol=1e-8)
+    z = np.abs(m1[:, 0] - field(grid)) / np.sqrt(v1[:, 0])
+    assert 0.75 < np.mean(z < 1.645) < 0.99
+    with pytest.raises(ValueError, match="calibration_level"):
+        KrigingConfig(calibration_level=1.0)
 
 
 def test_background_refit_swaps_in_without_blocking(grid):
