@@ -128,7 +128,7 @@ def test_background_refit_swaps_in_without_blocking(grid):
         assert gp.posterior()[0].shape == (len(grid), 1)  # always a posterior, refit or not
     gp.wait()
     assert gp.n_fits >= 2 and not gp.refit_pending
-    mu, v = _dense(gp, X, Y, grid)
+    mu, _ = _dense(gp, X, Y, grid)
     np.testing.assert_allclose(gp.posterior()[0][:, 0], mu, atol=1e-8)
     gp.close()
 
