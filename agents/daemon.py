@@ -9,11 +9,15 @@ The loop, one thread::
 
 Delivery. The broker delivers at least once; the daemon makes that effectively exactly once:
 
-* the checkpoint (one JSON file, replaced atomically) holds the consumer positions, the start and
-  descriptors of every open run, and the derived documents of the batch (the *outbox*), written
-  **before** the outbox is sent. After a kill, the daemon re-sends only those outbox documents
-  whose uids are not already on the derived topic, re-primes each agent with the open runs, and
-  reads on from the saved positions;
+* the checkpoint (one JSON file, replaced atomically) holds the consumer positions, the start,
+  descriptors and resources of every open run (and its datums no event has used yet), and the
+  derived documents of the batch (the *outbox*), written **before** the outbox is sent. After a
+  kill, the daemon re-sends only those outbox documents whose uids are not already on the derived
+  topic, re-primes each agent with the open runs, and reads on from the saved positions;
+* agents that batch (detector analysis: frames wait up to a latency budget for a full batch)
+  hold the saved positions back: a checkpoint never passes the first frame an agent has been
+  told but has not analysed yet, so a kill re-reads those frames instead of losing them. A clean
+  shutdown runs the waiting batches first;
 * documents read again after a kill are dropped by uid (steering agents keep the event uids they
   stored; the order check drops repeated starts, descriptors and stops);
 * plan requests are checked against the queue and its history by idempotency key before they are
@@ -96,7 +100,7 @@ class Checkpoint:
     """What the daemon needs to go on after a kill, written atomically after every batch."""
 
     offsets: dict[str, int] = field(default_factory=dict)
-    open_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {start, descriptors}
+    open_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {start, descriptors, resources, datums}
     outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     derived_offsets: dict[str, int] = field(default_factory=dict)  # derived topic before the outbox
     open_derived: dict[str, dict[str, int]] = field(default_factory=dict)  # derived start uid -> events per stream
@@ -254,6 +258,11 @@ class Daemon:
                 gate = SafetyGate(entry.safety.to_config())
                 gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
+        # where each batching agent last had nothing waiting: the checkpoint goes no further
+        self._consumed: dict[str, int] = dict(self.state.offsets)
+        self._reading: tuple[str, int] = ("", -1)  # the record being processed (topic:partition, offset)
+        self._settled: dict[str, dict[str, int]] = {n: dict(self._consumed) for n, a in self.agents.items()
+                                                     if hasattr(a, "frames_waiting")}
         self._recover()
         if not self.checkpoint_path.exists():
             self._save()  # from now on a restart knows where this daemon stood
@@ -332,6 +341,10 @@ class Daemon:
             self._tell_all("start", run["start"])
             for descriptor in run["descriptors"]:
                 self._tell_all("descriptor", descriptor)
+            for resource in run.get("resources", []):
+                self._tell_all("resource", resource)
+            for datum in run.get("datums", {}).values():
+                self._tell_all("datum", datum)
         if st.open_runs:
             logger.warning("re-primed the agents with %d open runs", len(st.open_runs))
         if self.outbox.docs:
@@ -377,7 +390,10 @@ class Daemon:
         self.metrics.connected.set(1 if getattr(self.source, "connected", True) else 0)
         processed = 0
         for record in records:
+            self._reading = (f"{record.topic}:{record.partition}", record.offset)
             processed += self._process(record)
+            self._consumed[self._reading[0]] = record.offset + 1
+            self._note_settled()
         if records:
             self._commit()
         else:
@@ -417,9 +433,21 @@ class Daemon:
         """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""
         runs = self.state.open_runs
         if name == "start":
-            runs[doc["uid"]] = {"start": doc, "descriptors": []}
+            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}}
         elif name == "descriptor" and doc.get("run_start") in runs:
             runs[doc["run_start"]]["descriptors"].append(doc)
+        elif name == "resource" and doc.get("run_start") in runs:
+            runs[doc["run_start"]].setdefault("resources", []).append(doc)
+        elif name == "datum":
+            # kept until the checkpoint passes the event that uses it (see _forget_used_datums)
+            for run in runs.values():
+                if any(r["uid"] == doc.get("resource") for r in run.get("resources", [])):
+                    run.setdefault("datums", {})[doc["datum_id"]] = doc
+        elif name == "event" and any(run.get("datums") for run in runs.values()):
+            used = {v for v in doc.get("data", {}).values() if isinstance(v, str)}
+            for run in runs.values():
+                for datum_id in used & set(run.get("datums", {})):
+                    run.setdefault("datums_used", {})[datum_id] = list(self._reading)
         elif name == "stop":
             run = runs.pop(doc.get("run_start"), None)
             key = _request_key(run["start"]) if run else None
@@ -448,8 +476,44 @@ class Daemon:
                     poll()
                 except Exception as err:
                     self._error(f"agent:{agent_name}", f"agent {agent_name} failed on poll: {type(err).__name__}: {err}")
+        self._note_settled()
         if self.outbox.docs:
             self._commit()
+
+    def _flush_agents(self) -> None:
+        """Run every waiting batch now (a clean shutdown)."""
+        with self._lock:
+            for agent_name, agent in self.agents.items():
+                if getattr(agent, "frames_waiting", 0):
+                    try:
+                        agent.flush()
+                    except Exception as err:
+                        self._error(f"agent:{agent_name}", f"agent {agent_name} failed on flush: "
+                                    f"{type(err).__name__}: {err}")
+        self._note_settled()
+
+    def _note_settled(self) -> None:
+        for agent_name in self._settled:
+            if not self.agents[agent_name].frames_waiting:
+                self._settled[agent_name] = dict(self._consumed)
+
+    def _forget_used_datums(self) -> None:
+        """Drop the datums of events the saved positions have passed: they are never read again."""
+        for run in self.state.open_runs.values():
+            used = run.get("datums_used", {})
+            for datum_id, (key, offset) in list(used.items()):
+                if offset < self.state.offsets.get(key, 0):
+                    run["datums"].pop(datum_id, None)
+                    del used[datum_id]
+
+    def _positions(self) -> dict[str, int]:
+        """The source's positions, held back to where every batching agent had nothing waiting."""
+        positions = self.source.positions()
+        for agent_name, settled in self._settled.items():
+            if self.agents[agent_name].frames_waiting:
+                for key, offset in positions.items():
+                    positions[key] = min(offset, settled.get(key, 0))
+        return positions
 
     def _take_outbox(self) -> list[tuple[str, dict[str, Any]]]:
         docs, self.outbox.docs = self.outbox.docs, []
@@ -459,7 +523,8 @@ class Daemon:
         """Checkpoint positions, open runs and the outbox; then send the outbox."""
         docs = self._take_outbox()
         st = self.state
-        st.offsets = self.source.positions()
+        st.offsets = self._positions()
+        self._forget_used_datums()
         st.outbox = docs
         st.derived_offsets = self.derived_sink.positions() if hasattr(self.derived_sink, "positions") else {}
         for name, doc in docs:
@@ -611,10 +676,11 @@ class Daemon:
             return
         self._closed = True
         try:
+            self._flush_agents()
             if self.outbox.docs:
                 self._commit()
             else:
-                self.state.offsets = self.source.positions()
+                self.state.offsets = self._positions()
                 self._save()
             if self.config.kafka.group_id is not None and self.state.offsets:
                 self.source.commit(self.state.offsets)
@@ -758,12 +824,17 @@ def _agent_summary(r: dict[str, Any]) -> str:
 
 def serve(config: DaemonConfig, *, ready: Callable[[Daemon, StatusServer], None] | None = None) -> None:
     """Build the daemon and its status server from ``config`` and run until signalled."""
+    # signals first: a SIGTERM while the daemon connects and recovers still ends it cleanly
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     daemon = Daemon(config)
+    daemon.stopping = stopping
     server = StatusServer(daemon, config.http.host, config.http.port).start()
     logger.warning("beampilot daemon up: status %s, reading %s", server.address, config.documents_topic)
     if ready is not None:
         ready(daemon, server)
     try:
-        daemon.run()
+        daemon.run(install_signals=False)
     finally:
         server.stop()

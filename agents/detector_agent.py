@@ -219,6 +219,11 @@ class DetectorAnalysisAgent:
     def ask(self, n: int) -> list[PlanRequest]:
         return []
 
+    @property
+    def frames_waiting(self) -> int:
+        """Frames told and not analysed yet (a daemon does not checkpoint past them)."""
+        return len(self._pending)
+
     def poll(self) -> int:
         """Run the pending batch if its oldest frame has waited ``max_latency_s``; returns frames run."""
         if self._pending and self.clock() - self._pending[0].arrived >= self.settings.max_latency_s:

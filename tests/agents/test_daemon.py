@@ -254,6 +254,7 @@ def _kill_and_restart(proc, path, log, publisher, config, runs, broker):
     proc.wait()
     proc = _daemon_process(path, log)
     first.successors = [proc]
+    _wait_for(lambda: log.read_text().count("beampilot daemon up") >= 2, 60, f"the restarted daemon; log: {log}")
     publisher.join()
     total = sum(len(d) for d in runs)
     _wait_for(lambda: _read_offsets(checkpoint) >= total, 60,

@@ -328,11 +328,11 @@ def test_daemon_builds_a_detector_agent(tmp_path, bragg_weights):
 class _ListSource:
     """A document source of records held in memory (the daemon's poll / positions interface)."""
 
-    def __init__(self, docs) -> None:
+    def __init__(self, docs, start: int = 0) -> None:
         from streams.kafka import Record
 
-        self.records = [Record("raw", 0, i, 0, 0, name, doc) for i, (name, doc) in enumerate(docs)]
-        self.position = 0
+        self.records = [Record("raw", 0, i, 0, 0, name, doc) for i, (name, doc) in enumerate(docs)][start:]
+        self.position = start
 
     def poll(self, timeout_s):
         out, self.records = self.records[:3], self.records[3:]
@@ -395,3 +395,69 @@ def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budg
     finally:
         daemon.close()
     assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
+
+
+def _external_docs(tmp_path, frames):
+    """One raw run whose frames are .npy files referenced by a resource and a datum per frame."""
+    run, desc = _raw_run(external=True)
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+    for i, frame in enumerate(frames):
+        np.save(tmp_path / f"f{i}.npy", frame)
+        resource = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path=f"f{i}.npy", resource_kwargs={})
+        if i == 0:
+            docs.append(("resource", resource.resource_doc))
+            first = resource
+        datum = (first if i == 0 else resource).compose_datum(datum_kwargs={})
+        if i:
+            docs.append(("resource", resource.resource_doc))
+        docs += [("datum", datum), ("event", _event(desc, datum["datum_id"], external=True))]
+    return run, docs + [("stop", run.compose_stop())]
+
+
+def _detector_daemon(tmp_path, weights, docs, start=0, **batching):
+    from agents.daemon import Daemon
+
+    settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", **batching}
+    config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
+                                 "state_dir": str(tmp_path / "state"), "fsync": False})
+    return Daemon(config, source=_ListSource(docs, start), derived_sink=(sink := _ListSink()), extra_sinks=[]), sink
+
+
+def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bragg_weights, frames):
+    run, docs = _external_docs(tmp_path, frames[:6])
+    daemon, sink = _detector_daemon(tmp_path, bragg_weights[1], docs, max_batch=2, max_latency_s=1e9)
+    # read until a frame is waiting for its batch, with a checkpoint written after it
+    while daemon.step() and not daemon.agents["peaks"].frames_waiting:
+        pass
+    assert daemon.agents["peaks"].frames_waiting == 1
+    before = [e["data"]["raw_seq_num"] for e in sink.events("bragg")]
+    saved = daemon.state.offsets["raw:0"]
+    assert saved < daemon.source.position, "the checkpoint went past a frame not analysed yet"
+    kept = daemon.state.open_runs[run.start_doc["uid"]]
+    assert len(kept["resources"]) >= 2 and len(kept["datums"]) <= 2  # datums of passed events are dropped
+    # SIGKILL: no close(), the checkpoint on disk is all that is left; the broker re-delivers from it
+    again, sink2 = _detector_daemon(tmp_path, bragg_weights[1], docs, start=saved, max_batch=2, max_latency_s=1e9)
+    try:
+        while again.step():
+            pass
+    finally:
+        again.close()
+    after = [e["data"]["raw_seq_num"] for e in sink2.events("bragg")]
+    assert sorted(before + after) == [1, 2, 3, 4, 5, 6], (before, after)
+    # the frames after the restart needed resources sent before the saved position: re-primed
+    assert again.agents["peaks"].report()["failed_frames"] == {}
+    stops = [d for n, d in sink2.docs if n == "stop"]
+    assert {d["exit_status"] for d in stops} == {"abort", "success"}  # the killed derived run, the new one
+    for name, doc in sink2.docs:
+        validate_document(name, doc)
+
+
+def test_a_clean_shutdown_runs_the_waiting_batch_first(tmp_path, bragg_weights, frames):
+    run, docs = _external_docs(tmp_path, frames[:1])
+    daemon, sink = _detector_daemon(tmp_path, bragg_weights[1], docs[:-1], max_batch=8, max_latency_s=1e9)
+    while daemon.step():
+        pass
+    assert daemon.agents["peaks"].frames_waiting == 1 and sink.events("bragg") == []
+    daemon.close()
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
+    assert daemon.state.offsets["raw:0"] == len(docs) - 1  # nothing left to read again
