@@ -160,19 +160,37 @@ def _make_batch(task: Task, noise2noise: bool) -> Callable[[np.random.Generator,
 _LOSSES = {"denoise": _denoise_loss, "bragg": _bragg_loss, "sans-sr": _sans_loss}
 
 
+def _with_architecture(task: Task, overrides: dict[str, Any]) -> Task:
+    """``task`` with its network's keyword arguments updated by ``overrides``, checked by building it."""
+    config = {**task.architecture_config, **overrides}
+    try:
+        ARCHITECTURES[task.architecture](**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"architecture config {overrides} does not fit {task.architecture!r} "
+                         f"(defaults {task.architecture_config}): {err}") from None
+    return Task(task.name, task.architecture, config, task.data, task.steps, task.batch)
+
+
 def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
                  seed: int = 0, factor: int | None = None, noise2noise: bool = False, n_eval: int = 24,
+                 architecture_config: dict[str, Any] | None = None, threads: int | None = None,
                  progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Train, evaluate on held-out data, write the weights; return the record as a dict."""
+    """Train, evaluate on held-out data, write the weights; return the record as a dict.
+
+    ``architecture_config`` overrides keyword arguments of the task's network (for example
+    ``{"unshuffle": 2}``); the weights' metadata records the full configuration. ``threads``:
+    torch CPU threads while training (default: torch's).
+    """
     from agents.detector_eval import evaluate
 
     task = TASKS[task_name]
     if factor is not None:
         if task_name != "sans-sr":
             raise ValueError("--factor applies to sans-sr only")
-        task = Task(task.name, task.architecture, {**task.architecture_config, "factor": factor}, task.data,
-                    task.steps, task.batch)
-    config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed)
+        task = _with_architecture(task, {"factor": factor})
+    if architecture_config:
+        task = _with_architecture(task, architecture_config)
+    config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed, threads=threads)
     torch.manual_seed(seed)  # the initial weights too
     model = ARCHITECTURES[task.architecture](**task.architecture_config)
     t0 = time.perf_counter()

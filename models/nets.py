@@ -45,30 +45,44 @@ class _Block(nn.Sequential):
 class UNet(nn.Module):
     """A U-Net of ``depth`` levels with ``width * 2**level`` channels, 2D or 3D.
 
-    Input sizes must be divisible by ``2**(depth - 1)``.
+    ``unshuffle`` (2D only) runs the body on a space-to-depth view of the input: ``C x H x W``
+    becomes ``C s^2 x H/s x W/s`` (:func:`torch.nn.functional.pixel_unshuffle`), the head
+    predicts ``c_out s^2`` channels and :func:`torch.nn.functional.pixel_shuffle` puts them back
+    at full resolution. The body then costs about ``1/s^2`` of the full-resolution one and sees
+    ``s`` times further. ``unshuffle=1`` is the plain U-Net (and the same state dict keys).
+
+    Input sizes must be divisible by ``unshuffle * 2**(depth - 1)``.
     """
 
-    def __init__(self, c_in: int, c_out: int, *, width: int = 16, depth: int = 3, dims: int = 2) -> None:
+    def __init__(self, c_in: int, c_out: int, *, width: int = 16, depth: int = 3, dims: int = 2,
+                 unshuffle: int = 1) -> None:
         super().__init__()
         if dims not in (2, 3) or depth < 1 or width < 1:
             raise ValueError(f"UNet needs dims 2 or 3, depth >= 1, width >= 1; got {dims=}, {depth=}, {width=}")
-        self.dims, self.depth = dims, depth
+        if isinstance(unshuffle, bool) or not isinstance(unshuffle, int) or unshuffle < 1:
+            raise ValueError(f"unshuffle must be an integer >= 1 (1: full resolution), got {unshuffle=}")
+        if unshuffle > 1 and dims != 2:
+            raise ValueError(f"unshuffle applies to 2D U-Nets only; got {unshuffle=} with {dims=}")
+        self.dims, self.depth, self.unshuffle = dims, depth, unshuffle
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
-        c = c_in
+        c = c_in * unshuffle**2
         for ch in chans:
             self.down.append(_Block(dims, c, ch))
             c = ch
         up_conv = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
         self.up = nn.ModuleList(up_conv(chans[i], chans[i - 1], 2, stride=2) for i in range(depth - 1, 0, -1))
         self.merge = nn.ModuleList(_Block(dims, 2 * chans[i - 1], chans[i - 1]) for i in range(depth - 1, 0, -1))
-        self.head = _conv(dims)(chans[0], c_out, 1)
+        self.head = _conv(dims)(chans[0], c_out * unshuffle**2, 1)
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = 2 ** (self.depth - 1)
+        multiple = self.unshuffle * 2 ** (self.depth - 1)
         if any(s % multiple for s in x.shape[2:]):
-            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {multiple}")
+            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {multiple} "
+                             f"(unshuffle={self.unshuffle}, depth={self.depth})")
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)
@@ -78,7 +92,8 @@ class UNet(nn.Module):
         for up, merge in zip(self.up, self.merge, strict=True):
             x = up(x)
             x = merge(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+        x = self.head(x)
+        return F.pixel_shuffle(x, self.unshuffle) if self.unshuffle > 1 else x
 
 
 def _anscombe(x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +101,15 @@ def _anscombe(x: torch.Tensor) -> torch.Tensor:
 
 
 class PoissonDenoiser(nn.Module):
-    """Counts in, expected counts out (see the module docstring)."""
+    """Counts in, expected counts out (see the module docstring).
 
-    def __init__(self, *, width: int = 16, depth: int = 3) -> None:
+    ``unshuffle`` runs the U-Net body at ``1/unshuffle`` resolution (see :class:`UNet`); the
+    input transform and the local-mean residual stay at full resolution.
+    """
+
+    def __init__(self, *, width: int = 16, depth: int = 3, unshuffle: int = 1) -> None:
         super().__init__()
-        self.net = UNet(2, 1, width=width, depth=depth, dims=2)
+        self.net = UNet(2, 1, width=width, depth=depth, dims=2, unshuffle=unshuffle)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
@@ -104,11 +123,15 @@ class PoissonDenoiser(nn.Module):
 
 
 class PeakUNet(nn.Module):
-    """Counts in, peak logits out, in 2D (``dims=2``) or 3D time-of-flight crops (``dims=3``)."""
+    """Counts in, peak logits out, in 2D (``dims=2``) or 3D time-of-flight crops (``dims=3``).
 
-    def __init__(self, *, dims: int = 2, width: int = 16, depth: int = 3) -> None:
+    ``unshuffle`` (2D only) runs the U-Net body at ``1/unshuffle`` resolution (see :class:`UNet`);
+    the log scaling and the logits stay at full resolution.
+    """
+
+    def __init__(self, *, dims: int = 2, width: int = 16, depth: int = 3, unshuffle: int = 1) -> None:
         super().__init__()
-        self.net = UNet(1, 1, width=width, depth=depth, dims=dims)
+        self.net = UNet(1, 1, width=width, depth=depth, dims=dims, unshuffle=unshuffle)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(2, counts.dim()))

@@ -4,7 +4,8 @@ A set of weights is two files side by side: ``NAME.pt`` (a torch ``state_dict``)
 ``NAME.json``, its metadata:
 
 * ``architecture`` - a key of :data:`ARCHITECTURES` and ``architecture_config`` - the keyword
-  arguments that build it;
+  arguments that build it (a key left out takes the class default, so metadata written before an
+  option existed still builds the same network: no ``unshuffle`` means the full-resolution U-Net);
 * ``training`` - the training configuration (steps, batch, learning rate, seeds, loss ...);
 * ``data`` - the recipe of the simulated data it was trained on (generator, kinds, count
   levels, seeds) and what was held out;

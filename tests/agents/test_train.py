@@ -47,3 +47,32 @@ def test_train_cli(tmp_path):
     result = runner.invoke(app, ["train", "sans-sr", "--out", str(tmp_path), "--factor", "3"])
     assert result.exit_code != 0 and "2 or 4" in result.output
     assert runner.invoke(app, ["train", "--help"]).exit_code == 0
+
+
+def test_train_with_an_architecture_config(tmp_path):
+    record = run_training("bragg", tmp_path, steps=2, batch=2, n_eval=1, threads=1,
+                          architecture_config={"unshuffle": 2})
+    assert record["architecture_config"] == {"dims": 2, "width": 16, "depth": 3, "unshuffle": 2}
+    assert record["training"]["threads"] == 1
+    model, _ = load_weights(tmp_path / "bragg.pt")
+    assert model.net.unshuffle == 2
+    with pytest.raises(ValueError, match="2D U-Nets only"):
+        run_training("bragg", tmp_path, steps=1, architecture_config={"unshuffle": 2, "dims": 3})
+    with pytest.raises(ValueError, match="does not fit 'poisson-denoiser-unet'"):
+        run_training("denoise", tmp_path, steps=1, architecture_config={"colour": 1})
+
+
+def test_train_cli_arch_option(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "denoise", "--out", str(tmp_path), "--steps", "2", "--batch", "2",
+                                 "--n-eval", "1", "--quiet", "--arch", '{"unshuffle": 2, "width": 8}'])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "denoise.json").read_text())
+    assert meta["architecture_config"] == {"width": 8, "depth": 3, "unshuffle": 2}
+    for bad, message in (("[2]", "JSON object"), ("{unshuffle: 2}", "JSON object"),
+                         ('{"unshuffle": 0}', "unshuffle must be an integer")):
+        result = runner.invoke(app, ["train", "denoise", "--out", str(tmp_path), "--steps", "1", "--quiet",
+                                     "--arch", bad])
+        flat = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+        assert result.exit_code != 0 and message in flat, result.output
+

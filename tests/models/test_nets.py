@@ -87,3 +87,56 @@ def test_weights_round_trip_and_refusals(tmp_path):
     with pytest.raises(WeightsError, match="is not a 'poisson-denoiser-unet'"):
         save_weights(model, tmp_path, WeightsRecord(name="x", architecture="poisson-denoiser-unet",
                                                     architecture_config={}))
+
+
+def test_unshuffled_unet_keeps_full_resolution_and_costs_less():
+    """Space-to-depth by 2: the body runs at half resolution, the output has the input's shape,
+    and each output pixel has its own value (the head predicts all s*s sub-pixels)."""
+    torch.manual_seed(0)
+    plain, cheap = UNet(1, 1, width=8, depth=2), UNet(1, 1, width=8, depth=2, unshuffle=2)
+    x = torch.rand(2, 1, 16, 24)
+    out = cheap(x)
+    assert out.shape == x.shape and plain(x).shape == x.shape
+    assert len(torch.unique(out[0, 0, :2, :2])) == 4  # sub-pixels not copies of one value
+    assert cheap.down[0][0].in_channels == 4 and cheap.head.out_channels == 4
+    counts = torch.poisson(torch.full((1, 1, 32, 32), 2.0))
+    assert PoissonDenoiser(width=8, depth=2, unshuffle=2)(counts).shape == counts.shape
+    assert PeakUNet(width=8, depth=2, unshuffle=2)(counts).shape == counts.shape
+    # the default builds the same state dict as before the option existed (shipped weights load)
+    assert UNet(2, 1).state_dict().keys() == UNet(2, 1, unshuffle=1).state_dict().keys()
+    assert UNet(2, 1).head.weight.shape == (1, 16, 1, 1)
+
+
+@pytest.mark.parametrize("unshuffle", [0, -2, 1.5, True])
+def test_unshuffle_must_be_a_positive_integer(unshuffle):
+    with pytest.raises(ValueError, match="unshuffle must be an integer"):
+        UNet(1, 1, unshuffle=unshuffle)
+
+
+def test_unshuffle_refuses_3d_and_indivisible_frames():
+    with pytest.raises(ValueError, match="2D U-Nets only"):
+        PeakUNet(dims=3, unshuffle=2)
+    net = UNet(1, 1, width=4, depth=3, unshuffle=2)
+    net(torch.zeros(1, 1, 8, 16))
+    with pytest.raises(ValueError, match=r"divisible by 8 \(unshuffle=2, depth=3\)"):
+        net(torch.zeros(1, 1, 12, 16))  # divisible by the plain U-Net's 4, not by 2 * 4
+
+
+def test_unshuffled_weights_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = PoissonDenoiser(width=4, depth=2, unshuffle=2)
+    record = WeightsRecord(name="den-u2", architecture="poisson-denoiser-unet",
+                           architecture_config={"width": 4, "depth": 2, "unshuffle": 2})
+    pt = save_weights(model, tmp_path, record)
+    assert json.loads(pt.with_suffix(".json").read_text())["architecture_config"]["unshuffle"] == 2
+    loaded, rec = load_weights(pt, architecture="poisson-denoiser-unet")
+    assert loaded.net.unshuffle == 2 and rec.architecture_config["unshuffle"] == 2
+    x = torch.poisson(torch.full((2, 1, 16, 16), 3.0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    # metadata without the key means the full-resolution network: these weights do not fit it
+    meta = json.loads(pt.with_suffix(".json").read_text())
+    del meta["architecture_config"]["unshuffle"]
+    pt.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_weights(pt)
