@@ -141,7 +141,8 @@ class PeakUNet(nn.Module):
 
 
 class SuperResolver(nn.Module):
-    """Coarse counts in, fine expected counts out; the total per coarse pixel is kept."""
+    """Coarse counts in, fine expected counts out: a smoothed estimate of each coarse pixel's
+    expected total, corrected by the network, split among its ``factor x factor`` fine pixels."""
 
     def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3) -> None:
         super().__init__()

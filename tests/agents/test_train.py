@@ -76,3 +76,25 @@ def test_train_cli_arch_option(tmp_path):
         flat = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
         assert result.exit_code != 0 and message in flat, result.output
 
+
+def test_ring_sums_follow_the_radius_and_the_sans_loss_sees_an_iq_bias():
+    from agents.train import _sans_loss, ring_sums
+
+    image = torch.rand(3, 1, 16, 16)
+    rings = ring_sums(image)
+    torch.testing.assert_close(rings.sum(1), image.sum((1, 2, 3)))
+    centre = torch.zeros(1, 1, 16, 16)
+    centre[0, 0, 7:9, 7:9] = 1.0  # the four pixels nearest the centre form ring 0
+    assert ring_sums(centre)[0, 0] == 4.0 and ring_sums(centre)[0, 1:].sum() == 0.0
+    truth = 100.0 * torch.ones(2, 1, 16, 16)
+    # moving counts between the halves of every ring keeps I(Q); moving them outward does not
+    within = truth.clone()
+    within[:, :, :, :8] *= 1.1
+    within[:, :, :, 8:] *= 0.9
+    outward = truth * (1 + 0.1 * torch.linspace(-1, 1, 16).abs().reshape(1, 1, 1, 16).sub(0.5).sign())
+    from models.nets import poisson_nll
+
+    def iq_part(fine):
+        return float(_sans_loss(fine, truth, None) - poisson_nll(fine, truth))
+
+    assert iq_part(truth) == 0.0 and iq_part(within) < 1e-6 < iq_part(outward)
