@@ -45,6 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import event_model
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -438,13 +439,17 @@ class Daemon:
             runs[doc["run_start"]]["descriptors"].append(doc)
         elif name == "resource" and doc.get("run_start") in runs:
             runs[doc["run_start"]].setdefault("resources", []).append(doc)
-        elif name == "datum":
+        elif name in ("datum", "datum_page"):
             # kept until the checkpoint passes the event that uses it (see _forget_used_datums)
+            datums = [doc] if name == "datum" else list(event_model.unpack_datum_page(doc))
             for run in runs.values():
                 if any(r["uid"] == doc.get("resource") for r in run.get("resources", [])):
-                    run.setdefault("datums", {})[doc["datum_id"]] = doc
-        elif name == "event" and any(run.get("datums") for run in runs.values()):
-            used = {v for v in doc.get("data", {}).values() if isinstance(v, str)}
+                    run.setdefault("datums", {}).update((d["datum_id"], d) for d in datums)
+        elif name in ("event", "event_page") and any(run.get("datums") for run in runs.values()):
+            values = doc.get("data", {}).values()
+            if name == "event_page":
+                values = [v for column in values for v in column]
+            used = {v for v in values if isinstance(v, str)}
             for run in runs.values():
                 for datum_id in used & set(run.get("datums", {})):
                     run.setdefault("datums_used", {})[datum_id] = list(self._reading)

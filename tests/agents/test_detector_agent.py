@@ -397,8 +397,9 @@ def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budg
     assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
 
 
-def _external_docs(tmp_path, frames):
-    """One raw run whose frames are .npy files referenced by a resource and a datum per frame."""
+def _external_docs(tmp_path, frames, *, pages=False):
+    """One raw run whose frames are .npy files referenced by a resource and a datum per frame
+    (``pages``: each datum sent as a datum page of one)."""
     run, desc = _raw_run(external=True)
     docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
     for i, frame in enumerate(frames):
@@ -410,7 +411,8 @@ def _external_docs(tmp_path, frames):
         datum = (first if i == 0 else resource).compose_datum(datum_kwargs={})
         if i:
             docs.append(("resource", resource.resource_doc))
-        docs += [("datum", datum), ("event", _event(desc, datum["datum_id"], external=True))]
+        sent = ("datum_page", event_model.pack_datum_page(datum)) if pages else ("datum", datum)
+        docs += [sent, ("event", _event(desc, datum["datum_id"], external=True))]
     return run, docs + [("stop", run.compose_stop())]
 
 
@@ -423,8 +425,9 @@ def _detector_daemon(tmp_path, weights, docs, start=0, **batching):
     return Daemon(config, source=_ListSource(docs, start), derived_sink=(sink := _ListSink()), extra_sinks=[]), sink
 
 
-def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bragg_weights, frames):
-    run, docs = _external_docs(tmp_path, frames[:6])
+@pytest.mark.parametrize("pages", [False, True])
+def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bragg_weights, frames, pages):
+    run, docs = _external_docs(tmp_path, frames[:6], pages=pages)
     daemon, sink = _detector_daemon(tmp_path, bragg_weights[1], docs, max_batch=2, max_latency_s=1e9)
     # read until a frame is waiting for its batch, with a checkpoint written after it
     while daemon.step() and not daemon.agents["peaks"].frames_waiting:
