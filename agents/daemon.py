@@ -460,41 +460,33 @@ class Daemon:
                 for waiting in self.state.awaiting.values():
                     waiting.pop(key, None)
 
-    def _tell_all(self, name: str, doc: dict[str, Any]) -> None:
+    def _each_agent(self, what: str, call: Callable[[Any], Any], only: Callable[[Any], Any] | None = None) -> None:
+        """``call(agent)`` for every agent (that ``only`` accepts); an agent that raises is logged
+        and counted, never fatal."""
         with self._lock:
             for agent_name, agent in self.agents.items():
+                if only is not None and not only(agent):
+                    continue
                 try:
-                    agent.tell(name, doc)
+                    call(agent)
                 except Exception as err:
-                    self._error(f"agent:{agent_name}", f"agent {agent_name} failed on {name} {doc.get('uid')}: "
+                    self._error(f"agent:{agent_name}", f"agent {agent_name} failed on {what}: "
                                 f"{type(err).__name__}: {err}")
+
+    def _tell_all(self, name: str, doc: dict[str, Any]) -> None:
+        self._each_agent(f"{name} {doc.get('uid')}", lambda agent: agent.tell(name, doc))
 
     def _poll_agents(self) -> None:
         """While the stream is quiet, agents that batch (detector analysis) run a batch whose
         latency budget has passed; what they emit is checkpointed and sent."""
-        with self._lock:
-            for agent_name, agent in self.agents.items():
-                poll = getattr(agent, "poll", None)
-                if poll is None:
-                    continue
-                try:
-                    poll()
-                except Exception as err:
-                    self._error(f"agent:{agent_name}", f"agent {agent_name} failed on poll: {type(err).__name__}: {err}")
+        self._each_agent("poll", lambda agent: agent.poll(), only=lambda agent: hasattr(agent, "poll"))
         self._note_settled()
         if self.outbox.docs:
             self._commit()
 
     def _flush_agents(self) -> None:
         """Run every waiting batch now (a clean shutdown)."""
-        with self._lock:
-            for agent_name, agent in self.agents.items():
-                if getattr(agent, "frames_waiting", 0):
-                    try:
-                        agent.flush()
-                    except Exception as err:
-                        self._error(f"agent:{agent_name}", f"agent {agent_name} failed on flush: "
-                                    f"{type(err).__name__}: {err}")
+        self._each_agent("flush", lambda agent: agent.flush(), only=lambda agent: getattr(agent, "frames_waiting", 0))
         self._note_settled()
 
     def _note_settled(self) -> None:
