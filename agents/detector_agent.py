@@ -178,7 +178,7 @@ class DetectorAnalysisAgent:
         except WeightsError as err:
             raise WeightsError(f"detector agent {self.name!r} ({settings.analysis}): {err}") from None
         unet = next(m for m in self.model.modules() if isinstance(m, UNet))
-        self.ndim, self._multiple = unet.dims, 2 ** (unet.depth - 1)
+        self.ndim, self._multiple = unet.dims, unet.multiple
         self._factor = int(getattr(self.model, "factor", 1))
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)
@@ -386,7 +386,7 @@ class DetectorAnalysisAgent:
         x = np.stack([f.counts if f.mask is None else np.where(f.mask, 0.0, f.counts) for f in frames])
         batch = torch.from_numpy(x.astype(np.float32)).unsqueeze(1)
         shape = batch.shape[2:]
-        pad = [(-n) % self._multiple for n in shape]  # the U-Net needs multiples of 2**(depth-1)
+        pad = [(-n) % self._multiple for n in shape]  # the U-Net's input sizes (UNet.multiple)
         if any(pad):
             flat = [p for extra in reversed(pad) for p in (0, extra)]
             batch = F.pad(batch, flat, mode="replicate")

@@ -64,6 +64,7 @@ class UNet(nn.Module):
         if unshuffle > 1 and dims != 2:
             raise ValueError(f"unshuffle applies to 2D U-Nets only; got {unshuffle=} with {dims=}")
         self.dims, self.depth, self.unshuffle = dims, depth, unshuffle
+        self.multiple = unshuffle * 2 ** (depth - 1)  # what every input size must be divisible by
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         c = c_in * unshuffle**2
@@ -77,9 +78,8 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = self.unshuffle * 2 ** (self.depth - 1)
-        if any(s % multiple for s in x.shape[2:]):
-            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {multiple} "
+        if any(s % self.multiple for s in x.shape[2:]):
+            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} must be divisible by {self.multiple} "
                              f"(unshuffle={self.unshuffle}, depth={self.depth})")
         if self.unshuffle > 1:
             x = F.pixel_unshuffle(x, self.unshuffle)

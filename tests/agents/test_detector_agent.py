@@ -146,6 +146,22 @@ def test_external_npy_frames_through_resource_and_datum(bragg_weights, frames, t
     assert agent.report()["failed_frames"] == {} and agent.report()["frames_out"] == 4
 
 
+def test_frames_are_padded_to_what_an_unshuffled_u_net_needs(tmp_path):
+    torch.manual_seed(0)
+    model = PeakUNet(dims=2, width=4, depth=2, unshuffle=2)  # sizes must be multiples of 4, not 2
+    weights = _save(tmp_path, model, "bragg-peak-unet", "tiny-unshuffled", {"dims": 2, "width": 4, "depth": 2,
+                                                                         "unshuffle": 2})
+    sink = Recorder()
+    agent = _agent(weights, [sink])
+    run, desc = _raw_run(key_shape=(34, 30))
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("event", _event(desc, bragg_frame_2d(0, BraggRecipe(shape=(34, 30))).counts))
+    agent.tell("stop", run.compose_stop())
+    assert agent.report()["failed_frames"] == {} and agent.report()["frames_out"] == 1
+    assert np.asarray(sink.events("bragg")[0]["data"]["peak_mask"]).shape == (34, 30)
+
+
 def test_batches_wait_for_max_batch_or_max_latency(bragg_weights, frames):
     _, weights = bragg_weights
     clock, sink = FakeClock(), Recorder()
