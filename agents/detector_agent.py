@@ -15,7 +15,8 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   ``n_pixels``, ``centroid``: float array of length ``ndim``), from
   :func:`models.classical.integrate_in_mask` on the raw counts. One event per peak keeps every data
   key of fixed shape, which every sink (zarr, tiled) stores as a plain column;
-* ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction.
+* ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction, scaled
+  to the measured counts of each ring about ``beam_center`` (``ring_consistency``).
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
@@ -25,6 +26,7 @@ cause, counted in ``report()["failed_frames"]`` by cause, and the stream goes on
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -35,14 +37,14 @@ from typing import Any, Literal, cast
 import event_model
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.nn import functional as F
 
 from agents.config import _Strict
 from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest
 from models.classical import integrate_in_mask
-from models.nets import UNet, infer
+from models.nets import UNet, infer, ring_consistent
 from models.registry import WeightsError, load_weights
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
@@ -121,6 +123,18 @@ class DetectorSettings(_Strict):
     read_noise: float = Field(default=0.0, ge=0)
     peak_threshold: float = Field(default=0.5, gt=0, lt=1)
     background_shell_width: float = Field(default=3.0, gt=0)
+    # sans-sr: scale the network's pattern to the measured counts of each one-pixel ring about the
+    # beam centre (row, column in detector pixels; None: the detector centre), so I(Q) keeps to
+    # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
+    ring_consistency: bool = True
+    beam_center: tuple[float, float] | None = None
+
+    @field_validator("beam_center")
+    @classmethod
+    def _finite_center(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not all(math.isfinite(v) for v in value):
+            raise ValueError(f"beam_center must be two finite pixel coordinates (row, column); got {value}")
+        return value
 
 
 @dataclass
@@ -422,6 +436,8 @@ class DetectorAnalysisAgent:
         if analysis == "denoise":
             self._send(run, "denoise", {"denoised": y.astype(np.float32), **raw})
         elif analysis == "sans-sr":
+            if self.settings.ring_consistency:
+                y = ring_consistent(y, frame.counts, self._factor, center=self.settings.beam_center, mask=frame.mask)
             self._send(run, "sans-sr", {"super_resolved": y.astype(np.float32), **raw})
         else:
             self._emit_peaks(run, frame, y, raw)

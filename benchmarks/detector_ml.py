@@ -167,7 +167,7 @@ def _radial(img: np.ndarray, qx: np.ndarray, qy: np.ndarray, nbins: int = 24) ->
 
 
 def super_resolution(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
-    from agents.detector_eval import log_psnr
+    from agents.detector_eval import log_psnr, super_resolve
     from models import classical, metrics
     from simulators import detector as det
 
@@ -182,7 +182,7 @@ def super_resolution(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]
             p = det.sans_pair(rng, kind, factor=factor, coarse_shape=(32, 32),
                               total_counts=float(np.exp(rng.uniform(np.log(1e5), np.log(1e6)))))
             truth = p.fine_expected
-            for name, est in (("ml", _net(model, p.coarse_counts)),
+            for name, est in (("ml", super_resolve(model, p.coarse_counts)),
                               ("bicubic", classical.bicubic_upsample(p.coarse_counts, factor, space="log"))):
                 rows[f"{name}_log_psnr"].append(log_psnr(est, truth))
                 rows[f"{name}_ssim"].append(metrics.ssim(np.log10(np.maximum(est, 1e-6)),

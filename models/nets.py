@@ -16,6 +16,8 @@ may use bf16 autocast and channels-last (:func:`infer`).
 * :class:`SuperResolver` - input: a coarse SANS pattern (counts); output: the pattern on a grid
   ``factor`` times finer in each direction, as expected counts per fine pixel (the total kept
   by construction: each coarse pixel's counts are shared among its fine pixels by a softmax).
+  :func:`ring_consistent` then scales it to the measured counts of each one-pixel ring about the
+  beam, so the azimuthal average users fit keeps to the measurement.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -162,6 +165,63 @@ class SuperResolver(nn.Module):
         total = smooth * torch.exp(torch.clamp(out[:, f * f:], -5.0, 5.0))
         fine = F.pixel_shuffle(share * total, f)
         return fine
+
+
+def ring_consistent(fine: np.ndarray, coarse: np.ndarray, factor: int, *,
+                    center: tuple[float, float] | None = None, mask: np.ndarray | None = None,
+                    alpha: float = 3.0) -> np.ndarray:
+    """Scale a super-resolved SANS pattern so that each one-pixel ring of the coarse detector holds
+    the counts the detector measured in it.
+
+    The azimuthal average ``I(Q)`` that users fit then follows the measurement on the scale of a
+    coarse pixel (its noise is the measurement's own), while the network still decides how the
+    counts spread inside each pixel. Each ring ``a`` gets the factor
+    ``(measured_a + alpha) / (predicted_a + alpha)``: ``alpha`` counts of shrinkage keep a nearly
+    empty outer ring from being zeroed by a Poisson draw of none.
+
+    Parameters
+    ----------
+    fine : np.ndarray
+        The network's pattern, ``factor`` times finer than ``coarse`` in each direction.
+    coarse : np.ndarray
+        The measured counts, 2D.
+    factor : int
+        2 or 4.
+    center : tuple[float, float] | None
+        Beam centre ``(row, column)`` in coarse pixel coordinates (pixel centres at integers);
+        None: the detector centre.
+    mask : np.ndarray | None
+        True where a coarse pixel is left out; those pixels take no part in either sum and are
+        left as the network made them.
+    alpha : float
+        Shrinkage, in counts (>= 0).
+
+    Returns
+    -------
+    np.ndarray
+        The scaled pattern, float64, ``fine``'s shape.
+    """
+    coarse = np.asarray(coarse, dtype=np.float64)
+    fine = np.asarray(fine, dtype=np.float64)
+    if coarse.ndim != 2 or fine.shape != (coarse.shape[0] * factor, coarse.shape[1] * factor):
+        raise ValueError(f"fine must be {factor} times coarse's 2D shape; got fine {list(fine.shape)}, "
+                         f"coarse {list(coarse.shape)}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0 counts; got {alpha=}")
+    h, w = coarse.shape
+    cy, cx = ((h - 1) / 2, (w - 1) / 2) if center is None else (float(center[0]), float(center[1]))
+    yy, xx = np.mgrid[0:h, 0:w]
+    ring = np.floor(np.hypot(yy - cy, xx - cx)).astype(np.intp)
+    use = np.ones(coarse.shape, bool) if mask is None else ~np.asarray(mask, bool)
+    predicted = fine.reshape(h, factor, w, factor).sum(axis=(1, 3))
+    n = int(ring.max()) + 1
+    p_sum = np.bincount(ring[use], predicted[use], n)
+    m_sum = np.bincount(ring[use], coarse[use], n)
+    scale = np.ones(n)
+    ok = p_sum + alpha > 0
+    scale[ok] = (m_sum[ok] + alpha) / (p_sum[ok] + alpha)
+    per_pixel = np.where(use, scale[ring], 1.0)
+    return fine * np.repeat(np.repeat(per_pixel, factor, axis=0), factor, axis=1)
 
 
 def poisson_nll(rate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

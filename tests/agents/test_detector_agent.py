@@ -9,9 +9,9 @@ import torch
 
 from agents.daemon import build_agent
 from agents.daemon_config import AgentEntry, load_daemon_config
-from agents.detector_agent import DetectorAnalysisAgent
+from agents.detector_agent import DetectorAnalysisAgent, DetectorSettings
 from models.classical import integrate_in_mask
-from models.nets import PeakUNet, PoissonDenoiser, SuperResolver
+from models.nets import PeakUNet, PoissonDenoiser, SuperResolver, ring_consistent
 from models.registry import WeightsError, WeightsRecord, save_weights
 from simulators.detector import BraggRecipe, bragg_frame_2d, denoise_frame
 from streams.derived import validate_document
@@ -310,6 +310,37 @@ def test_denoise_and_super_resolution_streams(tmp_path):
         assert event["data"][key].shape == shape and np.isfinite(event["data"][key]).all()
         if analysis == "sans-sr":  # the super-resolver keeps each coarse pixel's total (up to padding)
             np.testing.assert_allclose(event["data"][key].sum(), frame.sum(), rtol=0.2)
+
+
+def test_super_resolved_patterns_keep_the_measured_ring_sums(tmp_path):
+    torch.manual_seed(1)
+    sr = _save(tmp_path, SuperResolver(factor=2, width=4, depth=2), "sans-super-resolver", "tiny-sr",
+               {"factor": 2, "width": 4, "depth": 2})
+    frame = np.random.default_rng(3).poisson(40.0, (24, 28)).astype(float)
+
+    def published(**settings):
+        sink = Recorder()
+        agent = _agent(sr, [sink], analysis="sans-sr", max_batch=1, **settings)
+        run, desc = _raw_run(key_shape=(24, 28))
+        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                          ("event", _event(desc, frame)), ("stop", run.compose_stop())):
+            agent.tell(name, doc)
+        (event,) = sink.events("sans-sr")
+        return event["data"]["super_resolved"].astype(float)
+
+    raw, kept, offset = (published(ring_consistency=False), published(), published(beam_center=(5.0, 20.0)))
+    np.testing.assert_allclose(kept, ring_consistent(raw, frame, 2), rtol=1e-5)
+    yy, xx = np.mgrid[0:24, 0:28]
+    ring = np.floor(np.hypot(yy - 11.5, xx - 13.5)).astype(int)
+
+    def ring_error(fine):  # measured minus published counts, per one-pixel ring of the detector
+        return np.abs(np.bincount(ring.ravel(), (frame - fine.reshape(24, 2, 28, 2).sum((1, 3))).ravel()))
+
+    assert ring_error(kept).max() <= 3.0 + 1e-3  # the shrinkage of alpha = 3 counts, no more
+    assert ring_error(raw).max() > 10.0  # an untrained network does not get there by itself
+    assert not np.allclose(offset, kept)  # the rings follow the beam centre
+    with pytest.raises(ValueError, match="beam_center"):
+        DetectorSettings(analysis="sans-sr", weights=str(sr), beam_center=(float("nan"), 3.0))
 
 
 def test_wrong_weights_are_refused_at_construction(tmp_path, bragg_weights):

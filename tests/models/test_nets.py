@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from models.nets import PeakUNet, PoissonDenoiser, SuperResolver, UNet, dice_bce, infer, poisson_nll
+from models.nets import (
+    PeakUNet,
+    PoissonDenoiser,
+    SuperResolver,
+    UNet,
+    dice_bce,
+    infer,
+    poisson_nll,
+    ring_consistent,
+)
 from models.registry import WeightsError, WeightsRecord, load_weights, save_weights
 
 
@@ -140,3 +150,27 @@ def test_unshuffled_weights_round_trip(tmp_path):
     pt.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="does not fit"):
         load_weights(pt)
+
+
+def test_ring_consistency_puts_the_measured_counts_in_each_ring():
+    rng = np.random.default_rng(0)
+    coarse = rng.poisson(20.0, (10, 12)).astype(float)
+    fine = rng.uniform(0.5, 2.0, (20, 24))
+    mask = np.zeros(coarse.shape, bool)
+    mask[0, 0] = True
+    out = ring_consistent(fine, coarse, 2, alpha=0.0, mask=mask, center=(4.0, 6.0))
+    yy, xx = np.mgrid[0:10, 0:12]
+    ring = np.floor(np.hypot(yy - 4.0, xx - 6.0)).astype(int)
+    blocks = out.reshape(10, 2, 12, 2).sum((1, 3))
+    use = ~mask
+    np.testing.assert_allclose(np.bincount(ring[use], blocks[use]), np.bincount(ring[use], coarse[use]))
+    np.testing.assert_array_equal(out[:2, :2], fine[:2, :2])  # a masked pixel is left as it was
+    ratio = out / fine  # one factor per coarse pixel: the split inside each pixel is the network's
+    np.testing.assert_allclose(ratio.reshape(10, 2, 12, 2).std((1, 3)), 0.0, atol=1e-12)
+    # shrinkage: an empty ring is pulled towards none by at most its prediction, never zeroed
+    shrunk = ring_consistent(fine, np.zeros_like(coarse), 2, alpha=3.0)
+    assert (shrunk > 0).all() and (shrunk < fine).all()
+    with pytest.raises(ValueError, match="2 times coarse"):
+        ring_consistent(fine[:, :-1], coarse, 2)
+    with pytest.raises(ValueError, match="alpha"):
+        ring_consistent(fine, coarse, 2, alpha=-1.0)
