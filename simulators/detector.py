@@ -632,9 +632,9 @@ def bragg_volume_tof(rng: np.random.Generator | int, recipe: BraggRecipe | None 
 
 
 # -------------------------------------------------------------------------------------- denoising
-DENOISE_KINDS: tuple[str, ...] = ("spots", "rings", "saxs", "speckle", "smooth")
+DENOISE_KINDS: tuple[str, ...] = ("spots", "rings", "saxs", "speckle", "smooth", "texture")
 #: Kinds to train denoisers on; benchmarks evaluate on :data:`DENOISE_HELD_OUT_KINDS`.
-DENOISE_TRAIN_KINDS: tuple[str, ...] = ("spots", "rings", "saxs", "smooth")
+DENOISE_TRAIN_KINDS: tuple[str, ...] = ("spots", "rings", "saxs", "smooth", "texture")
 DENOISE_HELD_OUT_KINDS: tuple[str, ...] = ("speckle",)
 
 
@@ -686,6 +686,21 @@ def _scene_speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarr
     return _saxs_envelope(rng, shape) * _speckle(rng, shape, rng.uniform(0.7, 2.5))
 
 
+def _scene_texture(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Fine log-normal texture on a smooth field or a SAXS envelope: ``exp(s g)``, ``g`` a
+    unit-variance Gaussian random field correlated over 0.5-4 px, ``s`` 0.2-1.2, optionally
+    thresholded into domains with sharp walls (as of a rough surface, a grainy film, a
+    polycrystal's diffuse scattering). Not speckle: its statistics are log-normal, not
+    exponential, and its contrast varies."""
+    g = gaussian_filter(rng.standard_normal(shape), rng.uniform(0.5, 4.0), mode="wrap")
+    g = (g - g.mean()) / g.std()
+    if rng.random() < 0.3:  # domains: two or three levels with sharp walls
+        g = np.digitize(g, np.sort(rng.uniform(-1.0, 1.0, int(rng.integers(1, 3))))).astype(float)
+        g = (g - g.mean()) / max(float(g.std()), 1e-6)
+    base = _saxs_envelope(rng, shape) if rng.random() < 0.5 else _smooth_field(rng, shape, rng.uniform(0.0, 1.0))
+    return base * np.exp(rng.uniform(0.2, 1.2) * g)
+
+
 def _scene(rng: np.random.Generator, kind: str, shape: tuple[int, int]) -> np.ndarray:
     if kind == "spots":
         return _scene_spots(rng, shape)
@@ -695,6 +710,8 @@ def _scene(rng: np.random.Generator, kind: str, shape: tuple[int, int]) -> np.nd
         return _saxs_envelope(rng, shape)
     if kind == "speckle":
         return _scene_speckle(rng, shape)
+    if kind == "texture":
+        return _scene_texture(rng, shape)
     return _smooth_field(rng, shape, rng.uniform(0.0, 1.0))
 
 
@@ -710,7 +727,8 @@ def denoise_frame(rng: np.random.Generator | int, kind: str, shape: tuple[int, i
     kind : str
         One of :data:`DENOISE_KINDS`: ``"spots"`` (Bragg-like spots), ``"rings"`` (textured powder
         rings), ``"saxs"`` (anisotropic radial decay), ``"speckle"`` (exponential speckle,
-        spatially correlated, on a SAXS envelope), ``"smooth"`` (plane + broad blobs).
+        spatially correlated, on a SAXS envelope), ``"smooth"`` (plane + broad blobs),
+        ``"texture"`` (fine log-normal texture or sharp-walled domains on a smooth field).
     shape : tuple[int, int]
         `ny x nx`.
     mean_counts : float
