@@ -43,16 +43,21 @@ def super_resolve(model: torch.nn.Module, coarse: np.ndarray) -> np.ndarray:
 
 
 def matched_intensities(found: Any, centers: np.ndarray, radius: float = 4.0) -> np.ndarray:
-    """For each true peak centre, the intensity of the found peak whose centroid lies nearest
-    (within ``radius`` pixels); 0 where none does or its intensity is not finite."""
+    """For each true peak centre, the intensity of the found peak assigned to it: found peaks and
+    true centres are paired one to one (least total distance, pairs at most ``radius`` pixels
+    apart), so a strong found peak cannot also stand for a weak true neighbour. 0 where a centre
+    gets no found peak or its intensity is not finite."""
+    from scipy.optimize import linear_sum_assignment
+
     out = np.zeros(len(centers))
-    if found.centroids is None or len(found.intensity) == 0:
+    if found.centroids is None or len(found.intensity) == 0 or len(centers) == 0:
         return out
     cents = np.asarray(found.centroids, dtype=float)
-    for i, c in enumerate(np.asarray(centers, dtype=float)):
-        d = np.linalg.norm(cents - c[None, :], axis=1)
-        j = int(np.argmin(d))
-        if d[j] <= radius and np.isfinite(found.intensity[j]):
+    true = np.asarray(centers, dtype=float)
+    d = np.linalg.norm(true[:, None, :] - cents[None, :, :], axis=2)
+    rows, cols = linear_sum_assignment(np.where(d <= radius, d, 1e6))  # far pairs only if nothing else
+    for i, j in zip(rows, cols, strict=True):
+        if d[i, j] <= radius and np.isfinite(found.intensity[j]):
             out[i] = float(found.intensity[j])
     return out
 

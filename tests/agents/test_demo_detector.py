@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from agents.cli import app
 from agents.demo_detector import run_detector_demo
+from agents.detector_eval import matched_intensities
 from models.nets import PeakUNet, SuperResolver
 from models.registry import WeightsRecord, save_weights
 
@@ -44,3 +47,13 @@ def test_demo_cli_help_and_bad_factor():
     assert runner.invoke(app, ["demo", "bragg", "--help"]).exit_code == 0
     result = runner.invoke(app, ["demo", "sans-sr", "--factor", "3"])
     assert result.exit_code != 0 and "2 or 4" in result.output
+
+
+def test_found_peaks_stand_for_one_true_peak_each():
+    found = SimpleNamespace(centroids=np.array([[10.0, 10.0], [30.0, 30.0], [50.0, 50.0]]),
+                            intensity=np.array([100.0, 7.0, np.nan]))
+    true = np.array([[11.0, 10.0], [10.0, 12.0], [31.0, 30.0], [50.0, 50.0], [80.0, 80.0]])
+    # the strong peak goes to its nearer true centre only; the weak neighbour is a miss, as is a
+    # centre whose found peak has no finite intensity, and one with nothing within 4 px
+    np.testing.assert_array_equal(matched_intensities(found, true), [100.0, 0.0, 7.0, 0.0, 0.0])
+    assert matched_intensities(SimpleNamespace(centroids=None, intensity=np.array([])), true).tolist() == [0.0] * 5
