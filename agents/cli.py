@@ -212,12 +212,14 @@ def sans_sr_demo(
 class TrainTask(StrEnum):
     denoise = "denoise"
     bragg = "bragg"
+    bragg_tof = "bragg-tof"
     sans_sr = "sans-sr"
 
 
 @app.command("train")
 def train_cmd(
-    task: Annotated[TrainTask, typer.Argument(help="Which network: denoise, bragg or sans-sr.")],
+    task: Annotated[TrainTask, typer.Argument(help="Which network: denoise, bragg (2D frames), bragg-tof "
+                                                         "(3D time-of-flight volumes) or sans-sr.")],
     out: Annotated[Path, typer.Option(help="Directory for NAME.pt and NAME.json (weights and metadata).")],
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default: the task's).")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Frames per step (default: the task's).")] = None,

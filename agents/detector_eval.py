@@ -6,8 +6,9 @@ other sample kinds (``DENOISE_HELD_OUT_KINDS``, ``SANS_HELD_OUT_KINDS``).
 
 * denoise: PSNR and SSIM of the expected counts, outside the detector mask, at mean 0.1, 1 and
   10 counts per pixel; the network against Anscombe + Gaussian (width by SURE).
-* bragg: IoU and Dice of the predicted peak mask (sigmoid > 0.5) against the true support, the
-  network against threshold + connected components.
+* bragg, bragg-tof: IoU and Dice of the predicted peak mask (sigmoid > 0.5) against the true
+  support (2D frames; 32^3 time-of-flight volumes), the network against threshold + connected
+  components.
 * sans-sr: PSNR of log-intensity and SSIM of the fine pattern, the network against bicubic
   interpolation (in log space).
 """
@@ -87,11 +88,17 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             out[f"{level:g}"] = {"psnr_ml": float(np.mean(ml)), "psnr_anscombe_gaussian": float(np.mean(gauss)),
                                  "gain_db": float(np.mean(ml) - np.mean(gauss))}
         return {"held_out_kinds": list(det.DENOISE_HELD_OUT_KINDS), "by_mean_counts": out, "n_per_level": n}
-    if task == "bragg":
+    if task in ("bragg", "bragg-tof"):
         ml_iou, th_iou, ml_dice = [], [], []
         for _ in range(n):
-            recipe = det.BraggRecipe(shape=shape, n_peaks=(1, 6), count_scale=float(np.exp(rng.uniform(-3, 1.1))))
-            s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
+            scale = float(np.exp(rng.uniform(-3, 1.1)))
+            effects = det.random_effects(rng, integrating=False)
+            if task == "bragg":
+                s = det.bragg_frame_2d(rng, det.BraggRecipe(shape=shape, n_peaks=(1, 6), count_scale=scale),
+                                       effects=effects)
+            else:
+                s = det.bragg_volume_tof(rng, det.BraggRecipe(shape=(32, 32, 32), sigma=(0.8, 2.0), n_peaks=(1, 6),
+                                                              count_scale=scale), effects=effects)
             x = np.where(s.mask, 0.0, s.counts)
             pred = predict(model, x) > 0.0
             th_mask, _ = classical.threshold_components(x, mask=s.mask)
@@ -112,4 +119,4 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             bic.append(log_psnr(classical.bicubic_upsample(p.coarse_counts, f, space="log"), truth))
         return {"held_out_kinds": list(det.SANS_HELD_OUT_KINDS), "factor": f, "log_psnr_ml": float(np.mean(ml)),
                 "log_psnr_bicubic": float(np.mean(bic)), "gain_db": float(np.mean(ml) - np.mean(bic)), "n": n}
-    raise ValueError(f"unknown task {task!r}; choose denoise, bragg or sans-sr")
+    raise ValueError(f"unknown task {task!r}; choose denoise, bragg, bragg-tof or sans-sr")

@@ -1,4 +1,4 @@
-"""``beampilot train denoise|bragg|sans-sr``: train a detector network from the simulators.
+"""``beampilot train denoise|bragg|bragg-tof|sans-sr``: train a detector network from the simulators.
 
 Each task pairs a data recipe (:mod:`simulators.detector`: which generator, which sample kinds,
 which count levels, which detector effects) with a network (:mod:`models.nets`), a loss and the
@@ -14,6 +14,9 @@ and the HELD-OUT kinds, and compares the network with the classical method it re
   against a second, independent draw instead, as for real data without clean targets).
 * **bragg** - :class:`models.nets.PeakUNet` (2D) on 64 x 64 Bragg frames over the whole
   signal-to-noise range; BCE + Dice against the true peak support.
+* **bragg-tof** - the same in 3D: :class:`models.nets.PeakUNet` (``dims=3``) on 32 x 32 x 32
+  time-of-flight volumes (:func:`simulators.detector.bragg_volume_tof`: moderator tail along TOF,
+  photon-counting effects on the detector axes), for neutron TOF instruments.
 * **sans-sr** - :class:`models.nets.SuperResolver` (``--factor`` 2 or 4) on sasmodels patterns of
   the training kinds, 10^5-10^6 counts per coarse pattern; Poisson NLL of the fine expected
   counts plus ``IQ_WEIGHT`` times the chi-square of the pattern's ring sums (its azimuthally
@@ -90,6 +93,20 @@ def _bragg_batch(rng: np.random.Generator, size: int) -> nets_batch:
     return _tensors(xs), _tensors(ys), None
 
 
+TOF_PATCH = 32
+
+
+def bragg_tof_sample(rng: np.random.Generator, shape: tuple[int, int, int] = (TOF_PATCH,) * 3) -> det.FrameSample:
+    recipe = det.BraggRecipe(shape=shape, sigma=(0.8, 2.0), n_peaks=(1, 6), count_scale=_log_uniform(rng, 0.05, 3.0))
+    return det.bragg_volume_tof(rng, recipe, effects=det.random_effects(rng, integrating=False))
+
+
+def _bragg_tof_batch(rng: np.random.Generator, size: int) -> nets_batch:
+    samples = [bragg_tof_sample(rng) for _ in range(size)]
+    return (_tensors([np.where(s.mask, 0.0, s.counts) for s in samples]),
+            _tensors([s.support.astype(np.float32) for s in samples]), None)
+
+
 def _bragg_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return nets.dice_bce(logits, target)
 
@@ -159,6 +176,11 @@ TASKS: dict[str, Task] = {
                   {"generator": "simulators.detector.bragg_frame_2d", "shape": [PATCH, PATCH], "n_peaks": [1, 6],
                    "count_scale": [0.05, 3.0], "effects": "random_effects (photon-counting)"},
                   steps=1500, batch=12),
+    "bragg-tof": Task("bragg-tof", "bragg-peak-unet", {"dims": 3, "width": 8, "depth": 3},
+                      {"generator": "simulators.detector.bragg_volume_tof", "shape": [TOF_PATCH] * 3,
+                       "n_peaks": [1, 6], "sigma": [0.8, 2.0], "count_scale": [0.05, 3.0],
+                       "effects": "random_effects (photon-counting, detector axes)"},
+                      steps=1500, batch=8),
     "sans-sr": Task("sans-sr", "sans-super-resolver", {"factor": 4, "width": 24, "depth": 3},
                     {"generator": "simulators.detector.sans_pair", "kinds": list(det.SANS_TRAIN_KINDS),
                      "held_out_kinds": list(det.SANS_HELD_OUT_KINDS), "coarse_shape": [32, 32],
@@ -172,10 +194,12 @@ def _make_batch(task: Task, noise2noise: bool) -> Callable[[np.random.Generator,
         return _denoise_batch(noise2noise)
     if task.name == "bragg":
         return _bragg_batch
+    if task.name == "bragg-tof":
+        return _bragg_tof_batch
     return _sans_batch(task.architecture_config["factor"])
 
 
-_LOSSES = {"denoise": _denoise_loss, "bragg": _bragg_loss, "sans-sr": _sans_loss}
+_LOSSES = {"denoise": _denoise_loss, "bragg": _bragg_loss, "bragg-tof": _bragg_loss, "sans-sr": _sans_loss}
 
 
 def _with_architecture(task: Task, overrides: dict[str, Any]) -> Task:
@@ -221,7 +245,7 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     record = WeightsRecord(
         name=name, architecture=task.architecture, architecture_config=task.architecture_config,
         training={**asdict(config), "loss": {"denoise": "poisson_nll" + (" (noise2noise)" if noise2noise else ""),
-                                             "bragg": "bce+dice",
+                                             "bragg": "bce+dice", "bragg-tof": "bce+dice",
                                              "sans-sr": f"poisson_nll + {IQ_WEIGHT:g} x I(Q) ring chi2"}[task_name],
                   "optimizer": "adam, cosine decay", "final_loss": float(np.mean(losses[-50:])),
                   "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model)},

@@ -19,8 +19,12 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   support; intensities from the U-Net's mask (``integrate_in_mask``), sphere and ellipsoid
   summation (at the true centres: an advantage to them) and threshold + components, with
   ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks with no support on
-  the frame left out). A peak a method does not find counts with I_est = 0. ``bragg_error_ratio_low_snr`` is the U-Net's R at I/sigma < 5
-  divided by the best classical method's.
+  the frame left out). Found peaks of the mask methods are paired one to one with the true
+  centres (within 4 px; :func:`agents.detector_eval.matched_intensities`); a peak a method does
+  not find counts with I_est = 0. ``bragg_error_ratio_low_snr`` is the U-Net's R at I/sigma < 5
+  divided by the best classical method's. The same again in 3D (``bragg_tof``, ``--n-bragg-tof``
+  time-of-flight volumes of 32 x 32 x 32 with the moderator tail, the ``bragg-tof`` weights):
+  ``bragg_tof_iou``, ``bragg_tof_error_ratio_low_snr`` (the setting of Sullivan et al. 2019).
 * **SANS super-resolution** at 2x and 4x (``--n-sr`` patterns, 32 x 32 coarse, 10^5-10^6 counts):
   PSNR of log10 intensity and SSIM against the fine expected pattern, network against bicubic
   (in log space); and the reduced chi-square of the azimuthally averaged I(Q) of each estimate
@@ -108,19 +112,26 @@ def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) ->
     return out
 
 
-def bragg(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]:
+def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dict[str, Any]:
+    """2D frames of 128 x 128 (``tof=False``, the ``bragg`` weights) or 3D time-of-flight volumes
+    of 32 x 32 x 32 (``tof=True``, the ``bragg-tof`` weights)."""
     from agents.detector_eval import matched_intensities
     from models import classical, metrics
     from simulators import detector as det
 
-    rng = np.random.default_rng(EVAL_SEED + 1)
-    model = models["bragg"]
+    rng = np.random.default_rng(EVAL_SEED + (3 if tof else 1))
+    model = models["bragg-tof" if tof else "bragg"]
     iou = {"ml": [], "threshold": []}
     dice = {"ml": [], "threshold": []}
     peaks: list[dict[str, float]] = []
     for _ in range(n):
-        recipe = det.BraggRecipe(shape=(128, 128), n_peaks=(3, 12), count_scale=float(np.exp(rng.uniform(-3, 1.1))))
-        s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
+        scale = float(np.exp(rng.uniform(-3, 1.1)))
+        if tof:
+            recipe = det.BraggRecipe(shape=(32, 32, 32), sigma=(0.8, 2.0), n_peaks=(2, 8), count_scale=scale)
+            s = det.bragg_volume_tof(rng, recipe, effects=det.random_effects(rng, integrating=False))
+        else:
+            recipe = det.BraggRecipe(shape=(128, 128), n_peaks=(3, 12), count_scale=scale)
+            s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
         x = np.where(s.mask, 0.0, s.counts)
         ml_mask = _net(model, x) > 0.0
         th_mask, th = classical.threshold_components(x, mask=s.mask)
@@ -242,10 +253,11 @@ def gpu_throughput(models: dict[str, Any], batch: int = 32, repeats: int = 10) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=None, help="directory of NAME.pt/NAME.json (default: shipped)")
-    parser.add_argument("--n-denoise", type=int, default=6)
-    parser.add_argument("--n-bias", type=int, default=40, help="Bragg frames for the intensity bias after denoising")
-    parser.add_argument("--n-bragg", type=int, default=40)
-    parser.add_argument("--n-sr", type=int, default=24)
+    parser.add_argument("--n-denoise", type=int, default=20)
+    parser.add_argument("--n-bias", type=int, default=60, help="Bragg frames for the intensity bias after denoising")
+    parser.add_argument("--n-bragg", type=int, default=200)
+    parser.add_argument("--n-bragg-tof", type=int, default=60)
+    parser.add_argument("--n-sr", type=int, default=100)
     args = parser.parse_args()
     from pathlib import Path
 
@@ -254,12 +266,13 @@ def main() -> None:
     from models.registry import load_weights
 
     t0 = time.perf_counter()
-    names = ("denoise", "bragg", "sans-sr-x2", "sans-sr-x4")
+    names = ("denoise", "bragg", "bragg-tof", "sans-sr-x2", "sans-sr-x4")
     models = {n: load_weights(Path(args.weights) / n if args.weights else n)[0] for n in names}
-    total = 3 * args.n_denoise + args.n_bragg + 2 * args.n_sr
+    total = 3 * args.n_denoise + args.n_bragg + args.n_bragg_tof + 2 * args.n_sr
     with tqdm(total=total, desc="detector-ml benchmark", unit="frame", file=sys.stderr) as bar:
         den = denoising(models, args.n_denoise, args.n_bias, bar)
         bra = bragg(models, args.n_bragg, bar)
+        tof = bragg(models, args.n_bragg_tof, bar, tof=True)
         sr = super_resolution(models, args.n_sr, bar)
     speed = throughput(models)
     gpu = gpu_throughput(models)
@@ -275,6 +288,9 @@ def main() -> None:
         "gpu_note": None if gpu is not None else "no CUDA device on the machine that ran this",
         "denoising": den,
         "bragg": bra,
+        "bragg_tof": tof,
+        "bragg_tof_iou": tof["bragg_iou"],
+        "bragg_tof_error_ratio_low_snr": tof["bragg_error_ratio_low_snr"],
         "super_resolution": sr,
         "throughput": speed,
         "eval_seed": EVAL_SEED,

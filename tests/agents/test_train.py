@@ -13,7 +13,7 @@ from agents.train import run_training
 from models.registry import load_weights
 
 
-@pytest.mark.parametrize("task", ["denoise", "bragg", "sans-sr"])
+@pytest.mark.parametrize("task", ["denoise", "bragg", "bragg-tof", "sans-sr"])
 def test_train_writes_weights_with_metadata_and_held_out_metrics(tmp_path, task):
     record = run_training(task, tmp_path, steps=3, batch=2, seed=7, n_eval=1, factor=2 if task == "sans-sr" else None)
     name = record["name"]
@@ -23,8 +23,9 @@ def test_train_writes_weights_with_metadata_and_held_out_metrics(tmp_path, task)
     if task == "denoise":
         assert set(rec.metrics["by_mean_counts"]) == {"0.1", "1", "10"}
         assert rec.metrics["held_out_kinds"] == ["speckle"]
-    elif task == "bragg":
+    elif task in ("bragg", "bragg-tof"):
         assert 0.0 <= rec.metrics["iou_ml"] <= 1.0
+        assert rec.architecture_config["dims"] == (3 if task == "bragg-tof" else 2)
     else:
         assert name == "sans-sr-x2" and rec.metrics["factor"] == 2
     # the same seed gives the same weights and figures: training is reproducible (the files'
