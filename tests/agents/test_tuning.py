@@ -190,3 +190,26 @@ def test_the_demo_writes_its_report(tmp_path):
     # resuming a finished demo adds nothing: the budget is spent
     again = run_tune_demo(tmp_path / "unused", resume=tmp_path / "demo" / "store.zarr", progress=False)
     assert again["n_evaluations"] == 9 and again["safety"]["admitted"] == 0
+
+
+def test_model_decisions_search_near_the_recommendation(RE, optics, gate, tmp_path):
+    agent = TuningAgent(_settings(budget=12, n_initial=6), tmp_path / "s.zarr")
+    _scan(RE, agent, optics, gate)
+    decisions, history = agent.store.read("decisions"), agent.recommendation_history()
+    span = np.array([OPERATING_LIMITS[a]["high"] - OPERATING_LIMITS[a]["low"] for a in AXES])
+    n_before, local = 0, 0
+    for i, why in enumerate(decisions["why"]):
+        if why == "initial":
+            n_before += 1
+            continue
+        x = np.array([decisions[f"x:{a}"][i] for a in AXES])
+        # the recommendation the decision was made from: the latest one at that many evaluations
+        recs = [h for h in history if h["n_observations"] <= n_before]
+        n_before += 1
+        # by default every model decision with a recommendation to search around is local
+        assert why.startswith("local-") == bool(recs)
+        if recs:
+            best = np.array([recs[-1]["settings"][a] for a in AXES])
+            assert np.all(np.abs(x - best) <= 0.15 * span + 1e-9)
+            local += 1
+    assert local > 0
