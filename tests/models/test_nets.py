@@ -67,6 +67,20 @@ def test_a_denoiser_learns_a_flat_rate_noise2noise_style():
     assert float(out.std()) < 0.5 * 2.0**0.5  # smoother than Poisson noise of the raw counts
 
 
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_inference_gives_the_plain_forward_pass(dims):
+    torch.manual_seed(0)
+    model = PeakUNet(dims=dims, width=4, depth=2).eval()
+    batch = torch.poisson(torch.full((3, 1) + (8,) * dims, 2.0))
+    with torch.inference_mode():
+        plain = model(batch)
+    out, _ = infer(model, batch, device=torch.device("cpu"))
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    weight = model.net.down[0][2].weight  # a 4 -> 4 channel 3^dims convolution
+    assert weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()  # the layout infer ran in
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+
 def test_weights_round_trip_and_refusals(tmp_path):
     model = PeakUNet(dims=2, width=4, depth=2)
     record = WeightsRecord(name="bragg-test", architecture="bragg-peak-unet",
