@@ -255,10 +255,6 @@ def _autocast(device: torch.device, bf16: bool) -> Iterator[None]:
         yield
 
 
-#: the channels-last memory format of a batch of this many dimensions (N x C x spatial)
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def infer(model: nn.Module, batch: torch.Tensor, *, device: torch.device | None = None, bf16: bool = False,
           max_batch: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run ``model`` on ``batch`` (N x C x ...) in evaluation mode; returns the output on the CPU
@@ -273,13 +269,13 @@ def infer(model: nn.Module, batch: torch.Tensor, *, device: torch.device | None 
     frame, then falls back to the CPU; the note says so (``{"device": ..., "sub_batch": ...,
     "fallback": reason or None}``). ``bf16`` uses bfloat16 autocast on CUDA (ignored on CPU).
     """
-    from models.device import default_device
+    from models.device import channels_last, default_device
 
     device = default_device() if device is None else device
     model = model.eval()
     note: dict[str, Any] = {"device": str(device), "sub_batch": None, "fallback": None}
     sub = max_batch or len(batch)
-    layout = _CHANNELS_LAST.get(batch.dim())
+    layout = channels_last(batch.dim())
     while True:
         try:
             model.to(device) if layout is None else model.to(device, memory_format=layout)

@@ -49,8 +49,12 @@ def train(
     device: torch.device | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float | list[float]]:
-    """Train ``model`` in place; returns the loss history (every step) and the wall time."""
-    from models.device import default_device
+    """Train ``model`` in place; returns the loss history (every step) and the wall time.
+
+    Weights and batches are channels-last (:func:`models.device.channels_last`), which the
+    model's parameters keep afterwards.
+    """
+    from models.device import channels_last, default_device
 
     device = default_device() if device is None else device
     torch.manual_seed(config.seed)
@@ -58,8 +62,8 @@ def train(
     before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    layout: torch.memory_format | None = None
+    opt: torch.optim.Optimizer | None = None
 
     def lr_at(step: int) -> float:
         cos = 0.5 * (1 + math.cos(math.pi * step / config.steps))
@@ -70,7 +74,14 @@ def train(
     try:
         for step in range(config.steps):
             x, y, mask = make_batch(rng, config.batch)
+            if opt is None:  # the layout follows the data: 2D frames or 3D volumes
+                layout = channels_last(x.dim())
+                model.to(device) if layout is None else model.to(device, memory_format=layout)
+                model.train()
+                opt = torch.optim.Adam(model.parameters(), lr=config.lr)
             x, y = x.to(device), y.to(device)
+            if layout is not None:
+                x, y = x.contiguous(memory_format=layout), y.contiguous(memory_format=layout)
             mask = None if mask is None else mask.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
