@@ -29,11 +29,11 @@ import urllib.request
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from streams.errors import StreamError
 from streams.kafka import _create_topic, check_topic_name
+from streams.lifecycle import StopsOnExit
 from streams.localhost import free_port
 
 __all__ = ["LocalBroker", "broker_binary", "create_topic", "free_port", "kafka_metadata_ok"]
@@ -168,7 +168,7 @@ def _reap(procs: dict[str, subprocess.Popen[bytes]]) -> None:
     procs.clear()
 
 
-class LocalBroker:
+class LocalBroker(StopsOnExit):
     """A tansu Kafka-compatible broker on ``127.0.0.1``, run as a child process.
 
     Parameters
@@ -306,17 +306,6 @@ class LocalBroker:
         """
         self._end("tansu", signal.SIGTERM, timeout)
         return self.start()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- helpers ------------------------------------------------------------------------------
 

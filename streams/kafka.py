@@ -26,13 +26,13 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import msgpack_numpy as mpn
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from streams.errors import DocumentError, StreamError
+from streams.lifecycle import ClosesOnExit
 
 with warnings.catch_warnings():
     # kafka-python 3.0 loads its protocol schemas at import with importlib.resources.read_text,
@@ -466,7 +466,7 @@ def _construct(cls: Any, kwargs: dict[str, Any]) -> Any:
 # -- sink ------------------------------------------------------------------------------------
 
 
-class KafkaDocumentSink:
+class KafkaDocumentSink(ClosesOnExit):
     """A :class:`~streams.protocols.DocumentSink` that publishes documents to a Kafka topic.
 
     Subscribe it to a RunEngine (``RE.subscribe(sink)``), like bluesky-kafka's ``Publisher``.
@@ -644,17 +644,6 @@ class KafkaDocumentSink:
         finally:
             self._producer.close(timeout=timeout)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _connect_error(settings: KafkaSettings, err: KafkaError) -> StreamError:
     """The clearest error for a client that could not bootstrap."""
@@ -713,7 +702,7 @@ def _parse_offsets(offsets: Mapping[str, int], topics: Sequence[str]) -> dict[st
     return parsed
 
 
-class KafkaDocumentSource:
+class KafkaDocumentSource(ClosesOnExit):
     """Documents from Kafka topics, as :class:`Record` batches or ``(name, doc)`` pairs.
 
     Parameters
@@ -1141,14 +1130,3 @@ class KafkaDocumentSource:
                 return
             self._closed = True
             self._consumer.close(autocommit=False, timeout_ms=self._timeout_ms)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -22,10 +22,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from streams.errors import StreamError
+from streams.lifecycle import ClosesOnExit
 from streams.requests import PlanRequest
 
 __all__ = [
@@ -120,7 +120,7 @@ def close_api(api: Any) -> None:
             socket.context.term()
 
 
-class QueueServerPlanSink:
+class QueueServerPlanSink(ClosesOnExit):
     """Sends plan requests to a bluesky-queueserver RE Manager, each key at most once.
 
     Parameters
@@ -404,10 +404,3 @@ class QueueServerPlanSink:
     def close(self) -> None:
         """Stop the API's background threads and close its connections."""
         close_api(self._api)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -33,6 +32,7 @@ from tiled.queries import Eq, SpecsQuery
 
 from streams.derived import validate_document
 from streams.errors import StreamError
+from streams.lifecycle import ClosesOnExit
 
 __all__ = ["TiledDocumentSink", "TiledRunSource", "check_reachable"]
 
@@ -117,7 +117,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-class TiledDocumentSink:
+class TiledDocumentSink(ClosesOnExit):
     """A :class:`~streams.protocols.DocumentSink` that writes runs into a tiled server.
 
     Each document is validated against event-model's schema and handed to Bluesky's
@@ -195,19 +195,8 @@ class TiledDocumentSink:
                            sorted(self._open))
         self._client.context.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class TiledRunSource:
+class TiledRunSource(ClosesOnExit):
     """Read runs written by Bluesky's tiled writer back as event-model documents.
 
     Parameters
@@ -275,17 +264,6 @@ class TiledRunSource:
         """Close the connection. Idempotent."""
         self._closed = True
         self._client.context.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -20,10 +20,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 from streams.errors import StreamError
+from streams.lifecycle import StopsOnExit
 from streams.localhost import free_port
 
 __all__ = ["TiledServer"]
@@ -32,7 +32,7 @@ _HOST = "127.0.0.1"
 _LOG_TAIL_LINES = 30
 
 
-class TiledServer:
+class TiledServer(StopsOnExit):
     """Start and stop ``tiled serve catalog`` with a writable SQLite catalog on ``127.0.0.1``.
 
     Parameters
@@ -148,17 +148,6 @@ class TiledServer:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _wait_until_answering(self, began: float) -> None:
         assert self._process is not None
         url = f"{self.uri}/api/v1/"
@@ -194,5 +183,3 @@ class TiledServer:
 
     def _redacted(self) -> list[str]:
         return [("<api key>" if arg == self.api_key else arg) for arg in self.command()]
-
-

@@ -13,6 +13,7 @@ import zarr
 
 from streams.derived import check_event_data, validate_document
 from streams.errors import DocumentError, StoreError, StreamError
+from streams.lifecycle import ClosesOnExit
 from streams.zarr_layout import (
     _LISTED,
     _array_paths,
@@ -34,7 +35,7 @@ __all__ = ["ZarrRunWriter"]
 logger = logging.getLogger(__name__)
 
 
-class ZarrRunWriter:
+class ZarrRunWriter(ClosesOnExit):
     """A :class:`~streams.protocols.DocumentSink` that stores runs in a zarr hierarchy.
 
     Subscribe it to a RunEngine (``RE.subscribe(writer)``) or call it with ``(name, doc)``.
@@ -98,12 +99,6 @@ class ZarrRunWriter:
     def close(self) -> None:
         """Refuse further documents. Everything received is already stored; no stop is added."""
         self._closed = True
-
-    def __enter__(self) -> ZarrRunWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _on_start(self, doc: dict[str, Any]) -> None:
         uid = _node_name(doc["uid"], "start uid", "start", doc["uid"])
@@ -267,8 +262,6 @@ class ZarrRunWriter:
             if path not in stream.arrays:
                 stream.arrays[path] = _create_array(stream.group, path, dtype, shape)
         stream.ready = True
-
-
 
 
 def _event_columns(
