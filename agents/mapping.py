@@ -38,6 +38,7 @@ from agents.errors import ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.runs import stream_router
+from agents.steering import StoredAgent
 from agents.store import AgentStore
 from models.errors import ModelError
 from models.kriging import KrigingConfig, MappingGP
@@ -132,7 +133,7 @@ def _tables(settings: MappingSettings) -> dict[str, dict[str, Any]]:
     }
 
 
-class MappingAgent:
+class MappingAgent(StoredAgent):
     """Maps quantities over a sample by kriging, choosing batches of stage positions.
 
     Parameters
@@ -144,6 +145,8 @@ class MappingAgent:
     sinks
         Where derived runs go: one event per reduced frame (position, quantities, sigmas).
     """
+
+    settings_class = MappingSettings
 
     def __init__(
         self,
@@ -173,12 +176,6 @@ class MappingAgent:
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
         self._load()
-
-    @classmethod
-    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> MappingAgent:
-        """Re-open an agent from its store: same settings, observations, decisions and model state."""
-        config = AgentStore.stored_config(store, cls.__name__)
-        return cls(load_settings(MappingSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -441,11 +438,6 @@ class MappingAgent:
             sg = row[f"{q}_sigma"][0]
             data[q], data[f"{q}_sigma"] = row[q][0], sg if np.isfinite(sg) else -1.0
         self._derived.emit("map", data)
-
-    def _close_derived(self, exit_status: str) -> None:
-        if self._derived is not None:
-            self._derived.close(exit_status=exit_status)
-            self._derived = None
 
     # -- report -------------------------------------------------------------------------------
     def path(self) -> np.ndarray:

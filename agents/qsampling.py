@@ -31,6 +31,7 @@ from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.qpolicy import QPolicy
 from agents.runs import stream_router
+from agents.steering import StoredAgent
 from agents.store import AgentStore
 from models.sasfit import FitResult
 from streams.derived import DerivedRunWriter
@@ -48,7 +49,7 @@ FITS = {"n_observations": "f8", "exposure": "f8", "reduced_deviance": "f8",
 TABLES = {"observations": OBSERVATIONS, "decisions": DECISIONS, "outcomes": OUTCOMES, "fits": FITS}
 
 
-class QSamplingAgent:
+class QSamplingAgent(StoredAgent):
     """Steers a Q-scan until the sample's size parameters are known to the wanted precision.
 
     Parameters
@@ -60,6 +61,8 @@ class QSamplingAgent:
     sinks
         Where derived runs (fit results, posterior) go, e.g. a :class:`streams.zarr_writer.ZarrRunWriter`.
     """
+
+    settings_class = QSamplingSettings
 
     def __init__(
         self,
@@ -82,12 +85,6 @@ class QSamplingAgent:
                                      on_descriptor=self._configure_from)
         self._derived: DerivedRunWriter | None = None
         self._load()
-
-    @classmethod
-    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> QSamplingAgent:
-        """Re-open an agent from its store: same config, observations, decisions and model state."""
-        config = AgentStore.stored_config(store, cls.__name__)
-        return cls(load_settings(QSamplingSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -315,11 +312,6 @@ class QSamplingAgent:
 
     def _run_stopped(self, run_uid: str, stop: dict) -> None:
         self._close_derived(stop.get("exit_status", "success"))
-
-    def _close_derived(self, exit_status: str) -> None:
-        if self._derived is not None:
-            self._derived.close(exit_status=exit_status)
-            self._derived = None
 
     # -- report -------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

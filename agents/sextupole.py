@@ -51,6 +51,7 @@ from agents.errors import AgentStoreError, ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.runs import stream_router
+from agents.steering import StoredAgent
 from agents.store import AgentStore
 from models.moga import GeneticOptimizer, MLMogaConfig, NSGA2Config, hypervolume
 from streams.derived import DerivedRunWriter
@@ -278,7 +279,7 @@ def _tables(families: Sequence[str]) -> dict[str, dict[str, Any]]:
 _CLOSING = frozenset({"failed", "rejected", "out_of_limits"})
 
 
-class SextupoleAgent:
+class SextupoleAgent(StoredAgent):
     """Maximises lifetime and injection efficiency over sextupole settings by (ML-)NSGA-II.
 
     Parameters
@@ -290,6 +291,8 @@ class SextupoleAgent:
     sinks
         Where derived runs (a summary event per generation) go.
     """
+
+    settings_class = SextupoleSettings
 
     def __init__(self, settings: SextupoleSettings | dict | str | Path, store: str | Path, *,
                  sinks: Sequence[DocumentSink] = (), _create: bool = True) -> None:
@@ -314,12 +317,6 @@ class SextupoleAgent:
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
         self._load()
-
-    @classmethod
-    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> SextupoleAgent:
-        """Re-open an agent from its store: same config, observations, generation and optimiser."""
-        config = AgentStore.stored_config(store, cls.__name__)
-        return cls(load_settings(SextupoleSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _new_optimizer(self) -> GeneticOptimizer:
@@ -596,7 +593,3 @@ class SextupoleAgent:
         self._derived.add_stream("generation", {k: {"dtype": "number", "shape": [], "source": self.name}
                                                 for k in self._summary()})
 
-    def _close_derived(self, exit_status: str) -> None:
-        if self._derived is not None:
-            self._derived.close(exit_status=exit_status)
-            self._derived = None

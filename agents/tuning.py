@@ -61,6 +61,7 @@ from agents.errors import ObservationError
 from agents.plans import POINT_KEY
 from agents.protocol import PlanRequest
 from agents.runs import stream_router
+from agents.steering import StoredAgent
 from agents.store import AgentStore
 from models.bo import BayesOptimizer, BOConfig, sobol_design
 from models.errors import ModelError
@@ -177,7 +178,7 @@ def _tables(axes: Sequence[str]) -> dict[str, dict[str, Any]]:
     }
 
 
-class TuningAgent:
+class TuningAgent(StoredAgent):
     """Maximises flux at a required beam size by constrained Bayesian optimisation.
 
     Parameters
@@ -189,6 +190,8 @@ class TuningAgent:
     sinks
         Where derived runs (each recommendation as an event) go.
     """
+
+    settings_class = TuningSettings
 
     def __init__(
         self,
@@ -218,12 +221,6 @@ class TuningAgent:
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
         self._load()
-
-    @classmethod
-    def resume(cls, store: str | Path, *, sinks: Sequence[DocumentSink] = ()) -> TuningAgent:
-        """Re-open an agent from its store: same config, observations, decisions and model state."""
-        config = AgentStore.stored_config(store, cls.__name__)
-        return cls(load_settings(TuningSettings, config), store, sinks=sinks, _create=False)
 
     # -- state --------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -548,11 +545,6 @@ class TuningAgent:
         names = [*self.axes, "predicted_objective", "p_feasible", "n_observations"]
         writer.add_stream("recommendation", {k: {"dtype": "number", "shape": [], "source": self.name} for k in names})
         self._derived = writer
-
-    def _close_derived(self, exit_status: str) -> None:
-        if self._derived is not None:
-            self._derived.close(exit_status=exit_status)
-            self._derived = None
 
     # -- report -------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
