@@ -243,7 +243,6 @@ class TuningAgent(StoredAgent):
         self._quiet = int(state.get("quiet_decisions", 0))
         self._last_asked = self._last_point()
         self._before_request: tuple[str, np.ndarray | None] | None = None
-        self._searched_locally = False
 
     def _last_point(self) -> np.ndarray | None:
         """Where the last request that was not rejected ended (the gate's last position)."""
@@ -365,10 +364,10 @@ class TuningAgent(StoredAgent):
             X = self._initial_design(n_initial, min(n, room, max(self.settings.n_initial - n_initial, 1)))
             return [self._new_request(X, "initial", [float("nan")] * len(X))]
         q = min(n, self.settings.batch_size, room)
-        suggestion = self._decide_with_model(q)
-        if suggestion is None:
+        decided = self._decide_with_model(q)
+        if decided is None:
             return []
-        why = f"local-{suggestion.kind}" if self._searched_locally else suggestion.kind
+        suggestion, why = decided
         return [self._new_request(suggestion.X, why, [suggestion.log_acq] * len(suggestion.X))]
 
     def _initial_design(self, start: int, m: int) -> np.ndarray:
@@ -418,8 +417,9 @@ class TuningAgent(StoredAgent):
             return False
         return True
 
-    def _decide_with_model(self, q: int) -> Any:
-        """Fit, record the recommendation, check for infeasibility; if ``q``, suggest a batch."""
+    def _decide_with_model(self, q: int) -> tuple[Any, str] | None:
+        """Fit, record the recommendation, check for infeasibility; if ``q``, suggest a batch and
+        say why (``local-<kind>`` when the search box was narrowed around the recommendation)."""
         if not self._fit():
             return None
         self._record_recommendation()
@@ -428,24 +428,25 @@ class TuningAgent(StoredAgent):
             return None
         if q == 0:
             return None
-        local = self._is_local()
         box = self._step_box(self._last_asked, halve=q > 1)
-        self._searched_locally = False  # no recommendation yet: the whole box, local turn or not
-        if local and (best := self.recommendation()) is not None:
+        local = False  # no recommendation yet: the whole box, local turn or not
+        if self._is_local() and (best := self.recommendation()) is not None:
             half = self.settings.local_fraction * (self.bounds[1] - self.bounds[0])
             x = np.array([best["settings"][a] for a in self.axes])
             lo, hi = np.maximum(box[0], x - half), np.minimum(box[1], x + half)
             if np.all(lo < hi):
                 box = np.stack([lo, hi])
-                self._searched_locally = True
+                local = True
         rejected = [self._x(self._index[k]) for k, o in self._closed.items() if o == "rejected"]
         suggestion = self.optimizer.suggest(q, search_bounds=box, X_pending=np.array(rejected) if rejected else None,
                                             seed=self.settings.seed + len(self._dec["point_key"]))
         # only an EI over the whole box can say "nothing to gain"
-        if not self._searched_locally and suggestion.kind == "qlognei":
+        if not local and suggestion.kind == "qlognei":
             self._check_convergence(suggestion.log_acq)
             self.store.set_attr("model_state", {"bo": self.optimizer.state(), "quiet_decisions": self._quiet})
-        return None if self.stop_reason else suggestion
+        if self.stop_reason:
+            return None
+        return suggestion, f"local-{suggestion.kind}" if local else suggestion.kind
 
     def _infeasible(self) -> bool:
         required = self.settings.required_beam_size
