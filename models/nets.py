@@ -278,13 +278,11 @@ def infer(model: nn.Module, batch: torch.Tensor, *, device: torch.device | None 
     layout = channels_last(batch.dim())
     while True:
         try:
-            model.to(device) if layout is None else model.to(device, memory_format=layout)
+            model.to(device, memory_format=layout)  # None: as it is
             outs = []
             with torch.inference_mode(), _autocast(device, bf16):
                 for i in range(0, len(batch), sub):
-                    x = batch[i:i + sub].to(device, non_blocking=True)
-                    if layout is not None:
-                        x = x.contiguous(memory_format=layout)
+                    x = batch[i:i + sub].to(device, non_blocking=True, memory_format=layout)
                     outs.append(model(x).float().cpu())
             note["sub_batch"] = sub
             return torch.cat(outs), note

@@ -76,12 +76,10 @@ def train(
             x, y, mask = make_batch(rng, config.batch)
             if opt is None:  # the layout follows the data: 2D frames or 3D volumes
                 layout = channels_last(x.dim())
-                model.to(device) if layout is None else model.to(device, memory_format=layout)
+                model.to(device, memory_format=layout)  # None: as it is
                 model.train()
                 opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-            x, y = x.to(device), y.to(device)
-            if layout is not None:
-                x, y = x.contiguous(memory_format=layout), y.contiguous(memory_format=layout)
+            x, y = x.to(device, memory_format=layout), y.to(device, memory_format=layout)
             mask = None if mask is None else mask.to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
