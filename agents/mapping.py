@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,6 +175,7 @@ class MappingAgent(StoredAgent):
         self._router = stream_router(s.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
+        self._stage_at: np.ndarray | None = None  # where the stage was read to be, before any measurement
         self._load()
 
     # -- state --------------------------------------------------------------------------------
@@ -305,7 +306,7 @@ class MappingAgent(StoredAgent):
         t0 = time.perf_counter()
         pending = self.pending()
         if pending:
-            keys = [self._decisions["point_key"][i] for i in pending[:n]]
+            keys = [self._decisions["point_key"][i] for i in self._reachable(pending)[:n]]
             for key in keys:  # asked again; a failed reading explains one repeat, else count it
                 self._reasks[key] = self._reasks.get(key, 0) + 1
                 unexplained = self._reasks[key] - self._tries.get(key, 0)
@@ -334,6 +335,24 @@ class MappingAgent(StoredAgent):
         self.latencies.append(time.perf_counter() - t0)
         return [self._request(keys, request_key=request_key)]
 
+    def _reachable(self, pending: list[int]) -> list[int]:
+        """The pending positions in the order the stage can visit them, each within ``max_step`` of
+        the one before (nearest first, from where the stage is); the others wait until it is nearer."""
+        xy = {i: np.array([self._decisions["x"][i], self._decisions["y"][i]]) for i in pending}
+        here, left, path = self._position(), list(pending), []
+        while left:
+            if here is None:
+                j = left[0]
+            else:
+                dist = [float(np.abs(xy[i] - here).max()) for i in left]
+                j = left[int(np.argmin(dist))]
+                if self.settings.max_step is not None and min(dist) > self.settings.max_step:
+                    break
+            path.append(j)
+            left.remove(j)
+            here = xy[j]
+        return path
+
     def _decide(self, n: int) -> tuple[list[int], str]:
         s = self.settings
         asked = len(self._decisions["point_key"]) - len(self._closed - self._done)
@@ -347,7 +366,8 @@ class MappingAgent(StoredAgent):
             # the initial design: a scrambled Halton set, snapped to the grid; more of it when
             # some of its positions failed, until enough are measured to build the model
             need = min(n, max(s.n_initial - self.n_observations, 1))
-            halton = qmc.Halton(2, seed=s.seed).random(len(self._decisions["point_key"]) + need + s.n_initial)
+            # a long stretch of the sequence, so that enough of it lies within max_step of the stage
+            halton = qmc.Halton(2, seed=s.seed).random(len(self._decisions["point_key"]) + need + s.n_initial + 256)
             x0, x1, y0, y1 = s.extent
             pts = np.column_stack([x0 + halton[:, 0] * (x1 - x0), y0 + halton[:, 1] * (y1 - y0)])
             idx = [int(np.argmin(np.linalg.norm(self.candidates - p, axis=1))) for p in pts]
@@ -362,6 +382,8 @@ class MappingAgent(StoredAgent):
                 if len(chosen) == need:
                     break
             if not chosen:
+                self.stop_reason = (f"no position of the initial design is within max_step={s.max_step} of the "
+                                    f"stage at {self._position()}; widen max_step or move the stage into the extent")
                 return [], ""
             if s.max_step is None:
                 order = order_path(self.candidates[chosen], self._position())
@@ -401,10 +423,17 @@ class MappingAgent(StoredAgent):
         iy = np.rint((pts[:, 1] - y0) / (y1 - y0) * (ny - 1)).astype(int)
         return set((iy * nx + ix).tolist())
 
+    def observe_positions(self, positions: Mapping[str, float]) -> None:
+        """Where the stage is now (read by :func:`~agents.plans.steered_scan` before the first
+        request): the initial design starts from here, within ``max_step``."""
+        ax, ay = self.settings.axes
+        if ax in positions and ay in positions:
+            self._stage_at = np.array([float(positions[ax]), float(positions[ay])])
+
     def _position(self) -> np.ndarray | None:
-        """Where the stage is: the last measured position."""
+        """Where the stage is: the last measured position, else where it was read to be."""
         if not self._obs["x"]:
-            return None
+            return self._stage_at
         return np.array([self._obs["x"][-1], self._obs["y"][-1]])
 
     def _request(self, point_keys: list[str], *, request_key: str | None = None) -> PlanRequest:

@@ -14,7 +14,9 @@ pending in the agent, which asks for them again (with the same keys) in its next
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -23,7 +25,7 @@ from bluesky.utils import MsgGenerator
 from ophyd import Signal
 
 from agents.errors import SafetyRejectedError
-from agents.protocol import Agent, PlanRequest, RejectionAware
+from agents.protocol import Agent, PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate
 from streams.inprocess import RunEngineSource
 
@@ -168,6 +170,11 @@ def steered_scan(
             agent.tell(name, doc)
 
     def rounds() -> MsgGenerator:
+        # the first step is measured from where the axes are, not from where the gate last saw them
+        here = yield from _read_positions(axes)
+        gate.restore_positions(here)
+        if isinstance(agent, PositionAware):
+            agent.observe_positions(here)
         done, rejected_in_a_row = 0, 0
         while max_rounds is None or done < max_rounds:
             feed()
@@ -190,6 +197,20 @@ def steered_scan(
     plan = bpp.stage_wrapper(plan, [*detectors, *axes.values()])
     plan = bpp.subs_wrapper(plan, {"all": [source]})
     return (yield from bpp.finalize_wrapper(plan, _final_feed(feed)))
+
+
+def _read_positions(axes: Mapping[str, Any]) -> MsgGenerator:
+    """The current value of each axis, read from its device (``{name: value}``); an axis whose
+    reading is not a finite number is left out (logged), so the gate keeps its last admitted value."""
+    here: dict[str, float] = {}
+    for name, device in axes.items():
+        value = yield from bps.rd(device)
+        if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value):
+            here[name] = float(value)
+        else:
+            logger.warning("axis %s reads %r, not a finite number: its first step is measured from the gate's "
+                           "last admitted value", name, value)
+    return here
 
 
 def _final_feed(feed: Callable[[], None]) -> MsgGenerator:

@@ -7,11 +7,12 @@ can be tested without any stream; documents reach it through ``tell`` and decisi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from streams.requests import PlanRequest
 
-__all__ = ["Agent", "PlanRequest", "RejectionAware"]
+__all__ = ["Agent", "PlanRequest", "PositionAware", "RejectionAware"]
 
 
 @runtime_checkable
@@ -35,3 +36,11 @@ class RejectionAware(Protocol):
     """An agent that wants to hear which of its requests the safety gate rejected."""
 
     def rejected(self, request: PlanRequest, reason: str) -> None: ...
+
+
+@runtime_checkable
+class PositionAware(Protocol):
+    """An agent that wants to know where its axes are before its first request, so that its
+    first step, like every later one, stays within the safety gate's ``max_step``."""
+
+    def observe_positions(self, positions: Mapping[str, float]) -> None: ...

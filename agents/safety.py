@@ -115,7 +115,9 @@ class SafetyGate:
         return dict(self._position)
 
     def restore_positions(self, positions: Mapping[str, float]) -> None:
-        """Take up ``positions`` (from :attr:`positions` before a restart) as the last admitted ones."""
+        """Take up ``positions`` as where the axes are: :attr:`positions` saved before a restart, or
+        the devices' readings at the start of a :func:`~agents.plans.steered_scan`, so the first step
+        is checked against ``max_step`` too."""
         self._position.update({axis: float(v) for axis, v in positions.items()})
 
     def check(self, request: PlanRequest) -> Verdict:

@@ -175,3 +175,16 @@ def test_the_daemon_builds_and_resumes_a_mapping_agent(tmp_path):
     assert requests[0].plan == "measure" and len(requests[0].kwargs["points"]) == 4
     again = build_agent(entry, tmp_path, [])  # the store exists: resumed, the points still pending
     assert again.ask(4)[0].kwargs["point_keys"] == requests[0].kwargs["point_keys"]
+
+
+def test_the_design_starts_where_the_stage_is_and_every_step_passes_the_gate(film, clock, tmp_path):
+    stage, gate = _stage(film, clock), _gate(film, clock, max_step=2.0)
+    stage.x.set(film.extent[1]).wait()
+    stage.y.set(film.extent[3]).wait()  # a corner: most of the design is out of one step's reach
+    agent = _agent(film, tmp_path / "s.zarr", max_points=12, max_step=2.0)
+    _run(agent, stage, gate)
+    report = agent.report()
+    assert report["n_observations"] == 12 and gate.report()["rejected"] == 0 and report["errors"] == []
+    path = np.vstack([[film.extent[1], film.extent[3]], agent.path()])
+    assert np.abs(np.diff(path, axis=0)).max() <= 2.0
+    agent.close()

@@ -8,6 +8,7 @@ from ophyd import Signal
 from agents.errors import SafetyRejectedError
 from agents.plans import POINT_KEY, measure_points, measure_run, steered_scan
 from agents.protocol import PlanRequest
+from agents.safety import AxisLimits, SafetyConfig, SafetyGate
 
 
 class ScriptedAgent:
@@ -126,3 +127,25 @@ def test_pause_and_resume_record_each_point_once(RE, instrument, gate):
     keys = [e["data"][POINT_KEY] for e in events]
     assert keys == ["a:0", "a:1", "a:2", "b:0", "b:1"]
     assert Counter(n for n, _ in agent.told)["event"] == 5
+
+
+class PositionAwareAgent(ScriptedAgent):
+    def observe_positions(self, positions):
+        self.positions = dict(positions)
+
+
+def test_the_first_step_is_measured_from_where_the_axes_are(RE, instrument, clock):
+    # the gate has never admitted anything: it must take up the device's reading, not wave the
+    # first move through
+    gate = SafetyGate(SafetyConfig(frozenset({"measure"}), {"q": AxisLimits(0.001, 0.5, 0.02)}), clock=clock.time)
+    instrument.q.set(0.3).wait()
+    far = PlanRequest("measure", kwargs={"points": [{"q": 0.01}]}, key="far")
+    near = PlanRequest("measure", kwargs={"points": [{"q": 0.31}, {"q": 0.32}]}, key="near")
+    agent = PositionAwareAgent([far, near])
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    RE(steered_scan(agent, [instrument], {"q": instrument.q}, gate=gate, max_rejected_rounds=2))
+    assert agent.positions == {"q": 0.3}
+    assert [k for k, _ in agent.rejections] == ["far"]
+    assert "step 0.29 from 0.3 exceeds max_step 0.02" in agent.rejections[0][1]
+    assert [d["data"]["sas_q"] for n, d in docs if n == "event"] == [0.31, 0.32]
