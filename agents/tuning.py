@@ -33,7 +33,8 @@ posterior-mean objective among those feasible with probability >= ``recommend_p_
 Safety: the agent searches only inside its axes' limits, and when an axis has a ``max_step`` it
 searches only where the step is allowed: a batch of one within ``max_step`` of the last point it
 asked for, a larger batch within ``max_step / 2`` (so every step inside the batch is allowed too),
-and the initial design within ``max_step / 2`` of ``start`` (or the middle of the limits). A
+and the initial design within ``max_step / 2`` of ``start`` (else of where a steered scan read the
+axes to be, else of the middle of the limits). A
 request the gate rejects anyway is reported, its points closed, and they are given to the
 acquisition as pending points so the next proposal looks elsewhere.
 
@@ -58,7 +59,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,8 @@ class TuningSettings(_Strict):
     ``objective_noise``/``constraint_noise``: the readings' known rms noise, relative (as they are
     modelled in logs; absolute for an objective with ``log_objective: false``); ``None``: inferred.
     Give both or neither when there is a constraint.
-    ``start``: the beamline's current settings (default: the middle of the limits); the initial
-    design lies within ``max_step / 2`` of it. ``max_retries``: re-measurements of a lost reading.
+    ``start``: the beamline's current settings (default: as read by the steered scan, else the
+    middle of the limits); the initial design lies within ``max_step / 2`` of it. ``max_retries``: re-measurements of a lost reading.
     ``converge_tol``/``converge_patience``: stop when qLogNEI's expected improvement (of
     ``ln(objective)``, so relative, with ``log_objective``) stays below the tolerance for that many
     decisions in a row that searched the whole box (a local one cannot tell: there may be more to
@@ -252,6 +253,17 @@ class TuningAgent(StoredAgent):
         self._quiet = int(state.get("quiet_decisions", 0))
         self._last_asked = self._last_point()
         self._before_request: tuple[str, np.ndarray | None] | None = None
+        self._axes_at: np.ndarray | None = None
+
+    def observe_positions(self, positions: Mapping[str, float]) -> None:
+        """Where the axes are now (read by :func:`~agents.plans.steered_scan` before the first
+        request). Without ``start`` in the settings the initial design is centred here (inside the
+        limits), and until the agent has asked for a point its steps are measured from here."""
+        if all(a in positions for a in self.axes):
+            here = np.clip([float(positions[a]) for a in self.axes], self.bounds[0], self.bounds[1])
+            self._axes_at = here
+            if self._last_asked is None:
+                self._last_asked = here
 
     def _last_point(self) -> np.ndarray | None:
         """Where the last request that was not rejected ended (the gate's last position)."""
@@ -389,6 +401,8 @@ class TuningAgent(StoredAgent):
     def _anchor_for_design(self) -> np.ndarray:
         if self.settings.start is not None:
             return np.array([self.settings.start[a] for a in self.axes])
+        if self._axes_at is not None:
+            return self._axes_at
         return self.bounds.mean(axis=0)
 
     def _step_box(self, anchor: np.ndarray | None, *, halve: bool) -> np.ndarray:

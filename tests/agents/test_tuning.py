@@ -213,3 +213,15 @@ def test_model_decisions_search_near_the_recommendation(RE, optics, gate, tmp_pa
             assert np.all(np.abs(x - best) <= 0.15 * span + 1e-9)
             local += 1
     assert local > 0
+
+
+def test_the_design_starts_where_the_optics_are(RE, optics, gate, tmp_path):
+    # the pitch sits at its low limit: a design around the middle of the limits is out of one step
+    optics.mirror_pitch.set(OPERATING_LIMITS["mirror_pitch"]["low"]).wait()
+    here = optics.settings()
+    agent = TuningAgent(_settings(n_initial=4, budget=5), tmp_path / "s.zarr")
+    events = _scan(RE, agent, optics, gate)
+    assert gate.report()["rejected"] == 0 and len(events) == 5
+    for a in AXES:
+        first = events[0]["data"][f"optics_{a}"]
+        assert abs(first - here[a]) <= OPERATING_LIMITS[a]["max_step"] / 2
