@@ -14,9 +14,7 @@ pending in the agent, which asks for them again (with the same keys) in its next
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Real
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -26,7 +24,7 @@ from ophyd import Signal
 
 from agents.errors import SafetyRejectedError
 from agents.protocol import Agent, PlanRequest, PositionAware, RejectionAware
-from agents.safety import SafetyGate
+from agents.safety import SafetyGate, is_finite_number
 from streams.inprocess import RunEngineSource
 
 __all__ = ["POINT_KEY", "STEP_PLANS", "measure_points", "measure_run", "steered_scan"]
@@ -205,7 +203,7 @@ def _read_positions(axes: Mapping[str, Any]) -> MsgGenerator:
     here: dict[str, float] = {}
     for name, device in axes.items():
         value = yield from bps.rd(device)
-        if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value):
+        if is_finite_number(value):
             here[name] = float(value)
         else:
             logger.warning("axis %s reads %r, not a finite number: its first step is measured from the gate's "

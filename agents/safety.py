@@ -27,7 +27,7 @@ from typing import Any
 
 from streams.requests import PlanRequest
 
-__all__ = ["AxisLimits", "SafetyConfig", "SafetyGate", "Verdict"]
+__all__ = ["AxisLimits", "SafetyConfig", "SafetyGate", "Verdict", "is_finite_number"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class Verdict:
     @property
     def reason(self) -> str:
         return "; ".join(self.reasons)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (not a bool): what an axis value or reading must be."""
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
 
 
 def _axis_values(request: PlanRequest) -> Iterator[tuple[int | None, str, Any]]:
@@ -166,7 +171,7 @@ class SafetyGate:
             if limits is None:
                 reasons.append(f"{where}: axis {axis!r} has no limits configured; add them to the safety config")
                 continue
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            if not is_finite_number(value):
                 reasons.append(f"{where}: not a finite number")
                 continue
             if not limits.low <= value <= limits.high:

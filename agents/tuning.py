@@ -119,7 +119,8 @@ class TuningSettings(_Strict):
     modelled in logs; absolute for an objective with ``log_objective: false``); ``None``: inferred.
     Give both or neither when there is a constraint.
     ``start``: the beamline's current settings (default: as read by the steered scan, else the
-    middle of the limits); the initial design lies within ``max_step / 2`` of it. ``max_retries``: re-measurements of a lost reading.
+    middle of the limits); the initial design lies within ``max_step / 2`` of it. ``max_retries``:
+    re-measurements of a lost reading.
     ``converge_tol``/``converge_patience``: stop when qLogNEI's expected improvement (of
     ``ln(objective)``, so relative, with ``log_objective``) stays below the tolerance for that many
     decisions in a row that searched the whole box (a local one cannot tell: there may be more to

@@ -48,11 +48,10 @@ def ring(clock):
     return SimStorageRing(config=TrackingConfig.cheap(), clock=clock, seed=1)
 
 
-def _gate(clock, ring, limits=LIMITS) -> SafetyGate:
+def _gate(clock, limits=LIMITS) -> SafetyGate:
     gate = SafetyGate(SafetyConfig({"measure"}, {f"ring_{f}": AxisLimits(*v) for f, v in limits.items()}),
                       clock=clock.time)
-    gate.restore_positions({f"ring_{f}": v for f, v in ring.strengths().items()})  # where the ring is now
-    return gate
+    return gate  # steered_scan gives it the ring's strengths before the first step
 
 
 def _settings(ring, **over) -> SextupoleSettings:
@@ -96,7 +95,7 @@ def test_the_response_from_the_model_gives_its_strengths():
 
 
 def test_closed_loop_ramps_within_the_gate_and_tells_whole_generations(RE, ring, clock, tmp_path):
-    gate = _gate(clock, ring)
+    gate = _gate(clock)
     start = np.array([ring.strengths()[f] for f in FAMILIES])
     derived = []
     agent = SextupoleAgent(_settings(ring), tmp_path / "s.zarr", sinks=[lambda n, d: derived.append((n, d))])
@@ -132,7 +131,7 @@ def test_closed_loop_ramps_within_the_gate_and_tells_whole_generations(RE, ring,
 def test_a_lost_reading_is_measured_again_with_the_same_key(RE, ring, clock, tmp_path):
     ring.faults = RingFaults(nan_probability=0.3)
     agent = SextupoleAgent(_settings(ring, generations=1, max_retries=4), tmp_path / "s.zarr")
-    events = _scan(RE, agent, ring, _gate(clock, ring))
+    events = _scan(RE, agent, ring, _gate(clock))
     lost = [e for e in events if np.isnan(e["data"]["ring_lifetime"]) and ":ramp" not in e["data"][POINT_KEY]]
     assert lost, "the fault setting should have lost some readings"
     first = lost[0]
@@ -149,7 +148,7 @@ def test_a_lost_reading_is_measured_again_with_the_same_key(RE, ring, clock, tmp
 
 def test_a_rejected_request_is_reported_and_its_individuals_are_not_lost(RE, ring, clock, tmp_path):
     tight = {**LIMITS, "SH1": (-5.0, 30.0, 12.0)}  # the operator allows less than the agent thinks
-    gate = _gate(clock, ring, tight)
+    gate = _gate(clock, tight)
     agent = SextupoleAgent(_settings(ring, generations=1), tmp_path / "s.zarr")
     events = _scan(RE, agent, ring, gate, batch_size=3, max_rejected_rounds=20)
     report = agent.report()
@@ -168,7 +167,7 @@ def test_a_rejected_request_is_reported_and_its_individuals_are_not_lost(RE, rin
 
 def test_a_killed_agent_resumes_in_the_same_generation_without_measuring_twice(RE, ring, clock, tmp_path):
     settings = _settings(ring)
-    gate = _gate(clock, ring)
+    gate = _gate(clock)
     agent = SextupoleAgent(settings, tmp_path / "s.zarr")
     first = _scan(RE, agent, ring, gate, batch_size=2, max_rounds=2)  # 4 of generation 0's 8
     pending = agent.pending()
