@@ -166,6 +166,7 @@ def _compare(out: Path, agent: MappingAgent, film: FilmMap, raster: dict[str, An
     xs, ys, truth = truth_grid(film, 100)
     T = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     mean, var = agent.gp.predict(T)
+    drawn = agent.gp.reconstruction
     errors: dict[str, dict[str, float]] = {}
     fig, axes = plt.subplots(len(QUANTITIES), 4, figsize=(15, 3.4 * len(QUANTITIES)))
     extent = film.extent
@@ -182,7 +183,7 @@ def _compare(out: Path, agent: MappingAgent, film: FilmMap, raster: dict[str, An
         errors[q] = {"agent": float(np.sqrt(np.mean((m - t) ** 2)) / scale),
                      "raster": float(np.sqrt(np.mean((r - t) ** 2)) / scale)}
         lo, hi = np.percentile(t, [1, 99])
-        panels = [(t, "truth"), (m, f"beampilot ({len(path)} pts), err {errors[q]['agent']:.3f}"),
+        panels = [(t, "truth"), (m, f"beampilot ({len(path)} pts, {drawn[row]}), err {errors[q]['agent']:.3f}"),
                   (sd, "posterior sd + path"), (r, f"raster ({raster['n']} pts), err {errors[q]['raster']:.3f}")]
         for col, (img, title) in enumerate(panels):
             ax = axes[row, col]
@@ -196,4 +197,5 @@ def _compare(out: Path, agent: MappingAgent, film: FilmMap, raster: dict[str, An
     fig.tight_layout()
     fig.savefig(out / "maps.png", dpi=90)
     plt.close(fig)
-    return {"normalised_rmse": errors, "agent_path_length_mm": path_length(path)}
+    return {"normalised_rmse": errors, "agent_path_length_mm": path_length(path),
+            "reconstruction": dict(zip(QUANTITIES, drawn, strict=True))}

@@ -8,6 +8,12 @@ request that moves the stage's axes to ``n`` positions chosen by :mod:`models.ma
 posterior of a :class:`models.kriging.MappingGP`, ordered along a short path; the safety gate
 checks them against the stage limits and maximum step like any other request.
 
+Each quantity's map (the report, the demo's pictures, :meth:`MappingGP.predict`) is drawn by
+kriging or, where leave-one-out cross-validation finds it closer to the data (maps with sharp
+domain boundaries), by triangulating the measured positions; such a quantity is then sampled by
+its own error estimate, which keeps refining its boundaries (``reconstruction``,
+``interpolation_weight``; see :mod:`models.kriging` and :mod:`models.mapping`).
+
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
 grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
 to its zarr store as it happens, so :meth:`MappingAgent.resume` continues a killed session:
@@ -86,6 +92,8 @@ class MappingSettings(_Strict):
     multiscale: bool = True
     refit_growth: float = Field(default=1.5, gt=1)
     calibration_level: float | None = Field(default=0.9, ge=0.5, lt=1)
+    reconstruction: Literal["auto", "kriging", "triangulation"] = "auto"
+    interpolation_weight: float = Field(default=0.6, ge=0)
     background_refit: bool = True
     max_points: int = Field(default=400, ge=1)
     target_sd: float | None = Field(default=None, gt=0, lt=1)
@@ -111,13 +119,15 @@ class MappingSettings(_Strict):
     def kriging(self) -> KrigingConfig:
         return KrigingConfig(kernel=self.kernel, anisotropic=self.anisotropic, nonstationary=self.nonstationary,
                              multiscale=self.multiscale, refit_growth=self.refit_growth,
-                             calibration_level=self.calibration_level, background=self.background_refit)
+                             calibration_level=self.calibration_level, background=self.background_refit,
+                             reconstruction=self.reconstruction)
 
     def acquisition_config(self) -> MapAcquisitionConfig:
         return MapAcquisitionConfig(
             kind=self.acquisition, weights=None if self.weights is None else tuple(self.weights),
             gradient_weight=self.gradient_weight, travel_weight=self.travel_weight,
-            ucb_beta=self.ucb_beta, ucb_output=self.ucb_output)
+            ucb_beta=self.ucb_beta, ucb_output=self.ucb_output,
+            interpolation_weight=self.interpolation_weight)
 
 
 def _tables(settings: MappingSettings) -> dict[str, dict[str, Any]]:
@@ -484,7 +494,9 @@ class MappingAgent(StoredAgent):
             "errors": list(self.errors), "duplicates_ignored": self.duplicates,
             "decision_latency_ms": None if lat.size == 0 else {
                 "p50": float(1e3 * np.median(lat)), "p95": float(1e3 * np.percentile(lat, 95))},
-            "kriging": None if gp is None or not gp.ready else {"n_fits": gp.n_fits, "hyperparameters": gp.hyperparameters()},
+            "kriging": None if gp is None or not gp.ready else {
+                "n_fits": gp.n_fits, "reconstruction": dict(zip(self.settings.quantities, gp.reconstruction, strict=True)),
+                "hyperparameters": gp.hyperparameters()},
         }
 
     def close(self) -> None:

@@ -7,11 +7,12 @@ method measures the same map with the same Gaussian noise (sd = 2% of the map's 
 * **raster** — a serpentine 20 x 20 grid (400 points), shown as beamline users show a raster:
   linear interpolation between the measured points. Its final error is the bar to reach.
 * **beampilot** — :class:`agents.mapping.MappingAgent` (its default settings: multi-scale
-  Matérn kriging, gradient-weighted variance, travel-aware batches of 4), told each
+  Matérn kriging, gradient-weighted variance, travel-aware batches of 4; each map drawn by
+  kriging or by triangulation, whichever has the smaller leave-one-out error), told each
   measurement as an event-model event and asked for the next batch. Its refits run inline here
   (``background_refit: false``) so the runs are reproducible; the agent's ask latency in these
   runs therefore includes its refits.
-* **random** — uniformly random positions, reconstructed with the same kriging model.
+* **random** — uniformly random positions, reconstructed with the same model.
 * **gpcam** — gpCAM's ``GPOptimizer`` (installed side by side, ``benchmarks/baselines/gpcam.py``)
   with its default kernel and its ``variance`` acquisition, one point per ask, hyper-parameters
   trained whenever the data have grown 1.5x, the known noise given.
@@ -24,7 +25,7 @@ and 5,000 points (random observations of a smooth map): for beampilot the time t
 4 observations and choose the next 4 (kriging update + acquisition); for gpCAM one ``ask`` of one
 point after its GP holds the points (training excluded; gpCAM trains far less often).
 
-Seeds 0, 1, 2 are the benchmark's; the agent's defaults were chosen on seeds 101 and 102.
+Seeds 0, 1, 2 are the benchmark's; the agent's defaults were chosen on seeds 101-104.
 Progress goes to stderr; one JSON object to stdout.
 """
 
@@ -52,7 +53,7 @@ CHECK_EVERY = 8
 NOISE_FRACTION = 0.02
 SEEDS = (0, 1, 2)
 EXTENT = (0.0, 10.0, 0.0, 10.0)
-AGENT_OVERRIDES: dict[str, Any] = {}  # settings tried while choosing the defaults (seeds 101, 102)
+AGENT_OVERRIDES: dict[str, Any] = {}  # settings tried while choosing the defaults (seeds 101-104)
 
 
 def _truth(kind: str, seed: int) -> tuple[Any, np.ndarray, np.ndarray]:

@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from models.errors import ModelError
-from models.kriging import KrigingConfig, MappingGP, loo_variance_scale
+from models.kriging import (
+    KrigingConfig,
+    MappingGP,
+    loo_variance_scale,
+    triangulated,
+    triangulated_loo_residuals,
+    variance_scale,
+)
 from models.mapping import MapAcquisitionConfig, acquisition, order_path, path_length, select_batch
 
 
@@ -197,3 +204,117 @@ def test_order_path_is_short():
     order = order_path(pts, [0, 0])
     assert sorted(order) == list(range(12))
     assert path_length(pts[order], [0, 0]) <= path_length(pts, [0, 0])
+
+
+def step(x):
+    """A smooth slope with a jump of 1 across the circle of radius 3 about (5, 5)."""
+    return 0.05 * x[:, 0] + (np.hypot(x[:, 0] - 5, x[:, 1] - 5) < 3)
+
+
+def _boundary_heavy(rng, n):
+    """Half the points uniform, half within 0.3 of the circle (as boundary-seeking sampling leaves them)."""
+    u = rng.uniform(0, 10, (n // 2, 2))
+    a = rng.uniform(0, 2 * np.pi, n - n // 2)
+    r = 3 + rng.uniform(-0.3, 0.3, n - n // 2)
+    return np.vstack([u, np.column_stack([5 + r * np.cos(a), 5 + r * np.sin(a)])])
+
+
+def test_triangulation_reproduces_planes_and_its_leave_one_out_matches_a_rebuild():
+    rng = np.random.default_rng(6)
+    P = rng.uniform(0, 10, (40, 2))
+    plane = lambda x: 0.3 * x[:, 0] - 0.7 * x[:, 1] + 2  # noqa: E731
+    T = rng.uniform(0, 10, (200, 2))
+    inside = triangulated(P, plane(P), T)
+    from scipy.spatial import Delaunay
+
+    hull = Delaunay(P).find_simplex(T) >= 0
+    np.testing.assert_allclose(inside[hull], plane(T[hull]), atol=1e-9)  # exact on an affine map
+    nearest = np.argmin(np.linalg.norm(T[~hull, None] - P[None], axis=-1), axis=1)
+    np.testing.assert_allclose(inside[~hull], plane(P)[nearest])  # nearest value outside the hull
+    v = step(P)
+    loo = triangulated_loo_residuals(P, v)
+    from scipy.interpolate import LinearNDInterpolator
+
+    for i in range(len(P)):  # against removing the point and triangulating the rest again
+        keep = np.arange(len(P)) != i
+        pred = LinearNDInterpolator(P[keep], v[keep])(P[i : i + 1])[0]
+        if np.isfinite(pred) and Delaunay(P).convex_hull.size and i not in Delaunay(P).convex_hull:
+            assert loo[i] == pytest.approx(v[i] - pred, abs=1e-9)
+
+
+def test_calibration_of_given_residuals_is_the_smallest_scale_that_covers_the_level():
+    resid = np.array([0.1] * 8 + [3.0] * 2)
+    latent, noise = np.ones(10), np.zeros(10)
+    z80, z95 = 1.2816, 1.9600
+    s2 = variance_scale(resid, latent, noise, 0.8)  # eight of ten inside: the small ones
+    assert z80 * np.sqrt(s2) >= 0.1 > z80 * np.sqrt(0.95 * s2)
+    s2 = variance_scale(resid, latent, noise, 0.95)  # ceil(9.5) = all ten inside
+    assert z95 * np.sqrt(s2) >= 3.0 > z95 * np.sqrt(0.95 * s2)
+
+
+def test_weighted_calibration_counts_area_not_points():
+    resid = np.array([0.1] * 8 + [3.0] * 2)
+    latent, noise = np.ones(10), np.zeros(10)
+    # the two large residuals stand for most of the area: at 0.8 they must be inside
+    s2 = variance_scale(resid, latent, noise, 0.8, weights=np.array([0.01] * 8 + [1.0] * 2))
+    assert 1.2816 * np.sqrt(s2) >= 3.0 > 1.2816 * np.sqrt(0.95 * s2)
+
+
+@pytest.mark.parametrize("tail", [4, 256])
+def test_estimates_at_the_measured_positions_are_the_posterior_mean(grid, tail):
+    rng = np.random.default_rng(7)
+    X = rng.uniform(0, 10, (45, 2))
+    Y = field(X)[:, None] + 0.05 * rng.normal(size=(45, 1))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, tail_rows=tail,
+                                                                reconstruction="kriging"))
+    for i in range(0, 45, 5):
+        gp.add(X[i : i + 5], Y[i : i + 5])
+    f = gp._factors[0]
+    np.testing.assert_allclose(gp._estimates(f, 0), gp.predict(X)[0][:, 0], atol=1e-9)
+
+
+def test_auto_reconstruction_triangulates_a_boundary_and_krigs_a_smooth_map(grid):
+    rng = np.random.default_rng(8)
+    X = _boundary_heavy(rng, 240)
+    T = rng.uniform(0.5, 9.5, (2000, 2))
+    chosen, errors = {}, {}
+    for name, truth in (("smooth", field), ("step", step)):
+        Y = truth(X)[:, None] + 0.01 * rng.normal(size=(240, 1))
+        fits = {}
+        for rec in ("auto", "kriging", "triangulation"):
+            gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, multiscale=True,
+                                                                        reconstruction=rec))
+            gp.add(X, Y, np.full((240, 1), 1e-4))
+            fits[rec] = gp
+            errors[name, rec] = float(np.sqrt(np.mean((gp.predict(T)[0][:, 0] - truth(T)) ** 2)))
+        chosen[name] = fits["auto"].reconstruction[0]
+        loo = fits["auto"].hyperparameters()[0]["loo_median_abs"]
+        assert set(loo) == {"kriging", "triangulation"}
+        assert errors[name, "auto"] == errors[name, chosen[name]]
+        # posterior() stays the kriging posterior whatever predict() draws
+        np.testing.assert_allclose(fits["auto"].posterior()[0], fits["kriging"].posterior()[0], atol=1e-8)
+    assert chosen == {"smooth": "kriging", "step": "triangulation"}
+    # and each choice is the better map
+    assert errors["smooth", "kriging"] < errors["smooth", "triangulation"]
+    assert errors["step", "triangulation"] < errors["step", "kriging"]
+    with pytest.raises(ValueError, match="reconstruction"):
+        KrigingConfig(reconstruction="spline")
+
+
+def test_a_triangulated_map_draws_points_to_its_boundary(grid):
+    rng = np.random.default_rng(9)
+    X = rng.uniform(0, 10, (60, 2))
+    near = {}
+    for rec in ("kriging", "triangulation"):
+        gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, reconstruction=rec))
+        gp.add(X, step(X)[:, None], np.full((60, 1), 1e-4))
+        cfg = MapAcquisitionConfig(kind="gradient_variance")
+        picks = []
+        for _ in range(5):  # five batches, each measured at the truth before the next
+            idx = select_batch(gp, cfg, 4, grid_shape=(20, 20), exclude=picks)
+            picks += idx
+            gp.add(grid[idx], step(grid[idx])[:, None], np.full((4, 1), 1e-4))
+        near[rec] = np.mean(np.abs(np.hypot(grid[picks, 0] - 5, grid[picks, 1] - 5) - 3) < 0.6)
+    assert near["triangulation"] > near["kriging"]
+    with pytest.raises(ValueError, match="interpolation_weight"):
+        MapAcquisitionConfig(interpolation_weight=-1)
