@@ -51,8 +51,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agents.daemon_config import AgentEntry, DaemonConfig
 from agents.errors import AgentError, ConfigError
-from agents.protocol import PlanRequest, RejectionAware
-from agents.safety import SafetyGate
+from agents.protocol import PlanRequest, PositionAware, RejectionAware
+from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
 from streams.errors import StreamError
 from streams.sequence import DocumentSequence
@@ -422,6 +422,8 @@ class Daemon:
                 self._error("document", f"skipped {name} at {record.topic}:{record.partition}@{record.offset}: {reason}")
             return 0
         self._track(name, doc)
+        if name in ("event", "event_page"):
+            self._take_up_positions(name, doc)
         self._tell_all(name, doc)
         self.metrics.docs_in.labels(name=name).inc()
         now = time.monotonic()
@@ -429,6 +431,30 @@ class Daemon:
         if "time" in doc:
             self.metrics.age.observe(max(0.0, time.time() - float(doc["time"])))
         return 1
+
+    def _take_up_positions(self, name: str, doc: dict[str, Any]) -> None:
+        """Where a steering agent's gate does not know an axis yet (a daemon that has admitted no
+        plan for it), the stream's latest reading of that axis says where it is, so the first step
+        is checked against ``max_step`` too, as :func:`~agents.plans.steered_scan` does in process.
+        Known positions are left alone: they are where admitted plans will have left the axes, which
+        readings of plans still running must not undo."""
+        data = doc.get("data") or {}
+        for agent_name, steering in self.steering.items():
+            known = steering.gate.positions
+            seen: dict[str, float] = {}
+            for axis in steering.gate.config.limits:
+                value = data.get(axis) if axis not in known else None
+                if name == "event_page":
+                    value = value[-1] if isinstance(value, list) and value else None
+                if is_finite_number(value):
+                    seen[axis] = float(value)
+            if not seen:
+                continue
+            steering.gate.restore_positions(seen)
+            logger.info("agent %s: took up %s from the stream as where the axes are", agent_name, seen)
+            agent, here = self.agents[agent_name], steering.gate.positions
+            if isinstance(agent, PositionAware):
+                self._each_agent(f"positions {here}", lambda a: a.observe_positions(here), only=lambda a: a is agent)
 
     def _track(self, name: str, doc: dict[str, Any]) -> None:
         """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""

@@ -188,3 +188,68 @@ def test_the_design_starts_where_the_stage_is_and_every_step_passes_the_gate(fil
     path = np.vstack([[film.extent[1], film.extent[3]], agent.path()])
     assert np.abs(np.diff(path, axis=0)).max() <= 2.0
     agent.close()
+
+
+class _PlanQueue:
+    """The RE Manager's queue as the daemon sees it (find, outstanding, submit, start), held in
+    memory: this test is of the daemon's own gate, not of the queue server (test_replay_and_stack)."""
+
+    def __init__(self) -> None:
+        self.submitted = []
+
+    def find(self, key):
+        return None
+
+    def outstanding(self, name):
+        return 0
+
+    def submit(self, request):
+        self.submitted.append(request)
+
+    def start_queue(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("reading", [True, False])
+def test_the_daemon_takes_up_where_the_stage_is_from_the_stream(tmp_path, reading):
+    """A daemon that has admitted nothing yet measures the first step from the stage's readings."""
+    from event_model import compose_run
+
+    from agents.daemon import Daemon
+    from agents.daemon_config import load_daemon_config
+    from tests.agents.test_detector_agent import _ListSink, _ListSource
+
+    limits = {axis: {"low": 0, "high": 10, "max_step": 2.0} for axis in ("stage_x", "stage_y")}
+    config = load_daemon_config({
+        "agents": [{"kind": "mapping", "name": "map1", "batch_size": 4,
+                    "settings": {"extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"],
+                                 "max_step": 2.0, "max_points": 8},
+                    "safety": {"allowed_plans": ["measure"], "limits": limits}}],
+        "queueserver": {"zmq_control_addr": "tcp://127.0.0.1:1"},  # never dialled: the queue is given
+        "state_dir": str(tmp_path / "state"), "fsync": False})
+    run = compose_run(metadata={"plan_name": "count"})
+    num = {"dtype": "number", "shape": [], "source": "sim"}
+    # a run before the agent's first (an alignment scan): it read the stage, or read nothing of it
+    keys = ("stage_x", "stage_y") if reading else ("diode",)
+    desc = run.compose_descriptor(name="primary", data_keys={k: num for k in keys})
+    data = {"stage_x": 9.5, "stage_y": 9.8, "diode": 1.0}
+    event = desc.compose_event(data={k: data[k] for k in keys}, timestamps={k: 0.0 for k in keys})
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("event", event), ("stop", run.compose_stop())]
+    queue = _PlanQueue()
+    daemon = Daemon(config, source=_ListSource(docs), derived_sink=_ListSink(), extra_sinks=[], plan_sink=queue)
+    try:
+        while daemon.step():  # when the stream runs dry the agent is asked for plans
+            pass
+    finally:
+        daemon.close()
+    assert len(queue.submitted) == 1 and daemon.steering["map1"].gate.report()["rejected"] == 0
+    points = np.array([[p["stage_x"], p["stage_y"]] for p in queue.submitted[0].kwargs["points"]])
+    assert np.abs(np.diff(points, axis=0)).max() <= 2.0  # within the batch, as ever
+    first_step = np.abs(points[0] - [9.5, 9.8]).max()
+    if reading:
+        assert first_step <= 2.0  # the first step too: gate and agent start from the reading
+    else:
+        assert first_step > 2.0  # nothing to start from (the test would not see a missing take-up)
