@@ -71,7 +71,7 @@ from models.device import default_device, default_dtype
 from models.errors import ModelError
 
 __all__ = [
-    "KrigingConfig", "MappingGP", "loo_residuals", "loo_variance_scale", "triangulated",
+    "KrigingConfig", "MappingGP", "loo_residuals", "triangulated",
     "triangulated_loo_residuals", "variance_scale",
 ]
 
@@ -127,26 +127,19 @@ def variance_scale(resid: np.ndarray, latent: np.ndarray, noise: np.ndarray, lev
     return math.exp(hi)
 
 
-def loo_variance_scale(K: torch.Tensor, noise: torch.Tensor, r: torch.Tensor, level: float) -> float:
-    """The factor ``s2`` on the latent posterior variance that puts a fraction ``level`` of the
-    leave-one-out residuals inside their central ``level`` intervals (:func:`loo_residuals`,
-    :func:`variance_scale`)."""
-    resid, latent = loo_residuals(K, noise, r)
-    return variance_scale(resid, latent, noise.cpu().numpy(), level)
-
-
 def triangulated(points: np.ndarray, values: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Piecewise-linear interpolation of ``values`` (``n``) at ``points`` (``n x d``, ``d >= 2``)
     over their Delaunay triangulation, at ``targets`` (``m x d``); outside the points' convex
     hull the nearest point's value. Sharp where the points are dense, so a domain boundary
     sampled closely stays sharp."""
     from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+    from scipy.spatial import QhullError
 
     points, values = np.asarray(points, dtype=float), np.asarray(values, dtype=float)
     targets = np.atleast_2d(np.asarray(targets, dtype=float))
     try:
         out = LinearNDInterpolator(points, values)(targets)
-    except Exception:  # qhull: too few or degenerate (collinear) points; nearest only
+    except (QhullError, ValueError):  # too few or degenerate (collinear) points: nearest only
         out = np.full(len(targets), np.nan)
     gap = np.isnan(out)
     if np.any(gap):
@@ -217,7 +210,7 @@ class KrigingConfig:
     calibration_level
         Scale each output's posterior variance so that this fraction of the leave-one-out
         residuals of its fit lies inside the matching central interval (``None``: the marginal
-        likelihood's variance as it is). See :func:`loo_variance_scale`.
+        likelihood's variance as it is). See :func:`loo_residuals` and :func:`variance_scale`.
     reconstruction
         How :meth:`MappingGP.predict` draws each output's map: ``"kriging"`` (the posterior
         mean), ``"triangulation"`` (piecewise-linear over the Delaunay triangulation of the

@@ -6,7 +6,7 @@ from models.errors import ModelError
 from models.kriging import (
     KrigingConfig,
     MappingGP,
-    loo_variance_scale,
+    loo_residuals,
     triangulated,
     triangulated_loo_residuals,
     variance_scale,
@@ -83,13 +83,15 @@ def _matern_draw(rng, n, lengthscale=0.3):
 
 
 def test_loo_scale_puts_the_level_inside_explicit_leave_one_out_intervals():
+    """loo_residuals in closed form, then variance_scale, as each refit calibrates."""
     rng = np.random.default_rng(3)
     n, noise = 60, 1e-3
     K, f = _matern_draw(rng, n)
     y = f + np.sqrt(noise) * torch.as_tensor(rng.normal(size=n))
     nv = torch.full((n,), noise, dtype=torch.float64)
     # the model is told a prior 9x too small: its intervals are too narrow by 3x
-    s2 = loo_variance_scale(K / 9, nv, y, 0.9)
+    closed, closed_latent = loo_residuals(K / 9, nv, y)
+    s2 = variance_scale(closed, closed_latent, nv.numpy(), 0.9)
     # leave each point out explicitly, with the same (wrong) prior
     resid, latent = np.empty(n), np.empty(n)
     for i in range(n):
@@ -98,6 +100,9 @@ def test_loo_scale_puts_the_level_inside_explicit_leave_one_out_intervals():
         kx = K[i, keep] / 9
         resid[i] = abs(float(y[i] - kx @ torch.linalg.solve(Kk, y[keep])))
         latent[i] = float(K[i, i] / 9 - kx @ torch.linalg.solve(Kk, kx))
+    np.testing.assert_allclose(np.abs(closed), resid, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(closed_latent, latent, rtol=1e-5, atol=1e-9)
+
     def inside(scale):
         return np.mean(resid <= 1.6449 * np.sqrt(scale * latent + noise))
     assert inside(s2 * 1.01) >= 0.9 > inside(s2 * 0.98)
