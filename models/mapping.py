@@ -173,12 +173,19 @@ def _ivr(gp: MappingGP, candidates: np.ndarray, var: np.ndarray, w: np.ndarray,
          batch_cov: list[np.ndarray]) -> np.ndarray:
     """Summed normalised variance reduction over the grid of measuring at each candidate."""
     prior = np.maximum(gp.prior_variance(), 1e-300)
-    noise = gp.noise_variance()
+    noise = _calibrated_noise(gp)
     out = np.empty(len(candidates))
     for i, j in enumerate(candidates):
         cov = _conditioned_cov(gp, j, batch_cov)
         out[i] = float((((cov**2) / (var[j] + noise)) / prior).sum(0) @ w)
     return out
+
+
+def _calibrated_noise(gp: MappingGP) -> np.ndarray:
+    """The noise variance in the units of the calibrated posterior: the posterior is the model's,
+    scaled by ``s2`` after the fit, so measuring at ``j`` lowers it by
+    ``s2 c^2 / (v_j + noise) = C^2 / (V_j + s2 noise)`` (``C``, ``V``: calibrated)."""
+    return gp.noise_variance() * gp.variance_scale
 
 
 def _conditioned_cov(gp: MappingGP, j: int, batch_cov: list[tuple[int, np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -226,7 +233,7 @@ def select_batch(
     w = _weights(cfg, gp.n_outputs)
     _, var = gp.posterior()
     var = var.copy()
-    noise = gp.noise_variance()
+    noise = _calibrated_noise(gp)
     scale = float(np.linalg.norm(gp.bounds[1] - gp.bounds[0]))
     last = None if position is None else np.asarray(position, dtype=float)
     blocked = np.zeros(c, dtype=bool)

@@ -323,3 +323,25 @@ def test_a_triangulated_map_draws_points_to_its_boundary(grid):
     assert near["triangulation"] > near["kriging"]
     with pytest.raises(ValueError, match="interpolation_weight"):
         MapAcquisitionConfig(interpolation_weight=-1)
+
+
+def test_the_believer_update_is_the_calibrated_posterior_after_the_measurement(grid):
+    from models.mapping import _calibrated_noise, _conditioned_cov
+
+    rng = np.random.default_rng(10)
+    X = rng.uniform(0, 10, (40, 2))
+    Yvar = np.full((40, 1), 0.05**2)
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, refit_growth=100.0,
+                                                                reconstruction="kriging"))
+    gp.add(X, field(X)[:, None] + 0.05 * rng.normal(size=(40, 1)), Yvar)
+    assert abs(gp.variance_scale[0] - 1.0) > 0.05  # calibrated: the noise must be put in its units
+    mean, var = gp.posterior()
+    j = int(np.argmax(var[:, 0]))
+    cov = _conditioned_cov(gp, j, [])[:, 0]
+    believed = var[:, 0] - cov**2 / (var[j, 0] + _calibrated_noise(gp)[0])
+    uncalibrated = var[:, 0] - cov**2 / (var[j, 0] + gp.noise_variance()[0])
+    gp.add(grid[j : j + 1], mean[j : j + 1], Yvar[:1])  # measured at its mean: no refit (growth 100x)
+    after = gp.posterior()[1][:, 0]
+    tol = 1e-5 * var[:, 0].max()  # the factor's diagonal jitter (1e-6, standardised) is not in the noise
+    np.testing.assert_allclose(after, believed, rtol=0, atol=tol)
+    assert np.abs(after - uncalibrated).max() > 100 * tol  # noise in the wrong units is seen
