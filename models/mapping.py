@@ -25,6 +25,14 @@ stationary posterior's variance falls near a boundary as fast as anywhere else.)
 discontinuous maps of ``benchmarks/mapping.py``, probe seeds 101-104, the points needed to reach
 the raster's final error were (median of 4) 164 / 160 / 172 / 232 with ``interpolation_weight``
 0.3 / 0.6 / 1 / 0.1, against 240-400 for kriging with the gradient factor alone.
+
+A batch of ``n`` positions is chosen greedily. After each choice the posterior variance is
+updated as if that position had been measured at its posterior mean (the "kriging believer":
+the variance update does not depend on the value), so the next choice goes elsewhere. With
+``travel_weight > 0`` each candidate's score is divided by ``1 + travel_weight * d / D``,
+``d`` its distance from the previous position of the batch and ``D`` the sample's diagonal; the
+chosen batch is then ordered along a short path from the stage's position (nearest neighbour
+then 2-opt).
 """
 
 from __future__ import annotations
