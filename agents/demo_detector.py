@@ -7,7 +7,8 @@ documents as they are emitted, batches the frames and publishes a derived run (p
 integrated intensities, or super-resolved patterns). The report puts raw, classical, ML and truth
 side by side for a few frames and gives the metrics over all of them:
 
-* bragg - IoU of the U-Net's mask and of threshold + components against the true support, and
+* bragg - IoU of the U-Net's mask and of threshold + components against the true support (over
+  the pixels the detector measures), and
   ``R = sum|I - I_true| / sum I_true`` of the peaks integrated in each mask;
 * sans-sr - PSNR of log-intensity of the network's pattern and of bicubic interpolation.
 """
@@ -96,8 +97,8 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
     for raw, s, m in zip(raws, truths, masks, strict=True):
         th_mask, _ = classical.threshold_components(raw, mask=s.mask)
         th_masks.append(th_mask)
-        ml_iou.append(metrics.iou(m, s.support))
-        th_iou.append(metrics.iou(th_mask, s.support))
+        ml_iou.append(metrics.iou(m, s.support, ~s.mask))
+        th_iou.append(metrics.iou(th_mask, s.support, ~s.mask))
         for name, mk in (("ml", m), ("threshold", th_mask)):
             found = classical.integrate_in_mask(raw, mk, mask=s.mask)
             err[name] += float(np.sum(np.abs(matched_intensities(found, s.centers) - s.true_intensity)))

@@ -7,8 +7,8 @@ other sample kinds (``DENOISE_HELD_OUT_KINDS``, ``SANS_HELD_OUT_KINDS``).
 * denoise: PSNR and SSIM of the expected counts, outside the detector mask, at mean 0.1, 1 and
   10 counts per pixel; the network against Anscombe + Gaussian (width by SURE).
 * bragg, bragg-tof: IoU and Dice of the predicted peak mask (sigmoid > 0.5) against the true
-  support (2D frames; 32^3 time-of-flight volumes), the network against threshold + connected
-  components.
+  support over the pixels the detector measures (2D frames; 32^3 time-of-flight volumes), the
+  network against threshold + connected components.
 * sans-sr: PSNR of log-intensity and SSIM of the fine pattern, the network against bicubic
   interpolation (in log space).
 """
@@ -102,9 +102,9 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             x = np.where(s.mask, 0.0, s.counts)
             pred = predict(model, x) > 0.0
             th_mask, _ = classical.threshold_components(x, mask=s.mask)
-            ml_iou.append(metrics.iou(pred, s.support))
-            ml_dice.append(metrics.dice(pred, s.support))
-            th_iou.append(metrics.iou(th_mask, s.support))
+            ml_iou.append(metrics.iou(pred, s.support, ~s.mask))
+            ml_dice.append(metrics.dice(pred, s.support, ~s.mask))
+            th_iou.append(metrics.iou(th_mask, s.support, ~s.mask))
         return {"iou_ml": float(np.mean(ml_iou)), "dice_ml": float(np.mean(ml_dice)),
                 "iou_threshold_components": float(np.mean(th_iou)), "n": n}
     if task == "sans-sr":

@@ -155,37 +155,48 @@ def ssim(
     return float(smap[valid].mean())
 
 
-def _bool_pair(a: ArrayLike, b: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+def _bool_pair(a: ArrayLike, b: ArrayLike, valid: ArrayLike | None = None
+               ) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     x, y = np.asarray(a), np.asarray(b)
     if x.dtype != np.bool_ or y.dtype != np.bool_:
         raise ValueError(f"masks must be boolean: {x.dtype=}, {y.dtype=}")
     if x.shape != y.shape:
         raise ValueError(f"masks differ in shape: {x.shape=}, {y.shape=}")
+    if valid is not None:
+        v = np.asarray(valid)
+        if v.dtype != np.bool_ or v.shape != x.shape:
+            raise ValueError(f"valid must be boolean and of the masks' shape: {v.dtype=}, {v.shape=}, {x.shape=}")
+        x, y = x & v, y & v
     return x, y
 
 
-def dice(a: ArrayLike, b: ArrayLike) -> float:
+def dice(a: ArrayLike, b: ArrayLike, valid: ArrayLike | None = None) -> float:
     """Dice coefficient ``2 |A ∩ B| / (|A| + |B|)`` of two boolean masks; 1 when both are empty.
+
+    ``valid`` (boolean, the masks' shape): count only these pixels, e.g. the ones a detector
+    measures (its module gaps and dead pixels carry no counts to segment).
 
     Raises
     ------
     ValueError
-        The masks are not boolean or differ in shape.
+        The masks (or ``valid``) are not boolean or differ in shape.
     """
-    x, y = _bool_pair(a, b)
+    x, y = _bool_pair(a, b, valid)
     total = int(x.sum()) + int(y.sum())
     return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
 
 
-def iou(a: ArrayLike, b: ArrayLike) -> float:
+def iou(a: ArrayLike, b: ArrayLike, valid: ArrayLike | None = None) -> float:
     """Intersection over union (Jaccard index) ``|A ∩ B| / |A ∪ B|``; 1 when both are empty.
+
+    ``valid``: as for :func:`dice`.
 
     Raises
     ------
     ValueError
-        The masks are not boolean or differ in shape.
+        The masks (or ``valid``) are not boolean or differ in shape.
     """
-    x, y = _bool_pair(a, b)
+    x, y = _bool_pair(a, b, valid)
     union = int((x | y).sum())
     return 1.0 if union == 0 else int((x & y).sum()) / union
 

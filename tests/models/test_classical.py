@@ -391,6 +391,13 @@ def test_dice_iou_r_factor():
     assert dice(~np.ones(3, bool), ~np.ones(3, bool)) == 1.0
     with pytest.raises(ValueError, match="boolean"):
         iou([1, 0], [1, 0])
+    # pixels a detector does not measure take no part: only the disagreement at index 2 is left
+    valid = np.array([True, True, True, False])
+    b_gap = np.array([True, False, True, True])
+    assert iou(a, b_gap) == pytest.approx(1 / 4) and iou(a, b_gap, valid) == pytest.approx(1 / 3)
+    assert dice(a, b_gap, valid) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="valid"):
+        iou(a, b, valid[:3])
     assert r_factor([1.0, 3.0], [2.0, 2.0]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="I_true"):
         r_factor([1.0], [0.0])
