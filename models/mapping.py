@@ -32,7 +32,10 @@ the variance update does not depend on the value), so the next choice goes elsew
 ``travel_weight > 0`` each candidate's score is divided by ``1 + travel_weight * d / D``,
 ``d`` its distance from the previous position of the batch and ``D`` the sample's diagonal; the
 chosen batch is then ordered along a short path from the stage's position (nearest neighbour
-then 2-opt).
+then 2-opt). A weaker travel penalty does not find a map's features sooner: on the same probe
+seeds the points to the raster's error were (median of 4, discontinuous / smooth) 160 / 116 with
+``travel_weight`` 2, 164 / 120 with 1 and 152 / 120 with 0.5, for 10% / 18% more travel with 1
+and 13% / 42% more with 0.5.
 """
 
 from __future__ import annotations
