@@ -39,10 +39,28 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
 
+class _GELU(nn.Module):
+    """GELU (exact, erf) that runs a channels-last tensor as the contiguous array it is in memory.
+
+    PyTorch's GELU on a tensor in ``channels_last`` layout took 1.5-2x as long as on the same
+    numbers in the default layout (2 CPU cores, torch 2.13; it was about 30% of the denoiser's
+    time at 512 x 512). Applied to the channels-last view permuted to ``N x ... x C`` (contiguous,
+    so the fast path) it gives the default layout's result exactly, and the output keeps the
+    input's layout. No parameters: state dicts are those of ``nn.GELU``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        to_last = (0, *range(2, x.dim()), 1)
+        if x.dim() >= 4 and not x.is_contiguous() and x.permute(to_last).is_contiguous():
+            back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+            return F.gelu(x.permute(to_last)).permute(back)
+        return F.gelu(x)
+
+
 class _Block(nn.Sequential):
     def __init__(self, dims: int, c_in: int, c_out: int) -> None:
         conv = _conv(dims)
-        super().__init__(conv(c_in, c_out, 3, padding=1), nn.GELU(), conv(c_out, c_out, 3, padding=1), nn.GELU())
+        super().__init__(conv(c_in, c_out, 3, padding=1), _GELU(), conv(c_out, c_out, 3, padding=1), _GELU())
 
 
 class UNet(nn.Module):

@@ -81,6 +81,20 @@ def test_channels_last_inference_gives_the_plain_forward_pass(dims):
     assert weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()  # the layout infer ran in
     torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
 
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_blocks_gelu_gives_the_default_layouts_numbers_and_keeps_the_layout(dims):
+    from models.nets import _GELU
+
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = 3.0 * torch.randn((2, 5) + (6,) * dims, generator=torch.Generator().manual_seed(1))
+    out = _GELU()(x.contiguous(memory_format=fmt))
+    assert out.is_contiguous(memory_format=fmt) and out.shape == x.shape
+    assert torch.equal(out.contiguous(), torch.nn.functional.gelu(x))  # exact, the erf GELU
+    assert torch.equal(_GELU()(x), torch.nn.functional.gelu(x))  # the default layout as it was
+    assert not dict(_GELU().state_dict())  # parameterless: shipped state dicts load unchanged
+
+
 def test_weights_round_trip_and_refusals(tmp_path):
     model = PeakUNet(dims=2, width=4, depth=2)
     record = WeightsRecord(name="bragg-test", architecture="bragg-peak-unet",
