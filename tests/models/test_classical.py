@@ -391,7 +391,7 @@ def test_dice_iou_r_factor():
     assert dice(~np.ones(3, bool), ~np.ones(3, bool)) == 1.0
     with pytest.raises(ValueError, match="boolean"):
         iou([1, 0], [1, 0])
-    # pixels a detector does not measure take no part: only the disagreement at index 2 is left
+    # pixels a detector does not measure take no part: index 3, where only b_gap has a peak, drops out
     valid = np.array([True, True, True, False])
     b_gap = np.array([True, False, True, True])
     assert iou(a, b_gap) == pytest.approx(1 / 4) and iou(a, b_gap, valid) == pytest.approx(1 / 3)
