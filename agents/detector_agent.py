@@ -104,7 +104,9 @@ register_frame_handler("AD_HDF5", _hdf5_handler)
 class DetectorSettings(_Strict):
     """Settings of :class:`DetectorAnalysisAgent`.
 
-    ``max_batch`` frames go to the network together; a smaller batch runs when its oldest frame
+    ``max_batch`` frames go to the network together (on the CPU in forward calls of about
+    :data:`models.nets.CPU_PIXELS_PER_CALL` pixels each, which is faster there than one call for
+    large frames: :func:`models.nets.infer`); a smaller batch runs when its oldest frame
     has waited ``max_latency_s`` (checked on every ``tell`` and :meth:`~DetectorAnalysisAgent.poll`)
     and at every stop document. ``read_noise``: rms of an integrating detector's read noise;
     values down to ``-5 * read_noise`` are then accepted (0: counts must be >= 0).

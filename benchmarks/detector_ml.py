@@ -33,9 +33,12 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   against the truth, with the truth's Poisson variance at the fine pixel level.
 * **Throughput** on this machine's CPU (torch threads = cores): frames per second and p99
   latency of denoising and of masking, each frame alone, at 256 x 256 and 512 x 512, and the two
-  together at 512 x 512 (``cpu_fps_512_denoise_and_mask``). ``gpu_fps_1024``: denoising +
-  masking of 1024 x 1024 frames in batches of 32 with bf16 autocast, when CUDA is present;
-  ``null`` otherwise. (The frames travel host to device inside the timing.)
+  together at 512 x 512 (``cpu_fps_512_denoise_and_mask``). The agent's own path, side by
+  side with one forward call per batch (what inference did before it split batches on the CPU):
+  ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in batches of the agent's
+  default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time).
+  ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
+  autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside the timing.)
 
 Prints one JSON object on stdout; progress on stderr.
 
@@ -233,6 +236,51 @@ def throughput(models: dict[str, Any], repeats: int = 20) -> dict[str, Any]:
             out[f"{name}_{size}"] = {"fps": 1.0 / float(np.mean(lat)), "p99_latency_s": float(np.percentile(lat, 99))}
     both = 1.0 / (1.0 / out["denoise_512"]["fps"] + 1.0 / out["bragg_512"]["fps"])
     out["cpu_fps_512_denoise_and_mask"] = both
+    out.update(_agent_path_throughput(models))
+    return out
+
+
+def _one_call(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The whole batch in one forward call, channels-last: what ``infer`` did on the CPU before
+    it split batches (``models.nets.cpu_sub_batch``); the baseline of the agent-path figures."""
+    from models.device import channels_last
+
+    layout = channels_last(batch.dim())
+    model.to("cpu", memory_format=layout)
+    with torch.inference_mode():
+        return model(batch.to(memory_format=layout)).float()
+
+
+def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
+    """Frames per second as the detector agent runs them, ``infer`` against one forward call per
+    batch, in interleaved rounds (median): 512 x 512 frames arriving in batches of the agent's
+    default ``max_batch`` (denoise + mask), and single 32^3 time-of-flight volumes (bragg-tof)."""
+    from agents.detector_agent import DetectorSettings
+    from models.nets import infer
+
+    rng = np.random.default_rng(2)
+    nb = DetectorSettings.model_fields["max_batch"].default
+    cases = {
+        f"agent_batch{nb}_512_denoise_and_mask": ([models["denoise"], models["bragg"]],
+                                                 torch.as_tensor(rng.poisson(1.0, (nb, 1, 512, 512)).astype(np.float32))),
+        "agent_single_tof_32": ([models["bragg-tof"]],
+                                torch.as_tensor(rng.poisson(1.0, (1, 1, 32, 32, 32)).astype(np.float32))),
+    }
+    out: dict[str, Any] = {}
+    for key, (nets, batch) in cases.items():
+        runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
+        fps: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                t0, n = time.perf_counter(), 0
+                while n < 8 or time.perf_counter() - t0 < 1.0:
+                    for m in nets:
+                        run(m, batch)
+                    n += len(batch)
+                fps[name].append(n / (time.perf_counter() - t0))
+        med = {k: float(np.median(v)) for k, v in fps.items()}
+        out[key] = {"fps": med["infer"], "fps_one_call_per_batch": med["one_call"],
+                    "ratio": med["infer"] / med["one_call"]}
     return out
 
 

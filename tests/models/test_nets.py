@@ -14,6 +14,7 @@ from models.nets import (
     PoissonDenoiser,
     SuperResolver,
     UNet,
+    cpu_sub_batch,
     dice_bce,
     infer,
     poisson_nll,
@@ -79,6 +80,28 @@ def test_channels_last_inference_gives_the_plain_forward_pass(dims):
     fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
     weight = model.net.down[0][2].weight  # a 4 -> 4 channel 3^dims convolution
     assert weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()  # the layout infer ran in
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_forward_calls_hold_about_a_fixed_number_of_pixels():
+    assert cpu_sub_batch((8, 1, 512, 512)) == 1  # large frames one at a time
+    assert cpu_sub_batch((8, 1, 256, 256)) == 2
+    assert cpu_sub_batch((8, 1, 128, 128)) == 8
+    assert cpu_sub_batch((8, 1, 128, 128), 3) == 3  # never more than asked for
+    assert cpu_sub_batch((3, 1, 32, 32)) == 3  # never more than there are
+    assert cpu_sub_batch((8, 1, 64, 64, 64)) == 2  # volumes at least two at a time
+    assert cpu_sub_batch((1, 1, 64, 64, 64)) == 1
+
+
+@pytest.mark.parametrize(("shape", "sub"), [((3, 1, 512, 512), 1), ((1, 1, 16, 16, 16), 1), ((3, 1, 80, 80, 80), 2)])
+def test_split_and_padded_cpu_calls_give_the_plain_forward_pass(shape, sub):
+    torch.manual_seed(0)
+    model = PeakUNet(dims=len(shape) - 2, width=2, depth=2).eval()
+    batch = torch.poisson(torch.full(shape, 2.0))
+    with torch.inference_mode():
+        plain = model(batch)
+    out, note = infer(model, batch, device=torch.device("cpu"))
+    assert note["sub_batch"] == sub and out.shape == plain.shape
     torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
 
 
