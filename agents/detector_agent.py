@@ -125,7 +125,7 @@ class DetectorSettings(_Strict):
     read_noise: float = Field(default=0.0, ge=0)
     peak_threshold: float = Field(default=0.5, gt=0, lt=1)
     background_shell_width: float = Field(default=3.0, gt=0)
-    # sans-sr: scale the network's pattern to the measured counts of each one-pixel ring about the
+    # sans-sr: scale the network's pattern to the measured counts of each half-pixel ring about the
     # beam centre (row, column in detector pixels; None: the detector centre), so I(Q) keeps to
     # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
     ring_consistency: bool = True

@@ -16,8 +16,8 @@ and on CUDA may use bf16 autocast (:func:`infer`).
 * :class:`SuperResolver` - input: a coarse SANS pattern (counts); output: the pattern on a grid
   ``factor`` times finer in each direction, as expected counts per fine pixel (the total kept
   by construction: each coarse pixel's counts are shared among its fine pixels by a softmax).
-  :func:`ring_consistent` then scales it to the measured counts of each one-pixel ring about the
-  beam, so the azimuthal average users fit keeps to the measurement.
+  :func:`ring_consistent` then scales it to the measured counts of each half-pixel ring about
+  the beam, so the azimuthal average users fit keeps to the measurement.
 """
 
 from __future__ import annotations
@@ -187,15 +187,22 @@ class SuperResolver(nn.Module):
 
 def ring_consistent(fine: np.ndarray, coarse: np.ndarray, factor: int, *,
                     center: tuple[float, float] | None = None, mask: np.ndarray | None = None,
-                    alpha: float = 3.0) -> np.ndarray:
-    """Scale a super-resolved SANS pattern so that each one-pixel ring of the coarse detector holds
-    the counts the detector measured in it.
+                    alpha: float = 3.0, ring_width: float = 0.5) -> np.ndarray:
+    """Scale a super-resolved SANS pattern so that each ring of the coarse detector (the coarse
+    pixels whose centres lie within ``ring_width`` of each other in radius) holds the counts the
+    detector measured in it.
 
-    The azimuthal average ``I(Q)`` that users fit then follows the measurement on the scale of a
-    coarse pixel (its noise is the measurement's own), while the network still decides how the
+    The azimuthal average ``I(Q)`` that users fit then follows the measurement on the scale of
+    the rings (its noise is the measurement's own), while the network still decides how the
     counts spread inside each pixel. Each ring ``a`` gets the factor
     ``(measured_a + alpha) / (predicted_a + alpha)``: ``alpha`` counts of shrinkage keep a nearly
-    empty outer ring from being zeroed by a Poisson draw of none.
+    empty outer ring from being zeroed by a Poisson draw of none. The pixels' centres sample the
+    radius far more finely than one pixel, so rings narrower than a pixel still hold many
+    pixels: on the probe patterns of seeds 555, 556 and 600 (30 of each factor, held-out sample
+    kinds, ``benchmarks/detector_ml.py``'s reduced chi-square of I(Q)) half-pixel rings gave a
+    lower mean chi-square than one-pixel rings in all six cases (2x: 2.27 / 1.37 / 1.50 against
+    2.60 / 1.43 / 1.66; 4x: 1.66 / 1.91 / 1.57 against 1.75 / 2.08 / 1.59) and the same
+    log-intensity PSNR (+0.01 to +0.03 dB); rings of 0.35 or 0.25 pixel did no better.
 
     Parameters
     ----------
@@ -213,6 +220,8 @@ def ring_consistent(fine: np.ndarray, coarse: np.ndarray, factor: int, *,
         left as the network made them.
     alpha : float
         Shrinkage, in counts (>= 0).
+    ring_width : float
+        Width of a ring in coarse pixels (> 0); 1 gives one-pixel rings.
 
     Returns
     -------
@@ -226,10 +235,12 @@ def ring_consistent(fine: np.ndarray, coarse: np.ndarray, factor: int, *,
                          f"coarse {list(coarse.shape)}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0 counts; got {alpha=}")
+    if not (ring_width > 0 and np.isfinite(ring_width)):
+        raise ValueError(f"ring_width must be > 0 coarse pixels; got {ring_width=}")
     h, w = coarse.shape
     cy, cx = ((h - 1) / 2, (w - 1) / 2) if center is None else (float(center[0]), float(center[1]))
     yy, xx = np.mgrid[0:h, 0:w]
-    ring = np.floor(np.hypot(yy - cy, xx - cx)).astype(np.intp)
+    ring = np.floor(np.hypot(yy - cy, xx - cx) / ring_width).astype(np.intp)
     use = np.ones(coarse.shape, bool) if mask is None else ~np.asarray(mask, bool)
     predicted = fine.reshape(h, factor, w, factor).sum(axis=(1, 3))
     n = int(ring.max()) + 1

@@ -331,9 +331,9 @@ def test_super_resolved_patterns_keep_the_measured_ring_sums(tmp_path):
     raw, kept, offset = (published(ring_consistency=False), published(), published(beam_center=(5.0, 20.0)))
     np.testing.assert_allclose(kept, ring_consistent(raw, frame, 2), rtol=1e-5)
     yy, xx = np.mgrid[0:24, 0:28]
-    ring = np.floor(np.hypot(yy - 11.5, xx - 13.5)).astype(int)
+    ring = np.floor(np.hypot(yy - 11.5, xx - 13.5) / 0.5).astype(int)
 
-    def ring_error(fine):  # measured minus published counts, per one-pixel ring of the detector
+    def ring_error(fine):  # measured minus published counts, per half-pixel ring of the detector
         return np.abs(np.bincount(ring.ravel(), (frame - fine.reshape(24, 2, 28, 2).sum((1, 3))).ravel()))
 
     assert ring_error(kept).max() <= 3.0 + 1e-3  # the shrinkage of alpha = 3 counts, no more

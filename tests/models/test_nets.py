@@ -209,12 +209,13 @@ def test_ring_consistency_puts_the_measured_counts_in_each_ring():
     fine = rng.uniform(0.5, 2.0, (20, 24))
     mask = np.zeros(coarse.shape, bool)
     mask[0, 0] = True
-    out = ring_consistent(fine, coarse, 2, alpha=0.0, mask=mask, center=(4.0, 6.0))
     yy, xx = np.mgrid[0:10, 0:12]
-    ring = np.floor(np.hypot(yy - 4.0, xx - 6.0)).astype(int)
-    blocks = out.reshape(10, 2, 12, 2).sum((1, 3))
     use = ~mask
-    np.testing.assert_allclose(np.bincount(ring[use], blocks[use]), np.bincount(ring[use], coarse[use]))
+    for width in (1.0, 0.5):
+        out = ring_consistent(fine, coarse, 2, alpha=0.0, mask=mask, center=(4.0, 6.0), ring_width=width)
+        ring = np.floor(np.hypot(yy - 4.0, xx - 6.0) / width).astype(int)
+        blocks = out.reshape(10, 2, 12, 2).sum((1, 3))
+        np.testing.assert_allclose(np.bincount(ring[use], blocks[use]), np.bincount(ring[use], coarse[use]))
     np.testing.assert_array_equal(out[:2, :2], fine[:2, :2])  # a masked pixel is left as it was
     ratio = out / fine  # one factor per coarse pixel: the split inside each pixel is the network's
     np.testing.assert_allclose(ratio.reshape(10, 2, 12, 2).std((1, 3)), 0.0, atol=1e-12)
@@ -225,3 +226,5 @@ def test_ring_consistency_puts_the_measured_counts_in_each_ring():
         ring_consistent(fine[:, :-1], coarse, 2)
     with pytest.raises(ValueError, match="alpha"):
         ring_consistent(fine, coarse, 2, alpha=-1.0)
+    with pytest.raises(ValueError, match="ring_width"):
+        ring_consistent(fine, coarse, 2, ring_width=0.0)
