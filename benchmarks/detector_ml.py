@@ -38,7 +38,8 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in batches of the agent's
   default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time).
   ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
-  autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside the timing.)
+  autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside
+  the timing.)
 
 Prints one JSON object on stdout; progress on stderr.
 
@@ -260,15 +261,13 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
 
     rng = np.random.default_rng(2)
     nb = DetectorSettings.model_fields["max_batch"].default
-    cases = {
-        f"agent_batch{nb}_512_denoise_and_mask": ([models["denoise"], models["bragg"]],
-                                                 torch.as_tensor(rng.poisson(1.0, (nb, 1, 512, 512)).astype(np.float32))),
-        "agent_single_tof_32": ([models["bragg-tof"]],
-                                torch.as_tensor(rng.poisson(1.0, (1, 1, 32, 32, 32)).astype(np.float32))),
-    }
+    frames = torch.as_tensor(rng.poisson(1.0, (nb, 1, 512, 512)).astype(np.float32))
+    volume = torch.as_tensor(rng.poisson(1.0, (1, 1, 32, 32, 32)).astype(np.float32))
+    cases = {f"agent_batch{nb}_512_denoise_and_mask": ([models["denoise"], models["bragg"]], frames),
+             "agent_single_tof_32": ([models["bragg-tof"]], volume)}
+    runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
     out: dict[str, Any] = {}
     for key, (nets, batch) in cases.items():
-        runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
         fps: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(rounds):
             for name, run in runs.items():
