@@ -36,7 +36,9 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   together at 512 x 512 (``cpu_fps_512_denoise_and_mask``). The agent's own path, side by
   side with one forward call per batch (what inference did before it split batches on the CPU):
   ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in batches of the agent's
-  default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time).
+  default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
+  ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
+  oneDNN inference against the same networks unfused (``models.nets.fused_inference``).
   ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
   autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside
   the timing.)
@@ -238,6 +240,7 @@ def throughput(models: dict[str, Any], repeats: int = 20) -> dict[str, Any]:
     both = 1.0 / (1.0 / out["denoise_512"]["fps"] + 1.0 / out["bragg_512"]["fps"])
     out["cpu_fps_512_denoise_and_mask"] = both
     out.update(_agent_path_throughput(models))
+    out["fused_512_denoise_and_mask"] = _fusion_throughput(models)
     return out
 
 
@@ -268,19 +271,48 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
     out: dict[str, Any] = {}
     for key, (nets, batch) in cases.items():
-        fps: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(rounds):
-            for name, run in runs.items():
-                t0, n = time.perf_counter(), 0
-                while n < 8 or time.perf_counter() - t0 < 1.0:
-                    for m in nets:
-                        run(m, batch)
-                    n += len(batch)
-                fps[name].append(n / (time.perf_counter() - t0))
-        med = {k: float(np.median(v)) for k, v in fps.items()}
+        med = _interleaved_fps(nets, batch, runs, rounds)
         out[key] = {"fps": med["infer"], "fps_one_call_per_batch": med["one_call"],
                     "ratio": med["infer"] / med["one_call"]}
     return out
+
+
+def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
+    """Denoise + mask of one 512 x 512 frame at a time through ``infer``, with the ReLU networks'
+    fused CPU inference (``models.nets.fused_inference``) against the same networks unfused, in
+    interleaved rounds (median). Meaningful for networks with ``activation: relu``; for GELU ones
+    both run the same path."""
+    from models.nets import fused_inference, infer
+
+    frame = torch.as_tensor(np.random.default_rng(3).poisson(1.0, (1, 1, 512, 512)).astype(np.float32))
+
+    def run(enabled: bool) -> Any:
+        def one(m: torch.nn.Module, b: torch.Tensor) -> None:
+            with fused_inference(enabled):
+                infer(m, b, device=torch.device("cpu"))
+        return one
+
+    med = _interleaved_fps([models["denoise"], models["bragg"]], frame, {"fused": run(True), "unfused": run(False)},
+                           rounds)
+    return {"fps": med["fused"], "fps_unfused": med["unfused"], "ratio": med["fused"] / med["unfused"],
+            "activations": {n: models[n].net.activation for n in ("denoise", "bragg")}}
+
+
+def _interleaved_fps(nets: list[torch.nn.Module], batch: torch.Tensor, runs: dict[str, Any],
+                     rounds: int) -> dict[str, float]:
+    """Median frames per second of each of ``runs`` (``run(model, batch)`` for every model of
+    ``nets`` in turn), timed for at least a second and 8 frames a round, rounds interleaved so a
+    machine that slows down or speeds up meanwhile weighs on every run alike."""
+    fps: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0, n = time.perf_counter(), 0
+            while n < 8 or time.perf_counter() - t0 < 1.0:
+                for m in nets:
+                    run(m, batch)
+                n += len(batch)
+            fps[name].append(n / (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in fps.items()}
 
 
 def gpu_throughput(models: dict[str, Any], batch: int = 32, repeats: int = 10) -> float | None:

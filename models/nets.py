@@ -3,7 +3,10 @@
 All three share one building block, a small U-Net (:class:`UNet`) in 2D or 3D: two convolutions
 per level, max-pooling down, transposed convolutions up, skip connections by concatenation.
 They run on :func:`models.device.default_device` (CUDA when present), in batches, channels-last,
-and on CUDA may use bf16 autocast (:func:`infer`).
+and on CUDA may use bf16 autocast (:func:`infer`). The blocks' activation is an exact GELU or a
+ReLU (``activation``, recorded in the weights' metadata); a ReLU network's inference on the CPU
+runs each convolution and its ReLU, and each skip connection's sum, as one oneDNN call
+(:func:`fused_inference`).
 
 * :class:`PoissonDenoiser` - input: raw counts; the network sees the Anscombe transform of the
   counts (variance-stabilised, so one network serves 0.01 to 100 counts per pixel) and the
@@ -22,6 +25,7 @@ and on CUDA may use bf16 autocast (:func:`infer`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,8 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["PeakUNet", "PoissonDenoiser", "SuperResolver", "UNet", "cpu_sub_batch", "dice_bce", "infer",
-           "n_parameters", "poisson_nll"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ACTIVATIONS", "PeakUNet", "PoissonDenoiser", "SuperResolver", "UNet", "cpu_sub_batch", "dice_bce",
+           "fused_inference", "infer", "n_parameters", "poisson_nll"]
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -57,10 +63,20 @@ class _GELU(nn.Module):
         return F.gelu(x)
 
 
+#: The blocks' activations (:class:`UNet`'s ``activation``): neither has parameters, so a state
+#: dict does not say which one a network was trained with; its weights' metadata does.
+ACTIVATIONS = ("gelu", "relu")
+
+
+def _activation(name: str) -> nn.Module:
+    return _GELU() if name == "gelu" else nn.ReLU()
+
+
 class _Block(nn.Sequential):
-    def __init__(self, dims: int, c_in: int, c_out: int) -> None:
+    def __init__(self, dims: int, c_in: int, c_out: int, activation: str = "gelu") -> None:
         conv = _conv(dims)
-        super().__init__(conv(c_in, c_out, 3, padding=1), _GELU(), conv(c_out, c_out, 3, padding=1), _GELU())
+        super().__init__(conv(c_in, c_out, 3, padding=1), _activation(activation),
+                         conv(c_out, c_out, 3, padding=1), _activation(activation))
 
 
 class UNet(nn.Module):
@@ -72,11 +88,13 @@ class UNet(nn.Module):
     at full resolution. The body then costs about ``1/s^2`` of the full-resolution one and sees
     ``s`` times further. ``unshuffle=1`` is the plain U-Net (and the same state dict keys).
 
+    ``activation`` is the blocks' nonlinearity, ``"gelu"`` (exact) or ``"relu"``.
+
     Input sizes must be divisible by ``unshuffle * 2**(depth - 1)``.
     """
 
     def __init__(self, c_in: int, c_out: int, *, width: int = 16, depth: int = 3, dims: int = 2,
-                 unshuffle: int = 1) -> None:
+                 unshuffle: int = 1, activation: str = "gelu") -> None:
         super().__init__()
         if dims not in (2, 3) or depth < 1 or width < 1:
             raise ValueError(f"UNet needs dims 2 or 3, depth >= 1, width >= 1; got {dims=}, {depth=}, {width=}")
@@ -84,17 +102,20 @@ class UNet(nn.Module):
             raise ValueError(f"unshuffle must be an integer >= 1 (1: full resolution), got {unshuffle=}")
         if unshuffle > 1 and dims != 2:
             raise ValueError(f"unshuffle applies to 2D U-Nets only; got {unshuffle=} with {dims=}")
-        self.dims, self.depth, self.unshuffle = dims, depth, unshuffle
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation=}")
+        self.dims, self.depth, self.unshuffle, self.activation = dims, depth, unshuffle, activation
         self.multiple = unshuffle * 2 ** (depth - 1)  # what every input size must be divisible by
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         c = c_in * unshuffle**2
         for ch in chans:
-            self.down.append(_Block(dims, c, ch))
+            self.down.append(_Block(dims, c, ch, activation))
             c = ch
         up_conv = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
         self.up = nn.ModuleList(up_conv(chans[i], chans[i - 1], 2, stride=2) for i in range(depth - 1, 0, -1))
-        self.merge = nn.ModuleList(_Block(dims, 2 * chans[i - 1], chans[i - 1]) for i in range(depth - 1, 0, -1))
+        self.merge = nn.ModuleList(_Block(dims, 2 * chans[i - 1], chans[i - 1], activation)
+                                   for i in range(depth - 1, 0, -1))
         self.head = _conv(dims)(chans[0], c_out * unshuffle**2, 1)
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
 
@@ -104,17 +125,87 @@ class UNet(nn.Module):
                              f"(unshuffle={self.unshuffle}, depth={self.depth})")
         if self.unshuffle > 1:
             x = F.pixel_unshuffle(x, self.unshuffle)
+        if _fusable(self, x):
+            try:
+                x = self._body(x, fused=True)
+            except RuntimeError as err:  # a oneDNN build without these post-operations
+                _fusion["enabled"] = False
+                logger.warning("fused CPU inference failed (%s); running unfused from now on", err)
+                x = self._body(x, fused=False)
+        else:
+            x = self._body(x, fused=False)
+        return F.pixel_shuffle(x, self.unshuffle) if self.unshuffle > 1 else x
+
+    def _body(self, x: torch.Tensor, *, fused: bool) -> torch.Tensor:
         skips = []
         for i, block in enumerate(self.down):
-            x = block(x)
+            x = _fused_block(block, x) if fused else block(x)
             if i < self.depth - 1:
                 skips.append(x)
                 x = self.pool(x)
         for up, merge in zip(self.up, self.merge, strict=True):
             x = up(x)
-            x = merge(torch.cat([x, skips.pop()], dim=1))
-        x = self.head(x)
-        return F.pixel_shuffle(x, self.unshuffle) if self.unshuffle > 1 else x
+            x = _fused_merge(merge, x, skips.pop()) if fused else merge(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+# -- fused CPU inference for ReLU U-Nets -----------------------------------------------------------
+# oneDNN applies a ReLU, and a sum before it, as post-operations of a convolution, in the same pass
+# over the output (``torch.ops.mkldnn._convolution_pointwise``, the kernels torch's own
+# ``torch.compile`` emits for the CPU). A ReLU U-Net's blocks then need no pass of their own for
+# the activation, and a merge block's first convolution needs no concatenation: the convolution
+# of ``cat([up, skip])`` is the sum of one over ``up`` and one over ``skip`` with the two halves of
+# its weight, so the second convolution adds the first's output before its ReLU. An exact GELU is
+# compute-bound rather than memory-bound on the CPU: fusing it gained nothing measurable.
+_MKLDNN_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+_fusion = {"enabled": True}
+
+
+@contextmanager
+def fused_inference(enabled: bool) -> Iterator[None]:
+    """Allow (``True``) or forbid (``False``) fused CPU inference inside the block, then restore
+    the previous setting; for side-by-side timing and for debugging."""
+    before = _fusion["enabled"]
+    _fusion["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _fusion["enabled"] = before
+
+
+def _fusable(net: UNet, x: torch.Tensor) -> bool:
+    """Whether ``net`` runs fused on ``x``: a ReLU U-Net, in evaluation mode and without autograd,
+    float32 on the CPU, with oneDNN there; and no earlier fused call failed in this process."""
+    return (net.activation == "relu" and _fusion["enabled"] and _MKLDNN_POINTWISE is not None
+            and not net.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+
+def _conv_args(conv: nn.Module) -> tuple[list[int], list[int], list[int], int]:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _conv_relu(conv: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(conv(x) [+ add])`` in one oneDNN call (``weight`` replaces ``conv.weight``)."""
+    w = conv.weight if weight is None else weight
+    if add is None:
+        return _MKLDNN_POINTWISE(x, w, conv.bias, *_conv_args(conv), "relu", [], "")
+    return _MKLDNN_POINTWISE.binary(x, add, w, conv.bias, *_conv_args(conv), "add", 1.0, "relu", [], "")
+
+
+def _fused_block(block: _Block, x: torch.Tensor) -> torch.Tensor:
+    return _conv_relu(block[2], _conv_relu(block[0], x))
+
+
+def _fused_merge(block: _Block, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``block(cat([up, skip]))`` without the concatenation."""
+    conv, c = block[0], up.shape[1]
+    layout = torch.channels_last if conv.weight.dim() == 4 else torch.channels_last_3d
+    w_up = conv.weight[:, :c].contiguous(memory_format=layout)
+    w_skip = conv.weight[:, c:].contiguous(memory_format=layout)
+    from_skip = _MKLDNN_POINTWISE(skip, w_skip, None, *_conv_args(conv), "none", [], "")
+    return _conv_relu(block[2], _conv_relu(conv, up, add=from_skip, weight=w_up))
 
 
 def _anscombe(x: torch.Tensor) -> torch.Tensor:
@@ -128,9 +219,9 @@ class PoissonDenoiser(nn.Module):
     input transform and the local-mean residual stay at full resolution.
     """
 
-    def __init__(self, *, width: int = 16, depth: int = 3, unshuffle: int = 1) -> None:
+    def __init__(self, *, width: int = 16, depth: int = 3, unshuffle: int = 1, activation: str = "gelu") -> None:
         super().__init__()
-        self.net = UNet(2, 1, width=width, depth=depth, dims=2, unshuffle=unshuffle)
+        self.net = UNet(2, 1, width=width, depth=depth, dims=2, unshuffle=unshuffle, activation=activation)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
@@ -150,9 +241,10 @@ class PeakUNet(nn.Module):
     the log scaling and the logits stay at full resolution.
     """
 
-    def __init__(self, *, dims: int = 2, width: int = 16, depth: int = 3, unshuffle: int = 1) -> None:
+    def __init__(self, *, dims: int = 2, width: int = 16, depth: int = 3, unshuffle: int = 1,
+                 activation: str = "gelu") -> None:
         super().__init__()
-        self.net = UNet(1, 1, width=width, depth=depth, dims=dims, unshuffle=unshuffle)
+        self.net = UNet(1, 1, width=width, depth=depth, dims=dims, unshuffle=unshuffle, activation=activation)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(2, counts.dim()))
@@ -165,12 +257,12 @@ class SuperResolver(nn.Module):
     """Coarse counts in, fine expected counts out: a smoothed estimate of each coarse pixel's
     expected total, corrected by the network, split among its ``factor x factor`` fine pixels."""
 
-    def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3) -> None:
+    def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3, activation: str = "gelu") -> None:
         super().__init__()
         if factor not in (2, 4):
             raise ValueError(f"factor must be 2 or 4, got {factor}")
         self.factor = factor
-        self.net = UNet(1, factor * factor + 1, width=width, depth=depth, dims=2)
+        self.net = UNet(1, factor * factor + 1, width=width, depth=depth, dims=2, activation=activation)
 
     def forward(self, coarse: torch.Tensor) -> torch.Tensor:
         f = self.factor

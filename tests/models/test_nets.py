@@ -105,6 +105,71 @@ def test_split_and_padded_cpu_calls_give_the_plain_forward_pass(shape, sub):
     torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("dims", "unshuffle", "n", "layout"), [(2, 1, 1, "last"), (2, 2, 3, "plain"), (3, 1, 1, "last"),
+                                                           (3, 1, 2, "plain")])
+def test_fused_relu_inference_gives_the_unfused_forward_pass(monkeypatch, dims, unshuffle, n, layout):
+    from models import nets
+
+    torch.manual_seed(0)
+    model = PeakUNet(dims=dims, width=4, depth=3, unshuffle=unshuffle, activation="relu").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases away from 0, so every ReLU cuts somewhere
+            p.add_(0.1 * torch.randn_like(p))
+    batch = torch.poisson(torch.full((n, 1) + (16,) * dims, 3.0))
+    if layout == "last":
+        batch = batch.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    calls = []
+    pointwise = nets._MKLDNN_POINTWISE
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append("conv")
+            return pointwise(*args)
+
+        def binary(self, *args):
+            calls.append("conv+add")
+            return pointwise.binary(*args)
+
+    monkeypatch.setitem(nets._fusion, "enabled", True)
+    with torch.inference_mode():
+        with nets.fused_inference(False):
+            plain = model(batch)
+        assert nets._fusion["enabled"] is True  # restored
+        monkeypatch.setattr(nets, "_MKLDNN_POINTWISE", Counting())
+        fused = model(batch)
+    # 3 down blocks of 2 convolutions; 2 merge blocks, each the skip's half of its first convolution,
+    # the up half with the skip's sum added, and its second convolution
+    assert calls.count("conv") == 6 + 2 * 2 and calls.count("conv+add") == 2
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    model.train()  # training (autograd) never takes the fused path
+    calls.clear()
+    model(batch).sum().backward()
+    assert not calls
+
+
+def test_a_failing_fused_call_falls_back_to_the_plain_pass_for_good(monkeypatch, caplog):
+    from models import nets
+
+    def broken(*args):
+        raise RuntimeError("no such post-op in this oneDNN")
+
+    model = PoissonDenoiser(width=4, depth=2, activation="relu").eval()
+    batch = torch.poisson(torch.full((1, 1, 16, 16), 3.0))
+    monkeypatch.setitem(nets._fusion, "enabled", True)
+    monkeypatch.setattr(nets, "_MKLDNN_POINTWISE", broken)
+    with torch.inference_mode():
+        out = model(batch)
+    assert "running unfused from now on" in caplog.text and nets._fusion["enabled"] is False
+    with torch.inference_mode():
+        torch.testing.assert_close(out, model(batch))
+
+
+def test_activation_must_be_known():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        UNet(1, 1, activation="tanh")
+    assert not dict(UNet(1, 1, activation="relu").state_dict()).keys() - set(UNet(1, 1).state_dict())
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_the_blocks_gelu_gives_the_default_layouts_numbers_and_keeps_the_layout(dims):
     from models.nets import _GELU
