@@ -200,8 +200,10 @@ def _fused_block(block: _Block, x: torch.Tensor) -> torch.Tensor:
 
 def _fused_merge(block: _Block, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """``block(cat([up, skip]))`` without the concatenation."""
+    from models.device import channels_last
+
     conv, c = block[0], up.shape[1]
-    layout = torch.channels_last if conv.weight.dim() == 4 else torch.channels_last_3d
+    layout = channels_last(conv.weight.dim())
     w_up = conv.weight[:, :c].contiguous(memory_format=layout)
     w_skip = conv.weight[:, c:].contiguous(memory_format=layout)
     from_skip = _MKLDNN_POINTWISE(skip, w_skip, None, *_conv_args(conv), "none", [], "")
