@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -91,16 +92,23 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
     from agents.detector_eval import matched_intensities
     from models import classical, metrics
 
-    masks = [np.asarray(e["data"]["peak_mask"], bool) for e in events if "peak_mask" in e["data"]]
+    bragg = [e["data"] for e in events if "peak_mask" in e["data"]]
+    masks = [np.asarray(d["peak_mask"], bool) for d in bragg]
+    published: dict[int, list[dict[str, Any]]] = {}  # the agent's peaks stream, by raw frame
+    for e in events:
+        if "peak_index" in e["data"]:
+            published.setdefault(int(e["data"]["raw_seq_num"]), []).append(e["data"])
     ml_iou, th_iou, err = [], [], {"ml": 0.0, "threshold": 0.0, "truth": 0.0}
     th_masks = []
-    for raw, s, m in zip(raws, truths, masks, strict=True):
-        th_mask, _ = classical.threshold_components(raw, mask=s.mask)
+    for raw, s, d, m in zip(raws, truths, bragg, masks, strict=True):
+        th_mask, th_found = classical.threshold_components(raw, mask=s.mask)
         th_masks.append(th_mask)
         ml_iou.append(metrics.iou(m, s.support, ~s.mask))
         th_iou.append(metrics.iou(th_mask, s.support, ~s.mask))
-        for name, mk in (("ml", m), ("threshold", th_mask)):
-            found = classical.integrate_in_mask(raw, mk, mask=s.mask)
+        rows = published.get(int(d["raw_seq_num"]), [])
+        ml_found = SimpleNamespace(intensity=np.array([r["intensity"] for r in rows], dtype=float),
+                                   centroids=np.array([r["centroid"] for r in rows], dtype=float).reshape(-1, raw.ndim))
+        for name, found in (("ml", ml_found), ("threshold", th_found)):
             err[name] += float(np.sum(np.abs(matched_intensities(found, s.centers) - s.true_intensity)))
         err["truth"] += float(np.sum(s.true_intensity))
     fig, axes = plt.subplots(3, 4, figsize=(13, 9.5))

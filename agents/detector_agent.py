@@ -13,7 +13,8 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
 * ``bragg`` - ``peak_mask``: uint8 array of the frame's shape, ``n_peaks``: integer; and a second
   stream ``peaks`` with one event per peak (``peak_index``, ``intensity``, ``sigma``, ``background``,
   ``n_pixels``, ``centroid``: float array of length ``ndim``), from
-  :func:`models.classical.integrate_in_mask` on the raw counts. One event per peak keeps every data
+  :func:`models.classical.integrate_in_mask` on the raw counts (touching peaks cut apart along the
+  network's logits: ``peak_separation``). One event per peak keeps every data
   key of fixed shape, which every sink (zarr, tiled) stores as a plain column;
 * ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction, scaled
   to the measured counts of each ring about ``beam_center`` (``ring_consistency``).
@@ -125,6 +126,10 @@ class DetectorSettings(_Strict):
     read_noise: float = Field(default=0.0, ge=0)
     peak_threshold: float = Field(default=0.5, gt=0, lt=1)
     background_shell_width: float = Field(default=3.0, gt=0)
+    # bragg: a component of the mask holding several tops of the network's logits at least this far
+    # apart (pixels) is cut along the logits' watershed, so touching peaks are integrated apart
+    # (models.classical.split_peaks); None integrates every component whole
+    peak_separation: float | None = Field(default=3.0, gt=0)
     # sans-sr: scale the network's pattern to the measured counts of each half-pixel ring about the
     # beam centre (row, column in detector pixels; None: the detector centre), so I(Q) keeps to
     # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
@@ -455,7 +460,9 @@ class DetectorAnalysisAgent:
         if negative.any():  # read noise (accepted above); integrate_in_mask takes counts >= 0 only
             self.zeroed_pixels += int(negative.sum())
             counts = np.where(negative, 0.0, counts)
-        integ = integrate_in_mask(counts, peaks, self.settings.background_shell_width, mask=frame.mask)
+        sep = self.settings.peak_separation
+        integ = integrate_in_mask(counts, peaks, self.settings.background_shell_width, mask=frame.mask,
+                                  score=None if sep is None else logits, min_separation=sep or 3.0)
         n = len(integ.intensity)
         self._send(run, "bragg", {"peak_mask": peaks.astype(np.uint8), "n_peaks": n, **raw})
         for i in range(n):

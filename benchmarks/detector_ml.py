@@ -18,7 +18,8 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   IoU and Dice of the U-Net's mask and of threshold + connected components against the true
   support, over the pixels the detector measures (its module gaps and dead pixels read 0 and
   are left out, as the intensity bias leaves them out; ``iou_all_pixels`` counts them too);
-  intensities from the U-Net's mask (``integrate_in_mask``), sphere and ellipsoid
+  intensities from the U-Net's mask (``integrate_in_mask``, touching peaks cut apart along the
+  U-Net's logits as the agent does: ``models.classical.split_peaks``), sphere and ellipsoid
   summation (at the true centres: an advantage to them) and threshold + components, with
   ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks with no support on
   the frame left out). Found peaks of the mask methods are paired one to one with the true
@@ -142,13 +143,14 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
             recipe = det.BraggRecipe(shape=(128, 128), n_peaks=(3, 12), count_scale=scale)
             s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
         x = np.where(s.mask, 0.0, s.counts)
-        ml_mask = _net(model, x) > 0.0
+        logits = _net(model, x)
+        ml_mask = logits > 0.0
         th_mask, th = classical.threshold_components(x, mask=s.mask)
         for name, m in (("ml", ml_mask), ("threshold", th_mask)):
             iou[name].append(metrics.iou(m, s.support, ~s.mask))
             dice[name].append(metrics.dice(m, s.support, ~s.mask))
             iou_all[name].append(metrics.iou(m, s.support))
-        ml = matched_intensities(classical.integrate_in_mask(x, ml_mask, mask=s.mask), s.centers)
+        ml = matched_intensities(classical.integrate_in_mask(x, ml_mask, mask=s.mask, score=logits), s.centers)
         thr = matched_intensities(th, s.centers)
         sph = classical.sphere_integrate(x, s.centers, radius=6.0, bkg_inner=8.0, bkg_outer=11.0, mask=s.mask)
         ell = classical.ellipsoid_integrate(x, s.centers, region_radius=10.0, weak_threshold=10.0, mask=s.mask)

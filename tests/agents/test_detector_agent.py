@@ -103,15 +103,19 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
     assert [e["data"]["raw_seq_num"] for e in bragg] == [1, 2, 3, 4, 5]
     assert [e["data"]["raw_uid"] for e in bragg] == [e["uid"] for e in raw]
     assert all(e["data"]["peak_mask"].shape == SHAPE and e["data"]["peak_mask"].dtype == np.uint8 for e in bragg)
-    # the peaks stream holds integrate_in_mask of the raw counts in the published mask
+    # the peaks stream holds integrate_in_mask of the raw counts in the published mask, with touching
+    # peaks cut apart along the network's logits
     peaks = sink.events("peaks")
     assert sum(e["data"]["n_peaks"] for e in bragg) == len(peaks) > 0
     for e, counts in zip(bragg, frames, strict=False):
-        want = integrate_in_mask(counts, e["data"]["peak_mask"].astype(bool))
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(counts.astype(np.float32))[None, None])[0, 0].numpy()
+        want = integrate_in_mask(counts, e["data"]["peak_mask"].astype(bool), score=logits)
         got = [p["data"] for p in peaks if p["data"]["raw_seq_num"] == e["data"]["raw_seq_num"]]
         assert [g["peak_index"] for g in got] == list(range(len(want.intensity)))
         np.testing.assert_allclose([g["intensity"] for g in got], want.intensity)
         np.testing.assert_allclose([g["sigma"] for g in got], want.sigma)
+        np.testing.assert_allclose([g["centroid"] for g in got], want.centroids.reshape(-1, 2))
     report = agent.report()
     assert report["frames_in"] == report["frames_out"] == 5 and report["failed_frames"] == {}
     assert report["batch_sizes"] == {"3": 1, "2": 1}
@@ -511,3 +515,41 @@ def test_a_clean_shutdown_runs_the_waiting_batch_first(tmp_path, bragg_weights, 
     daemon.close()
     assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
     assert daemon.state.offsets["raw:0"] == len(docs) - 1  # nothing left to read again
+
+
+def _gaussian(shape, centre, sigma, intensity):
+    yy, xx = np.indices(shape, dtype=float)
+    g = np.exp(-0.5 * (((yy - centre[0]) / sigma) ** 2 + ((xx - centre[1]) / sigma) ** 2))
+    return intensity * g / g.sum()
+
+
+@pytest.mark.parametrize("separation", [3.0, None])
+def test_touching_peaks_are_published_apart(separation):
+    """With the shipped Bragg U-Net, two peaks whose masks touch are two peaks in the ``peaks``
+    stream (cut along the network's logits), or one with ``peak_separation: None``."""
+    shape, centres, intensities = (64, 64), [(30.0, 26.0), (31.0, 33.0)], [3000.0, 1500.0]
+    truth = 2.0 + sum(_gaussian(shape, c, 1.6, i) for c, i in zip(centres, intensities, strict=True))
+    counts = np.random.default_rng(3).poisson(truth).astype(np.float64)
+    sink = Recorder()
+    agent = _agent("bragg", [sink], peak_separation=separation)
+    run, desc = _raw_run(key_shape=shape)
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("event", _event(desc, counts))
+    agent.tell("stop", run.compose_stop())
+    (bragg,) = sink.events("bragg")
+    mask = bragg["data"]["peak_mask"].astype(bool)
+    from scipy import ndimage
+
+    assert ndimage.label(mask, np.ones((3, 3)))[1] == 1  # the two peaks make one component
+    peaks = [e["data"] for e in sink.events("peaks")]
+    if separation is None:
+        # both peaks' counts in one (less the tails in its background shell: a few percent)
+        assert len(peaks) == 1 and peaks[0]["intensity"] == pytest.approx(sum(intensities), rel=0.1)
+        return
+    assert len(peaks) == 2
+    cents = np.array([p["centroid"] for p in peaks])
+    nearest = [int(np.linalg.norm(cents - c, axis=1).argmin()) for c in centres]
+    assert sorted(nearest) == [0, 1] and np.linalg.norm(cents[nearest] - centres, axis=1).max() < 1.0
+    # each peak's intensity, give or take the tail the cut hands to the other
+    np.testing.assert_allclose([peaks[k]["intensity"] for k in nearest], intensities, rtol=0.12)

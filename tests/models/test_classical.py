@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.special import erf
 from scipy.stats import poisson
 
@@ -21,6 +22,7 @@ from models.classical import (
     inverse_anscombe_exact,
     rebin,
     sphere_integrate,
+    split_peaks,
     sure_gaussian_sigma,
     threshold_components,
 )
@@ -258,6 +260,75 @@ def test_integrate_in_mask_exact_on_known_counts():
     bad[5, 5] = True
     masked = integrate_in_mask(counts, peaks, 2.0, mask=bad)
     assert masked.n_peak[0] == 8 and masked.intensity[0] == pytest.approx(80.0)
+
+
+# two peaks 7 px apart whose supports touch: one component of the mask
+TOUCHING_2D = {"shape": (48, 48), "background": 3.0,
+               "peaks": [((20.0, 20.0), (1.6, 1.6), 4000.0), ((20.5, 27.0), (1.6, 1.6), 1500.0)]}
+TOUCHING_3D = {"shape": (24, 24, 24), "background": 0.5,
+               "peaks": [((12.0, 8.0, 12.0), (1.5, 1.5, 1.5), 3000.0), ((12.0, 15.0, 12.5), (1.5, 1.5, 1.5), 2000.0)]}
+
+
+@pytest.mark.parametrize("spec", [TOUCHING_2D, TOUCHING_3D], ids=["2d", "3d"])
+def test_touching_peaks_are_split_by_the_score_and_integrated_apart(spec):
+    truth, centres, intensities = scene(spec)
+    support = _support(spec, level=0.5)
+    assert int(ndimage.label(support, np.ones((3,) * support.ndim))[1]) == 1  # one component
+    counts = np.random.default_rng(11).poisson(truth).astype(float)
+    whole = integrate_in_mask(counts, support)
+    assert len(whole.intensity) == 1  # both peaks' counts go to one
+    score = truth - spec["background"]  # a segmentation's evidence: here, the peaks themselves
+    labels, n = split_peaks(support, score)
+    assert n == 2 and set(np.unique(labels)) == {0, 1, 2}
+    for k in (1, 2):  # each part is connected and lies on the mask
+        assert ndimage.label(labels == k, np.ones((3,) * support.ndim))[1] == 1
+    np.testing.assert_array_equal(labels > 0, support)
+    split = integrate_in_mask(counts, support, score=score)
+    # parts come in the order of their first pixel, as components do: pair each centre with the
+    # nearest centroid (the counts-weighted centre of each part)
+    order = np.array([np.linalg.norm(split.centroids - c, axis=1).argmin() for c in centres])
+    assert sorted(order) == [0, 1]
+    assert np.linalg.norm(split.centroids[order] - centres, axis=1).max() < 0.5
+    # each part holds what the expected counts above the background put there (the weaker peak's
+    # part also takes the stronger one's tail), to within a few sigma and the little tail in the shell
+    expected = np.array([(truth - spec["background"])[labels == k].sum() for k in (1, 2)])
+    assert (np.abs(split.intensity - expected) < 4 * split.sigma + 0.02 * expected).all()
+    # ... which is each peak's intensity to within 10 %, where one intensity goes to one peak unsplit
+    np.testing.assert_allclose(split.intensity[order], intensities, rtol=0.1)
+    assert split.intensity.sum() == pytest.approx(whole.intensity[0], rel=0.02)
+
+
+def test_split_keeps_a_single_peak_whole_and_a_flat_top_as_one():
+    truth, _, _ = scene(PEAKS_2D)
+    support = _support(PEAKS_2D, level=0.5)
+    labels, n = split_peaks(support, truth)
+    assert n == 2  # two separate peaks, each one seed
+    ref = ndimage.label(support, np.ones((3, 3)))[0]
+    np.testing.assert_array_equal(labels, ref)
+    flat = np.zeros((16, 16), dtype=bool)
+    flat[4:10, 4:12] = True
+    labels, n = split_peaks(flat, flat.astype(float), smoothing=0.0)  # one flat top: one seed
+    assert n == 1
+    # equal maxima closer than min_separation merge, farther ones split the component
+    score = np.zeros((16, 16))
+    score[6, 5] = score[6, 7] = 1.0
+    assert split_peaks(flat, score, min_separation=3.0, smoothing=0.0)[1] == 1
+    score[6, 7], score[6, 10] = 0.0, 1.0
+    assert split_peaks(flat, score, min_separation=3.0, smoothing=0.0)[1] == 2
+
+
+def test_split_validates():
+    m = np.ones((8, 8), dtype=bool)
+    with pytest.raises(ValueError, match="shape"):
+        split_peaks(m, np.ones((4, 4)))
+    with pytest.raises(ValueError, match="finite"):
+        split_peaks(m, np.full((8, 8), np.nan))
+    with pytest.raises(ValueError, match="min_separation"):
+        split_peaks(m, np.ones((8, 8)), min_separation=0.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        split_peaks(m, np.ones((8, 8)), smoothing=-1.0)
+    with pytest.raises(ValueError, match="score"):
+        integrate_in_mask(np.ones((8, 8)), m, score=np.ones((4, 4)))
 
 
 def test_no_peaks_gives_empty_integrals():
