@@ -101,6 +101,31 @@ register_frame_handler("NPY", _npy_handler)
 register_frame_handler("AD_HDF5", _hdf5_handler)
 
 
+def _load_detector_mask(spec: str | None, agent: str) -> np.ndarray | None:
+    """The static mask named by ``detector_mask`` (True: left out), read once; a clear error if not."""
+    if spec is None:
+        return None
+    if spec.startswith("pyfai:"):
+        from models.masks import pyfai_mask
+
+        try:
+            return np.array(pyfai_mask(spec.removeprefix("pyfai:")), dtype=bool)
+        except ValueError as err:
+            raise ConfigError(f"agent {agent!r}: detector_mask={spec!r}: {err}") from None
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"agent {agent!r}: detector_mask file {str(path)!r} does not exist; give a .npy mask "
+                          "(non-zero where a pixel is left out) or 'pyfai:NAME'")
+    try:
+        m = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"agent {agent!r}: cannot read detector_mask {str(path)!r} as .npy: {err}") from None
+    if m.dtype.kind not in "biu" or m.ndim < 2:
+        raise ConfigError(f"agent {agent!r}: detector_mask {str(path)!r} holds a {m.ndim}-D {m.dtype} array; "
+                          "a 2-D (or 3-D) boolean or integer array is needed, non-zero where a pixel is left out")
+    return m.astype(bool)
+
+
 # -- settings and per-run state --------------------------------------------------------------------
 class DetectorSettings(_Strict):
     """Settings of :class:`DetectorAnalysisAgent`.
@@ -119,6 +144,10 @@ class DetectorSettings(_Strict):
     stream: str = "primary"
     frame_key: str = "det_image"
     mask_key: str | None = None  # per-frame bad-pixel mask, True (non-zero) where a pixel is left out
+    # the detector's static mask, OR-ed with any per-frame one: a .npy file of a boolean or integer
+    # array of the frames' shape (non-zero: left out, as pyFAI writes masks), or "pyfai:NAME" for the
+    # module gaps of a detector pyFAI knows (e.g. "pyfai:Pilatus1M", frames of its full shape)
+    detector_mask: str | None = None
     max_batch: int = Field(default=8, ge=1)
     max_latency_s: float = Field(default=0.5, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -198,6 +227,7 @@ class DetectorAnalysisAgent:
             self.model, self.record = load_weights(settings.weights, architecture=ANALYSES[settings.analysis])
         except WeightsError as err:
             raise WeightsError(f"detector agent {self.name!r} ({settings.analysis}): {err}") from None
+        self.static_mask = _load_detector_mask(settings.detector_mask, self.name)
         unet = next(m for m in self.model.modules() if isinstance(m, UNet))
         self.ndim, self._multiple = unet.dims, unet.multiple
         self._factor = int(getattr(self.model, "factor", 1))
@@ -388,9 +418,13 @@ class DetectorAnalysisAgent:
         return counts, mask
 
     def _read_mask(self, event: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
+        static = self.static_mask
+        if static is not None and static.shape != shape:
+            raise FrameError("mask", f"detector_mask {self.settings.detector_mask!r} has shape {list(static.shape)}, "
+                             f"the frame {list(shape)}; give the mask of this detector (or of its region of interest)")
         key = self.settings.mask_key
         if key is None:
-            return None
+            return static
         try:
             m = np.asarray(self._value(event, key))
         except ValueError as err:
@@ -400,7 +434,7 @@ class DetectorAnalysisAgent:
         if m.shape != shape or m.dtype.kind not in "biu":
             raise FrameError("mask", f"mask {key!r} has shape {list(m.shape)} and dtype {m.dtype}; "
                              f"a boolean or integer array of shape {list(shape)} is needed")
-        return m.astype(bool)
+        return m.astype(bool) if static is None else m.astype(bool) | static
 
     # -- inference and output --------------------------------------------------------------------------
     def _run_batch(self, frames: list[_Frame]) -> None:

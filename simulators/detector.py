@@ -32,7 +32,6 @@ from which the truth is derived, and re-derived after any augmentation:
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -43,6 +42,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.special import erfc, erfcx
+
+from models.masks import pyfai_mask
 
 __all__ = [
     "DENOISE_HELD_OUT_KINDS",
@@ -104,24 +105,12 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float 
 
 
 # ---------------------------------------------------------------------------------------- detector
-@functools.cache
 def _module_mask(detector: str) -> np.ndarray:
     """pyFAI's mask of a detector (True: no pixel there), read-only, cached."""
-    # silx (under pyFAI) logs a warning that pyopencl is absent; nothing here uses OpenCL
-    logging.getLogger("silx").setLevel(logging.ERROR)
-    import pyFAI  # deferred: pyFAI's import costs ~0.2 s and only detector gaps need it
-
     try:
-        det = pyFAI.detector_factory(detector)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise ValueError(
-            f"unknown pyFAI detector {detector=}; use a name pyFAI knows, e.g. 'Pilatus1M', "
-            "'Eiger1M', 'Pilatus300k', or None for no gaps"
-        ) from exc
-    raw = det.calc_mask()
-    mask = np.zeros(det.shape, bool) if raw is None else np.asarray(raw, bool)
-    mask.setflags(write=False)
-    return mask
+        return pyfai_mask(detector)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or None for no gaps") from None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import torch
 
 from agents.daemon import build_agent
 from agents.daemon_config import AgentEntry, load_daemon_config
+from agents.errors import ConfigError
 from agents.detector_agent import DetectorAnalysisAgent, DetectorSettings
 from models.classical import integrate_in_mask
 from models.nets import PeakUNet, PoissonDenoiser, SuperResolver, ring_consistent
@@ -250,16 +251,22 @@ def test_read_noise_allows_slightly_negative_counts(bragg_weights, frames):
     assert len(sink.events("bragg")) == 1 and agent.report()["failed_frames"] == {"negative": 1}
 
 
-def test_a_detector_mask_excuses_its_pixels(bragg_weights, frames):
-    _, weights = bragg_weights
-    sink = Recorder()
-    agent = _agent(weights, [sink], max_batch=1, mask_key="det_mask", peak_threshold=0.01)
+def _masked_run(agent):
+    """Open a raw run whose events carry the frame and a per-frame mask ("det_mask")."""
     run = event_model.compose_run()
     keys = {"det_image": {"dtype": "array", "shape": list(SHAPE), "source": "sim"},
             "det_mask": {"dtype": "array", "shape": list(SHAPE), "source": "sim"}}
     desc = run.compose_descriptor(name="primary", data_keys=keys)
     agent.tell("start", run.start_doc)
     agent.tell("descriptor", desc.descriptor_doc)
+    return run, desc
+
+
+def test_a_detector_mask_excuses_its_pixels(bragg_weights, frames):
+    _, weights = bragg_weights
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, mask_key="det_mask", peak_threshold=0.01)
+    run, desc = _masked_run(agent)
     mask = np.zeros(SHAPE, bool)
     mask[:, :4] = True  # a module gap
     frame = frames[0].copy()
@@ -271,6 +278,51 @@ def test_a_detector_mask_excuses_its_pixels(bragg_weights, frames):
     (event,) = sink.events("bragg")
     assert not event["data"]["peak_mask"][:, :4].any() and event["data"]["peak_mask"][:, 4:].all()
     assert agent.report()["failed_frames"] == {"mask": 1}
+
+
+def test_a_static_detector_mask_from_a_file_joins_the_per_frame_one(bragg_weights, frames, tmp_path, caplog):
+    _, weights = bragg_weights
+    static = np.zeros(SHAPE, np.uint8)
+    static[:, -3:] = 1  # a module gap, non-zero as pyFAI writes masks
+    np.save(tmp_path / "mask.npy", static)
+    np.save(tmp_path / "small.npy", static[:8])
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, mask_key="det_mask", peak_threshold=0.01,
+                   detector_mask=str(tmp_path / "mask.npy"))
+    run, desc = _masked_run(agent)
+    per_frame = np.zeros(SHAPE, bool)
+    per_frame[:, :4] = True
+    frame = frames[0].copy()
+    frame[:, :4] = np.nan  # what either gap reads: ignored
+    frame[:, -3:] = -7.0
+    agent.tell("event", desc.compose_event(data={"det_image": frame, "det_mask": per_frame},
+                                           timestamps={"det_image": 1.0, "det_mask": 1.0}, validate=False))
+    agent.tell("stop", run.compose_stop())
+    (event,) = sink.events("bragg")
+    peaks = event["data"]["peak_mask"].astype(bool)
+    assert not peaks[:, :4].any() and not peaks[:, -3:].any() and peaks[:, 4:-3].all()
+    assert agent.report()["failed_frames"] == {}
+    # a static mask of another shape fails each frame, named, and the stream goes on
+    sink = Recorder()
+    agent = _agent(weights, [sink], max_batch=1, detector_mask=str(tmp_path / "small.npy"))
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("event", _event(desc, frames[0]))
+    agent.tell("stop", run.compose_stop())
+    assert agent.report()["failed_frames"] == {"mask": 1}
+    assert "detector_mask" in caplog.text and "has shape [8, 32], the frame [32, 32]" in caplog.text
+
+
+def test_a_detector_mask_that_cannot_be_read_is_a_config_error(bragg_weights, tmp_path):
+    _, weights = bragg_weights
+    np.save(tmp_path / "floats.npy", np.zeros(SHAPE))
+    for spec, match in ((str(tmp_path / "absent.npy"), "does not exist"), (str(tmp_path / "floats.npy"), "float64"),
+                        ("pyfai:NoSuchDetector", "unknown pyFAI detector")):
+        with pytest.raises(ConfigError, match=match):
+            _agent(weights, [], detector_mask=spec)
+    agent = _agent(weights, [], detector_mask="pyfai:Pilatus1M")  # a full Pilatus 1M: its module gaps
+    assert agent.static_mask.shape == (1043, 981) and 0 < agent.static_mask.mean() < 0.2
 
 
 def test_bragg_on_3d_time_of_flight_volumes(tmp_path):
