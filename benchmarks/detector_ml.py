@@ -40,6 +40,10 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
   ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
   oneDNN inference against the same networks unfused (``models.nets.fused_inference``).
+  ``agents_end_to_end_512``: the same through the detector agents themselves (a denoising and a
+  Bragg agent told every event of a run of 512 x 512 frames with 30-60 peaks, publishing their
+  derived runs: network, peak integration and documents inside the timing), and the Bragg agent
+  alone with and without cutting touching peaks apart (:func:`agents_end_to_end`).
   ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
   autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside
   the timing.)
@@ -246,6 +250,59 @@ def throughput(models: dict[str, Any], repeats: int = 20) -> dict[str, Any]:
     return out
 
 
+def agents_end_to_end(weights: dict[str, str], n_frames: int = 16, rounds: int = 3) -> dict[str, Any]:
+    """Frames per second through the detector agents themselves, as the daemon runs them: every
+    event of a raw run of ``n_frames`` 512 x 512 Bragg frames (30-60 peaks each) is told to a
+    denoising agent and a Bragg agent in turn (the agents' default batching), and each publishes
+    its derived run (documents composed, to a sink that keeps them): network, peak integration
+    and documents all inside the timing, from the first event to the stop document. Side by side,
+    in interleaved rounds (median): the Bragg agent alone, with touching peaks cut apart (its
+    default) and without (``peak_separation: None``)."""
+    import event_model
+
+    from agents.detector_agent import DetectorAnalysisAgent
+    from simulators import detector as det
+
+    rng = np.random.default_rng(4)
+    frames = [det.bragg_frame_2d(rng, det.BraggRecipe(shape=(512, 512), n_peaks=(30, 60), count_scale=1.0)).counts
+              for _ in range(n_frames)]
+    key = {"det_image": {"dtype": "array", "shape": [512, 512], "source": "sim"}}
+
+    def fps(*settings: dict[str, Any]) -> float:
+        run = event_model.compose_run()
+        desc = run.compose_descriptor(name="primary", data_keys=key)
+        events = [desc.compose_event(data={"det_image": f}, timestamps={"det_image": 0.0}, validate=False)
+                  for f in frames]
+        kept: list[str] = []
+        agents = [DetectorAnalysisAgent({"name": f"bench-{i}", "device": "cpu", **a},
+                                        sinks=[lambda name, doc: kept.append(name)]) for i, a in enumerate(settings)]
+        for agent in agents:
+            agent.tell("start", run.start_doc)
+            agent.tell("descriptor", desc.descriptor_doc)
+        stop = run.compose_stop()
+        t0 = time.perf_counter()
+        for event in events:
+            for agent in agents:
+                agent.tell("event", event)
+        for agent in agents:
+            agent.tell("stop", stop)
+        wall = time.perf_counter() - t0
+        assert all(a.report()["frames_out"] == n_frames for a in agents), [a.report() for a in agents]
+        return n_frames / wall
+
+    denoise = {"analysis": "denoise", "weights": weights["denoise"]}
+    bragg = {"analysis": "bragg", "weights": weights["bragg"]}
+    cases = {"denoise_and_bragg_fps": (denoise, bragg), "bragg_fps": (bragg,),
+             "bragg_fps_whole_components": ({**bragg, "peak_separation": None},)}
+    fps(denoise, bragg)  # warm-up: imports, weights, kernels
+    got: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, settings in cases.items():
+            got[name].append(fps(*settings))
+    return {k: float(np.median(v)) for k, v in got.items()} | {"frames": n_frames, "rounds": rounds,
+                                                                "peaks_per_frame": "30-60"}
+
+
 def _one_call(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The whole batch in one forward call, channels-last: what ``infer`` did on the CPU before
     it split batches (``models.nets.cpu_sub_batch``); the baseline of the agent-path figures."""
@@ -361,6 +418,8 @@ def main() -> None:
         tof = bragg(models, args.n_bragg_tof, bar, tof=True)
         sr = super_resolution(models, args.n_sr, bar)
     speed = throughput(models)
+    speed["agents_end_to_end_512"] = agents_end_to_end(
+        {n: str(Path(args.weights) / n) if args.weights else n for n in ("denoise", "bragg")})
     gpu = gpu_throughput(models)
     out = {
         "benchmark": "detector_ml",

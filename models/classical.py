@@ -644,6 +644,26 @@ def ellipsoid_integrate(
     return _summed(rows, c)
 
 
+def _window_extreme(a: FloatArray, reach: int, op: np.ufunc) -> FloatArray:
+    """``op`` (np.maximum or np.minimum) over the window of ``reach`` pixels either side along every
+    axis, edges repeated (scipy's ``maximum_filter(a, 2 reach + 1, mode="nearest")``, to the bit):
+    shifted views, one axis after another, several times faster than scipy's filter here."""
+    out = a
+    for axis in range(a.ndim):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (reach, reach)
+        padded = np.pad(out, pad, mode="edge")
+        n = out.shape[axis]
+
+        def view(k: int, padded: FloatArray = padded, axis: int = axis, n: int = n) -> FloatArray:
+            return padded[(slice(None),) * axis + (slice(k, k + n),)]
+
+        out = view(0).copy()
+        for k in range(1, 2 * reach + 1):
+            op(out, view(k), out=out)
+    return out
+
+
 def _flood(comp: BoolArray, score: FloatArray, seeds: list[BoolArray]) -> NDArray[np.int64]:
     """Watershed of ``score`` inside ``comp`` from ``seeds`` (priority flood, highest score first).
 
@@ -730,9 +750,8 @@ def split_peaks(
     labels, n = ndimage.label(pm, structure=structure)
     labels = labels.astype(np.int64)
     reach = math.ceil(min_separation)
-    size = 2 * reach + 1
     sm = ndimage.gaussian_filter(np.where(np.isfinite(sc), sc, 0.0), smoothing) if smoothing else sc
-    highest = ndimage.maximum_filter(sm, size=size, mode="nearest")
+    highest = _window_extreme(sm, reach, np.maximum)
     # a top is the highest within the window and above something in it (a flat region is no top);
     # only a component with two top pixels or more may need cutting
     maybe = (sm == highest) & pm
@@ -748,7 +767,7 @@ def split_peaks(
         wide = tuple(slice(max(b.start - reach, 0), min(b.stop + reach, dim)) for b, dim in zip(box, pm.shape))
         comp = labels[wide] == c
         s = sm[wide]
-        tops = maybe[wide] & comp & (s > ndimage.minimum_filter(s, size=size, mode="nearest"))
+        tops = maybe[wide] & comp & (s > _window_extreme(s, reach, np.minimum))
         # tops closer than min_separation (a flat top, or equal maxima a pixel or two apart) are one seed
         near = ndimage.binary_dilation(tops, structure, iterations=max(1, reach // 2))
         seeds = ndimage.label(near, structure=structure)[0] * tops

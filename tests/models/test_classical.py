@@ -317,6 +317,18 @@ def test_split_keeps_a_single_peak_whole_and_a_flat_top_as_one():
     assert split_peaks(flat, score, min_separation=3.0, smoothing=0.0)[1] == 2
 
 
+@pytest.mark.parametrize("shape", [(40, 33), (9, 12, 10)])
+def test_window_extreme_is_scipys_filter(shape):
+    from models.classical import _window_extreme
+
+    a = np.random.default_rng(0).normal(size=shape)
+    for reach in (1, 3):
+        np.testing.assert_array_equal(_window_extreme(a, reach, np.maximum),
+                                      ndimage.maximum_filter(a, 2 * reach + 1, mode="nearest"))
+        np.testing.assert_array_equal(_window_extreme(a, reach, np.minimum),
+                                      ndimage.minimum_filter(a, 2 * reach + 1, mode="nearest"))
+
+
 def test_split_validates():
     m = np.ones((8, 8), dtype=bool)
     with pytest.raises(ValueError, match="shape"):
