@@ -486,7 +486,8 @@ class DetectorAnalysisAgent:
         self._latencies.append(self.clock() - frame.arrived)
 
     def _emit_peaks(self, run: _Run, frame: _Frame, logits: np.ndarray, raw: dict[str, Any]) -> None:
-        peaks = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) > self.settings.peak_threshold
+        p = self.settings.peak_threshold  # sigmoid(logit) > p, without the exponential of every pixel
+        peaks = logits > math.log(p / (1.0 - p))
         counts = frame.counts
         bad = np.zeros(counts.shape, bool) if frame.mask is None else frame.mask
         peaks &= ~bad
