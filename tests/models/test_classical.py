@@ -343,6 +343,42 @@ def test_split_validates():
         integrate_in_mask(np.ones((8, 8)), m, score=np.ones((4, 4)))
 
 
+def _reference_integrals(x, pm, bad, width):
+    """integrate_in_mask written the plain way: one component at a time, its shell by a distance
+    transform of the whole frame."""
+    pm = pm & ~bad
+    labels, n = ndimage.label(pm, np.ones((3,) * x.ndim))
+    out = []
+    for i in range(1, n + 1):
+        comp = labels == i
+        dist = ndimage.distance_transform_edt(~comp)
+        shell = (dist > 0) & (dist <= width) & ~pm & ~bad
+        b = x[shell].mean() if shell.any() else np.nan
+        at = np.array(np.nonzero(comp), dtype=float)
+        w = np.maximum(x[comp] - b, 0.0) if shell.any() else np.zeros(comp.sum())
+        cen = at @ w / w.sum() if w.sum() > 0 else at.mean(axis=1)
+        out.append((x[comp].sum() - comp.sum() * b, x[comp].sum(), x[shell].sum(), comp.sum(), shell.sum(), cen))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (14, 16, 12)])
+def test_integrate_in_mask_equals_the_plain_per_component_sums(shape):
+    rng = np.random.default_rng(12)
+    x = rng.poisson(3.0, shape).astype(float)
+    # blobs that touch the frame's edge, touch each other, and sit by masked pixels
+    pm = ndimage.binary_dilation(rng.random(shape) > (0.985 if len(shape) == 2 else 0.997), iterations=2)
+    bad = rng.random(shape) > 0.97
+    x[bad] = np.nan  # masked pixels may hold anything
+    for width in (1.0, 2.5, 3.0):
+        got = integrate_in_mask(x, pm, width, mask=bad)
+        want = _reference_integrals(np.where(bad, 0.0, x), pm, bad, width)
+        assert len(got.intensity) == len(want) > 3
+        np.testing.assert_allclose(got.intensity, [w[0] for w in want])
+        np.testing.assert_array_equal(got.n_peak, [w[3] for w in want])
+        np.testing.assert_array_equal(got.n_shell, [w[4] for w in want])
+        np.testing.assert_allclose(got.centroids, np.array([w[5] for w in want]), atol=1e-9)
+
+
 def test_no_peaks_gives_empty_integrals():
     out = integrate_in_mask(np.ones((8, 8)), np.zeros((8, 8), dtype=bool))
     assert out.intensity.shape == (0,) and out.centroids.shape == (0, 2)
