@@ -749,8 +749,13 @@ def split_peaks(
     structure = ndimage.generate_binary_structure(pm.ndim, pm.ndim)
     labels, n = ndimage.label(pm, structure=structure)
     labels = labels.astype(np.int64)
+    if n == 0:
+        return labels, 0
     reach = math.ceil(min_separation)
-    sm = ndimage.gaussian_filter(np.where(np.isfinite(sc), sc, 0.0), smoothing) if smoothing else sc
+    # off the mask the score may be anything: non-finite values there take the mask's lowest, so
+    # they neither hide a top nor make one
+    filled = np.where(np.isfinite(sc), sc, sc[pm].min())
+    sm = ndimage.gaussian_filter(filled, smoothing) if smoothing else filled
     highest = _window_extreme(sm, reach, np.maximum)
     # a top is the highest within the window and above something in it (a flat region is no top);
     # only a component with two top pixels or more may need cutting

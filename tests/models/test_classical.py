@@ -283,6 +283,8 @@ def test_touching_peaks_are_split_by_the_score_and_integrated_apart(spec):
     for k in (1, 2):  # each part is connected and lies on the mask
         assert ndimage.label(labels == k, np.ones((3,) * support.ndim))[1] == 1
     np.testing.assert_array_equal(labels > 0, support)
+    off = np.where(support, score, np.nan)  # what the score holds off the mask does not matter
+    np.testing.assert_array_equal(split_peaks(support, off)[0], labels)
     split = integrate_in_mask(counts, support, score=score)
     # parts come in the order of their first pixel, as components do: pair each centre with the
     # nearest centroid (the counts-weighted centre of each part)
