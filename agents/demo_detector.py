@@ -44,7 +44,7 @@ def run_detector_demo(out: Path, *, analysis: str, frames: int = 24, seed: int =
     agent = DetectorAnalysisAgent(
         DetectorSettings(name=f"demo-{analysis}", analysis=analysis,
                          weights=weights or ("bragg" if analysis == "bragg" else f"sans-sr-x{factor}"),
-                         frame_key="det_image", max_batch=8, max_latency_s=0.2),
+                         frame_key="det_image", mask_key="det_mask", max_batch=8, max_latency_s=0.2),
         sinks=[lambda name, doc: derived.append((name, doc))])
     truths: list[Any] = []
     raws: list[np.ndarray] = []

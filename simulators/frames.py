@@ -4,7 +4,8 @@
 background, counted at a level that varies from frame to frame, through realistic detector
 effects); ``scene="sans"`` a SANS detector (a coarse 2D pattern of a sasmodels sample);
 ``scene="denoise"`` a low-count frame of one of the denoising scenes. The frame is read inline
-(``{name}_image``, an array data key with its shape in the descriptor); the truth of the last
+(``{name}_image``, an array data key with its shape in the descriptor), with its bad-pixel mask
+(``{name}_mask``, uint8, 1 where a pixel is left out; it reads 0 in the frame); the truth of the last
 frame stays available on the device (:attr:`SimFrameDetector.truth`) for a demo's report, never
 in the documents.
 """
@@ -52,6 +53,9 @@ class SimFrameDetector(Device):
     """
 
     image = Cpt(_ArraySignal, value=np.zeros((2, 2), np.float32), kind="hinted")
+    # the frame's bad pixels (module gaps, dead and hot pixels: 1, left out), as a detector's pixel
+    # mask travels with its frames; all 0 for the SANS scene, which has no detector effects
+    mask = Cpt(_ArraySignal, value=np.zeros((2, 2), np.uint8), kind="normal")
 
     def __init__(self, name: str = "det", *, scene: str = "bragg", shape: tuple[int, int] = (128, 128),
                  seed: int = 0, sans_kinds: tuple[str, ...] = det.SANS_HELD_OUT_KINDS, factor: int = 4,
@@ -65,11 +69,14 @@ class SimFrameDetector(Device):
         self._n = 0
         self.truth: Any = None
         self.image.put(np.zeros(self.shape, np.float32))
+        self.mask.put(np.zeros(self.shape, np.uint8))
 
     def trigger(self) -> DeviceStatus:
         frame, self.truth = self._draw()
         self._n += 1
         self.image.put(frame.astype(np.float32))
+        bad = getattr(self.truth, "mask", None)
+        self.mask.put(np.zeros(self.shape, np.uint8) if bad is None else np.asarray(bad, np.uint8))
         status = DeviceStatus(self)
         status.set_finished()
         return status

@@ -27,10 +27,17 @@ def test_each_trigger_records_a_new_valid_frame_and_keeps_its_truth(scene, shape
     frames = [np.asarray(d["data"]["det_image"]) for n, d in docs if n == "event"]
     assert frames[0].shape == shape and not np.array_equal(frames[0], frames[1])
     assert np.all(frames[0] >= 0)
+    masks = [np.asarray(d["data"]["det_mask"]) for n, d in docs if n == "event"]
+    assert desc["data_keys"]["det_mask"]["shape"] == list(shape) and masks[0].dtype == np.uint8
     if scene == "sans":
         assert truths[0].fine_expected.shape == (4 * shape[0], 4 * shape[1])
+        assert not masks[0].any()
     else:
         assert truths[0].expected.shape == shape
+        # each mask is its frame's own (gaps, dead and hot pixels), and its pixels read 0
+        for frame, mask, truth in zip(frames, masks, truths, strict=True):
+            np.testing.assert_array_equal(mask.astype(bool), truth.mask)
+            assert not frame[mask.astype(bool)].any()
 
 
 def test_an_unknown_scene_is_named():
