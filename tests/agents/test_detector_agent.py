@@ -6,6 +6,7 @@ import event_model
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from agents.daemon import build_agent
 from agents.daemon_config import AgentEntry, load_daemon_config
@@ -591,8 +592,6 @@ def test_touching_peaks_are_published_apart(separation):
     agent.tell("stop", run.compose_stop())
     (bragg,) = sink.events("bragg")
     mask = bragg["data"]["peak_mask"].astype(bool)
-    from scipy import ndimage
-
     assert ndimage.label(mask, np.ones((3, 3)))[1] == 1  # the two peaks make one component
     peaks = [e["data"] for e in sink.events("peaks")]
     if separation is None:
