@@ -10,8 +10,9 @@ runs each convolution and its ReLU, and each skip connection's sum, as one oneDN
 
 * :class:`PoissonDenoiser` - input: raw counts; the network sees the Anscombe transform of the
   counts (variance-stabilised, so one network serves 0.01 to 100 counts per pixel) and the
-  log of the frame's mean level, and predicts the log of the expected counts; ``forward``
-  returns the expected counts (>= 0). Train it with :func:`poisson_nll` against the expected
+  log of the frame's mean level, and predicts the log of a correction to a start: the 3 x 3
+  local mean, or with ``gate`` a per-pixel mix (the network's second output) of the local mean
+  and the pixel's own counts; ``forward`` returns the expected counts (>= 0). Train it with :func:`poisson_nll` against the expected
   counts (simulated data) or against an independent second draw of the same frame
   (Noise2Noise: the loss is unbiased because ``E[second draw] = expected``).
 * :class:`PeakUNet` - input: raw counts (log-scaled inside); output: per-pixel (voxel) logits
@@ -221,19 +222,33 @@ class PoissonDenoiser(nn.Module):
     input transform and the local-mean residual stay at full resolution.
     """
 
-    def __init__(self, *, width: int = 16, depth: int = 3, unshuffle: int = 1, activation: str = "gelu") -> None:
+    def __init__(self, *, width: int = 16, depth: int = 3, unshuffle: int = 1, activation: str = "gelu",
+                 gate: bool = False) -> None:
         super().__init__()
-        self.net = UNet(2, 1, width=width, depth=depth, dims=2, unshuffle=unshuffle, activation=activation)
+        if not isinstance(gate, bool):
+            raise ValueError(f"gate must be true or false, got {gate=}")
+        self.gate = gate
+        self.net = UNet(2, 2 if gate else 1, width=width, depth=depth, dims=2, unshuffle=unshuffle,
+                        activation=activation)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
         a = _anscombe(counts)
         a_level = _anscombe(level)
         x = torch.cat([(a - a_level) / a_level.clamp(min=1.0), torch.log(level).expand_as(counts)], dim=1)
+        out = self.net(x)
         # residual on a local mean: at high counts the network only corrects it, at low counts
         # it replaces it (the mean is floored at a tenth of the frame's level)
-        local = F.avg_pool2d(F.pad(torch.clamp(counts, min=0.0), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        return (local + 0.1 * level) * torch.exp(torch.clamp(self.net(x), -20.0, 20.0))
+        positive = torch.clamp(counts, min=0.0)
+        base = F.avg_pool2d(F.pad(positive, (1, 1, 1, 1), mode="replicate"), 3, stride=1) + 0.1 * level
+        if self.gate:
+            # with ``gate`` the network also says, per pixel, how far to start from the pixel's own
+            # counts instead: where a pixel is far above or below its neighbours at many counts
+            # (speckle, a sharp spot) the local mean is a poor start, and correcting it by a
+            # factor of several is what overshot there (2.3x the truth at 2,000 counts)
+            base = base + torch.sigmoid(out[:, 1:]) * (positive - base)
+            out = out[:, :1]
+        return base * torch.exp(torch.clamp(out, -20.0, 20.0))
 
 
 class PeakUNet(nn.Module):

@@ -69,6 +69,30 @@ def test_a_denoiser_learns_a_flat_rate_noise2noise_style():
 
 
 
+def test_a_gated_denoiser_starts_from_the_counts_or_the_local_mean_as_its_gate_says():
+    """``gate=True``: the head's second channel mixes the pixel's own counts into the start of the
+    estimate; fully open the output is the counts, closed it is the ungated local mean."""
+    torch.manual_seed(2)
+    counts = torch.poisson(torch.full((1, 1, 16, 16), 30.0))
+    counts[0, 0, 5, 5] = 2000.0  # a pixel far above its neighbours, as in speckle
+    model = PoissonDenoiser(width=4, depth=2, activation="relu", gate=True).eval()
+    head = model.net.head
+    with torch.no_grad():
+        head.weight.zero_()
+        for bias, expect in ((30.0, counts), (-30.0, None)):
+            head.bias.copy_(torch.tensor([0.0, bias]))
+            out = model(counts)
+            if expect is not None:
+                torch.testing.assert_close(out, expect)
+            else:
+                local = torch.nn.functional.avg_pool2d(
+                    torch.nn.functional.pad(counts, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+                torch.testing.assert_close(out, local + 0.1 * counts.mean())
+    assert PoissonDenoiser(width=4, depth=2).net.head.out_channels == 1  # ungated: as before
+    with pytest.raises(ValueError, match="gate"):
+        PoissonDenoiser(gate="yes")
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_channels_last_inference_gives_the_plain_forward_pass(dims):
     torch.manual_seed(0)
