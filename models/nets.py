@@ -12,9 +12,10 @@ runs each convolution and its ReLU, and each skip connection's sum, as one oneDN
   counts (variance-stabilised, so one network serves 0.01 to 100 counts per pixel) and the
   log of the frame's mean level, and predicts the log of a correction to a start: the 3 x 3
   local mean, or with ``gate`` a per-pixel mix (the network's second output) of the local mean
-  and the pixel's own counts; ``forward`` returns the expected counts (>= 0). Train it with :func:`poisson_nll` against the expected
-  counts (simulated data) or against an independent second draw of the same frame
-  (Noise2Noise: the loss is unbiased because ``E[second draw] = expected``).
+  and the pixel's own counts; ``forward`` returns the expected counts (>= 0). Train it with
+  :func:`poisson_nll` against the expected counts (simulated data) or against an independent
+  second draw of the same frame (Noise2Noise: the loss is unbiased because
+  ``E[second draw] = expected``).
 * :class:`PeakUNet` - input: raw counts (log-scaled inside); output: per-pixel (voxel) logits
   of "inside a Bragg peak". Train with :func:`dice_bce`.
 * :class:`SuperResolver` - input: a coarse SANS pattern (counts); output: the pattern on a grid
