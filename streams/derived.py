@@ -193,7 +193,7 @@ class DerivedRunWriter:
         # validate=False: we validate ourselves so every failure is a DocumentError.
         self._bundle = event_model.compose_run(metadata=md, validate=False)
         self._descriptors: dict[str, Any] = {}
-        self._schema_checked: set[str] = set()
+        self._schema_checked: set[str | tuple[str, str]] = set()
         self._stopped = False
         # event-model types its documents as TypedDicts, which mypy will not widen to
         # dict[str, Any]; at runtime they are plain dicts, and sinks get the very object.
@@ -288,6 +288,60 @@ class DerivedRunWriter:
             self._schema_checked.add(stream)
         self._publish("event", doc)
         return doc
+
+    def emit_page(
+        self,
+        stream: str,
+        rows: Sequence[Mapping[str, Any]],
+        timestamps: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
+        """Send ``rows`` of ``stream`` (one data mapping per event) as one ``event_page``
+        document and return it; ``None``, and nothing sent, for no rows. ``timestamps`` (one
+        mapping per row) default to now.
+
+        A page is what a stream of many small rows per raw frame should send (the Bragg
+        agent's peaks, tens per frame): one document to every sink, one Kafka message, one
+        append to the zarr and tiled stores, instead of one per row. Each row is checked
+        against the descriptor as :meth:`emit` checks an event, and the rows take consecutive
+        ``seq_num``.
+
+        Raises
+        ------
+        DocumentError
+            If a row's keys or values do not match the stream's descriptor (the row is named),
+            or the schema rejects the page; nothing is sent then.
+        """
+        self._require_open("event_page")
+        if stream not in self._descriptors:
+            known = sorted(self._descriptors)
+            raise ValueError(f"unknown {stream=}; call add_stream first (known: {known})")
+        if not rows:
+            return None
+        if timestamps is not None and len(timestamps) != len(rows):
+            raise ValueError(f"{len(timestamps)} timestamps for {len(rows)} rows; give one mapping per row")
+        bundle = self._descriptors[stream]
+        now = ttime.time()
+        stamps = [dict(t) for t in timestamps] if timestamps is not None else [{k: now for k in r} for r in rows]
+        for i, (row, stamp) in enumerate(zip(rows, stamps, strict=True)):
+            try:
+                check_event_data(bundle.descriptor_doc, row, stamp, name="event_page")
+            except DocumentError as err:
+                raise DocumentError("event_page", None, f"row {i} of {len(rows)}: {err.reason}") from None
+        keys = list(rows[0])
+        counters = self._bundle.compose_descriptor.event_counters
+        seq_num = counters[stream]
+        doc = bundle.compose_event_page(data={k: [r[k] for r in rows] for k in keys},
+                                        timestamps={k: [t[k] for t in stamps] for k in keys}, validate=False)
+        if ("page", stream) not in self._schema_checked:  # as in emit: the first page of a stream
+            light = {**doc, "data": {k: [[] if _numeric_array(v) else v for v in vs] for k, vs in doc["data"].items()}}
+            try:
+                validate_document("event_page", light)
+            except DocumentError:
+                counters[stream] = seq_num  # the rejected page must not use up seq_nums
+                raise
+            self._schema_checked.add(("page", stream))
+        self._publish("event_page", cast(dict[str, Any], doc))
+        return cast(dict[str, Any], doc)
 
     def close(self, exit_status: str = "success", reason: str = "") -> dict[str, Any] | None:
         """Send the stop document and return it; later calls do nothing and return ``None``."""

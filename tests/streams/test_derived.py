@@ -114,6 +114,42 @@ def test_bad_event_raises_and_reaches_no_sink(change: dict, message: str) -> Non
     assert run.emit("primary", _good_data())["seq_num"] == 1
 
 
+def test_event_page_carries_its_rows_in_order_after_earlier_events() -> None:
+    sink = ListSink()
+    with DerivedRunWriter([sink], raw_run_uid="raw") as run:
+        run.add_stream("primary", KEYS)
+        run.emit("primary", _good_data())
+        rows = [{**_good_data(), "peak": float(i), "profile": np.full(4, i, np.float32)} for i in range(3)]
+        page = run.emit_page("primary", rows)
+        assert run.emit_page("primary", []) is None  # nothing to send: nothing sent
+        run.emit("primary", _good_data())
+    assert sink.names == ["start", "descriptor", "event", "event_page", "event", "stop"]
+    assert all(_valid(name, doc) for name, doc in sink.docs)
+    assert page is sink.docs[3][1] and page["seq_num"] == [2, 3, 4] and len(set(page["uid"])) == 3
+    events = list(event_model.unpack_event_page(page))
+    assert [e["data"]["peak"] for e in events] == [0.0, 1.0, 2.0]
+    assert all(e["data"]["profile"] is r["profile"] for e, r in zip(events, rows, strict=True))
+    assert sink.docs[4][1]["seq_num"] == 5
+
+
+def test_bad_row_of_a_page_is_named_and_nothing_is_sent() -> None:
+    sink = ListSink()
+    run = DerivedRunWriter([sink], raw_run_uid="raw")
+    run.add_stream("primary", KEYS)
+    rows = [_good_data(), {**_good_data(), "peak": "high"}, _good_data()]
+    with pytest.raises(DocumentError, match="row 1 of 3: .*'peak' is declared dtype='number'"):
+        run.emit_page("primary", rows)
+    with pytest.raises(ValueError, match="2 timestamps for 3 rows"):
+        run.emit_page("primary", [_good_data()] * 3, timestamps=[dict.fromkeys(KEYS, 1.0)] * 2)
+    with pytest.raises(ValueError, match="unknown stream='other'"):
+        run.emit_page("other", [_good_data()])
+    assert sink.names == ["start", "descriptor"]
+    assert run.emit_page("primary", [_good_data()])["seq_num"] == [1]  # no seq_num used up
+    run.close()
+    with pytest.raises(StreamError, match="already stopped"):
+        run.emit_page("primary", [_good_data()])
+
+
 def test_timestamps_must_match_data_keys() -> None:
     sink = ListSink()
     run = DerivedRunWriter([sink], raw_run_uid="raw")
