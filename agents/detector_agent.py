@@ -15,7 +15,9 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   ``n_pixels``, ``centroid``: float array of length ``ndim``), from
   :func:`models.classical.integrate_in_mask` on the raw counts (touching peaks cut apart along the
   network's logits: ``peak_separation``). One event per peak keeps every data
-  key of fixed shape, which every sink (zarr, tiled) stores as a plain column;
+  key of fixed shape, which every sink (zarr, tiled) stores as a plain column; a frame's peaks
+  are sent together as one ``event_page`` (tens of peaks a frame: one document, one Kafka
+  message, one store append per frame rather than one per peak; none for a frame without peaks);
 * ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction, scaled
   to the measured counts of each ring about ``beam_center`` (``ring_consistency``).
 
@@ -500,17 +502,22 @@ class DetectorAnalysisAgent:
                                   score=None if sep is None else logits, min_separation=sep or 3.0)
         n = len(integ.intensity)
         self._send(run, "bragg", {"peak_mask": peaks.astype(np.uint8), "n_peaks": n, **raw})
-        for i in range(n):
-            self._send(run, "peaks", {"peak_index": i, "intensity": float(integ.intensity[i]),
-                                      "sigma": float(integ.sigma[i]), "background": float(integ.background[i]),
-                                      "n_pixels": int(integ.n_peak[i]),
-                                      "centroid": np.asarray(integ.centroids[i], dtype=np.float64), **raw})
+        rows = [{"peak_index": i, "intensity": float(integ.intensity[i]), "sigma": float(integ.sigma[i]),
+                 "background": float(integ.background[i]), "n_pixels": int(integ.n_peak[i]),
+                 "centroid": np.asarray(integ.centroids[i], dtype=np.float64), **raw} for i in range(n)]
+        if rows:
+            self._send(run, "peaks", rows)
 
-    def _send(self, run: _Run, stream: str, data: dict[str, Any]) -> None:
+    def _send(self, run: _Run, stream: str, data: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One event of ``stream``, or one event page of a list of rows."""
+        first = data[0] if isinstance(data, list) else data
         if stream not in run.streams:  # declared at its first event, when the output shapes are known
-            run.writer.add_stream(stream, {k: self._data_key(v) for k, v in data.items()})
+            run.writer.add_stream(stream, {k: self._data_key(v) for k, v in first.items()})
             run.streams.add(stream)
-        run.writer.emit(stream, data)
+        if isinstance(data, list):
+            run.writer.emit_page(stream, data)
+        else:
+            run.writer.emit(stream, data)
 
     def _data_key(self, value: Any) -> dict[str, Any]:
         source = f"{self.name}:{self.record.name}"

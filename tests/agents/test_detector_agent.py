@@ -17,6 +17,8 @@ from models.nets import PeakUNet, PoissonDenoiser, SuperResolver, ring_consisten
 from models.registry import WeightsError, WeightsRecord, save_weights
 from simulators.detector import BraggRecipe, bragg_frame_2d, denoise_frame
 from streams.derived import validate_document
+from streams.zarr_reader import ZarrRunReader
+from streams.zarr_writer import ZarrRunWriter
 
 SHAPE = (32, 32)
 
@@ -55,8 +57,13 @@ class Recorder:
         self.docs.append((name, doc))
 
     def events(self, stream: str) -> list[dict]:
+        """The stream's events, event pages unpacked in place."""
         descriptors = {d["uid"] for n, d in self.docs if n == "descriptor" and d["name"] == stream}
-        return [d for n, d in self.docs if n == "event" and d["descriptor"] in descriptors]
+        out = []
+        for n, d in self.docs:
+            if n in ("event", "event_page") and d["descriptor"] in descriptors:
+                out.extend([d] if n == "event" else event_model.unpack_event_page(d))
+        return out
 
 
 def _raw_run(*, external: bool = False, key_shape=SHAPE):
@@ -109,6 +116,10 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
     # peaks cut apart along the network's logits
     peaks = sink.events("peaks")
     assert sum(e["data"]["n_peaks"] for e in bragg) == len(peaks) > 0
+    # a frame's peaks travel as one event page, none for a frame without peaks; seq_num runs on
+    pages = [d for n, d in sink.docs if n == "event_page"]
+    assert len(pages) == sum(e["data"]["n_peaks"] > 0 for e in bragg)
+    assert [p["seq_num"] for p in peaks] == list(range(1, len(peaks) + 1))
     for e, counts in zip(bragg, frames, strict=False):
         with torch.inference_mode():
             logits = model(torch.from_numpy(counts.astype(np.float32))[None, None])[0, 0].numpy()
@@ -123,6 +134,30 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
     assert report["batch_sizes"] == {"3": 1, "2": 1}
     assert report["weights"]["architecture"] == "bragg-peak-unet" and len(report["weights"]["sha256"]) == 64
     assert report["inference"]["device"] == "cpu"
+
+
+def test_the_peaks_stream_lands_in_a_zarr_store_as_one_row_per_peak(bragg_weights, frames, tmp_path):
+    model, weights = bragg_weights
+    with torch.inference_mode():
+        p = torch.sigmoid(model(torch.from_numpy(frames[0].astype(np.float32))[None, None]))
+    sink, store = Recorder(), ZarrRunWriter(tmp_path / "derived.zarr")
+    agent = _agent(weights, [sink, store], peak_threshold=float(torch.quantile(p, 0.97)))
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    for f in frames[:4]:
+        agent.tell("event", _event(desc, f))
+    agent.tell("stop", run.compose_stop())
+    store.close()
+    published = [e["data"] for e in sink.events("peaks")]
+    reader = ZarrRunReader(tmp_path / "derived.zarr")
+    uid = sink.docs[0][1]["uid"]
+    table = reader.table(uid, stream="peaks")
+    assert len(published) > 0 and list(table["seq_num"]) == list(range(1, len(published) + 1))
+    np.testing.assert_allclose(table["intensity"], [d["intensity"] for d in published])
+    np.testing.assert_allclose(table["centroid"], [d["centroid"] for d in published])
+    assert list(table["raw_seq_num"]) == [d["raw_seq_num"] for d in published]
+    assert reader.stop(uid)["num_events"] == {"bragg": 4, "peaks": len(published)}
 
 
 def test_external_npy_frames_through_resource_and_datum(bragg_weights, frames, tmp_path):
