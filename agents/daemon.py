@@ -244,6 +244,7 @@ class Daemon:
         self._lock = threading.Lock()  # agents' reports are read by the HTTP thread
         self.sequence = DocumentSequence()
         self.outbox = _Outbox()
+        self._derived_streams: dict[str, tuple[str, str]] = {}  # derived descriptor uid -> (start uid, stream)
         self._group_committed = 0.0
         self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
         self.kafka_settings = self._kafka_settings()
@@ -555,8 +556,15 @@ class Daemon:
                 st.open_derived[doc["uid"]] = {}
             elif name == "descriptor":
                 st.open_derived.get(doc["run_start"], {}).setdefault(doc.get("name", "primary"), 0)
+                self._derived_streams[doc["uid"]] = (doc["run_start"], doc.get("name", "primary"))
+            elif name in ("event", "event_page"):  # counted for the stop that closes the run after a kill
+                start, stream = self._derived_streams.get(doc["descriptor"], ("", ""))
+                if start in st.open_derived:
+                    counts = st.open_derived[start]
+                    counts[stream] = counts.get(stream, 0) + (len(doc["seq_num"]) if name == "event_page" else 1)
             elif name == "stop":
                 st.open_derived.pop(doc["run_start"], None)
+                self._derived_streams = {k: v for k, v in self._derived_streams.items() if v[0] != doc["run_start"]}
         self._save()
         self._send(docs)
         st.outbox = []

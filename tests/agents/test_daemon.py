@@ -201,6 +201,12 @@ def test_restart_from_checkpoint_reads_on_without_repeats(broker, tmp_path):
     stops = [r.doc for r in out if r.name == "stop"]
     assert [s["exit_status"] for s in stops].count("abort") == 1  # the first derived run, closed on restart
     assert [s["exit_status"] for s in stops].count("success") == 1
+    # each stop counts the events its run sent, per stream, the abort written after the restart too
+    streams = {r.doc["uid"]: (r.doc["run_start"], r.doc["name"]) for r in out if r.name == "descriptor"}
+    for stop in stops:
+        sent = Counter(streams[r.doc["descriptor"]][1] for r in out
+                       if r.name == "event" and streams[r.doc["descriptor"]][0] == stop["run_start"])
+        assert stop["num_events"] == dict(sent) and sum(sent.values()) > 0
 
 
 def _daemon_process(config_path: Path, log: Path) -> subprocess.Popen:
