@@ -33,8 +33,9 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   (in log space); and the reduced chi-square of the azimuthally averaged I(Q) of each estimate
   against the truth, with the truth's Poisson variance at the fine pixel level.
 * **Throughput** on this machine's CPU (torch threads = cores): frames per second and p99
-  latency of denoising and of masking, each frame alone, at 256 x 256 and 512 x 512, and the two
-  together at 512 x 512 (``cpu_fps_512_denoise_and_mask``). The agent's own path, side by
+  latency of denoising, of masking, and of the two in turn, one frame at a time, at 256 x 256
+  and 512 x 512 (``cpu_fps_512_denoise_and_mask`` is the two at 512 x 512), in interleaved
+  rounds of at least a second each (median of the rounds; p99 over all their frames). The agent's own path, side by
   side with one forward call per batch (what inference did before it split batches on the CPU):
   ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in batches of the agent's
   default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
@@ -227,24 +228,34 @@ def super_resolution(models: dict[str, Any], n: int, bar: Any) -> dict[str, Any]
     return out
 
 
-def throughput(models: dict[str, Any], repeats: int = 20) -> dict[str, Any]:
+def throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
+    """Frames per second and p99 latency of denoising, of masking, and of the two in turn, one
+    frame at a time through ``infer``, at 256 x 256 and 512 x 512: the three runs of a size in
+    interleaved rounds of at least a second each (:func:`_interleaved_fps`; fps the median over
+    the rounds, p99 over every frame of every round), so a machine whose speed drifts meanwhile
+    weighs on all three alike. The first frames of a network at a new size build its oneDNN
+    kernels and are left out (three calls each before the rounds)."""
     from models.nets import infer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "rounds": rounds}
     rng = np.random.default_rng(1)
+
+    def one(m: torch.nn.Module, b: torch.Tensor) -> None:
+        infer(m, b, device=torch.device("cpu"))
+
     for size in (256, 512):
         frame = torch.as_tensor(rng.poisson(1.0, (1, 1, size, size)).astype(np.float32))
         for name in ("denoise", "bragg"):
-            lat = []
-            infer(models[name], frame, device=torch.device("cpu"))
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                infer(models[name], frame, device=torch.device("cpu"))
-                lat.append(time.perf_counter() - t0)
-            out[f"{name}_{size}"] = {"fps": 1.0 / float(np.mean(lat)), "p99_latency_s": float(np.percentile(lat, 99))}
-    both = 1.0 / (1.0 / out["denoise_512"]["fps"] + 1.0 / out["bragg_512"]["fps"])
-    out["cpu_fps_512_denoise_and_mask"] = both
+            for _ in range(3):
+                one(models[name], frame)
+        cases = {"denoise": ([models["denoise"]], one), "bragg": ([models["bragg"]], one),
+                 "denoise_and_mask": ([models["denoise"], models["bragg"]], one)}
+        lat: dict[str, list[float]] = {}
+        fps = _interleaved_fps(cases, frame, rounds, latencies=lat)
+        for name in cases:
+            out[f"{name}_{size}"] = {"fps": fps[name], "p99_latency_s": float(np.percentile(lat[name], 99))}
+    out["cpu_fps_512_denoise_and_mask"] = out["denoise_and_mask_512"]["fps"]
     out.update(_agent_path_throughput(models))
     out["fused_512_denoise_and_mask"] = _fusion_throughput(models)
     return out
@@ -330,7 +341,7 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
     out: dict[str, Any] = {}
     for key, (nets, batch) in cases.items():
-        med = _interleaved_fps(nets, batch, runs, rounds)
+        med = _interleaved_fps({k: (nets, run) for k, run in runs.items()}, batch, rounds)
         out[key] = {"fps": med["infer"], "fps_one_call_per_batch": med["one_call"],
                     "ratio": med["infer"] / med["one_call"]}
     return out
@@ -351,24 +362,29 @@ def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any
                 infer(m, b, device=torch.device("cpu"))
         return one
 
-    med = _interleaved_fps([models["denoise"], models["bragg"]], frame, {"fused": run(True), "unfused": run(False)},
-                           rounds)
+    both = [models["denoise"], models["bragg"]]
+    med = _interleaved_fps({"fused": (both, run(True)), "unfused": (both, run(False))}, frame, rounds)
     return {"fps": med["fused"], "fps_unfused": med["unfused"], "ratio": med["fused"] / med["unfused"],
             "activations": {n: models[n].net.activation for n in ("denoise", "bragg")}}
 
 
-def _interleaved_fps(nets: list[torch.nn.Module], batch: torch.Tensor, runs: dict[str, Any],
-                     rounds: int) -> dict[str, float]:
-    """Median frames per second of each of ``runs`` (``run(model, batch)`` for every model of
-    ``nets`` in turn), timed for at least a second and 8 frames a round, rounds interleaved so a
-    machine that slows down or speeds up meanwhile weighs on every run alike."""
-    fps: dict[str, list[float]] = {k: [] for k in runs}
+def _interleaved_fps(cases: dict[str, tuple[list[torch.nn.Module], Any]], batch: torch.Tensor, rounds: int,
+                     latencies: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median frames per second of each case ``(networks, run)`` (``run(model, batch)`` for
+    every network in turn), timed for at least a second and 8 frames a round, rounds interleaved
+    so a machine that slows down or speeds up meanwhile weighs on every case alike.
+    ``latencies``, when given, gets the seconds each batch took through all of its case's
+    networks, per case."""
+    fps: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(rounds):
-        for name, run in runs.items():
+        for name, (models_, run) in cases.items():
             t0, n = time.perf_counter(), 0
             while n < 8 or time.perf_counter() - t0 < 1.0:
-                for m in nets:
+                t1 = time.perf_counter()
+                for m in models_:
                     run(m, batch)
+                if latencies is not None:
+                    latencies.setdefault(name, []).append(time.perf_counter() - t1)
                 n += len(batch)
             fps[name].append(n / (time.perf_counter() - t0))
     return {k: float(np.median(v)) for k, v in fps.items()}
