@@ -19,7 +19,9 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   are sent together as one ``event_page`` (tens of peaks a frame: one document, one Kafka
   message, one store append per frame rather than one per peak; none for a frame without peaks);
 * ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction, scaled
-  to the measured counts of each ring about ``beam_center`` (``ring_consistency``).
+  to the measured counts of each ring about ``beam_center`` (``ring_consistency``); a network
+  trained with the beam's position as input (``SuperResolver(beam=True)``) is told the same
+  centre (the frame's centre when ``beam_center`` is None).
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
@@ -447,6 +449,8 @@ class DetectorAnalysisAgent:
         if any(pad):
             flat = [p for extra in reversed(pad) for p in (0, extra)]
             batch = F.pad(batch, flat, mode="replicate")
+        if getattr(self.model, "beam", False):  # a super-resolver that sees where the beam is
+            self.model.beam_center = self.settings.beam_center or ((shape[0] - 1) / 2, (shape[1] - 1) / 2)
         try:
             out, note = infer(self.model, batch, device=self.device, bf16=self.settings.bf16,
                               max_batch=self.settings.max_batch)

@@ -273,19 +273,42 @@ class PeakUNet(nn.Module):
 
 class SuperResolver(nn.Module):
     """Coarse counts in, fine expected counts out: a smoothed estimate of each coarse pixel's
-    expected total, corrected by the network, split among its ``factor x factor`` fine pixels."""
+    expected total, corrected by the network, split among its ``factor x factor`` fine pixels.
 
-    def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3, activation: str = "gelu") -> None:
+    With ``beam=True`` the network also sees where the beam is: three more input channels per
+    coarse pixel, ``(dy, dx) / (1 + r)`` and ``1 / (1 + r)``, ``(dy, dx)`` its offset from the
+    beam centre and ``r`` its distance, in coarse pixels (bounded, and the same on a detector of
+    any size). A convolution alone cannot tell in which corner of the four brightest pixels the
+    beam sits, which is where a pattern is steepest. The centre is :attr:`beam_center`
+    ``(row, column)`` in coarse pixel coordinates, or the input's centre when it is None; a
+    caller that pads its frames sets it to the centre of the unpadded frame.
+    """
+
+    def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3, activation: str = "gelu",
+                 beam: bool = False) -> None:
         super().__init__()
         if factor not in (2, 4):
             raise ValueError(f"factor must be 2 or 4, got {factor}")
-        self.factor = factor
-        self.net = UNet(1, factor * factor + 1, width=width, depth=depth, dims=2, activation=activation)
+        if not isinstance(beam, bool):
+            raise ValueError(f"beam must be true or false, got {beam=}")
+        self.factor, self.beam = factor, beam
+        self.beam_center: tuple[float, float] | None = None
+        self.net = UNet(4 if beam else 1, factor * factor + 1, width=width, depth=depth, dims=2, activation=activation)
+
+    def _beam_channels(self, like: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = like.shape
+        cy, cx = ((h - 1) / 2, (w - 1) / 2) if self.beam_center is None else self.beam_center
+        dy = (torch.arange(h, dtype=like.dtype, device=like.device) - cy).reshape(h, 1).expand(h, w)
+        dx = (torch.arange(w, dtype=like.dtype, device=like.device) - cx).reshape(1, w).expand(h, w)
+        near = 1.0 / (1.0 + torch.hypot(dy, dx))
+        return torch.stack([dy * near, dx * near, near]).unsqueeze(0).expand(b, 3, h, w)
 
     def forward(self, coarse: torch.Tensor) -> torch.Tensor:
         f = self.factor
         x = torch.log1p(torch.clamp(coarse, min=0.0))
         x = x - x.mean(dim=(-2, -1), keepdim=True)
+        if self.beam:
+            x = torch.cat([x, self._beam_channels(x)], dim=1)
         out = self.net(x)
         share = torch.softmax(out[:, : f * f], dim=1)  # how a coarse pixel's counts split among its f*f
         # a smooth estimate of the coarse pixel's expected total, multiplicatively corrected

@@ -435,6 +435,31 @@ def test_super_resolved_patterns_keep_the_measured_ring_sums(tmp_path):
         DetectorSettings(analysis="sans-sr", weights=str(sr), beam_center=(float("nan"), 3.0))
 
 
+def test_a_beam_aware_super_resolver_is_told_the_beam_centre_of_the_unpadded_frame(tmp_path):
+    torch.manual_seed(2)
+    net = SuperResolver(factor=2, width=4, depth=2, beam=True).eval()
+    sr = _save(tmp_path, net, "sans-super-resolver", "beam-sr", {"factor": 2, "width": 4, "depth": 2, "beam": True})
+    frame = np.random.default_rng(4).poisson(40.0, (23, 27)).astype(float)  # padded to 24 x 28 for the U-Net
+
+    def published(**settings):
+        sink = Recorder()
+        agent = _agent(sr, [sink], analysis="sans-sr", max_batch=1, ring_consistency=False, **settings)
+        run, desc = _raw_run(key_shape=(23, 27))
+        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                          ("event", _event(desc, frame)), ("stop", run.compose_stop())):
+            agent.tell(name, doc)
+        (event,) = sink.events("sans-sr")
+        return event["data"]["super_resolved"].astype(float)
+
+    padded = torch.nn.functional.pad(torch.from_numpy(frame.astype(np.float32))[None, None], (0, 1, 0, 1),
+                                     mode="replicate")
+    for setting, centre in ((None, (11.0, 13.0)), ((5.0, 20.0), (5.0, 20.0))):
+        net.beam_center = centre
+        with torch.inference_mode():
+            want = net(padded)[0, 0, :46, :54].numpy()
+        np.testing.assert_allclose(published(beam_center=setting), want, rtol=1e-4, atol=1e-6)
+
+
 def test_wrong_weights_are_refused_at_construction(tmp_path, bragg_weights):
     den = _save(tmp_path, PoissonDenoiser(width=4, depth=2), "poisson-denoiser-unet", "den",
                 {"width": 4, "depth": 2})

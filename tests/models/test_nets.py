@@ -4,6 +4,7 @@ only when they are what they claim to be."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -37,6 +38,25 @@ def test_networks_keep_shapes_and_physical_ranges():
         UNet(1, 1, depth=3)(torch.zeros(1, 1, 10, 10))
     with pytest.raises(ValueError, match="factor"):
         SuperResolver(factor=3)
+
+
+def test_super_resolver_with_beam_channels_sees_where_the_beam_is():
+    torch.manual_seed(0)
+    sr = SuperResolver(factor=2, width=4, depth=2, beam=True).eval()
+    coarse = torch.poisson(torch.full((2, 1, 8, 8), 30.0))
+    near = sr._beam_channels(coarse)  # (dy, dx) / (1 + r), 1 / (1 + r) about the centre (3.5, 3.5)
+    r = math.hypot(3.5, 2.5)
+    np.testing.assert_allclose(near[1, :, 0, 6].numpy(), [-3.5 / (1 + r), 2.5 / (1 + r), 1 / (1 + r)], rtol=1e-6)
+    at_centre = sr(coarse)
+    assert at_centre.shape == (2, 1, 16, 16) and bool(torch.all(at_centre >= 0))
+    sr.beam_center = (0.0, 0.0)
+    assert not torch.allclose(sr(coarse), at_centre)  # the network is told the beam moved
+    plain = SuperResolver(factor=2, width=4, depth=2).eval()
+    before = plain(coarse)
+    plain.beam_center = (0.0, 0.0)  # without beam channels the centre is not an input
+    assert torch.equal(plain(coarse), before)
+    with pytest.raises(ValueError, match="beam must be true or false"):
+        SuperResolver(beam=1)
 
 
 def test_losses_are_minimised_by_the_truth():
