@@ -281,7 +281,11 @@ class SuperResolver(nn.Module):
     any size). A convolution alone cannot tell in which corner of the four brightest pixels the
     beam sits, which is where a pattern is steepest. The centre is :attr:`beam_center`
     ``(row, column)`` in coarse pixel coordinates, or the input's centre when it is None; a
-    caller that pads its frames sets it to the centre of the unpadded frame.
+    caller that pads its frames sets it to the centre of the unpadded frame. Measured, it did not
+    help, and the shipped weights are without it: trained as the shipped ones (width 32, 16000 /
+    12000 steps, seed 0), on probe seeds 555-559 (30 patterns of held-out kinds) the reduced
+    chi-square of I(Q) was 1.82 / 2.08 at 2x / 4x against 1.74 / 1.87 without, and the inner
+    four I(Q) bins' share of it did not fall (4x: 0.76 against 0.64).
     """
 
     def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3, activation: str = "gelu",
