@@ -404,23 +404,25 @@ def test_denoise_and_super_resolution_streams(tmp_path):
             np.testing.assert_allclose(event["data"][key].sum(), frame.sum(), rtol=0.2)
 
 
+def _super_resolved(weights, frame, **settings):
+    """What a sans-sr agent publishes for one frame, as float64."""
+    sink = Recorder()
+    agent = _agent(weights, [sink], analysis="sans-sr", max_batch=1, **settings)
+    run, desc = _raw_run(key_shape=frame.shape)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                      ("event", _event(desc, frame)), ("stop", run.compose_stop())):
+        agent.tell(name, doc)
+    (event,) = sink.events("sans-sr")
+    return event["data"]["super_resolved"].astype(float)
+
+
 def test_super_resolved_patterns_keep_the_measured_ring_sums(tmp_path):
     torch.manual_seed(1)
     sr = _save(tmp_path, SuperResolver(factor=2, width=4, depth=2), "sans-super-resolver", "tiny-sr",
                {"factor": 2, "width": 4, "depth": 2})
     frame = np.random.default_rng(3).poisson(40.0, (24, 28)).astype(float)
-
-    def published(**settings):
-        sink = Recorder()
-        agent = _agent(sr, [sink], analysis="sans-sr", max_batch=1, **settings)
-        run, desc = _raw_run(key_shape=(24, 28))
-        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
-                          ("event", _event(desc, frame)), ("stop", run.compose_stop())):
-            agent.tell(name, doc)
-        (event,) = sink.events("sans-sr")
-        return event["data"]["super_resolved"].astype(float)
-
-    raw, kept, offset = (published(ring_consistency=False), published(), published(beam_center=(5.0, 20.0)))
+    raw, kept, offset = (_super_resolved(sr, frame, ring_consistency=False), _super_resolved(sr, frame),
+                         _super_resolved(sr, frame, beam_center=(5.0, 20.0)))
     np.testing.assert_allclose(kept, ring_consistent(raw, frame, 2), rtol=1e-5)
     yy, xx = np.mgrid[0:24, 0:28]
     ring = np.floor(np.hypot(yy - 11.5, xx - 13.5) / 0.5).astype(int)
@@ -440,24 +442,14 @@ def test_a_beam_aware_super_resolver_is_told_the_beam_centre_of_the_unpadded_fra
     net = SuperResolver(factor=2, width=4, depth=2, beam=True).eval()
     sr = _save(tmp_path, net, "sans-super-resolver", "beam-sr", {"factor": 2, "width": 4, "depth": 2, "beam": True})
     frame = np.random.default_rng(4).poisson(40.0, (23, 27)).astype(float)  # padded to 24 x 28 for the U-Net
-
-    def published(**settings):
-        sink = Recorder()
-        agent = _agent(sr, [sink], analysis="sans-sr", max_batch=1, ring_consistency=False, **settings)
-        run, desc = _raw_run(key_shape=(23, 27))
-        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
-                          ("event", _event(desc, frame)), ("stop", run.compose_stop())):
-            agent.tell(name, doc)
-        (event,) = sink.events("sans-sr")
-        return event["data"]["super_resolved"].astype(float)
-
     padded = torch.nn.functional.pad(torch.from_numpy(frame.astype(np.float32))[None, None], (0, 1, 0, 1),
                                      mode="replicate")
     for setting, centre in ((None, (11.0, 13.0)), ((5.0, 20.0), (5.0, 20.0))):
         net.beam_center = centre
         with torch.inference_mode():
             want = net(padded)[0, 0, :46, :54].numpy()
-        np.testing.assert_allclose(published(beam_center=setting), want, rtol=1e-4, atol=1e-6)
+        got = _super_resolved(sr, frame, ring_consistency=False, beam_center=setting)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_wrong_weights_are_refused_at_construction(tmp_path, bragg_weights):
