@@ -45,6 +45,8 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   Bragg agent told every event of a run of 512 x 512 frames with 30-60 peaks, publishing their
   derived runs: network, peak integration and documents inside the timing), and the Bragg agent
   alone with and without cutting touching peaks apart (:func:`agents_end_to_end`).
+  ``peaks_to_zarr``: a frame's 45 peaks stored in a zarr store as one event page (as the Bragg
+  agent publishes them) against one event per peak (:func:`peaks_to_zarr`).
   ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
   autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside
   the timing.)
@@ -314,6 +316,48 @@ def agents_end_to_end(weights: dict[str, str], n_frames: int = 16, rounds: int =
                                                                 "peaks_per_frame": "30-60"}
 
 
+def peaks_to_zarr(n_peaks: int = 45, frames: int = 6) -> dict[str, Any]:
+    """Seconds per frame to store a frame's peaks (``n_peaks`` rows of the Bragg agent's
+    ``peaks`` stream) in a zarr store through :class:`streams.zarr_writer.ZarrRunWriter`: as one
+    event page (what the agent sends) against one event per row (what it sent before), the two
+    alternating frame by frame."""
+    import tempfile
+    from pathlib import Path
+
+    from streams.derived import DerivedRunWriter
+    from streams.zarr_writer import ZarrRunWriter
+
+    scalar = {"dtype": "number", "shape": [], "source": "bench"}
+    keys = {k: scalar for k in ("intensity", "sigma", "background", "raw_time")}
+    keys |= {k: {**scalar, "dtype": "integer"} for k in ("peak_index", "n_pixels", "raw_seq_num")}
+    keys |= {"centroid": {**scalar, "dtype": "array", "shape": [2]}, "raw_uid": {**scalar, "dtype": "string"}}
+    rows = [{"peak_index": i, "intensity": 100.0, "sigma": 10.0, "background": 1.0, "n_pixels": 20,
+             "centroid": np.array([i, i], dtype=np.float64), "raw_seq_num": 1, "raw_uid": "u", "raw_time": 0.0}
+            for i in range(n_peaks)]
+    spent = {"event_page": [], "events": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ZarrRunWriter(Path(tmp) / "peaks.zarr")
+        writers = {}
+        for mode in spent:
+            writers[mode] = DerivedRunWriter([store], raw_run_uid=None)
+            writers[mode].add_stream("peaks", keys)
+        for _ in range(frames):
+            for mode, w in writers.items():
+                t0 = time.perf_counter()
+                if mode == "event_page":
+                    w.emit_page("peaks", rows)
+                else:
+                    for row in rows:
+                        w.emit("peaks", row)
+                spent[mode].append(time.perf_counter() - t0)
+        for w in writers.values():
+            w.close()
+        store.close()
+    med = {k: float(np.median(v)) for k, v in spent.items()}
+    return {"s_per_frame_event_page": med["event_page"], "s_per_frame_events": med["events"],
+            "ratio": med["events"] / med["event_page"], "peaks_per_frame": n_peaks, "frames": frames}
+
+
 def _one_call(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The whole batch in one forward call, channels-last: what ``infer`` did on the CPU before
     it split batches (``models.nets.cpu_sub_batch``); the baseline of the agent-path figures."""
@@ -436,6 +480,7 @@ def main() -> None:
     speed = throughput(models)
     speed["agents_end_to_end_512"] = agents_end_to_end(
         {n: str(Path(args.weights) / n) if args.weights else n for n in ("denoise", "bragg")})
+    speed["peaks_to_zarr"] = peaks_to_zarr()
     gpu = gpu_throughput(models)
     out = {
         "benchmark": "detector_ml",
