@@ -193,7 +193,7 @@ class DerivedRunWriter:
         # validate=False: we validate ourselves so every failure is a DocumentError.
         self._bundle = event_model.compose_run(metadata=md, validate=False)
         self._descriptors: dict[str, Any] = {}
-        self._schema_checked: set[str | tuple[str, str]] = set()
+        self._schema_checked: set[tuple[str, str]] = set()  # (document name, stream)
         self._stopped = False
         # event-model types its documents as TypedDicts, which mypy will not widen to
         # dict[str, Any]; at runtime they are plain dicts, and sinks get the very object.
@@ -268,24 +268,9 @@ class DerivedRunWriter:
             timestamps = {key: now for key in data}
         timestamps = dict(timestamps)
         check_event_data(bundle.descriptor_doc, data, timestamps)
-        counters = self._bundle.compose_descriptor.event_counters
-        seq_num = counters[stream]
-        doc = bundle.compose_event(data=data, timestamps=timestamps, validate=False)
-        if stream not in self._schema_checked:
-            # The first event of a stream gets the full JSON-schema check. Later ones are
-            # composed by the same code from data that passed check_event_data (keys, dtypes,
-            # shapes) above, so the schema cannot tell them apart; skipping it is what lets a
-            # daemon publish thousands of derived events per second (the schema check costs ~1 ms).
-            # The schema leaves the values of ``data`` free, so a numeric array is checked as an
-            # empty list: its contents cannot change the verdict, and turning a 512 x 512 frame
-            # into JSON and back cost ~150 ms, on the first event of every stream of every run.
-            light = {**doc, "data": {k: [] if _numeric_array(v) else v for k, v in doc["data"].items()}}
-            try:
-                validate_document("event", light)
-            except DocumentError:
-                counters[stream] = seq_num  # the rejected event must not use up a seq_num
-                raise
-            self._schema_checked.add(stream)
+        seq_num = self._bundle.compose_descriptor.event_counters[stream]
+        doc = cast(dict[str, Any], bundle.compose_event(data=data, timestamps=timestamps, validate=False))
+        self._schema_check_once("event", stream, doc, seq_num)
         self._publish("event", doc)
         return doc
 
@@ -328,20 +313,39 @@ class DerivedRunWriter:
             except DocumentError as err:
                 raise DocumentError("event_page", None, f"row {i} of {len(rows)}: {err.reason}") from None
         keys = list(rows[0])
-        counters = self._bundle.compose_descriptor.event_counters
-        seq_num = counters[stream]
+        seq_num = self._bundle.compose_descriptor.event_counters[stream]
         doc = bundle.compose_event_page(data={k: [r[k] for r in rows] for k in keys},
                                         timestamps={k: [t[k] for t in stamps] for k in keys}, validate=False)
-        if ("page", stream) not in self._schema_checked:  # as in emit: the first page of a stream
-            light = {**doc, "data": {k: [[] if _numeric_array(v) else v for v in vs] for k, vs in doc["data"].items()}}
-            try:
-                validate_document("event_page", light)
-            except DocumentError:
-                counters[stream] = seq_num  # the rejected page must not use up seq_nums
-                raise
-            self._schema_checked.add(("page", stream))
-        self._publish("event_page", cast(dict[str, Any], doc))
-        return cast(dict[str, Any], doc)
+        page = cast(dict[str, Any], doc)  # a TypedDict: see __init__
+        self._schema_check_once("event_page", stream, page, seq_num)
+        self._publish("event_page", page)
+        return page
+
+    def _schema_check_once(self, name: str, stream: str, doc: dict[str, Any], seq_num: int) -> None:
+        """The full JSON-schema check of the first event (or event page) of a stream.
+
+        Later ones are composed by the same code from data that passed check_event_data (keys,
+        dtypes, shapes), so the schema cannot tell them apart; skipping it is what lets a daemon
+        publish thousands of derived events per second (the schema check costs ~1 ms). The
+        schema leaves the values of ``data`` free, so a numeric array is checked as an empty
+        list: its contents cannot change the verdict, and turning a 512 x 512 frame into JSON
+        and back cost ~150 ms, on the first event of every stream of every run. A rejected
+        document gives its ``seq_num`` back to the stream.
+        """
+        if (name, stream) in self._schema_checked:
+            return
+
+        def light(v: Any) -> Any:
+            return [] if _numeric_array(v) else v
+        data = doc["data"]
+        light_data = ({k: [light(v) for v in vs] for k, vs in data.items()} if name == "event_page"
+                      else {k: light(v) for k, v in data.items()})
+        try:
+            validate_document(name, {**doc, "data": light_data})
+        except DocumentError:
+            self._bundle.compose_descriptor.event_counters[stream] = seq_num
+            raise
+        self._schema_checked.add((name, stream))
 
     def close(self, exit_status: str = "success", reason: str = "") -> dict[str, Any] | None:
         """Send the stop document and return it; later calls do nothing and return ``None``."""

@@ -176,6 +176,13 @@ def test_first_event_schema_check_skips_only_array_contents(monkeypatch: pytest.
     assert doc["data"] == {"peak": 0.25, "profile": [], "label": "lamellar"}
     assert {k: v for k, v in doc.items() if k != "data"} == {k: v for k, v in first.items() if k != "data"}
     assert isinstance(first["data"]["profile"], np.ndarray) and _valid("event", first)
+    # a stream's first event page likewise, once, whatever events came before it
+    checked.clear()
+    page = run.emit_page("primary", [_good_data(), _good_data()])
+    run.emit_page("primary", [_good_data()])
+    (doc,) = checked
+    assert doc["data"] == {"peak": [0.25, 0.25], "profile": [[], []], "label": ["lamellar", "lamellar"]}
+    assert isinstance(page["data"]["profile"][0], np.ndarray) and _valid("event_page", page)
 
 
 def test_invalid_start_metadata_is_rejected_before_sending() -> None:
