@@ -35,10 +35,10 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
 * **Throughput** on this machine's CPU (torch threads = cores): frames per second and p99
   latency of denoising, of masking, and of the two in turn, one frame at a time, at 256 x 256
   and 512 x 512 (``cpu_fps_512_denoise_and_mask`` is the two at 512 x 512), in interleaved
-  rounds of at least a second each (median of the rounds; p99 over all their frames). The agent's own path, side by
-  side with one forward call per batch (what inference did before it split batches on the CPU):
-  ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in batches of the agent's
-  default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
+  rounds of at least a second each (median of the rounds; p99 over all their frames). The
+  agent's own path, side by side with one forward call per batch (what inference did before it
+  split batches on the CPU): ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving
+  in batches of the agent's default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
   ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
   oneDNN inference against the same networks unfused (``models.nets.fused_inference``).
   ``agents_end_to_end_512``: the same through the detector agents themselves (a denoising and a
