@@ -38,8 +38,8 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   rounds of at least a second each (median of the rounds; p99 over all their frames). The
   agent's own path, side by side with one forward call per batch (what inference did before it
   split batches on the CPU): ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving
-  in batches of the agent's default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at a time). And
-  ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
+  in batches of the agent's default ``max_batch``) and ``agent_single_tof_32`` (one 32^3
+  volume at a time). And ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
   oneDNN inference against the same networks unfused (``models.nets.fused_inference``).
   ``agents_end_to_end_512``: the same through the detector agents themselves (a denoising and a
   Bragg agent told every event of a run of 512 x 512 frames with 30-60 peaks, publishing their
