@@ -37,19 +37,19 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   and 512 x 512 (``cpu_fps_512_denoise_and_mask`` is the two at 512 x 512), in interleaved
   rounds of at least a second each (median of the rounds; p99 over all their frames). The
   agent's own path, side by side with one forward call per batch (what inference did before it
-  split batches on the CPU): ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving
-  in batches of the agent's default ``max_batch``) and ``agent_single_tof_32`` (one 32^3
-  volume at a time). And ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU networks' fused
-  oneDNN inference against the same networks unfused (``models.nets.fused_inference``).
-  ``agents_end_to_end_512``: the same through the detector agents themselves (a denoising and a
-  Bragg agent told every event of a run of 512 x 512 frames with 30-60 peaks, publishing their
-  derived runs: network, peak integration and documents inside the timing), and the Bragg agent
-  alone with and without cutting touching peaks apart (:func:`agents_end_to_end`).
-  ``peaks_to_zarr``: a frame's 45 peaks stored in a zarr store as one event page (as the Bragg
-  agent publishes them) against one event per peak (:func:`peaks_to_zarr`).
-  ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in batches of 32 with bf16
-  autocast, when CUDA is present; ``null`` otherwise. (The frames travel host to device inside
-  the timing.)
+  split batches on the CPU): ``agent_batch8_512_denoise_and_mask`` (512 x 512 frames arriving in
+  batches of the agent's default ``max_batch``) and ``agent_single_tof_32`` (one 32^3 volume at
+  a time). And ``fused_512_denoise_and_mask``: one 512 x 512 frame at a time with the ReLU
+  networks' fused oneDNN inference against the same networks unfused
+  (``models.nets.fused_inference``). ``agents_end_to_end_512``: the same through the detector
+  agents themselves (a denoising and a Bragg agent told every event of a run of 512 x 512 frames
+  with 30-60 peaks, publishing their derived runs: network, peak integration and documents
+  inside the timing), and the Bragg agent alone with and without cutting touching peaks apart
+  (:func:`agents_end_to_end`). ``peaks_to_zarr``: a frame's 45 peaks stored in a zarr store as
+  one event page (as the Bragg agent publishes them) against one event per peak
+  (:func:`peaks_to_zarr`). ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in
+  batches of 32 with bf16 autocast, when CUDA is present; ``null`` otherwise. (The frames travel
+  host to device inside the timing.)
 
 Prints one JSON object on stdout; progress on stderr.
 
