@@ -257,11 +257,7 @@ class DerivedRunWriter:
         DocumentError
             If keys or values do not match the stream's descriptor, or the schema rejects it.
         """
-        self._require_open("event")
-        if stream not in self._descriptors:
-            known = sorted(self._descriptors)
-            raise ValueError(f"unknown {stream=}; call add_stream first (known: {known})")
-        bundle = self._descriptors[stream]
+        bundle = self._open_stream("event", stream)
         data = dict(data)
         if timestamps is None:
             now = ttime.time()
@@ -296,15 +292,11 @@ class DerivedRunWriter:
             If a row's keys or values do not match the stream's descriptor (the row is named),
             or the schema rejects the page; nothing is sent then.
         """
-        self._require_open("event_page")
-        if stream not in self._descriptors:
-            known = sorted(self._descriptors)
-            raise ValueError(f"unknown {stream=}; call add_stream first (known: {known})")
+        bundle = self._open_stream("event_page", stream)
         if not rows:
             return None
         if timestamps is not None and len(timestamps) != len(rows):
             raise ValueError(f"{len(timestamps)} timestamps for {len(rows)} rows; give one mapping per row")
-        bundle = self._descriptors[stream]
         now = ttime.time()
         stamps = [dict(t) for t in timestamps] if timestamps is not None else [{k: now for k in r} for r in rows]
         for i, (row, stamp) in enumerate(zip(rows, stamps, strict=True)):
@@ -320,6 +312,15 @@ class DerivedRunWriter:
         self._schema_check_once("event_page", stream, page, seq_num)
         self._publish("event_page", page)
         return page
+
+    def _open_stream(self, name: str, stream: str) -> Any:
+        """The descriptor bundle of ``stream``, for sending a ``name`` document on it; raises
+        if the run is stopped or the stream was never added."""
+        self._require_open(name)
+        if stream not in self._descriptors:
+            known = sorted(self._descriptors)
+            raise ValueError(f"unknown {stream=}; call add_stream first (known: {known})")
+        return self._descriptors[stream]
 
     def _schema_check_once(self, name: str, stream: str, doc: dict[str, Any], seq_num: int) -> None:
         """The full JSON-schema check of the first event (or event page) of a stream.
