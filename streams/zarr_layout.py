@@ -15,7 +15,9 @@ Event data live under ``data/`` (not beside ``time``) so that a data key named `
 
 Crash safety: the rows of one event (or event page) are appended to every array first and
 ``n_committed`` is updated last, so a reader sees only whole events; a writer that reopens the
-store truncates every array back to ``n_committed``.
+store truncates every array back to ``n_committed``. While a run is open its arrays may hold
+more rows than ``n_committed`` (they grow by doubling, not a row at a time); rows past it are
+never read, and the stop document cuts every array back to ``n_committed``.
 """
 
 from __future__ import annotations

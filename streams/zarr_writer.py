@@ -147,7 +147,7 @@ class ZarrRunWriter(ClosesOnExit):
             if arr.shape[0] < stream.n:
                 raise StoreError(f"array {arr.path!r} has {arr.shape[0]} rows but "
                                  f"n_committed={stream.n}; the store is damaged")
-            if arr.shape[0] > stream.n:  # rows of an event that was never committed
+            if arr.shape[0] > stream.n:  # spare rows, or those of an event never committed
                 logger.info("truncating %s from %d to %d rows", arr.path, arr.shape[0], stream.n)
                 arr.resize((stream.n, *arr.shape[1:]))
         if stream.n:
@@ -185,6 +185,9 @@ class ZarrRunWriter(ClosesOnExit):
         ):
             raise StoreError(f"run {run_uid!r} already has a stop document")
         run = self._run_of(run_uid, "stop", doc["uid"])
+        for stream in self._streams.values():
+            if stream.run_uid == run_uid:
+                _trim(stream)
         run.group.attrs["stop"] = event_model.sanitize_doc(doc)
         del self._open[run_uid]
         self._streams = {k: s for k, s in self._streams.items() if s.run_uid != run_uid}
@@ -243,7 +246,8 @@ class ZarrRunWriter(ClosesOnExit):
         n, k = stream.n, len(events)
         for path, values in columns.items():
             arr = stream.arrays[path]
-            arr.resize((n + k, *arr.shape[1:]))
+            if arr.shape[0] < n + k:
+                arr.resize((_capacity(arr, n + k), *arr.shape[1:]))
             arr[n : n + k] = values
         stream.group.attrs["n_committed"] = n + k  # the commit: always written last
         stream.n = n + k
@@ -262,6 +266,23 @@ class ZarrRunWriter(ClosesOnExit):
             if path not in stream.arrays:
                 stream.arrays[path] = _create_array(stream.group, path, dtype, shape)
         stream.ready = True
+
+
+def _capacity(arr: zarr.Array, rows: int) -> int:
+    """Rows to give ``arr`` so that it holds ``rows``: at least a chunk, and doubling as it grows.
+
+    Resizing rewrites an array's metadata (about a millisecond an array, every event when
+    grown one row at a time); rows past ``n_committed`` are never read and unwritten chunks
+    take no space, and :func:`_trim` cuts them off at the stop document.
+    """
+    return max(rows, 2 * arr.shape[0], arr.chunks[0])
+
+
+def _trim(stream: _Stream) -> None:
+    """Cut every array of ``stream`` back to its committed rows (a stopped run has no spare)."""
+    for arr in stream.arrays.values():
+        if arr.shape[0] != stream.n:
+            arr.resize((stream.n, *arr.shape[1:]))
 
 
 def _event_columns(

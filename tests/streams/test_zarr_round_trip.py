@@ -111,6 +111,23 @@ def test_event_page_is_stored_as_rows(store: Path) -> None:
     _assert_same_documents(list(ZarrRunReader(store).documents(docs[0][1]["uid"])), docs)
 
 
+def test_open_run_reads_committed_rows_and_stop_trims_the_arrays(store: Path) -> None:
+    keys = {"x": {"dtype": "number", "shape": [], "source": "s"},
+            "img": {"dtype": "array", "shape": [2, 3], "source": "s"}}
+    rows = [{"x": float(i), "img": np.full((2, 3), float(i))} for i in range(5)]
+    docs = _composed_run(keys, rows)
+    uid, (desc_uid,) = docs[0][1]["uid"], [d["uid"] for n, d in docs if n == "descriptor"]
+    writer = ZarrRunWriter(store)
+    _feed(writer, docs[:-1])
+    group = zarr.open_group(store, mode="r")["runs"][uid]["descriptors"][desc_uid]
+    paths = ["time", "seq_num", "uid", "data/x", "data/img", "timestamps/x", "timestamps/img"]
+    assert all(group[p].shape[0] >= 5 for p in paths)  # spare rows while the run is open
+    np.testing.assert_array_equal(ZarrRunReader(store).table(uid)["x"], np.arange(5.0))
+    writer("stop", docs[-1][1])
+    assert {p: group[p].shape[0] for p in paths} == dict.fromkeys(paths, 5)
+    _assert_same_documents(list(ZarrRunReader(store).documents(uid)), docs)
+
+
 def test_strings_integers_and_variable_length_arrays(store: Path) -> None:
     keys = {
         "label": {"dtype": "string", "shape": [], "source": "s"},
