@@ -21,8 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import event_model
 import numpy as np
+
+from streams.sequence import events_of
 
 __all__ = ["run_detector_demo"]
 
@@ -65,12 +66,8 @@ def run_detector_demo(out: Path, *, analysis: str, frames: int = 24, seed: int =
     agent.flush()
     bar.close()
     wall = time.perf_counter() - t0
-    events: list[dict[str, Any]] = []  # event pages (the Bragg agent's peaks) unpacked in place
-    for name, doc in derived:
-        if name == "event":
-            events.append(doc)
-        elif name == "event_page":
-            events.extend(event_model.unpack_event_page(doc))
+    # event pages (the Bragg agent's peaks) unpacked in place
+    events = [event for name, doc in derived for event in events_of(name, doc)]
     if analysis == "bragg":
         summary = _bragg_report(out, raws, truths, events)
     else:

@@ -53,6 +53,7 @@ from models.nets import UNet, infer, ring_consistent
 from models.registry import WeightsError, load_weights
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
+from streams.sequence import events_of
 
 __all__ = ["ANALYSES", "FRAME_HANDLERS", "DetectorAnalysisAgent", "DetectorSettings", "FrameError",
            "register_frame_handler"]
@@ -262,10 +263,8 @@ class DetectorAnalysisAgent:
         elif name == "datum_page":
             for datum in event_model.unpack_datum_page(cast(Any, doc)):
                 self._datums[datum["datum_id"]] = datum
-        elif name == "event":
-            self._event(doc)
-        elif name == "event_page":
-            for event in event_model.unpack_event_page(cast(Any, doc)):
+        elif name in ("event", "event_page"):
+            for event in events_of(name, doc):
                 self._event(event)
         elif name == "stop":
             self._stop(doc)

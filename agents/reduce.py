@@ -16,13 +16,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import event_model
 import numpy as np
 
 from agents.config import DataKeySettings, _Strict
 from agents.protocol import PlanRequest
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
+from streams.sequence import events_of
 
 __all__ = ["RateAgent", "RateSettings"]
 
@@ -78,10 +78,8 @@ class RateAgent:
         elif name == "descriptor":
             if doc["run_start"] in self._runs:
                 self._streams[doc["uid"]] = (doc["run_start"], doc.get("name", "primary"))
-        elif name == "event":
-            self._event(doc)
-        elif name == "event_page":
-            for event in event_model.unpack_event_page(doc):
+        elif name in ("event", "event_page"):
+            for event in events_of(name, doc):
                 self._event(event)
         elif name == "stop":
             writer = self._runs.pop(doc["run_start"], None)

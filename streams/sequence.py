@@ -14,10 +14,12 @@ open (the oldest is forgotten beyond that), closed runs are remembered in an LRU
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
-__all__ = ["DocumentSequence", "document_uid"]
+import event_model
+
+__all__ = ["DocumentSequence", "document_uid", "events_of"]
 
 # The field that identifies each kind of document (a list of ids in the page kinds).
 _ID_FIELD = {
@@ -43,6 +45,15 @@ def document_uid(name: str, doc: Mapping[str, Any]) -> str | None:
     if isinstance(value, list):
         value = value[0] if value else None
     return value if isinstance(value, str) and value else None
+
+
+def events_of(name: str, doc: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The events a document carries: an ``event`` itself, an ``event_page``'s rows unpacked in
+    order, nothing for any other kind. Every consumer of events reads both kinds through this."""
+    if name == "event":
+        yield cast(dict[str, Any], doc)
+    elif name == "event_page":
+        yield from event_model.unpack_event_page(cast(Any, doc))
 
 
 class _BoundedSet:

@@ -14,6 +14,7 @@ import zarr
 from streams.derived import check_event_data, validate_document
 from streams.errors import DocumentError, StoreError, StreamError
 from streams.lifecycle import ClosesOnExit
+from streams.sequence import events_of
 from streams.zarr_layout import (
     _LISTED,
     _array_paths,
@@ -198,7 +199,7 @@ class ZarrRunWriter(ClosesOnExit):
 
     def _on_event_page(self, doc: dict[str, Any]) -> None:
         # __call__ validated doc against event-model's event_page schema.
-        events = list(event_model.unpack_event_page(cast(event_model.EventPage, doc)))
+        events = list(events_of("event_page", doc))
         self._append(doc["descriptor"], events, "event_page", None)
 
     def _on_datum_page(self, doc: dict[str, Any]) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from event_model import compose_run
+from event_model import compose_run, pack_event_page
 
-from streams.sequence import DocumentSequence, document_uid
+from streams.sequence import DocumentSequence, document_uid, events_of
 from tests.streams.conftest import Document, run_documents
 
 
@@ -138,3 +138,13 @@ def test_many_real_runs_in_a_row(documents: list[Document]) -> None:
 def test_sizes_must_be_positive_integers(bad: object) -> None:
     with pytest.raises(ValueError, match="must be an integer >= 1"):
         DocumentSequence(window=bad)  # type: ignore[arg-type]
+
+
+def test_events_of_reads_events_and_event_pages_alike() -> None:
+    docs = _run("r-page", events=3)
+    events = [doc for name, doc in docs if name == "event"]
+    assert list(events_of("event", events[0])) == [events[0]]
+    unpacked = list(events_of("event_page", pack_event_page(*events)))
+    assert [e["uid"] for e in unpacked] == [e["uid"] for e in events]
+    assert [e["data"]["x"] for e in unpacked] == [0, 1, 2]
+    assert [list(events_of(name, doc)) for name, doc in docs if name not in ("event", "event_page")] == [[]] * 3
