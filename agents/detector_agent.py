@@ -14,7 +14,9 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   stream ``peaks`` with one event per peak (``peak_index``, ``intensity``, ``sigma``, ``background``,
   ``n_pixels``, ``centroid``: float array of length ``ndim``), from
   :func:`models.classical.integrate_in_mask` on the raw counts (touching peaks cut apart along the
-  network's logits: ``peak_separation``). One event per peak keeps every data
+  network's logits: ``peak_separation``; each summed over its mask and the rings of wings around
+  it a curve of growth finds: ``aperture_grow_sigma``, ``n_pixels`` counts them). One event per
+  peak keeps every data
   key of fixed shape, which every sink (zarr, tiled) stores as a plain column; a frame's peaks
   are sent together as one ``event_page`` (tens of peaks a frame: one document, one Kafka
   message, one store append per frame rather than one per peak; none for a frame without peaks);
@@ -164,6 +166,10 @@ class DetectorSettings(_Strict):
     # apart (pixels) is cut along the logits' watershed, so touching peaks are integrated apart
     # (models.classical.split_peaks); None integrates every component whole
     peak_separation: float | None = Field(default=3.0, gt=0)
+    # bragg: each peak is summed over its mask and the one-pixel rings around it that stand, one
+    # after the other, this many Poisson sigmas above the background (a curve of growth, at least
+    # the first ring; models.classical.integrate_in_mask); None sums the mask alone
+    aperture_grow_sigma: float | None = Field(default=2.0, gt=0)
     # sans-sr: scale the network's pattern to the measured counts of each half-pixel ring about the
     # beam centre (row, column in detector pixels; None: the detector centre), so I(Q) keeps to
     # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
@@ -502,7 +508,8 @@ class DetectorAnalysisAgent:
             counts = np.where(negative, 0.0, counts)
         sep = self.settings.peak_separation
         integ = integrate_in_mask(counts, peaks, self.settings.background_shell_width, mask=frame.mask,
-                                  score=None if sep is None else logits, min_separation=sep or 3.0)
+                                  score=None if sep is None else logits, min_separation=sep or 3.0,
+                                  grow_sigma=self.settings.aperture_grow_sigma)
         n = len(integ.intensity)
         self._send(run, "bragg", {"peak_mask": peaks.astype(np.uint8), "n_peaks": n, **raw})
         rows = [{"peak_index": i, "intensity": float(integ.intensity[i]), "sigma": float(integ.sigma[i]),

@@ -129,6 +129,7 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
         np.testing.assert_allclose([g["intensity"] for g in got], want.intensity)
         np.testing.assert_allclose([g["sigma"] for g in got], want.sigma)
         np.testing.assert_allclose([g["centroid"] for g in got], want.centroids.reshape(-1, 2))
+        np.testing.assert_array_equal([g["n_pixels"] for g in got], want.n_peak)
     report = agent.report()
     assert report["frames_in"] == report["frames_out"] == 5 and report["failed_frames"] == {}
     assert report["batch_sizes"] == {"3": 1, "2": 1}
@@ -656,3 +657,31 @@ def test_touching_peaks_are_published_apart(separation):
     assert sorted(nearest) == [0, 1] and np.linalg.norm(cents[nearest] - centres, axis=1).max() < 1.0
     # each peak's intensity, give or take the tail the cut hands to the other
     np.testing.assert_allclose([peaks[k]["intensity"] for k in nearest], intensities, rtol=0.12)
+
+
+@pytest.mark.parametrize("grow", [2.0, None])
+def test_peaks_are_summed_over_the_aperture_the_settings_ask_for(grow):
+    """``aperture_grow_sigma`` reaches the integrator: the mask and the rings a curve of growth
+    takes (the default), or the mask alone (``None``)."""
+    shape = (64, 64)
+    truth = 2.0 + _gaussian(shape, (30.0, 26.0), 1.6, 3000.0) + _gaussian(shape, (20.0, 45.0), 2.2, 2000.0)
+    counts = np.random.default_rng(4).poisson(truth).astype(np.float64)
+    sink = Recorder()
+    agent = _agent("bragg", [sink], aperture_grow_sigma=grow)
+    run, desc = _raw_run(key_shape=shape)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                      ("event", _event(desc, counts)), ("stop", run.compose_stop())):
+        agent.tell(name, doc)
+    (bragg,) = sink.events("bragg")
+    mask = bragg["data"]["peak_mask"].astype(bool)
+    with torch.inference_mode():
+        logits = agent.model(torch.from_numpy(counts.astype(np.float32))[None, None])[0, 0].numpy()
+    want = integrate_in_mask(counts, mask, score=logits, grow_sigma=grow)
+    peaks = [e["data"] for e in sink.events("peaks")]
+    assert len(peaks) == len(want.intensity) == 2
+    np.testing.assert_array_equal([p["n_pixels"] for p in peaks], want.n_peak)
+    np.testing.assert_allclose([p["intensity"] for p in peaks], want.intensity, rtol=1e-6)
+    if grow is None:
+        np.testing.assert_array_equal(want.n_peak, [(want.labels == k).sum() for k in (1, 2)])
+    else:
+        assert all(want.n_peak > [(want.labels == k).sum() for k in (1, 2)])

@@ -246,7 +246,7 @@ def test_integrate_in_mask_exact_on_known_counts():
     peaks = np.zeros(counts.shape, dtype=bool)
     peaks[5:8, 5:8] = True
     peaks[5:7, 20:22] = True
-    out = integrate_in_mask(counts, peaks, background_shell_width=2.0)
+    out = integrate_in_mask(counts, peaks, background_shell_width=2.0, grow_sigma=None)
     np.testing.assert_allclose(out.intensity, [90.0, 16.0])
     np.testing.assert_allclose(out.background, [2.0, 2.0])
     np.testing.assert_array_equal(out.n_peak, [9, 4])
@@ -258,8 +258,49 @@ def test_integrate_in_mask_exact_on_known_counts():
     # a masked pixel leaves both the peak and the shell
     bad = np.zeros(counts.shape, dtype=bool)
     bad[5, 5] = True
-    masked = integrate_in_mask(counts, peaks, 2.0, mask=bad)
+    masked = integrate_in_mask(counts, peaks, 2.0, mask=bad, grow_sigma=None)
     assert masked.n_peak[0] == 8 and masked.intensity[0] == pytest.approx(80.0)
+    # the curve of growth adds the first ring (the 4-neighbours: 12 and 8 pixels) and stops where
+    # the next holds nothing above the background: the same intensities
+    grown = integrate_in_mask(counts, peaks, background_shell_width=2.0)
+    np.testing.assert_allclose(grown.intensity, [90.0, 16.0])
+    np.testing.assert_array_equal(grown.n_peak, [21, 12])
+    np.testing.assert_allclose(grown.centroids, out.centroids)
+
+
+def _pseudo_voigt_scene(eta=0.5, sigma=1.5, intensity=20000.0, background=2.0):
+    """One peak with Lorentzian wings (unit-sum parts, cut at 6 sigma) and its 5 %-of-maximum mask."""
+    yy, xx = np.mgrid[:64, :64].astype(float)
+    d2 = ((yy - 31.6) ** 2 + (xx - 32.3) ** 2) / sigma**2
+    g = np.exp(-0.5 * d2)
+    lorentz = np.where(d2 <= 36.0, 1.0 / (1.0 + d2 / (2.0 * np.log(2.0))), 0.0)
+    peak = intensity * (eta * lorentz / lorentz.sum() + (1.0 - eta) * g / g.sum())
+    return peak + background, peak > 0.05 * peak.max()
+
+
+def test_aperture_growth_recovers_the_wings_a_mask_leaves_out():
+    truth, mask = _pseudo_voigt_scene()
+    rng = np.random.default_rng(21)
+    draws = [rng.poisson(truth).astype(float) for _ in range(60)]
+    alone = np.array([integrate_in_mask(c, mask, grow_sigma=None).intensity[0] for c in draws])
+    grown = [integrate_in_mask(c, mask) for c in draws]
+    values = np.array([g.intensity[0] for g in grown])
+    # the mask holds 83 % of the peak and its shell sits on the wings: a quarter is lost
+    assert alone.mean() / 20000.0 < 0.75
+    assert abs(values.mean() / 20000.0 - 1.0) < 0.01
+    assert all(g.n_peak[0] > mask.sum() + 20 for g in grown)  # rings beyond the first were taken
+    np.testing.assert_allclose(np.mean([g.sigma[0] for g in grown]), values.std(), rtol=0.25)
+
+
+def test_aperture_growth_adds_no_bias_on_background_alone():
+    rng = np.random.default_rng(22)
+    pm = np.zeros((40, 40), dtype=bool)
+    pm[18:21, 18:21] = True
+    out = [integrate_in_mask(rng.poisson(5.0, (40, 40)).astype(float), pm) for _ in range(600)]
+    values = np.array([o.intensity[0] for o in out])
+    assert abs(values.mean()) < 4 * values.std() / np.sqrt(len(values))
+    np.testing.assert_allclose(np.mean([o.sigma[0] for o in out]), values.std(), rtol=0.15)
+    assert np.median([o.n_peak[0] for o in out]) == 9 + 12  # mostly the first ring only
 
 
 # two peaks 7 px apart whose supports touch: one component of the mask
@@ -345,21 +386,34 @@ def test_split_validates():
         integrate_in_mask(np.ones((8, 8)), m, score=np.ones((4, 4)))
 
 
-def _reference_integrals(x, pm, bad, width):
-    """integrate_in_mask written the plain way: one component at a time, its shell by a distance
-    transform of the whole frame."""
+def _reference_integrals(x, pm, bad, width, grow=None, most=6):
+    """integrate_in_mask written the plain way: one component at a time, its rings and shell by a
+    distance transform of the whole frame."""
     pm = pm & ~bad
     labels, n = ndimage.label(pm, np.ones((3,) * x.ndim))
+    free = ~pm & ~bad
     out = []
     for i in range(1, n + 1):
         comp = labels == i
         dist = ndimage.distance_transform_edt(~comp)
-        shell = (dist > 0) & (dist <= width) & ~pm & ~bad
+        rings = 0
+        while grow is not None and rings < most:
+            ring = (dist > rings) & (dist <= rings + 1) & free
+            beyond = (dist > rings + 1) & (dist <= rings + 1 + width) & free
+            if not ring.any() or not beyond.any():
+                break
+            if x[ring].sum() - ring.sum() * x[beyond].mean() <= grow * np.sqrt(max(x[ring].sum(), 1.0)):
+                break
+            rings += 1
+        rings = 0 if grow is None else max(rings, 1)
+        aperture = comp | ((dist > 0) & (dist <= rings) & free)
+        shell = (dist > rings) & (dist <= rings + width) & free
         b = x[shell].mean() if shell.any() else np.nan
         at = np.array(np.nonzero(comp), dtype=float)
         w = np.maximum(x[comp] - b, 0.0) if shell.any() else np.zeros(comp.sum())
         cen = at @ w / w.sum() if w.sum() > 0 else at.mean(axis=1)
-        out.append((x[comp].sum() - comp.sum() * b, x[comp].sum(), x[shell].sum(), comp.sum(), shell.sum(), cen))
+        out.append((x[aperture].sum() - aperture.sum() * b, x[aperture].sum(), x[shell].sum(), aperture.sum(),
+                    shell.sum(), cen))
     return out
 
 
@@ -371,9 +425,12 @@ def test_integrate_in_mask_equals_the_plain_per_component_sums(shape):
     pm = ndimage.binary_dilation(rng.random(shape) > (0.985 if len(shape) == 2 else 0.997), iterations=2)
     bad = rng.random(shape) > 0.97
     x[bad] = np.nan  # masked pixels may hold anything
-    for width in (1.0, 2.5, 3.0):
-        got = integrate_in_mask(x, pm, width, mask=bad)
-        want = _reference_integrals(np.where(bad, 0.0, x), pm, bad, width)
+    # peaks on the blobs, with wings two pixels wide, so that apertures grow past their first ring
+    wings = ndimage.binary_dilation(pm, iterations=2) & ~pm
+    x = x + np.where(pm, rng.poisson(20.0, shape), 0) + np.where(wings, rng.poisson(8.0, shape), 0)
+    for width, grow in ((1.0, None), (2.5, None), (3.0, None), (3.0, 2.0), (2.0, 0.5)):
+        got = integrate_in_mask(x, pm, width, mask=bad, grow_sigma=grow)
+        want = _reference_integrals(np.where(bad, 0.0, x), pm, bad, width, grow)
         assert len(got.intensity) == len(want) > 3
         np.testing.assert_allclose(got.intensity, [w[0] for w in want])
         np.testing.assert_array_equal(got.n_peak, [w[3] for w in want])
@@ -433,6 +490,14 @@ def test_integration_validates():
         ellipsoid_integrate(frame, [[8, 8]], 5.0, bkg_inner_scale=0.5)
     with pytest.raises(ValueError, match="peak_mask"):
         integrate_in_mask(frame, np.ones((4, 4), dtype=bool))
+    blob = frame > 2
+    blob[6:9, 6:9] = True
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grow_sigma"):
+            integrate_in_mask(frame, blob, grow_sigma=bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_grow"):
+            integrate_in_mask(frame, blob, max_grow=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="background"):
         threshold_components(frame, background="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative"):
