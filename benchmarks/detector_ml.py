@@ -18,8 +18,9 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   IoU and Dice of the U-Net's mask and of threshold + connected components against the true
   support, over the pixels the detector measures (its module gaps and dead pixels read 0 and
   are left out, as the intensity bias leaves them out; ``iou_all_pixels`` counts them too);
-  intensities from the U-Net's mask (``integrate_in_mask``, touching peaks cut apart along the
-  U-Net's logits as the agent does: ``models.classical.split_peaks``), sphere and ellipsoid
+  intensities from the U-Net's mask (``integrate_in_mask`` as the agent runs it: touching peaks
+  cut apart along the U-Net's logits, ``models.classical.split_peaks``, and each summed over a
+  curve-of-growth aperture, as threshold + components' peaks are too), sphere and ellipsoid
   summation (at the true centres: an advantage to them) and threshold + components, with
   ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks with no support on
   the frame left out). Found peaks of the mask methods are paired one to one with the true
