@@ -814,22 +814,22 @@ def integrate_in_mask(
     With a ``score`` (the U-Net's logits), components holding several peaks are first cut apart
     along the score's watershed (:func:`split_peaks`), so touching peaks are integrated apart.
 
-    The aperture grows by a curve of growth, as in aperture photometry: the component, and
-    one-pixel rings around it for as long as each ring, from the first, stands above the
-    background (measured beyond it) by more than ``grow_sigma`` times its Poisson sigma; at least
-    the first ring, at most ``max_grow``. A segmentation's mask ends where a peak sinks into the noise, and its
-    wings lie beyond: summed over the mask alone (``grow_sigma=None``), with the background from
-    the wings right outside it, a peak loses them twice. On probe frames of the Bragg benchmark
-    (``benchmarks/detector_ml.py``'s recipe and the shipped U-Net's masks; seeds 777 and 783,
-    120 frames each), ``R = sum|I - I_true| / sum I_true`` of the peaks with ``I/σ`` over 30
-    fell from 0.197 / 0.165 to 0.105 / 0.056, of those with 10-30 from 0.239 / 0.282 to
-    0.203 / 0.252, of those with 5-10 from 0.290 / 0.331 to 0.278 / 0.317, and the weakest
-    (``I/σ < 5``, most of whose error is peaks the mask misses) stayed where they were (0.691 /
-    0.784 against 0.664 / 0.785); on time-of-flight volumes (seed 778, 60) the four bins went
-    from 0.926 / 0.630 / 0.245 / 0.170 to 0.924 / 0.597 / 0.219 / 0.122. Thresholds of 1 and
-    1.5 sigma did as well within 0.01-0.02; 2 keeps the aperture smallest. Growth costs noise
-    where there is nothing to gain: on background alone, a 3 x 3 mask's ``σ(I)`` is 1.6 times
-    the mask-only one (the first ring), and the mean stays within its standard error of 0.
+    The aperture grows by a curve of growth, as in aperture photometry: the component, and one-pixel
+    rings around it for as long as each ring, from the first, stands above the background (measured
+    beyond it) by more than ``grow_sigma`` times its Poisson sigma; at least the first ring, at most
+    ``max_grow``. A segmentation's mask ends where a peak sinks into the noise, and its wings lie
+    beyond: summed over the mask alone (``grow_sigma=None``), with the background from the wings
+    right outside it, a peak loses them twice. On probe frames of the Bragg benchmark
+    (``benchmarks/detector_ml.py``'s recipe and the shipped U-Net's masks; seeds 777 and 783, 120
+    frames each), ``R = sum|I - I_true| / sum I_true`` of the peaks with ``I/σ`` over 30 fell from
+    0.197 / 0.165 to 0.105 / 0.056, of those with 10-30 from 0.239 / 0.282 to 0.203 / 0.252, of
+    those with 5-10 from 0.290 / 0.331 to 0.278 / 0.317, and the weakest (``I/σ < 5``, most of whose
+    error is peaks the mask misses) stayed where they were (0.691 / 0.784 against 0.664 / 0.785); on
+    time-of-flight volumes (seed 778, 60) the four bins went from 0.926 / 0.630 / 0.245 / 0.170 to
+    0.924 / 0.597 / 0.219 / 0.122. Thresholds of 1 and 1.5 sigma did as well within 0.01-0.02; 2
+    keeps the aperture smallest. Growth costs noise where there is nothing to gain: on background
+    alone, a 3 x 3 mask's ``σ(I)`` is 1.6 times the mask-only one (the first ring), and the mean
+    stays within its standard error of 0.
 
     Parameters
     ----------
