@@ -212,6 +212,11 @@ def _fused_merge(block: _Block, up: torch.Tensor, skip: torch.Tensor) -> torch.T
     return _conv_relu(block[2], _conv_relu(conv, up, add=from_skip, weight=w_up))
 
 
+def _local_mean(x: torch.Tensor) -> torch.Tensor:
+    """The 3 x 3 mean around each pixel, edges repeated (the start the networks correct)."""
+    return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
 def _anscombe(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sqrt(torch.clamp(x, min=0.0) + 0.375)
 
@@ -241,7 +246,7 @@ class PoissonDenoiser(nn.Module):
         # residual on a local mean: at high counts the network only corrects it, at low counts
         # it replaces it (the mean is floored at a tenth of the frame's level)
         positive = torch.clamp(counts, min=0.0)
-        base = F.avg_pool2d(F.pad(positive, (1, 1, 1, 1), mode="replicate"), 3, stride=1) + 0.1 * level
+        base = _local_mean(positive) + 0.1 * level
         if self.gate:
             # with ``gate`` the network also says, per pixel, how far to start from the pixel's own
             # counts instead: where a pixel is far above or below its neighbours at many counts
@@ -316,7 +321,7 @@ class SuperResolver(nn.Module):
         out = self.net(x)
         share = torch.softmax(out[:, : f * f], dim=1)  # how a coarse pixel's counts split among its f*f
         # a smooth estimate of the coarse pixel's expected total, multiplicatively corrected
-        smooth = F.avg_pool2d(F.pad(torch.clamp(coarse, min=0.0), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        smooth = _local_mean(torch.clamp(coarse, min=0.0))
         total = smooth * torch.exp(torch.clamp(out[:, f * f:], -5.0, 5.0))
         fine = F.pixel_shuffle(share * total, f)
         return fine
