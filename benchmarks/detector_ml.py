@@ -18,12 +18,12 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   IoU and Dice of the U-Net's mask and of threshold + connected components against the true
   support, over the pixels the detector measures (its module gaps and dead pixels read 0 and
   are left out, as the intensity bias leaves them out; ``iou_all_pixels`` counts them too);
-  intensities from the U-Net's mask (``integrate_in_mask`` as the agent runs it: touching peaks
-  cut apart along the U-Net's logits, ``models.classical.split_peaks``, and each summed over a
-  curve-of-growth aperture, as threshold + components' peaks are too), sphere and ellipsoid
-  summation (at the true centres: an advantage to them) and threshold + components, with
-  ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks with no support on
-  the frame left out). Found peaks of the mask methods are paired one to one with the true
+  intensities from the U-Net's mask (``integrate_in_mask`` as the agent runs it by default:
+  touching peaks cut apart along the U-Net's logits, ``models.classical.split_peaks``; and, as
+  ``ml_aperture``, each also summed over a curve-of-growth aperture, ``grow_sigma=2``), sphere
+  and ellipsoid summation (at the true centres: an advantage to them) and threshold +
+  components, with ``R = sum|I_est - I_true| / sum I_true`` binned by the true I/sigma (peaks
+  with no support on the frame left out). Found peaks of the mask methods are paired one to one with the true
   centres (within 4 px; :func:`agents.detector_eval.matched_intensities`); a peak a method does
   not find counts with I_est = 0. ``bragg_error_ratio_low_snr`` is the U-Net's R at I/sigma < 5
   divided by the best classical method's. The same again in 3D (``bragg_tof``, ``--n-bragg-tof``
@@ -159,13 +159,16 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
             dice[name].append(metrics.dice(m, s.support, ~s.mask))
             iou_all[name].append(metrics.iou(m, s.support))
         ml = matched_intensities(classical.integrate_in_mask(x, ml_mask, mask=s.mask, score=logits), s.centers)
+        ml_ap = matched_intensities(classical.integrate_in_mask(x, ml_mask, mask=s.mask, score=logits, grow_sigma=2.0),
+                                    s.centers)
         thr = matched_intensities(th, s.centers)
         sph = classical.sphere_integrate(x, s.centers, radius=6.0, bkg_inner=8.0, bkg_outer=11.0, mask=s.mask)
         ell = classical.ellipsoid_integrate(x, s.centers, region_radius=10.0, weak_threshold=10.0, mask=s.mask)
         for j, (it, sig) in enumerate(zip(s.true_intensity, s.sigma_intensity, strict=True)):
             if not sig > 0:  # no support on the frame (a peak cut off by the edge): nothing to find
                 continue
-            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig), "ml": ml[j], "threshold": thr[j],
+            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig), "ml": ml[j], "ml_aperture": ml_ap[j],
+                          "threshold": thr[j],
                           "sphere": _finite(sph.intensity[j]), "ellipsoid": _finite(ell.intensity[j])})
         bar.update()
     bins = [(0, 5), (5, 10), (10, 30), (30, np.inf)]
@@ -176,7 +179,7 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
             continue
         truth = np.array([p["i_true"] for p in sel])
         r[f"{lo}-{hi}"] = {m: float(np.sum(np.abs(np.array([p[m] for p in sel]) - truth)) / truth.sum())
-                           for m in ("ml", "threshold", "sphere", "ellipsoid")} | {"n_peaks": len(sel)}
+                           for m in ("ml", "ml_aperture", "threshold", "sphere", "ellipsoid")} | {"n_peaks": len(sel)}
     low = r.get("0-5", {})
     best_classical = min((low[m] for m in ("threshold", "sphere", "ellipsoid")), default=float("nan"))
     return {"iou": {k: float(np.mean(v)) for k, v in iou.items()}, "dice": {k: float(np.mean(v)) for k, v in dice.items()},
