@@ -819,26 +819,26 @@ def integrate_in_mask(
     along the score's watershed (:func:`split_peaks`), so touching peaks are integrated apart.
 
     With ``grow_sigma`` (off by default) the aperture grows by a curve of growth, as in aperture
-    photometry: the component, and one-pixel
-    rings around it for as long as each ring, from the first, stands above the background under it
-    by more than ``grow_sigma`` sigmas, is not brighter per pixel than the ring inside it (by more
-    than ``grow_sigma`` sigmas: a peak's wings fall off outwards), and the rings hold at most three
-    times the component's pixels; at least the first ring, at most ``max_grow``. The background
-    under a ring, and under the final aperture, is a plane fitted to the shell beyond it, and only
-    pixels no nearer another component take part, so a sloping background or a neighbour's tail does
-    not pass for wings. A segmentation's mask ends where a peak sinks into the noise, and its wings
-    lie beyond: summed over the mask alone (``grow_sigma=None``, the constant background of the
-    shell right outside it), with that shell on the wings, a peak loses them twice. On probe frames
-    of the Bragg benchmark (``benchmarks/detector_ml.py``'s recipes, the shipped U-Nets' masks), ``R
-    = sum|I - I_true| / sum I_true`` by true ``I/σ`` (0-5 / 5-10 / 10-30 / over 30), mask alone
-    against aperture: 2D seed 777 (120 frames) 0.691 / 0.290 / 0.239 / 0.197 against 0.668 / 0.265 /
-    0.200 / 0.110, seed 783 0.784 / 0.331 / 0.282 / 0.165 against 0.785 / 0.312 / 0.251 / 0.058;
-    time-of-flight seeds 778, 779, 780 (60 volumes each) 0.926 / 0.630 / 0.245 / 0.170 against 0.924
-    / 0.598 / 0.211 / 0.090, 0.973 / 0.498 / 0.306 / 0.212 against 0.981 / 0.449 / 0.348 / 0.124,
-    0.985 / 0.548 / 0.247 / 0.215 against 0.978 / 0.508 / 0.177 / 0.140. The weakest peaks gain
-    nothing: most of their error is peaks the mask misses. Growth costs noise where there is nothing
-    to gain: on background alone, a 3 x 3 mask's ``σ(I)`` is about 1.6 times the mask-only one (the
-    first ring), and the mean stays within its standard error of 0.
+    photometry: the component, and one-pixel rings around it for as long as each ring, from the
+    first, stands above the background under it by more than ``grow_sigma`` sigmas, is not brighter
+    per pixel than the ring inside it (by more than ``grow_sigma`` sigmas: a peak's wings fall off
+    outwards), and the rings hold at most three times the component's pixels; at least the first
+    ring, at most ``max_grow``. The background under a ring, and under the final aperture, is a
+    plane fitted to the shell beyond it, and only pixels no nearer another component take part, so a
+    sloping background or a neighbour's tail does not pass for wings. A segmentation's mask ends
+    where a peak sinks into the noise, and its wings lie beyond: summed over the mask alone
+    (``grow_sigma=None``, the constant background of the shell right outside it), with that shell on
+    the wings, a peak loses them twice. On probe frames of the Bragg benchmark
+    (``benchmarks/detector_ml.py``'s recipes, the shipped U-Nets' masks), ``R = sum|I - I_true| /
+    sum I_true`` by true ``I/σ`` (0-5 / 5-10 / 10-30 / over 30), mask alone against aperture: 2D
+    seed 777 (120 frames) 0.691 / 0.290 / 0.239 / 0.197 against 0.668 / 0.265 / 0.200 / 0.110, seed
+    783 0.784 / 0.331 / 0.282 / 0.165 against 0.785 / 0.312 / 0.251 / 0.058; time-of-flight seeds
+    778, 779, 780 (60 volumes each) 0.926 / 0.630 / 0.245 / 0.170 against 0.924 / 0.598 / 0.211 /
+    0.090, 0.973 / 0.498 / 0.306 / 0.212 against 0.981 / 0.449 / 0.348 / 0.124, 0.985 / 0.548 /
+    0.247 / 0.215 against 0.978 / 0.508 / 0.177 / 0.140. The weakest peaks gain nothing: most of
+    their error is peaks the mask misses. Growth costs noise where there is nothing to gain: on
+    background alone, a 3 x 3 mask's ``σ(I)`` is about 1.6 times the mask-only one (the first ring),
+    and the mean stays within its standard error of 0.
 
     Parameters
     ----------
@@ -860,7 +860,8 @@ def integrate_in_mask(
         benchmark's frames (2D and TOF) the curve of growth halved ``R`` of the peaks with
         ``I/σ`` over 30 and cut it by a fifth at 10-30, left the weakest no better (2D) or
         worse (TOF: 0.99 to 1.14 below ``I/σ`` 5), and about doubled the Bragg agent's time a
-        frame (30-60 peaks at 512 x 512: 10.7 against 20.3 frames/s), so it stays a choice.
+        frame (30-60 peaks at 512 x 512: 10.7 frames/s with it, 17.7-20.3 without, in benchmark
+        runs a day apart), so it stays a choice.
     max_grow : int
         Most rings of the aperture beyond the component (>= 1).
 
