@@ -968,7 +968,7 @@ def _aperture_rings(sub: FloatArray, dist: FloatArray, free: BoolArray, width: f
     them holding at most ``_MAX_RING_SHARE`` times the component's pixels; at least one
     (:func:`integrate_in_mask`)."""
     rings = 0
-    n_comp = int((dist == 0).sum())
+    n_comp, grown = int((dist == 0).sum()), 0
     last, last_var = math.inf, 0.0  # the previous ring's excess per pixel, and its variance
     while rings < most:
         ring = (dist > rings) & (dist <= rings + 1) & free
@@ -984,8 +984,9 @@ def _aperture_rings(sub: FloatArray, dist: FloatArray, free: BoolArray, width: f
         # off outwards: what rises is a neighbour or the background's structure)
         if excess <= z * math.sqrt(variance) or per_pixel - last > z * math.sqrt(per_pixel_var + last_var):
             break
-        if int(((dist > 0) & (dist <= rings + 1) & free).sum()) > _MAX_RING_SHARE * n_comp:
+        if grown + n_ring > _MAX_RING_SHARE * n_comp:
             break
+        grown += n_ring  # the rings are disjoint: their pixels add up
         last, last_var = per_pixel, per_pixel_var
         rings += 1
     return max(rings, 1)

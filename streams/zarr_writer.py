@@ -144,13 +144,11 @@ class ZarrRunWriter(ClosesOnExit):
             raise StoreError(f"descriptor group {group.path!r} lacks 'descriptor'/'n_committed'")
         stream = _Stream(run_uid, group, attrs["descriptor"], int(attrs["n_committed"]))
         stream.arrays = _arrays(group)
-        for path, arr in stream.arrays.items():
+        for arr in stream.arrays.values():
             if arr.shape[0] < stream.n:
                 raise StoreError(f"array {arr.path!r} has {arr.shape[0]} rows but "
                                  f"n_committed={stream.n}; the store is damaged")
-            if arr.shape[0] > stream.n:  # spare rows, or those of an event never committed
-                logger.info("truncating %s from %d to %d rows", arr.path, arr.shape[0], stream.n)
-                arr.resize((stream.n, *arr.shape[1:]))
+        _trim(stream)  # spare rows, or those of an event never committed
         if stream.n:
             if missing := sorted(set(_array_paths(stream.descriptor)) - set(stream.arrays)):
                 raise StoreError(f"descriptor group {group.path!r} lacks arrays {missing}")
@@ -280,9 +278,11 @@ def _capacity(arr: zarr.Array, rows: int) -> int:
 
 
 def _trim(stream: _Stream) -> None:
-    """Cut every array of ``stream`` back to its committed rows (a stopped run has no spare)."""
+    """Cut every array of ``stream`` back to its committed rows: at the stop (a stopped run has
+    no spare rows) and on reopening (spare rows, or those of an event never committed)."""
     for arr in stream.arrays.values():
         if arr.shape[0] != stream.n:
+            logger.info("truncating %s from %d to %d rows", arr.path, arr.shape[0], stream.n)
             arr.resize((stream.n, *arr.shape[1:]))
 
 
