@@ -964,6 +964,10 @@ SANS_KINDS: Mapping[str, SANSKind] = MappingProxyType({
     "sphere": _sans("sphere", {"sld": 3.47, "sld_solvent": 6.36, "radius_pd_n": 15},
                     {"radius": (20.0, 80.0), "radius_pd": (0.05, 0.15)}, False,
                     "polydisperse silica spheres in D2O"),
+    "sphere_monodisperse": _sans("sphere", {"sld": 1.41, "sld_solvent": 6.36, "radius_pd": 0.0},
+                                 {"radius": (20.0, 80.0)}, False,
+                                 "monodisperse spheres (latex standards, globular proteins): sharp form-factor "
+                                 "minima, which no other training kind has"),
     "sphere_hardsphere": _sans(
         "sphere@hardsphere", {"sld": 3.47, "sld_solvent": 6.36, "radius_effective_mode": 1},
         {"radius": (20.0, 60.0), "volfraction": (0.05, 0.35)}, False,
@@ -987,7 +991,7 @@ SANS_KINDS: Mapping[str, SANSKind] = MappingProxyType({
 })
 #: Kinds for training SANS super-resolution; benchmarks evaluate on :data:`SANS_HELD_OUT_KINDS`.
 SANS_TRAIN_KINDS: tuple[str, ...] = (
-    "sphere", "sphere_hardsphere", "cylinder_oriented", "ellipsoid_oriented")
+    "sphere", "sphere_monodisperse", "sphere_hardsphere", "cylinder_oriented", "ellipsoid_oriented")
 SANS_HELD_OUT_KINDS: tuple[str, ...] = ("core_shell_sphere", "core_shell_cylinder_oriented")
 
 

@@ -323,6 +323,17 @@ def test_sans_anisotropic_is_not_radially_symmetric_and_isotropic_is():
     assert diff > 0.2 * ani.fine_expected.max()
 
 
+def test_monodisperse_spheres_have_the_sharp_minima_the_polydisperse_kind_smears():
+    # first zero of a sphere's form factor at qR = 4.49, next maximum at qR = 5.76 (R = 50 A)
+    def dip(kind, params):
+        p = sans_pair(0, kind, params={"radius": 50.0, **params}, factor=4, coarse_shape=(32, 32))
+        q, i = np.hypot(p.qx_fine, p.qy_fine), p.fine_expected
+        return i[(q > 0.07) & (q < 0.105)].min() / i[(q > 0.105) & (q < 0.14)].max()
+
+    assert dip("sphere_monodisperse", {}) < 1e-3
+    assert dip("sphere", {"radius_pd": 0.05}) > 0.1  # the least polydisperse of the "sphere" kind
+
+
 def test_sans_params_override_and_reproducible():
     a = sans_pair(2, "sphere", params={"radius": 50.0})
     b = sans_pair(2, "sphere", params={"radius": 50.0})
