@@ -23,7 +23,8 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
 * ``sans-sr`` - ``super_resolved``: float32 array ``factor`` times finer in each direction, scaled
   to the measured counts of each ring about ``beam_center`` (``ring_consistency``); a network
   trained with the beam's position as input (``SuperResolver(beam=True)``) is told the same
-  centre (the frame's centre when ``beam_center`` is None).
+  centre (the frame's centre when ``beam_center`` is None). The network's pattern is the mean
+  over the frame's mirror images (``symmetric_average``).
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
@@ -176,6 +177,9 @@ class DetectorSettings(_Strict):
     # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
     ring_consistency: bool = True
     beam_center: tuple[float, float] | None = None
+    # sans-sr: the mean of the network's patterns for the frame's mirror images, each mirrored back
+    # (models.nets.SuperResolver; 4 or 8 forward passes a frame); False: one pass
+    symmetric_average: bool = True
 
     @field_validator("beam_center")
     @classmethod
@@ -243,6 +247,8 @@ class DetectorAnalysisAgent:
         unet = next(m for m in self.model.modules() if isinstance(m, UNet))
         self.ndim, self._multiple = unet.dims, unet.multiple
         self._factor = int(getattr(self.model, "factor", 1))
+        if hasattr(self.model, "symmetric_average"):
+            self.model.symmetric_average = settings.symmetric_average
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)
         self._external: dict[str, set[str]] = {}  # descriptor uid -> external data keys

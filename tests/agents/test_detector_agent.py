@@ -438,6 +438,22 @@ def test_super_resolved_patterns_keep_the_measured_ring_sums(tmp_path):
         DetectorSettings(analysis="sans-sr", weights=str(sr), beam_center=(float("nan"), 3.0))
 
 
+def test_the_super_resolver_agent_averages_over_mirror_images_unless_told_not_to(tmp_path):
+    torch.manual_seed(5)
+    net = SuperResolver(factor=2, width=4, depth=2).eval()
+    sr = _save(tmp_path, net, "sans-super-resolver", "sym-sr", {"factor": 2, "width": 4, "depth": 2})
+    frame = np.random.default_rng(6).poisson(40.0, (24, 24)).astype(float)
+    x = torch.from_numpy(frame.astype(np.float32))[None, None]
+    for setting in (True, False):
+        net.symmetric_average = setting
+        with torch.inference_mode():
+            want = net(x)[0, 0].numpy()
+        got = _super_resolved(sr, frame, ring_consistency=False, symmetric_average=setting)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(_super_resolved(sr, frame, ring_consistency=False),
+                           _super_resolved(sr, frame, ring_consistency=False, symmetric_average=False))
+
+
 def test_a_beam_aware_super_resolver_is_told_the_beam_centre_of_the_unpadded_frame(tmp_path):
     torch.manual_seed(2)
     net = SuperResolver(factor=2, width=4, depth=2, beam=True).eval()

@@ -44,7 +44,7 @@ def test_super_resolver_with_beam_channels_sees_where_the_beam_is():
     torch.manual_seed(0)
     sr = SuperResolver(factor=2, width=4, depth=2, beam=True).eval()
     coarse = torch.poisson(torch.full((2, 1, 8, 8), 30.0))
-    near = sr._beam_channels(coarse)  # (dy, dx) / (1 + r), 1 / (1 + r) about the centre (3.5, 3.5)
+    near = sr._beam_channels(coarse, (3.5, 3.5))  # (dy, dx) / (1 + r), 1 / (1 + r) about the centre (3.5, 3.5)
     r = math.hypot(3.5, 2.5)
     np.testing.assert_allclose(near[1, :, 0, 6].numpy(), [-3.5 / (1 + r), 2.5 / (1 + r), 1 / (1 + r)], rtol=1e-6)
     at_centre = sr(coarse)
@@ -57,6 +57,40 @@ def test_super_resolver_with_beam_channels_sees_where_the_beam_is():
     assert torch.equal(plain(coarse), before)
     with pytest.raises(ValueError, match="beam must be true or false"):
         SuperResolver(beam=1)
+
+
+@pytest.mark.parametrize("beam", [False, True])
+def test_super_resolver_averages_over_the_mirror_images_in_evaluation(beam):
+    torch.manual_seed(1)
+    sr = SuperResolver(factor=2, width=4, depth=2, beam=beam).eval()
+    square = torch.poisson(torch.full((2, 1, 8, 8), 30.0))
+    wide = torch.poisson(torch.full((1, 1, 8, 12), 30.0))
+    sr.beam_center = (2.0, 5.0)
+    one = [sr._pattern(square, (2.0, 5.0))]  # the reference: each mirror image by hand
+    for dims in ((-2,), (-1,), (-2, -1)):
+        cy, cx = (5.0 if -2 in dims else 2.0), (2.0 if -1 in dims else 5.0)
+        one.append(torch.flip(sr._pattern(torch.flip(square, dims), (cy, cx)), dims))
+    t = square.transpose(-2, -1)
+    for dims in ((), (-2,), (-1,), (-2, -1)):
+        cy, cx = (2.0 if -2 in dims else 5.0), (5.0 if -1 in dims else 2.0)
+        y = sr._pattern(torch.flip(t, dims) if dims else t, (cy, cx))
+        one.append((torch.flip(y, dims) if dims else y).transpose(-2, -1))
+    torch.testing.assert_close(sr(square), torch.stack(one).mean(0))
+    # so the pattern of a mirrored frame (beam mirrored too) is the mirrored pattern, exactly
+    for frame in (square, wide):
+        h, w = frame.shape[-2:]
+        sr.beam_center = (2.0, 5.0)
+        y = sr(frame)
+        sr.beam_center = (2.0, w - 1 - 5.0)
+        torch.testing.assert_close(sr(torch.flip(frame, (-1,))), torch.flip(y, (-1,)))
+        assert y.shape == (frame.shape[0], 1, 2 * h, 2 * w) and bool(torch.all(y >= 0))
+    sr.beam_center = (2.0, 5.0)
+    assert not torch.allclose(sr(square), one[0])  # the network alone is not equivariant
+    sr.symmetric_average = False
+    torch.testing.assert_close(sr(square), one[0])
+    sr.symmetric_average = True
+    sr.train()  # training always takes the network's one pattern
+    torch.testing.assert_close(sr(square), one[0])
 
 
 def test_losses_are_minimised_by_the_truth():
