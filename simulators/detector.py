@@ -966,8 +966,9 @@ SANS_KINDS: Mapping[str, SANSKind] = MappingProxyType({
                     "polydisperse silica spheres in D2O"),
     "sphere_monodisperse": _sans("sphere", {"sld": 1.41, "sld_solvent": 6.36, "radius_pd": 0.0},
                                  {"radius": (20.0, 80.0)}, False,
-                                 "monodisperse spheres (latex standards, globular proteins): sharp form-factor "
-                                 "minima, which no other training kind has"),
+                                 "dilute monodisperse spheres (latex standards, globular proteins): sharp "
+                                 "form-factor minima with no structure factor, radii to 80 A (the hard-sphere "
+                                 "kind's monodisperse spheres stop at 60 A)"),
     "sphere_hardsphere": _sans(
         "sphere@hardsphere", {"sld": 3.47, "sld_solvent": 6.36, "radius_effective_mode": 1},
         {"radius": (20.0, 60.0), "volfraction": (0.05, 0.35)}, False,
