@@ -24,7 +24,8 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   to the measured counts of each ring about ``beam_center`` (``ring_consistency``); a network
   trained with the beam's position as input (``SuperResolver(beam=True)``) is told the same
   centre (the frame's centre when ``beam_center`` is None). The network's pattern is the mean
-  over the frame's mirror images (``symmetric_average``).
+  over the frame's mirror images (``symmetric_average``; for the other analyses it is off by
+  default: 4-8 forward passes a frame).
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
@@ -177,9 +178,10 @@ class DetectorSettings(_Strict):
     # the measurement (models.nets.ring_consistent); False publishes the network's pattern as is
     ring_consistency: bool = True
     beam_center: tuple[float, float] | None = None
-    # sans-sr: the mean of the network's patterns for the frame's mirror images, each mirrored back
-    # (models.nets.SuperResolver; 4 or 8 forward passes a frame); False: one pass
-    symmetric_average: bool = True
+    # the mean of the network's outputs for the frame's mirror images (in its last two axes), each
+    # mirrored back (models.nets.mirror_mean): 4 or 8 forward passes a frame. None: the network's
+    # own default, on for sans-sr, off for denoise and bragg (their CPU frame rate cannot spare it)
+    symmetric_average: bool | None = None
 
     @field_validator("beam_center")
     @classmethod
@@ -247,7 +249,7 @@ class DetectorAnalysisAgent:
         unet = next(m for m in self.model.modules() if isinstance(m, UNet))
         self.ndim, self._multiple = unet.dims, unet.multiple
         self._factor = int(getattr(self.model, "factor", 1))
-        if hasattr(self.model, "symmetric_average"):
+        if settings.symmetric_average is not None:
             self.model.symmetric_average = settings.symmetric_average
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)

@@ -28,7 +28,7 @@ runs each convolution and its ReLU, and each skip connection's sum, as one oneDN
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -221,7 +221,51 @@ def _anscombe(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sqrt(torch.clamp(x, min=0.0) + 0.375)
 
 
-class PoissonDenoiser(nn.Module):
+MirrorView = tuple[bool, tuple[int, ...]]  # (transposed, flipped axes) of a frame's last two axes
+
+
+def mirror_mean(run: Callable[[torch.Tensor, MirrorView], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``run`` over the mirror images of ``x`` in its last two axes, each result
+    mirrored back.
+
+    The images are ``x`` flipped along neither, one or both of its last two axes, and, when those
+    two are equal in length, the same four of ``x`` transposed in them: 4 or 8 calls of
+    ``run(image, (transposed, flipped_axes))`` (the image is transposed first, then flipped).
+    ``run`` must return a tensor laid out like its input in the last two axes (each axis may be
+    scaled by the same integer, as a super-resolver's is). Other axes (batch, channels, time of
+    flight) are left as they are.
+    """
+    h, w = x.shape[-2:]
+    total: torch.Tensor | None = None
+    n = 0
+    for swap in (False, True) if h == w else (False,):
+        for flips in ((), (-2,), (-1,), (-2, -1)):
+            image = x.transpose(-2, -1) if swap else x
+            y = run(torch.flip(image, flips) if flips else image, (swap, flips))
+            y = torch.flip(y, flips) if flips else y
+            y = y.transpose(-2, -1) if swap else y
+            total, n = (y if total is None else total + y), n + 1
+    assert total is not None
+    return total / n
+
+
+class _MirrorAveraged(nn.Module):
+    """A network whose output may be the mean over the input's mirror images (:func:`mirror_mean`)
+    in evaluation mode, when :attr:`symmetric_average` is set. Training always takes one pass.
+    Subclasses implement ``_forward(x, view)``; ``view`` says how ``x`` was mirrored."""
+
+    symmetric_average = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.symmetric_average:
+            return self._forward(x, (False, ()))
+        return mirror_mean(self._forward, x)
+
+    def _forward(self, x: torch.Tensor, view: MirrorView) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PoissonDenoiser(_MirrorAveraged):
     """Counts in, expected counts out (see the module docstring).
 
     ``unshuffle`` runs the U-Net body at ``1/unshuffle`` resolution (see :class:`UNet`); the
@@ -237,7 +281,7 @@ class PoissonDenoiser(nn.Module):
         self.net = UNet(2, 2 if gate else 1, width=width, depth=depth, dims=2, unshuffle=unshuffle,
                         activation=activation)
 
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+    def _forward(self, counts: torch.Tensor, view: MirrorView) -> torch.Tensor:
         level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
         a = _anscombe(counts)
         a_level = _anscombe(level)
@@ -257,7 +301,7 @@ class PoissonDenoiser(nn.Module):
         return base * torch.exp(torch.clamp(out, -20.0, 20.0))
 
 
-class PeakUNet(nn.Module):
+class PeakUNet(_MirrorAveraged):
     """Counts in, peak logits out, in 2D (``dims=2``) or 3D time-of-flight crops (``dims=3``).
 
     ``unshuffle`` (2D only) runs the U-Net body at ``1/unshuffle`` resolution (see :class:`UNet`);
@@ -269,14 +313,14 @@ class PeakUNet(nn.Module):
         super().__init__()
         self.net = UNet(1, 1, width=width, depth=depth, dims=dims, unshuffle=unshuffle, activation=activation)
 
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+    def _forward(self, counts: torch.Tensor, view: MirrorView) -> torch.Tensor:
         spatial = tuple(range(2, counts.dim()))
         x = torch.log1p(torch.clamp(counts, min=0.0))
         x = x - x.mean(dim=spatial, keepdim=True)
         return self.net(x)
 
 
-class SuperResolver(nn.Module):
+class SuperResolver(_MirrorAveraged):
     """Coarse counts in, fine expected counts out: a smoothed estimate of each coarse pixel's
     expected total, corrected by the network, split among its ``factor x factor`` fine pixels.
 
@@ -292,11 +336,12 @@ class SuperResolver(nn.Module):
     chi-square of I(Q) was 1.82 / 2.08 at 2x / 4x against 1.74 / 1.87 without, and the inner
     four I(Q) bins' share of it did not fall (4x: 0.76 against 0.64).
 
-    In evaluation mode the pattern is, by default (:attr:`symmetric_average`), the mean of the
-    network's patterns for the frame mirrored along its rows, its columns and both, and also
-    transposed when the frame is square, each mirrored back (the beam centre mirrored with it):
-    the mirror images of a pattern are patterns too, and the network is not exactly equivariant,
-    so its errors partly average out. It costs 4 or 8 forward passes. Training always uses one.
+    In evaluation mode the pattern is, by default (:attr:`symmetric_average`, which only the
+    super-resolver has on by default), the mean of the network's patterns for the frame mirrored
+    along its rows, its columns and both, and also transposed when the frame is square, each
+    mirrored back (:func:`mirror_mean`; the beam centre is mirrored with the frame): the mirror
+    images of a pattern are patterns too, and the network is not exactly equivariant, so its
+    errors partly average out. It costs 4 or 8 forward passes. Training always uses one.
     """
 
     def __init__(self, *, factor: int = 4, width: int = 24, depth: int = 3, activation: str = "gelu",
@@ -320,23 +365,12 @@ class SuperResolver(nn.Module):
         near = 1.0 / (1.0 + torch.hypot(dy, dx))
         return torch.stack([dy * near, dx * near, near]).unsqueeze(0).expand(b, 3, h, w)
 
-    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
-        h, w = coarse.shape[-2:]
-        center = ((h - 1) / 2, (w - 1) / 2) if self.beam_center is None else self.beam_center
-        if self.training or not self.symmetric_average:
-            return self._pattern(coarse, center)
-        total: torch.Tensor | None = None
-        n = 0
-        for swap in (False, True) if h == w else (False,):
-            for dims in ((), (-2,), (-1,), (-2, -1)):
-                x, (cy, cx) = (coarse.transpose(-2, -1), center[::-1]) if swap else (coarse, center)
-                cy, cx = (h - 1 - cy if -2 in dims else cy), (w - 1 - cx if -1 in dims else cx)
-                y = self._pattern(torch.flip(x, dims) if dims else x, (cy, cx))
-                y = torch.flip(y, dims) if dims else y
-                y = y.transpose(-2, -1) if swap else y
-                total, n = (y if total is None else total + y), n + 1
-        assert total is not None
-        return total / n
+    def _forward(self, coarse: torch.Tensor, view: MirrorView) -> torch.Tensor:
+        h, w = coarse.shape[-2:]  # a transposed view is of a square frame: the same shape
+        cy, cx = ((h - 1) / 2, (w - 1) / 2) if self.beam_center is None else self.beam_center
+        swap, flips = view  # where the beam is in this mirror image of the frame
+        cy, cx = (cx, cy) if swap else (cy, cx)
+        return self._pattern(coarse, (h - 1 - cy if -2 in flips else cy, w - 1 - cx if -1 in flips else cx))
 
     def _pattern(self, coarse: torch.Tensor, center: tuple[float, float]) -> torch.Tensor:
         f = self.factor

@@ -450,8 +450,32 @@ def test_the_super_resolver_agent_averages_over_mirror_images_unless_told_not_to
             want = net(x)[0, 0].numpy()
         got = _super_resolved(sr, frame, ring_consistency=False, symmetric_average=setting)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    assert not np.allclose(_super_resolved(sr, frame, ring_consistency=False),
+    assert not np.allclose(_super_resolved(sr, frame, ring_consistency=False),  # default: on
                            _super_resolved(sr, frame, ring_consistency=False, symmetric_average=False))
+
+
+def test_the_denoising_agent_averages_over_mirror_images_only_when_told_to(tmp_path):
+    torch.manual_seed(6)
+    net = PoissonDenoiser(width=4, depth=2).eval()
+    den = _save(tmp_path, net, "poisson-denoiser-unet", "sym-den", {"width": 4, "depth": 2})
+    frame = np.random.default_rng(7).poisson(3.0, (32, 32)).astype(float)
+    x = torch.from_numpy(frame.astype(np.float32))[None, None]
+    published = {}
+    for setting in (None, True, False):
+        sink = Recorder()
+        agent = _agent(den, [sink], analysis="denoise", max_batch=1, symmetric_average=setting)
+        run, desc = _raw_run(key_shape=frame.shape)
+        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                          ("event", _event(desc, frame)), ("stop", run.compose_stop())):
+            agent.tell(name, doc)
+        (event,) = sink.events("denoise")
+        published[setting] = event["data"]["denoised"].astype(float)
+    for setting in (True, False):
+        net.symmetric_average = setting
+        with torch.inference_mode():
+            np.testing.assert_allclose(published[setting], net(x)[0, 0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(published[None], published[False])  # default: one pass
+    assert not np.allclose(published[True], published[False])
 
 
 def test_a_beam_aware_super_resolver_is_told_the_beam_centre_of_the_unpadded_frame(tmp_path):

@@ -18,6 +18,7 @@ from models.nets import (
     cpu_sub_batch,
     dice_bce,
     infer,
+    mirror_mean,
     poisson_nll,
     ring_consistent,
 )
@@ -91,6 +92,45 @@ def test_super_resolver_averages_over_the_mirror_images_in_evaluation(beam):
     sr.symmetric_average = True
     sr.train()  # training always takes the network's one pattern
     torch.testing.assert_close(sr(square), one[0])
+
+
+def test_mirror_mean_mirrors_the_last_two_axes_only_and_maps_results_back():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(1, 2, 3, 4, 4)  # (batch, ch, tof, y, x)
+    views = []
+
+    def tilt(image, view):  # not mirror-symmetric: weights rising along the rows, and along time
+        views.append(view)
+        return image * torch.arange(1.0, 5.0, dtype=image.dtype).reshape(4, 1) * torch.tensor(
+            [1.0, 2.0, 3.0], dtype=image.dtype).reshape(3, 1, 1)
+
+    got = mirror_mean(tilt, x)
+    assert len(views) == 8 and len(set(views)) == 8  # a square frame: 4 flips, each also transposed
+    # the row weights average out over the mirror images (rows and columns alike, being transposed
+    # too); the time weights, on an axis left alone, do not
+    time = torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype).reshape(3, 1, 1)
+    torch.testing.assert_close(got, x * time * 2.5)
+    assert torch.equal(mirror_mean(lambda image, view: image, x), x)
+    views.clear()
+    wide = torch.ones(1, 1, 4, 6, dtype=torch.float64)
+    mirror_mean(lambda image, view: views.append(view) or image, wide)
+    assert len(views) == 4 and set(views) == {(False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1))}
+
+
+@pytest.mark.parametrize("make", [lambda: PoissonDenoiser(width=4, depth=2), lambda: PeakUNet(width=4, depth=2),
+                                  lambda: PeakUNet(dims=3, width=4, depth=2)])
+def test_denoiser_and_peak_networks_average_over_mirror_images_only_when_asked(make):
+    torch.manual_seed(3)
+    net = make().eval()
+    shape = (1, 1, 8, 16, 16) if getattr(net.net, "dims", 2) == 3 else (1, 1, 16, 16)
+    x = torch.poisson(torch.full(shape, 3.0))
+    one = net._forward(x, (False, ()))
+    assert net.symmetric_average is False and torch.equal(net(x), one)  # off by default: CPU speed
+    net.symmetric_average = True
+    torch.testing.assert_close(net(x), mirror_mean(net._forward, x))
+    assert not torch.allclose(net(x), one)
+    torch.testing.assert_close(net(torch.flip(x, (-1,))), torch.flip(net(x), (-1,)))  # a detector axis
+    net.train()
+    torch.testing.assert_close(net(x), one)
 
 
 def test_losses_are_minimised_by_the_truth():
