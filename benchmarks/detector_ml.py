@@ -13,11 +13,15 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   the best classical method at each level. The integrated-intensity bias after denoising:
   ``--n-bias`` Bragg frames are denoised and every peak is summed over its true support, against
   the same sum of the expected counts (``sum(est - truth) / sum(truth)`` over all peaks; the raw
-  counts' figure shows the sampling noise of the estimate, as they are unbiased).
+  counts' figure shows the sampling noise of the estimate, as they are unbiased). Side by side,
+  not in the headline: the network averaged over each frame's 8 mirror images (``ml_mirror``,
+  ``denoise_psnr_gain_db_mirror_average``; ``models.nets.mirror_mean``, off by default for the
+  denoiser because it costs 8 passes a frame).
 * **Bragg peaks** (``--n-bragg`` frames of 128 x 128 across the whole signal-to-noise range):
   IoU and Dice of the U-Net's mask and of threshold + connected components against the true
   support, over the pixels the detector measures (its module gaps and dead pixels read 0 and
-  are left out, as the intensity bias leaves them out; ``iou_all_pixels`` counts them too);
+  are left out, as the intensity bias leaves them out; ``iou_all_pixels`` counts them too;
+  ``iou.ml_mirror``: the U-Net averaged over each frame's mirror images, off by default);
   intensities from the U-Net's mask (``integrate_in_mask`` as the agent runs it by default:
   touching peaks cut apart along the U-Net's logits, ``models.classical.split_peaks``; and, as
   ``ml_aperture``, each also summed over a curve-of-growth aperture, ``grow_sigma=2``), sphere
@@ -72,10 +76,19 @@ EVAL_SEED = 20_261_125
 LEVELS = (0.1, 1.0, 10.0)
 
 
-def _net(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def _net(model: torch.nn.Module, x: np.ndarray, *, mirrored: bool | None = None) -> np.ndarray:
+    """The network's output for one frame; ``mirrored`` True / False: with / without the mean over
+    the frame's mirror images (``models.nets.mirror_mean``), None: the network's default."""
     from agents.detector_eval import predict
 
-    return predict(model, x)
+    if mirrored is None:
+        return predict(model, x)
+    default = model.symmetric_average
+    model.symmetric_average = mirrored
+    try:
+        return predict(model, x)
+    finally:
+        model.symmetric_average = default
 
 
 def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str, Any]:
@@ -87,7 +100,8 @@ def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str
     out: dict[str, Any] = {}
     t_ml, t_bm3d = [], []
     for level in LEVELS:
-        rows: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("ml", "gaussian", "bm3d") for k in ("psnr", "ssim")}
+        rows: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("ml", "ml_mirror", "gaussian", "bm3d")
+                                        for k in ("psnr", "ssim")}
         for _ in range(n):
             kind = det.DENOISE_HELD_OUT_KINDS[int(rng.integers(len(det.DENOISE_HELD_OUT_KINDS)))]
             s = det.denoise_frame(rng, kind, (128, 128), level, effects=det.random_effects(rng))
@@ -95,6 +109,7 @@ def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str
             t0 = time.perf_counter()
             est = {"ml": _net(model, x)}
             t_ml.append(time.perf_counter() - t0)
+            est["ml_mirror"] = _net(model, x, mirrored=True)
             est["gaussian"] = classical.anscombe_gaussian(x, mask=s.mask)
             t0 = time.perf_counter()
             est["bm3d"] = classical.anscombe_bm3d(x, mask=s.mask)
@@ -105,8 +120,9 @@ def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str
             bar.update()
         out[f"{level:g}"] = {k: float(np.mean(v)) for k, v in rows.items()}
     gains = {k: v["ml_psnr"] - max(v["gaussian_psnr"], v["bm3d_psnr"]) for k, v in out.items()}
+    mirror = {k: v["ml_mirror_psnr"] - max(v["gaussian_psnr"], v["bm3d_psnr"]) for k, v in out.items()}
     bias = _intensity_bias(model, n_bias, rng)
-    return {"by_mean_counts": out, "denoise_psnr_gain_db": gains,
+    return {"by_mean_counts": out, "denoise_psnr_gain_db": gains, "denoise_psnr_gain_db_mirror_average": mirror,
             "speedup_over_bm3d_128": float(np.median(t_bm3d) / np.median(t_ml)),
             "integrated_intensity_bias": bias}
 
@@ -138,7 +154,7 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
 
     rng = np.random.default_rng(EVAL_SEED + (3 if tof else 1))
     model = models["bragg-tof" if tof else "bragg"]
-    iou = {"ml": [], "threshold": []}
+    iou = {"ml": [], "ml_mirror": [], "threshold": []}
     dice = {"ml": [], "threshold": []}
     iou_all = {"ml": [], "threshold": []}
     peaks: list[dict[str, float]] = []
@@ -154,6 +170,7 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
         logits = _net(model, x)
         ml_mask = logits > 0.0
         th_mask, th = classical.threshold_components(x, mask=s.mask)
+        iou["ml_mirror"].append(metrics.iou(_net(model, x, mirrored=True) > 0.0, s.support, ~s.mask))
         for name, m in (("ml", ml_mask), ("threshold", th_mask)):
             iou[name].append(metrics.iou(m, s.support, ~s.mask))
             dice[name].append(metrics.dice(m, s.support, ~s.mask))
