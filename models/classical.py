@@ -431,10 +431,10 @@ def _summed(rows: list[tuple[float, float, int, int]], centroids: FloatArray,
     (a sloping background's sum over the peak region). ``σ(I)`` keeps the shell's Poisson term."""
     s_in, s_sh, n_in, n_sh = np.array(rows, dtype=np.float64).reshape(-1, 4).T
     with np.errstate(divide="ignore", invalid="ignore"):
-        bkg = np.where(n_sh > 0, s_sh / np.maximum(n_sh, 1), np.nan)
+        per_pixel = (s_sh / np.maximum(n_sh, 1) if under is None
+                     else np.asarray(under, dtype=np.float64) / np.maximum(n_in, 1))
+        bkg = np.where(n_sh > 0, per_pixel, np.nan)
         ratio = np.where(n_sh > 0, n_in / np.maximum(n_sh, 1), np.nan)
-        if under is not None:
-            bkg = np.where(n_sh > 0, np.asarray(under, dtype=np.float64) / np.maximum(n_in, 1), np.nan)
     return PeakIntegrals(
         intensity=s_in - n_in * bkg,
         sigma=np.sqrt(s_in + ratio**2 * s_sh),
