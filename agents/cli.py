@@ -234,6 +234,12 @@ def train_cmd(
              "'{\"width\": 24, \"depth\": 3}'; recorded in the weights' metadata.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads while training "
                                                             "(default: torch's).")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Fine-tune: start from these weights (a shipped name such as sans-sr-x2, or a path to NAME.pt) "
+             "instead of random ones; their network configuration is kept, and the new metadata records "
+             "their name and checksum. Use a --seed other than theirs, so the batches are new.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate of the cosine decay "
+                                                             "(default 2e-3).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a detector network from the project's simulators, reproducibly (fixed seeds), then
@@ -244,6 +250,8 @@ def train_cmd(
 
     if factor is not None and factor not in (2, 4):
         raise typer.BadParameter(f"--factor must be 2 or 4, got {factor}")
+    if lr is not None and not lr > 0:
+        raise typer.BadParameter(f"--lr must be positive, got {lr}")
     try:
         arch_config = json.loads(arch) if arch is not None else None
     except json.JSONDecodeError as err:
@@ -261,7 +269,7 @@ def train_cmd(
     try:
         record = run_training(task.value, out, steps=steps, batch=batch, seed=seed, factor=factor,
                               noise2noise=noise2noise, n_eval=n_eval, architecture_config=arch_config,
-                              threads=threads, progress=tick)
+                              threads=threads, init=init, lr=lr, progress=tick)
     except ValueError as err:
         bar.close()
         raise typer.BadParameter(str(err)) from None

@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from models import nets
-from models.registry import ARCHITECTURES, WeightsRecord, save_weights
+from models.registry import ARCHITECTURES, WeightsError, WeightsRecord, load_weights, save_weights
 from models.training import TrainConfig, train
 from simulators import detector as det
 
@@ -216,25 +217,47 @@ def _with_architecture(task: Task, overrides: dict[str, Any]) -> Task:
 def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
                  seed: int = 0, factor: int | None = None, noise2noise: bool = False, n_eval: int = 24,
                  architecture_config: dict[str, Any] | None = None, threads: int | None = None,
+                 init: str | Path | None = None, lr: float | None = None,
                  progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train, evaluate on held-out data, write the weights; return the record as a dict.
 
     ``architecture_config`` overrides keyword arguments of the task's network (for example
     ``{"unshuffle": 2}``); the weights' metadata records the full configuration. ``threads``:
-    torch CPU threads while training (default: torch's).
+    torch CPU threads while training (default: torch's). ``init``: start from these weights (a
+    shipped name or a path; loaded through the registry, so checksum-verified) instead of a
+    random initialisation, to fine-tune them; their network configuration is taken over, and the
+    metadata records their name, checksum and steps. ``lr``: the peak learning rate (default
+    :class:`TrainConfig`'s); a fine-tune usually wants a smaller one.
     """
     from agents.detector_eval import evaluate
 
     task = TASKS[task_name]
+    start: tuple[nn.Module, WeightsRecord] | None = None
+    if init is not None:
+        try:
+            start = load_weights(init, architecture=task.architecture)
+        except WeightsError as err:
+            raise ValueError(f"--init {init}: {err}") from None
+        dims = task.architecture_config.get("dims")
+        if start[1].architecture_config.get("dims", dims) != dims:
+            raise ValueError(f"--init {init} is a {start[1].architecture_config['dims']}D network; "
+                             f"{task_name} trains {dims}D ones: start from {task_name} weights")
+        task = _with_architecture(task, start[1].architecture_config)
     if factor is not None:
         if task_name != "sans-sr":
             raise ValueError("--factor applies to sans-sr only")
         task = _with_architecture(task, {"factor": factor})
     if architecture_config:
         task = _with_architecture(task, architecture_config)
-    config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed, threads=threads)
+    config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed, threads=threads,
+                         **({"lr": lr} if lr is not None else {}))
     torch.manual_seed(seed)  # the initial weights too
     model = ARCHITECTURES[task.architecture](**task.architecture_config)
+    if start is not None:
+        if start[1].architecture_config != task.architecture_config:
+            raise ValueError(f"--init {init} holds a {start[1].architecture_config} network, but --factor/--arch "
+                             f"ask for {task.architecture_config}: drop them, or start from matching weights")
+        model.load_state_dict(start[0].state_dict())
     t0 = time.perf_counter()
     history = train(model, _make_batch(task, noise2noise), _LOSSES[task_name], config, progress=progress,
                     device=torch.device("cpu") if not torch.cuda.is_available() else None)
@@ -248,7 +271,10 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
                                              "bragg": "bce+dice", "bragg-tof": "bce+dice",
                                              "sans-sr": f"poisson_nll + {IQ_WEIGHT:g} x I(Q) ring chi2"}[task_name],
                   "optimizer": "adam, cosine decay", "final_loss": float(np.mean(losses[-50:])),
-                  "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model)},
+                  "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model),
+                  "init": None if start is None else {"weights": start[1].name, "sha256": start[1].sha256,
+                                                      "steps": start[1].training.get("steps"),
+                                                      "init": start[1].training.get("init")}},
         data={**task.data, "train_seed": seed, "eval_seed": seed + EVAL_SEED_OFFSET},
         metrics=metrics,
     )

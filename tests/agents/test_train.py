@@ -99,3 +99,35 @@ def test_ring_sums_follow_the_radius_and_the_sans_loss_sees_an_iq_bias():
         return float(_sans_loss(fine, truth, None) - poisson_nll(fine, truth))
 
     assert iq_part(truth) == 0.0 and iq_part(within) < 1e-6 < iq_part(outward)
+
+
+def test_train_from_init_weights_fine_tunes_them_and_records_them(tmp_path):
+    first = run_training("bragg", tmp_path / "a", steps=2, batch=2, n_eval=1, architecture_config={"width": 8})
+    start, _ = load_weights(tmp_path / "a" / "bragg.pt")
+    # the network configuration comes from the init weights, not the task's defaults
+    record = run_training("bragg", tmp_path / "b", steps=1, batch=2, seed=3, n_eval=1, lr=1e-12,
+                          init=tmp_path / "a" / "bragg.pt")
+    assert record["architecture_config"] == first["architecture_config"]
+    assert record["training"]["init"] == {"weights": "bragg", "sha256": first["sha256"], "steps": 2, "init": None}
+    assert record["training"]["lr"] == 1e-12
+    tuned, _ = load_weights(tmp_path / "b" / "bragg.pt")
+    for (k, a), (_, b) in zip(start.state_dict().items(), tuned.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=k)  # one step at lr 1e-12 moves nothing
+    # a random start at the same seed is far from them
+    fresh = run_training("bragg", tmp_path / "c", steps=1, batch=2, seed=3, n_eval=1, lr=1e-12,
+                         architecture_config={"width": 8})
+    fresh_model, _ = load_weights(tmp_path / "c" / "bragg.pt")
+    assert any(not torch.allclose(a, b) for a, b in zip(start.state_dict().values(),
+                                                         fresh_model.state_dict().values(), strict=True))
+    assert fresh["training"]["init"] is None
+    with pytest.raises(ValueError, match="ask for"):
+        run_training("bragg", tmp_path / "d", steps=1, init=tmp_path / "a" / "bragg.pt",
+                     architecture_config={"width": 16})
+    with pytest.raises(ValueError, match="--init .*not a path"):
+        run_training("bragg", tmp_path / "d", steps=1, init=tmp_path / "nowhere.pt")
+    with pytest.raises(ValueError, match="--init .*asked for"):
+        run_training("bragg", tmp_path / "d", steps=1, init="denoise")  # a denoiser is not a peak U-Net
+    result = CliRunner().invoke(app, ["train", "bragg", "--out", str(tmp_path), "--lr", "-1", "--quiet"])
+    assert result.exit_code != 0 and "--lr must be positive" in result.output
+    with pytest.raises(ValueError, match="is a 2D network; bragg-tof trains 3D"):
+        run_training("bragg-tof", tmp_path / "d", steps=1, init="bragg")
