@@ -52,7 +52,9 @@ weights shipped in ``models/weights`` (or ``--weights DIR``).
   inside the timing), and the Bragg agent alone with and without cutting touching peaks apart
   (:func:`agents_end_to_end`). ``peaks_to_zarr``: a frame's 45 peaks stored in a zarr store as
   one event page (as the Bragg agent publishes them) against one event per peak
-  (:func:`peaks_to_zarr`). ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in
+  (:func:`peaks_to_zarr`). ``throughput.super_resolution``: super-resolved patterns per second
+  and p99 latency at 256 x 256 and 512 x 512 output, 2x and 4x, with the shipped mirror average
+  and with one pass (:func:`sr_throughput`). ``gpu_fps_1024``: denoising + masking of 1024 x 1024 frames in
   batches of 32 with bf16 autocast, when CUDA is present; ``null`` otherwise. (The frames travel
   host to device inside the timing.)
 
@@ -281,6 +283,7 @@ def throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
     out["cpu_fps_512_denoise_and_mask"] = out["denoise_and_mask_512"]["fps"]
     out.update(_agent_path_throughput(models))
     out["fused_512_denoise_and_mask"] = _fusion_throughput(models)
+    out["super_resolution"] = sr_throughput(models)
     return out
 
 
@@ -412,6 +415,44 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     return out
 
 
+def sr_throughput(models: dict[str, Any], rounds: int = 3) -> dict[str, Any]:
+    """Super-resolved patterns per second and p99 latency at 256 x 256 and 512 x 512 output (coarse
+    input ``size / factor``), one pattern at a time, as the detector agent makes them: the network
+    through ``infer``, then the ring scaling (:func:`agents.detector_eval.super_resolve`). Side by
+    side in interleaved rounds (median): with the mirror average (the shipped default, 8 forward
+    passes) and without it (``symmetric_average: false``, one pass). Rounds of at least a second
+    and 2 patterns (a SANS pattern takes seconds to minutes to collect; the agent needs not keep
+    up with a fast pixel detector here)."""
+    import copy
+
+    from agents.detector_eval import super_resolve
+
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(5)
+    for size in (256, 512):
+        for factor in (2, 4):
+            averaged = models[f"sans-sr-x{factor}"]
+            single = copy.deepcopy(averaged)
+            single.symmetric_average = False
+            coarse = rng.poisson(20.0, (size // factor, size // factor)).astype(np.float64)
+            batch = torch.as_tensor(coarse[None, None].astype(np.float32))  # counts frames; not used by run
+
+            def run(m: torch.nn.Module, _: torch.Tensor, coarse: np.ndarray = coarse) -> None:
+                super_resolve(m, coarse)
+
+            for m in (averaged, single):
+                for _ in range(2):
+                    run(m, batch)
+            lat: dict[str, list[float]] = {}
+            fps = _interleaved_fps({"mirror_average": ([averaged], run), "single_pass": ([single], run)},
+                                   batch, rounds, latencies=lat, min_frames=2)
+            out[f"x{factor}_{size}"] = {"fps": fps["mirror_average"],
+                                        "p99_latency_s": float(np.percentile(lat["mirror_average"], 99)),
+                                        "fps_single_pass": fps["single_pass"],
+                                        "p99_latency_s_single_pass": float(np.percentile(lat["single_pass"], 99))}
+    return out
+
+
 def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
     """Denoise + mask of one 512 x 512 frame at a time through ``infer``, with the ReLU networks'
     fused CPU inference (``models.nets.fused_inference``) against the same networks unfused, in
@@ -434,9 +475,9 @@ def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any
 
 
 def _interleaved_fps(cases: dict[str, tuple[list[torch.nn.Module], Any]], batch: torch.Tensor, rounds: int,
-                     latencies: dict[str, list[float]] | None = None) -> dict[str, float]:
+                     latencies: dict[str, list[float]] | None = None, min_frames: int = 8) -> dict[str, float]:
     """Median frames per second of each case ``(networks, run)`` (``run(model, batch)`` for
-    every network in turn), timed for at least a second and 8 frames a round, rounds interleaved
+    every network in turn), timed for at least a second and ``min_frames`` a round, rounds interleaved
     so a machine that slows down or speeds up meanwhile weighs on every case alike.
     ``latencies``, when given, gets the seconds each batch took through all of its case's
     networks, per case."""
@@ -444,7 +485,7 @@ def _interleaved_fps(cases: dict[str, tuple[list[torch.nn.Module], Any]], batch:
     for _ in range(rounds):
         for name, (models_, run) in cases.items():
             t0, n = time.perf_counter(), 0
-            while n < 8 or time.perf_counter() - t0 < 1.0:
+            while n < min_frames or time.perf_counter() - t0 < 1.0:
                 t1 = time.perf_counter()
                 for m in models_:
                     run(m, batch)
