@@ -185,7 +185,9 @@ TASKS: dict[str, Task] = {
     "sans-sr": Task("sans-sr", "sans-super-resolver", {"factor": 4, "width": 24, "depth": 3},
                     {"generator": "simulators.detector.sans_pair", "kinds": list(det.SANS_TRAIN_KINDS),
                      "held_out_kinds": list(det.SANS_HELD_OUT_KINDS), "coarse_shape": [32, 32],
-                     "total_counts": [1e5, 1e6]},
+                     "total_counts": [1e5, 1e6],
+                     "kind_recipes": {k: det.SANS_KINDS[k].recipe()
+                                      for k in det.SANS_TRAIN_KINDS + det.SANS_HELD_OUT_KINDS}},
                     steps=1500, batch=8),
 }
 

@@ -948,6 +948,11 @@ class SANSKind:
     anisotropic: bool
     description: str
 
+    def recipe(self) -> dict[str, Any]:
+        """The kind as plain data (model, fixed values, drawn ranges), for weights' metadata."""
+        return {"model": self.model_name, "fixed": dict(self.fixed),
+                "ranges": {k: list(v) for k, v in self.ranges.items()}, "anisotropic": self.anisotropic}
+
     def draw(self, rng: np.random.Generator) -> dict[str, float]:
         """Parameters of one sample: the fixed values plus a uniform draw of each range."""
         return {**self.fixed, **{k: float(rng.uniform(*r)) for k, r in self.ranges.items()}}
@@ -965,10 +970,11 @@ SANS_KINDS: Mapping[str, SANSKind] = MappingProxyType({
                     {"radius": (20.0, 80.0), "radius_pd": (0.05, 0.15)}, False,
                     "polydisperse silica spheres in D2O"),
     "sphere_monodisperse": _sans("sphere", {"sld": 1.41, "sld_solvent": 6.36, "radius_pd": 0.0},
-                                 {"radius": (20.0, 80.0)}, False,
+                                 {"radius": (20.0, 100.0)}, False,
                                  "dilute monodisperse spheres (latex standards, globular proteins): sharp "
-                                 "form-factor minima with no structure factor, radii to 80 A (the hard-sphere "
-                                 "kind's monodisperse spheres stop at 60 A)"),
+                                 "form-factor minima with no structure factor, radii to 100 A, where the "
+                                 "minima are two coarse pixels apart (the hard-sphere kind's monodisperse "
+                                 "spheres stop at 60 A)"),
     "sphere_hardsphere": _sans(
         "sphere@hardsphere", {"sld": 3.47, "sld_solvent": 6.36, "radius_effective_mode": 1},
         {"radius": (20.0, 60.0), "volfraction": (0.05, 0.35)}, False,

@@ -28,6 +28,11 @@ def test_train_writes_weights_with_metadata_and_held_out_metrics(tmp_path, task)
         assert rec.architecture_config["dims"] == (3 if task == "bragg-tof" else 2)
     else:
         assert name == "sans-sr-x2" and rec.metrics["factor"] == 2
+        # the data recipe names each kind's model and the ranges its parameters were drawn from
+        recipes = rec.data["kind_recipes"]
+        assert set(recipes) == set(rec.data["kinds"]) | set(rec.data["held_out_kinds"])
+        assert recipes["sphere_monodisperse"]["ranges"]["radius"] == [20.0, 100.0]
+        assert recipes["core_shell_sphere"]["model"] == "core_shell_sphere"
     # the same seed gives the same weights and figures: training is reproducible (the files'
     # checksums differ: torch.save writes a random serialization id)
     again = run_training(task, tmp_path / "again", steps=3, batch=2, seed=7, n_eval=1,
