@@ -244,7 +244,9 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
         if start[1].architecture_config.get("dims", dims) != dims:
             raise ValueError(f"--init {init} is a {start[1].architecture_config['dims']}D network; "
                              f"{task_name} trains {dims}D ones: start from {task_name} weights")
-        task = _with_architecture(task, start[1].architecture_config)
+        # exactly their configuration: the task's defaults may name keywords they predate
+        task = Task(task.name, task.architecture, dict(start[1].architecture_config), task.data, task.steps,
+                    task.batch)
     if factor is not None:
         if task_name != "sans-sr":
             raise ValueError("--factor applies to sans-sr only")

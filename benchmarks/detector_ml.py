@@ -421,7 +421,7 @@ def sr_throughput(models: dict[str, Any], rounds: int = 3) -> dict[str, Any]:
     through ``infer``, then the ring scaling (:func:`agents.detector_eval.super_resolve`). Side by
     side in interleaved rounds (median): with the mirror average (the shipped default, 8 forward
     passes) and without it (``symmetric_average: false``, one pass). Rounds of at least a second
-    and 2 patterns (a SANS pattern takes seconds to minutes to collect; the agent needs not keep
+    and 2 patterns (a SANS pattern takes seconds to minutes to collect; the agent need not keep
     up with a fast pixel detector here)."""
     import copy
 
@@ -435,7 +435,7 @@ def sr_throughput(models: dict[str, Any], rounds: int = 3) -> dict[str, Any]:
             single = copy.deepcopy(averaged)
             single.symmetric_average = False
             coarse = rng.poisson(20.0, (size // factor, size // factor)).astype(np.float64)
-            batch = torch.as_tensor(coarse[None, None].astype(np.float32))  # counts frames; not used by run
+            batch = torch.as_tensor(coarse[None, None].astype(np.float32))  # one pattern: what the rounds count
 
             def run(m: torch.nn.Module, _: torch.Tensor, coarse: np.ndarray = coarse) -> None:
                 super_resolve(m, coarse)

@@ -136,3 +136,18 @@ def test_train_from_init_weights_fine_tunes_them_and_records_them(tmp_path):
     assert result.exit_code != 0 and "--lr must be positive" in result.output
     with pytest.raises(ValueError, match="is a 2D network; bragg-tof trains 3D"):
         run_training("bragg-tof", tmp_path / "d", steps=1, init="bragg")
+
+
+def test_init_weights_keep_their_own_configuration_when_the_task_defaults_have_more_keywords(tmp_path):
+    from models.nets import PeakUNet
+    from models.registry import WeightsRecord, save_weights
+
+    torch.manual_seed(0)
+    old = PeakUNet(dims=2, width=8)  # weights whose metadata predates the task's "depth" keyword
+    save_weights(old, tmp_path / "old", WeightsRecord("bragg", "bragg-peak-unet", {"dims": 2, "width": 8}))
+    record = run_training("bragg", tmp_path / "new", steps=1, batch=2, n_eval=1, lr=1e-12,
+                          init=tmp_path / "old" / "bragg.pt")
+    assert record["architecture_config"] == {"dims": 2, "width": 8}
+    tuned, _ = load_weights(tmp_path / "new" / "bragg.pt")
+    for (k, a), (_, b) in zip(old.state_dict().items(), tuned.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=k)
