@@ -241,8 +241,8 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
         except WeightsError as err:
             raise ValueError(f"--init {init}: {err}") from None
         dims = task.architecture_config.get("dims")
-        if start[1].architecture_config.get("dims", dims) != dims:
-            raise ValueError(f"--init {init} is a {start[1].architecture_config['dims']}D network; "
+        if dims is not None and start[0].net.dims != dims:  # the network built, whatever its metadata names
+            raise ValueError(f"--init {init} is a {start[0].net.dims}D network; "
                              f"{task_name} trains {dims}D ones: start from {task_name} weights")
         # exactly their configuration: the task's defaults may name keywords they predate
         task = Task(task.name, task.architecture, dict(start[1].architecture_config), task.data, task.steps,

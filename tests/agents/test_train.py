@@ -148,6 +148,10 @@ def test_init_weights_keep_their_own_configuration_when_the_task_defaults_have_m
     record = run_training("bragg", tmp_path / "new", steps=1, batch=2, n_eval=1, lr=1e-12,
                           init=tmp_path / "old" / "bragg.pt")
     assert record["architecture_config"] == {"dims": 2, "width": 8}
+    # metadata without "dims" is a 2D network (the class default): refused for time-of-flight volumes
+    save_weights(old, tmp_path / "nodims", WeightsRecord("bragg", "bragg-peak-unet", {"width": 8}))
+    with pytest.raises(ValueError, match="is a 2D network; bragg-tof trains 3D"):
+        run_training("bragg-tof", tmp_path / "x", steps=1, init=tmp_path / "nodims" / "bragg.pt")
     tuned, _ = load_weights(tmp_path / "new" / "bragg.pt")
     for (k, a), (_, b) in zip(old.state_dict().items(), tuned.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=k)
