@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,7 @@ def _with_architecture(task: Task, overrides: dict[str, Any]) -> Task:
     except (TypeError, ValueError) as err:
         raise ValueError(f"architecture config {overrides} does not fit {task.architecture!r} "
                          f"(defaults {task.architecture_config}): {err}") from None
-    return Task(task.name, task.architecture, config, task.data, task.steps, task.batch)
+    return replace(task, architecture_config=config)
 
 
 def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
@@ -234,19 +234,19 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     from agents.detector_eval import evaluate
 
     task = TASKS[task_name]
-    start: tuple[nn.Module, WeightsRecord] | None = None
+    start: nn.Module | None = None
+    start_record: WeightsRecord | None = None
     if init is not None:
         try:
-            start = load_weights(init, architecture=task.architecture)
+            start, start_record = load_weights(init, architecture=task.architecture)
         except WeightsError as err:
             raise ValueError(f"--init {init}: {err}") from None
         dims = task.architecture_config.get("dims")
-        if dims is not None and start[0].net.dims != dims:  # the network built, whatever its metadata names
-            raise ValueError(f"--init {init} is a {start[0].net.dims}D network; "
+        if dims is not None and start.net.dims != dims:  # the network built, whatever its metadata names
+            raise ValueError(f"--init {init} is a {start.net.dims}D network; "
                              f"{task_name} trains {dims}D ones: start from {task_name} weights")
         # exactly their configuration: the task's defaults may name keywords they predate
-        task = Task(task.name, task.architecture, dict(start[1].architecture_config), task.data, task.steps,
-                    task.batch)
+        task = replace(task, architecture_config=dict(start_record.architecture_config))
     if factor is not None:
         if task_name != "sans-sr":
             raise ValueError("--factor applies to sans-sr only")
@@ -255,13 +255,14 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
         task = _with_architecture(task, architecture_config)
     config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed, threads=threads,
                          **({"lr": lr} if lr is not None else {}))
-    torch.manual_seed(seed)  # the initial weights too
-    model = ARCHITECTURES[task.architecture](**task.architecture_config)
-    if start is not None:
-        if start[1].architecture_config != task.architecture_config:
-            raise ValueError(f"--init {init} holds a {start[1].architecture_config} network, but --factor/--arch "
-                             f"ask for {task.architecture_config}: drop them, or start from matching weights")
-        model.load_state_dict(start[0].state_dict())
+    if start is None or start_record is None:
+        torch.manual_seed(seed)  # the initial weights too
+        model = ARCHITECTURES[task.architecture](**task.architecture_config)
+    elif start_record.architecture_config != task.architecture_config:
+        raise ValueError(f"--init {init} holds a {start_record.architecture_config} network, but --factor/--arch "
+                         f"ask for {task.architecture_config}: drop them, or start from matching weights")
+    else:
+        model = start  # the registry built it from that configuration and loaded the weights
     t0 = time.perf_counter()
     history = train(model, _make_batch(task, noise2noise), _LOSSES[task_name], config, progress=progress,
                     device=torch.device("cpu") if not torch.cuda.is_available() else None)
@@ -276,9 +277,9 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
                                              "sans-sr": f"poisson_nll + {IQ_WEIGHT:g} x I(Q) ring chi2"}[task_name],
                   "optimizer": "adam, cosine decay", "final_loss": float(np.mean(losses[-50:])),
                   "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model),
-                  "init": None if start is None else {"weights": start[1].name, "sha256": start[1].sha256,
-                                                      "steps": start[1].training.get("steps"),
-                                                      "init": start[1].training.get("init")}},
+                  "init": None if start_record is None else {
+                      "weights": start_record.name, "sha256": start_record.sha256,
+                      "steps": start_record.training.get("steps"), "init": start_record.training.get("init")}},
         data={**task.data, "train_seed": seed, "eval_seed": seed + EVAL_SEED_OFFSET},
         metrics=metrics,
     )
