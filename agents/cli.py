@@ -237,7 +237,7 @@ def train_cmd(
     init: Annotated[str | None, typer.Option(
         help="Fine-tune: start from these weights (a shipped name such as sans-sr-x2, or a path to NAME.pt) "
              "instead of random ones; their network configuration is kept, and the new metadata records "
-             "their name and checksum. Use a --seed other than theirs, so the batches are new.")] = None,
+             "their name, checksum, training recipe and data. Use a --seed other than theirs, so the batches are new.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the cosine decay (default 2e-3; "
                                                   "a fine-tune from --init usually wants less).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,

@@ -216,6 +216,15 @@ def _with_architecture(task: Task, overrides: dict[str, Any]) -> Task:
     return replace(task, architecture_config=config)
 
 
+def _provenance(record: WeightsRecord) -> dict[str, Any]:
+    """What a fine-tune records of the weights it started from: their name, checksum, how they
+    were trained (steps, seed, learning rate, loss) and on what data, and the same of theirs, so
+    a chain of fine-tunes can be traced back to a random start with every link's recipe."""
+    t = record.training
+    return {"weights": record.name, "sha256": record.sha256, "steps": t.get("steps"), "seed": t.get("seed"),
+            "lr": t.get("lr"), "loss": t.get("loss"), "data": record.data, "init": t.get("init")}
+
+
 def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
                  seed: int = 0, factor: int | None = None, noise2noise: bool = False, n_eval: int = 24,
                  architecture_config: dict[str, Any] | None = None, threads: int | None = None,
@@ -228,7 +237,7 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     torch CPU threads while training (default: torch's). ``init``: start from these weights (a
     shipped name or a path; loaded through the registry, so checksum-verified) instead of a
     random initialisation, to fine-tune them; their network configuration is taken over, and the
-    metadata records their name, checksum and steps. ``lr``: the peak learning rate (default
+    metadata records their name, checksum, training recipe and data (and theirs, down the chain). ``lr``: the peak learning rate (default
     :class:`TrainConfig`'s); a fine-tune usually wants a smaller one.
     """
     from agents.detector_eval import evaluate
@@ -277,9 +286,7 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
                                              "sans-sr": f"poisson_nll + {IQ_WEIGHT:g} x I(Q) ring chi2"}[task_name],
                   "optimizer": "adam, cosine decay", "final_loss": float(np.mean(losses[-50:])),
                   "wall_s": round(time.perf_counter() - t0, 1), "parameters": nets.n_parameters(model),
-                  "init": None if start_record is None else {
-                      "weights": start_record.name, "sha256": start_record.sha256,
-                      "steps": start_record.training.get("steps"), "init": start_record.training.get("init")}},
+                  "init": None if start_record is None else _provenance(start_record)},
         data={**task.data, "train_seed": seed, "eval_seed": seed + EVAL_SEED_OFFSET},
         metrics=metrics,
     )

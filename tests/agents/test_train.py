@@ -113,7 +113,9 @@ def test_train_from_init_weights_fine_tunes_them_and_records_them(tmp_path):
     record = run_training("bragg", tmp_path / "b", steps=1, batch=2, seed=3, n_eval=1, lr=1e-12,
                           init=tmp_path / "a" / "bragg.pt")
     assert record["architecture_config"] == first["architecture_config"]
-    assert record["training"]["init"] == {"weights": "bragg", "sha256": first["sha256"], "steps": 2, "init": None}
+    assert record["training"]["init"] == {"weights": "bragg", "sha256": first["sha256"], "steps": 2, "seed": 0,
+                                          "lr": first["training"]["lr"], "loss": "bce+dice",
+                                          "data": first["data"], "init": None}
     assert record["training"]["lr"] == 1e-12
     tuned, _ = load_weights(tmp_path / "b" / "bragg.pt")
     for (k, a), (_, b) in zip(start.state_dict().items(), tuned.state_dict().items(), strict=True):
