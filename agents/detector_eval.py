@@ -63,6 +63,27 @@ def matched_intensities(found: Any, centers: np.ndarray, radius: float = 4.0) ->
     return out
 
 
+#: Bins of true ``I / sigma(I)`` in which integrated intensities are compared.
+I_OVER_SIGMA_BINS: tuple[tuple[float, float], ...] = ((0.0, 5.0), (5.0, 10.0), (10.0, 30.0), (30.0, np.inf))
+
+
+def r_by_i_over_sigma(peaks: list[dict[str, float]], methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """``R = sum|I - I_true| / sum I_true`` of each method, by bin of true ``I / sigma``.
+
+    ``peaks`` holds one dict per true peak: ``i_true``, ``i_over_sigma`` and each method's
+    estimate (0 where the method found nothing there). Keys ``"0-5"``, ``"5-10"``, ... (empty
+    bins left out), each with the methods' ``R`` and ``n_peaks``."""
+    out: dict[str, dict[str, float]] = {}
+    for lo, hi in I_OVER_SIGMA_BINS:
+        sel = [p for p in peaks if lo <= p["i_over_sigma"] < hi]
+        if not sel:
+            continue
+        truth = np.array([p["i_true"] for p in sel])
+        out[f"{lo:g}-{hi:g}"] = {m: float(np.sum(np.abs(np.array([p[m] for p in sel]) - truth)) / truth.sum())
+                                 for m in methods} | {"n_peaks": len(sel)}
+    return out
+
+
 def log_psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
     """PSNR of log10 intensity (the dynamic range of a SANS pattern spans decades)."""
     floor = max(float(truth[truth > 0].min()) * 0.1, 1e-12)

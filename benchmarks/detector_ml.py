@@ -151,7 +151,7 @@ def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) ->
 def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dict[str, Any]:
     """2D frames of 128 x 128 (``tof=False``, the ``bragg`` weights) or 3D time-of-flight volumes
     of 32 x 32 x 32 (``tof=True``, the ``bragg-tof`` weights)."""
-    from agents.detector_eval import matched_intensities
+    from agents.detector_eval import matched_intensities, r_by_i_over_sigma
     from models import classical, metrics
     from simulators import detector as det
 
@@ -191,15 +191,7 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
                           "threshold": thr[j],
                           "sphere": _finite(sph.intensity[j]), "ellipsoid": _finite(ell.intensity[j])})
         bar.update()
-    bins = [(0, 5), (5, 10), (10, 30), (30, np.inf)]
-    r: dict[str, dict[str, float]] = {}
-    for lo, hi in bins:
-        sel = [p for p in peaks if lo <= p["i_over_sigma"] < hi]
-        if not sel:
-            continue
-        truth = np.array([p["i_true"] for p in sel])
-        r[f"{lo}-{hi}"] = {m: float(np.sum(np.abs(np.array([p[m] for p in sel]) - truth)) / truth.sum())
-                           for m in ("ml", "ml_aperture", "threshold", "sphere", "ellipsoid")} | {"n_peaks": len(sel)}
+    r = r_by_i_over_sigma(peaks, ("ml", "ml_aperture", "threshold", "sphere", "ellipsoid"))
     low = r.get("0-5", {})
     best_classical = min((low[m] for m in ("threshold", "sphere", "ellipsoid")), default=float("nan"))
     return {"iou": {k: float(np.mean(v)) for k, v in iou.items()}, "dice": {k: float(np.mean(v)) for k, v in dice.items()},

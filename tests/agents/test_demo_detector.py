@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from agents.cli import app
 from agents.demo_detector import run_detector_demo
-from agents.detector_eval import matched_intensities
+from agents.detector_eval import matched_intensities, r_by_i_over_sigma
 from models.nets import PeakUNet, SuperResolver
 from models.registry import WeightsRecord, save_weights
 
@@ -32,6 +32,25 @@ def test_bragg_demo_reports_masks_and_intensities(tmp_path, weights):
     assert saved["frames"] == 3 and saved["agent"]["frames_out"] == 3
     assert 0 <= summary["iou_ml"] <= 1 and 0 <= summary["iou_threshold_components"] <= 1
     assert summary["r_threshold_components"] < 1.0  # the classical method finds the bright peaks
+    # the same peaks by signal-to-noise, with a picture of it
+    assert (tmp_path / "out" / "bragg_r.png").stat().st_size > 10_000
+    bins = summary["r_by_i_over_sigma"]
+    assert bins and set(bins) <= {"0-5", "5-10", "10-30", "30-inf"}
+    assert all(r["n_peaks"] >= 1 and r["ml"] >= 0 and r["threshold"] >= 0 for r in bins.values())
+    assert summary["ml_integration"] == "mask"
+
+
+def test_bragg_demo_with_a_curve_of_growth_says_so(tmp_path, weights):
+    summary = run_detector_demo(tmp_path / "out", analysis="bragg", frames=2, weights=str(weights[0]),
+                                grow_sigma=2.0, progress=False)
+    assert summary["ml_integration"] == "mask + curve of growth (2 sigma)"
+    assert summary["agent"]["frames_out"] == 2
+
+
+def test_r_by_i_over_sigma_bins_the_peaks():
+    peaks = [{"i_true": 10.0, "i_over_sigma": 2.0, "a": 5.0}, {"i_true": 30.0, "i_over_sigma": 4.9, "a": 30.0},
+             {"i_true": 100.0, "i_over_sigma": 40.0, "a": 90.0}]
+    assert r_by_i_over_sigma(peaks, ("a",)) == {"0-5": {"a": 0.125, "n_peaks": 2}, "30-inf": {"a": 0.1, "n_peaks": 1}}
 
 
 def test_sans_demo_compares_with_bicubic(tmp_path, weights):
