@@ -26,7 +26,9 @@ with ``h0`` 0.15 / 0.25 mm, gave 160 / 156; a hard floor lost boundaries altoget
 choosing only every 2nd position of the grid in each direction once every quantity is drawn by
 triangulation (the coarser grid where it helps, the fine one for kriged maps; measured
 2026-12-04): on seeds 101-116, 152 against 160 (median of 16) but with a wider spread (96-280
-against 136-192); every 3rd position never reached the raster's error on 7 of 8 seeds.
+against 136-192); every 3rd position never reached the raster's error on 7 of 8 seeds. A larger
+initial design (seeds 101-108, discontinuous / smooth): ``n_initial`` 24 160 / 124, 48 188 / 116,
+against the default 8's 160 / 112.
 
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
 grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
