@@ -189,7 +189,8 @@ def bragg_demo(
     summary = run_detector_demo(out, analysis="bragg", frames=frames, seed=seed, weights=weights,
                                 grow_sigma=grow_sigma, progress=not quiet)
     typer.echo(f"IoU with the true peaks: U-Net {summary['iou_ml']:.3f}, threshold + components "
-               f"{summary['iou_threshold_components']:.3f}; intensity error R (all peaks): U-Net {summary['r_ml']:.3f}, "
+               f"{summary['iou_threshold_components']:.3f}; intensity error R (all peaks): "
+               f"U-Net {summary['r_ml']:.3f}, "
                f"threshold + components {summary['r_threshold_components']:.3f}")
     typer.echo(f"R by true I/sigma (U-Net, {summary['ml_integration']} / threshold + components): " + "; ".join(
         f"{b}: {r['ml']:.3f} / {r['threshold']:.3f} ({int(r['n_peaks'])} peaks)"
@@ -246,7 +247,8 @@ def train_cmd(
     init: Annotated[str | None, typer.Option(
         help="Fine-tune: start from these weights (a shipped name such as sans-sr-x2, or a path to NAME.pt) "
              "instead of random ones; their network configuration is kept, and the new metadata records "
-             "their name, checksum, training recipe and data. Use a --seed other than theirs, so the batches are new.")] = None,
+             "their name, checksum, training recipe and data. Use a --seed other than theirs, "
+             "so the batches are new.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the cosine decay (default 2e-3; "
                                                   "a fine-tune from --init usually wants less).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,

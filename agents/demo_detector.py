@@ -118,7 +118,8 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
         rows = published.get(int(d["raw_seq_num"]), [])
         ml_found = SimpleNamespace(intensity=np.array([r["intensity"] for r in rows], dtype=float),
                                    centroids=np.array([r["centroid"] for r in rows], dtype=float).reshape(-1, raw.ndim))
-        matched = {name: matched_intensities(found, s.centers) for name, found in (("ml", ml_found), ("threshold", th_found))}
+        matched = {name: matched_intensities(found, s.centers)
+                   for name, found in (("ml", ml_found), ("threshold", th_found))}
         for name, estimate in matched.items():
             err[name] += float(np.sum(np.abs(estimate - s.true_intensity)))
         err["truth"] += float(np.sum(s.true_intensity))

@@ -237,8 +237,9 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     torch CPU threads while training (default: torch's). ``init``: start from these weights (a
     shipped name or a path; loaded through the registry, so checksum-verified) instead of a
     random initialisation, to fine-tune them; their network configuration is taken over, and the
-    metadata records their name, checksum, training recipe and data (and theirs, down the chain). ``lr``: the peak learning rate (default
-    :class:`TrainConfig`'s); a fine-tune usually wants a smaller one.
+    metadata records their name, checksum, training recipe and data (and theirs, down the chain).
+    ``lr``: the peak learning rate (default :class:`TrainConfig`'s); a fine-tune usually wants a
+    smaller one.
     """
     from agents.detector_eval import evaluate
 
