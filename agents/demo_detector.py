@@ -98,7 +98,7 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agents.detector_eval import matched_intensities, r_by_i_over_sigma
+    from agents.detector_eval import matched_intensities, peak_rows, r_by_i_over_sigma
     from models import classical, metrics
 
     bragg = [e["data"] for e in events if "peak_mask" in e["data"]]
@@ -123,10 +123,7 @@ def _bragg_report(out: Path, raws: list[np.ndarray], truths: list[Any], events: 
         for name, estimate in matched.items():
             err[name] += float(np.sum(np.abs(estimate - s.true_intensity)))
         err["truth"] += float(np.sum(s.true_intensity))
-        for j, (it, sig) in enumerate(zip(s.true_intensity, s.sigma_intensity, strict=True)):
-            if sig > 0:  # a peak with no support on the frame (cut off by the edge) has nothing to find
-                peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig),
-                              "ml": float(matched["ml"][j]), "threshold": float(matched["threshold"][j])})
+        peaks += peak_rows(s.true_intensity, s.sigma_intensity, matched)
     r_bins = r_by_i_over_sigma(peaks, ("ml", "threshold"))
     fig, axes = plt.subplots(3, 4, figsize=(13, 9.5))
     for row, j in enumerate(range(min(3, len(raws)))):

@@ -63,6 +63,20 @@ def matched_intensities(found: Any, centers: np.ndarray, radius: float = 4.0) ->
     return out
 
 
+def peak_rows(true_intensity: np.ndarray, sigma_intensity: np.ndarray,
+              estimates: dict[str, np.ndarray]) -> list[dict[str, float]]:
+    """One row per true peak of a frame for :func:`r_by_i_over_sigma`: ``i_true``,
+    ``i_over_sigma`` and each method's estimate (0 where it is not finite: nothing found).
+    Peaks with no support on the frame (``sigma`` 0: cut off by the edge) have nothing to find
+    and are left out."""
+    rows = []
+    for j, (it, sig) in enumerate(zip(true_intensity, sigma_intensity, strict=True)):
+        if sig > 0:
+            rows.append({"i_true": float(it), "i_over_sigma": float(it / sig)}
+                        | {m: float(v[j]) if np.isfinite(v[j]) else 0.0 for m, v in estimates.items()})
+    return rows
+
+
 #: Bins of true ``I / sigma(I)`` in which integrated intensities are compared.
 I_OVER_SIGMA_BINS: tuple[tuple[float, float], ...] = ((0.0, 5.0), (5.0, 10.0), (10.0, 30.0), (30.0, np.inf))
 

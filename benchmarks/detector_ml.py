@@ -151,7 +151,7 @@ def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) ->
 def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dict[str, Any]:
     """2D frames of 128 x 128 (``tof=False``, the ``bragg`` weights) or 3D time-of-flight volumes
     of 32 x 32 x 32 (``tof=True``, the ``bragg-tof`` weights)."""
-    from agents.detector_eval import matched_intensities, r_by_i_over_sigma
+    from agents.detector_eval import matched_intensities, peak_rows, r_by_i_over_sigma
     from models import classical, metrics
     from simulators import detector as det
 
@@ -184,12 +184,8 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
         thr = matched_intensities(th, s.centers)
         sph = classical.sphere_integrate(x, s.centers, radius=6.0, bkg_inner=8.0, bkg_outer=11.0, mask=s.mask)
         ell = classical.ellipsoid_integrate(x, s.centers, region_radius=10.0, weak_threshold=10.0, mask=s.mask)
-        for j, (it, sig) in enumerate(zip(s.true_intensity, s.sigma_intensity, strict=True)):
-            if not sig > 0:  # no support on the frame (a peak cut off by the edge): nothing to find
-                continue
-            peaks.append({"i_true": float(it), "i_over_sigma": float(it / sig), "ml": ml[j], "ml_aperture": ml_ap[j],
-                          "threshold": thr[j],
-                          "sphere": _finite(sph.intensity[j]), "ellipsoid": _finite(ell.intensity[j])})
+        peaks += peak_rows(s.true_intensity, s.sigma_intensity, {
+            "ml": ml, "ml_aperture": ml_ap, "threshold": thr, "sphere": sph.intensity, "ellipsoid": ell.intensity})
         bar.update()
     r = r_by_i_over_sigma(peaks, ("ml", "ml_aperture", "threshold", "sphere", "ellipsoid"))
     low = r.get("0-5", {})
@@ -198,10 +194,6 @@ def bragg(models: dict[str, Any], n: int, bar: Any, *, tof: bool = False) -> dic
             "iou_all_pixels": {k: float(np.mean(v)) for k, v in iou_all.items()},
             "r_by_i_over_sigma": r, "bragg_iou": float(np.mean(iou["ml"])),
             "bragg_error_ratio_low_snr": float(low.get("ml", np.nan) / best_classical) if low else None}
-
-
-def _finite(v: float) -> float:
-    return float(v) if np.isfinite(v) else 0.0
 
 
 def _radial(img: np.ndarray, qx: np.ndarray, qy: np.ndarray, nbins: int = 24) -> tuple[np.ndarray, np.ndarray]:

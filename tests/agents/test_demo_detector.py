@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from agents.cli import app
 from agents.demo_detector import run_detector_demo
-from agents.detector_eval import matched_intensities, r_by_i_over_sigma
+from agents.detector_eval import matched_intensities, peak_rows, r_by_i_over_sigma
 from models.nets import PeakUNet, SuperResolver
 from models.registry import WeightsRecord, save_weights
 
@@ -80,3 +80,9 @@ def test_found_peaks_stand_for_one_true_peak_each():
     # centre whose found peak has no finite intensity, and one with nothing within 4 px
     np.testing.assert_array_equal(matched_intensities(found, true), [100.0, 0.0, 7.0, 0.0, 0.0])
     assert matched_intensities(SimpleNamespace(centroids=None, intensity=np.array([])), true).tolist() == [0.0] * 5
+
+
+def test_peak_rows_leave_out_peaks_off_the_frame_and_count_nan_as_nothing_found():
+    rows = peak_rows(np.array([50.0, 20.0, 80.0]), np.array([10.0, 0.0, 4.0]),
+                     {"a": np.array([40.0, 5.0, np.nan])})
+    assert rows == [{"i_true": 50.0, "i_over_sigma": 5.0, "a": 40.0}, {"i_true": 80.0, "i_over_sigma": 20.0, "a": 0.0}]
