@@ -5,7 +5,10 @@ through the same code where they overlap (:func:`integrate_in_mask` integrates t
 and the threshold baseline's alike), so the comparison is fair.
 
 * Denoising of Poisson counts: the Anscombe transform, a Gaussian filter or BM3D for unit-variance
-  Gaussian noise, and the exact unbiased inverse of Mäkitalo & Foi.
+  Gaussian noise, and the exact unbiased inverse of Mäkitalo & Foi. For an integrating detector,
+  whose readings add Gaussian read noise to the Poisson counts, the generalized Anscombe
+  transform with that read noise and its exact unbiased inverse (:func:`anscombe_bm3d`'s
+  ``read_noise``).
 * Bragg peaks: sphere and ellipsoid summation with a background shell (Mantid's
   ``IntegratePeaksMD`` and ``IntegrateEllipsoids``), and threshold + connected components.
 * Super-resolution: cubic-spline ("bicubic") interpolation that conserves the total intensity.
@@ -21,6 +24,8 @@ M. Mäkitalo and A. Foi, "Optimal inversion of the Anscombe transformation in lo
 image denoising", IEEE Trans. Image Process. 20(1), 99-109 (2011).
 M. Mäkitalo and A. Foi, "A closed-form approximation of the exact unbiased inverse of the
 Anscombe variance-stabilizing transformation", IEEE Trans. Image Process. 20(9), 2697-2698 (2011).
+M. Mäkitalo and A. Foi, "Optimal inversion of the generalized Anscombe transformation for
+Poisson-Gaussian noise", IEEE Trans. Image Process. 22(1), 91-103 (2013).
 K. Dabov, A. Foi, V. Katkovnik and K. Egiazarian, "Image denoising by sparse 3-D
 transform-domain collaborative filtering", IEEE Trans. Image Process. 16(8), 2080-2095 (2007).
 C. M. Stein, "Estimation of the mean of a multivariate normal distribution", Ann. Stat. 9(6),
@@ -50,6 +55,7 @@ __all__ = [
     "anscombe_gaussian",
     "bicubic_upsample",
     "ellipsoid_integrate",
+    "generalized_anscombe",
     "integrate_in_mask",
     "inverse_anscombe_algebraic",
     "inverse_anscombe_closed_form",
@@ -77,8 +83,9 @@ _SURE_PILOT_SIGMA = 2.0
 
 
 def _counts(counts: ArrayLike, mask: ArrayLike | None, name: str = "counts",
-            ndim: tuple[int, ...] | None = None) -> tuple[FloatArray, BoolArray]:
-    """Return ``counts`` as float64 and the boolean bad-pixel mask, checking the unmasked values."""
+            ndim: tuple[int, ...] | None = None, negative: bool = False) -> tuple[FloatArray, BoolArray]:
+    """Return ``counts`` as float64 and the boolean bad-pixel mask, checking the unmasked values
+    (finite; and >= 0 unless ``negative``: readings with read noise may lie below 0)."""
     x = np.asarray(counts)
     if x.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be a real numeric array: {x.dtype=}")
@@ -98,10 +105,21 @@ def _counts(counts: ArrayLike, mask: ArrayLike | None, name: str = "counts",
     if not np.isfinite(good).all():
         idx = tuple(int(i[0]) for i in np.nonzero(~np.isfinite(x) & ~bad))
         raise ValueError(f"{name} has a non-finite value at {idx} (mask it instead)")
-    if (good < 0).any():
+    if not negative and (good < 0).any():
         idx = tuple(int(i[0]) for i in np.nonzero((x < 0) & ~bad))
         raise ValueError(f"{name} has a negative count {x[idx]} at {idx}")
     return np.where(bad, 0.0, x), bad
+
+
+def _read_noise(value: float) -> float:
+    try:
+        ok = math.isfinite(float(value)) and float(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"read_noise must be a finite number >= 0 (counts, the detector's Gaussian read "
+                         f"noise; 0 for a photon-counting detector): read_noise={value!r}")
+    return float(value)
 
 
 def _positive(name: str, value: float) -> float:
@@ -165,29 +183,53 @@ def inverse_anscombe_closed_form(d: ArrayLike) -> FloatArray:
     return np.maximum(out, 0.0)
 
 
-@lru_cache(maxsize=1)
-def _exact_table() -> tuple[FloatArray, FloatArray]:
-    """``(E[A(Poisson(λ))], λ)`` on a grid of λ from 0 to :data:`_EXACT_MAX_LAMBDA`."""
+def generalized_anscombe(x: ArrayLike, read_noise: float) -> FloatArray:
+    """Generalized Anscombe transform, ``2 sqrt(max(x + 3/8 + σ², 0))``, ``σ`` the read noise.
+
+    For ``x = Poisson(λ) + N(0, σ²)`` (an integrating detector's reading, in counts) it is close
+    to Gaussian with unit variance where ``λ + σ²`` is large (Mäkitalo & Foi 2013, detector gain 1
+    and no offset); with ``σ = 0`` it is :func:`anscombe`. ``x`` may be negative (read noise).
+    """
+    v, _ = _counts(x, None, name="x", negative=True)
+    s = _read_noise(read_noise)
+    return 2.0 * np.sqrt(np.maximum(v + 0.375 + s * s, 0.0))
+
+
+@lru_cache(maxsize=16)
+def _exact_table(read_noise: float = 0.0) -> tuple[FloatArray, FloatArray]:
+    """``(E[f(x)], λ)`` on a grid of λ from 0 to :data:`_EXACT_MAX_LAMBDA`, ``f`` the (generalized)
+    Anscombe transform and ``x = Poisson(λ) + N(0, read_noise²)``; the Gaussian expectation by
+    80-node Gauss-Hermite quadrature for each Poisson count."""
     lam = np.concatenate([[0.0], np.geomspace(1e-4, _EXACT_MAX_LAMBDA, 4000)])
     k = np.arange(int(_EXACT_MAX_LAMBDA + 15 * math.sqrt(_EXACT_MAX_LAMBDA) + 60))
     pmf = poisson.pmf(k[:, None], lam[None, :])
-    expect = (2.0 * np.sqrt(k + 0.375)) @ pmf
+    if read_noise == 0:
+        per_count = 2.0 * np.sqrt(k + 0.375)
+    else:
+        t, w = np.polynomial.hermite_e.hermegauss(80)  # nodes and weights for N(0, 1)
+        inside = k[:, None] + read_noise * t[None, :] + 0.375 + read_noise**2
+        per_count = (2.0 * np.sqrt(np.maximum(inside, 0.0))) @ (w / w.sum())
+    expect = per_count @ pmf
     return expect, lam
 
 
-def inverse_anscombe_exact(d: ArrayLike) -> FloatArray:
-    """Exact unbiased inverse of the Anscombe transform (Mäkitalo & Foi, TIP 20(1), 2011).
+def inverse_anscombe_exact(d: ArrayLike, read_noise: float = 0.0) -> FloatArray:
+    """Exact unbiased inverse of the Anscombe transform (Mäkitalo & Foi, TIP 20(1), 2011), or
+    with ``read_noise`` of the generalized one (:func:`generalized_anscombe`; TIP 22(1), 2013).
 
     The inverse of ``λ ↦ E[A(x) | x ~ Poisson(λ)] = Σ_k 2 sqrt(k + 3/8) λ^k e^{-λ} / k!``:
     a denoiser that estimates ``E[A(x)]`` is mapped back to λ without bias. The expectation is
-    tabulated once for λ in ``[0, 400]`` and inverted by linear interpolation on 4,000 log-spaced
-    nodes; above the table the closed form (:func:`inverse_anscombe_closed_form`) is used, and
-    values below ``E[A(x) | λ = 0] = 2 sqrt(3/8)`` map to 0.
+    tabulated once (per read noise) for λ in ``[0, 400]`` and inverted by linear interpolation on
+    4,000 log-spaced nodes; above the table the closed form (:func:`inverse_anscombe_closed_form`)
+    is used (with read noise ``σ``: ``D²/4 - 1/8 - σ²``, its leading terms), and values below
+    ``E[f(x) | λ = 0]`` map to 0.
 
     Parameters
     ----------
     d : array_like
         Estimates of ``E[A(x)]``, any shape.
+    read_noise : float
+        The read noise ``σ`` (counts) the transform was taken with; 0: the plain Anscombe one.
 
     Returns
     -------
@@ -204,11 +246,12 @@ def inverse_anscombe_exact(d: ArrayLike) -> FloatArray:
     0.2
     """
     v = _transformed(d)
-    expect, lam = _exact_table()
+    s = _read_noise(read_noise)
+    expect, lam = _exact_table(s)
     out = np.interp(v.ravel(), expect, lam).reshape(v.shape)
     high = v > expect[-1]
     if high.any():
-        out[high] = inverse_anscombe_closed_form(v[high])
+        out[high] = inverse_anscombe_closed_form(v[high]) if s == 0 else v[high] ** 2 / 4 - 0.125 - s * s
     return out
 
 
@@ -347,11 +390,18 @@ def anscombe_bm3d(
     counts: ArrayLike,
     mask: ArrayLike | None = None,
     profile: str = "np",
+    read_noise: float = 0.0,
 ) -> FloatArray:
     """Denoise a Poisson frame: Anscombe transform, BM3D at unit noise, exact unbiased inverse.
 
     ``λ̂ = I⁻¹(BM3D(A(counts), σ = 1))`` (Mäkitalo & Foi 2011; Dabov et al. 2007), the strongest
-    classical Poisson denoiser. Needs the ``bm3d`` package, a benchmark-only dependency.
+    classical Poisson denoiser. With ``read_noise`` (an integrating detector's) the transform and
+    its inverse are the generalized ones for Poisson-Gaussian readings (Mäkitalo & Foi 2013): the
+    plain transform takes such a frame for a Poisson one and under-smooths it. Where the read
+    noise swamps the counts, BM3D's residual fluctuation through the convex inverse, floored at
+    0, biases the result up: on flat 64 x 64 frames with read noise 2, mean 0.1 / 1 / 5 counts
+    came out 0.20 / 1.08 / 5.05 (read noise 0.5: 0.15 / 1.00 / 5.07). Needs the ``bm3d``
+    package, a benchmark-only dependency.
 
     Parameters
     ----------
@@ -362,6 +412,9 @@ def anscombe_bm3d(
         before filtering and set to 0 in the result.
     profile : str
         BM3D profile (``"np"`` normal, ``"refilter"``, ``"vn"``, ``"high"``, ``"deb"``).
+    read_noise : float
+        The detector's Gaussian read noise in counts (rms); 0 (the default) for photon counting.
+        With it, unmasked readings may be negative.
 
     Returns
     -------
@@ -373,10 +426,11 @@ def anscombe_bm3d(
     ImportError
         ``bm3d`` is not installed.
     ValueError
-        ``counts`` is not 2D, unmasked counts are negative or not finite, or the mask does not
-        match.
+        ``counts`` is not 2D, unmasked counts are not finite or (without read noise) negative,
+        the mask does not match, or ``read_noise`` is negative or not finite.
     """
-    x, bad = _counts(counts, mask, ndim=(2,))
+    s = _read_noise(read_noise)
+    x, bad = _counts(counts, mask, ndim=(2,), negative=s > 0)
     try:
         import bm3d
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -384,8 +438,8 @@ def anscombe_bm3d(
             "anscombe_bm3d needs the 'bm3d' package, a benchmark-only dependency: "
             "pip install '.[bench]' (or pip install bm3d)"
         ) from err
-    a = _fill_masked(anscombe(x), bad, 3.0)
-    out = inverse_anscombe_exact(np.asarray(bm3d.bm3d(a, sigma_psd=1.0, profile=profile)))
+    a = _fill_masked(generalized_anscombe(x, s), bad, 3.0)
+    out = inverse_anscombe_exact(np.asarray(bm3d.bm3d(a, sigma_psd=1.0, profile=profile)), s)
     out[bad] = 0.0
     return out
 
