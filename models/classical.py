@@ -195,14 +195,21 @@ def generalized_anscombe(x: ArrayLike, read_noise: float) -> FloatArray:
     return 2.0 * np.sqrt(np.maximum(v + 0.375 + s * s, 0.0))
 
 
+@lru_cache(maxsize=1)
+def _poisson_grid() -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(k, λ, pmf)``: counts, a grid of λ from 0 to :data:`_EXACT_MAX_LAMBDA`, and ``P(k | λ)``
+    (``k x λ``), shared by the exact-inverse tables of every read noise."""
+    lam = np.concatenate([[0.0], np.geomspace(1e-4, _EXACT_MAX_LAMBDA, 4000)])
+    k = np.arange(int(_EXACT_MAX_LAMBDA + 15 * math.sqrt(_EXACT_MAX_LAMBDA) + 60), dtype=np.float64)
+    return k, lam, poisson.pmf(k[:, None], lam[None, :])
+
+
 @lru_cache(maxsize=16)
 def _exact_table(read_noise: float = 0.0) -> tuple[FloatArray, FloatArray]:
-    """``(E[f(x)], λ)`` on a grid of λ from 0 to :data:`_EXACT_MAX_LAMBDA`, ``f`` the (generalized)
-    Anscombe transform and ``x = Poisson(λ) + N(0, read_noise²)``; the Gaussian expectation by
-    80-node Gauss-Hermite quadrature for each Poisson count."""
-    lam = np.concatenate([[0.0], np.geomspace(1e-4, _EXACT_MAX_LAMBDA, 4000)])
-    k = np.arange(int(_EXACT_MAX_LAMBDA + 15 * math.sqrt(_EXACT_MAX_LAMBDA) + 60))
-    pmf = poisson.pmf(k[:, None], lam[None, :])
+    """``(E[f(x)], λ)`` on the grid of :func:`_poisson_grid`, ``f`` the (generalized) Anscombe
+    transform and ``x = Poisson(λ) + N(0, read_noise²)``; the Gaussian expectation by 80-node
+    Gauss-Hermite quadrature for each Poisson count."""
+    k, lam, pmf = _poisson_grid()
     if read_noise == 0:
         per_count = 2.0 * np.sqrt(k + 0.375)
     else:
