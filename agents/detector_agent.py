@@ -144,7 +144,9 @@ class DetectorSettings(_Strict):
     large frames: :func:`models.nets.infer`); a smaller batch runs when its oldest frame
     has waited ``max_latency_s`` (checked on every ``tell`` and :meth:`~DetectorAnalysisAgent.poll`)
     and at every stop document. ``read_noise``: rms of an integrating detector's read noise;
-    values down to ``-5 * read_noise`` are then accepted (0: counts must be >= 0).
+    values down to ``-5 * read_noise`` are then accepted (0: counts must be >= 0), and a denoiser
+    trained to be told it (``read_noise`` in its architecture, as the shipped one is) is given it:
+    set it to the detector's for an integrating detector, leave it 0 for a photon-counting one.
     """
 
     name: str = "detector"
@@ -458,6 +460,8 @@ class DetectorAnalysisAgent:
     def _run_batch(self, frames: list[_Frame]) -> None:
         x = np.stack([f.counts if f.mask is None else np.where(f.mask, 0.0, f.counts) for f in frames])
         batch = torch.from_numpy(x.astype(np.float32)).unsqueeze(1)
+        if getattr(self.model, "read_noise", False):  # a denoiser told the read noise: its second channel
+            batch = torch.cat([batch, torch.full_like(batch, self.settings.read_noise)], dim=1)
         shape = batch.shape[2:]
         pad = [(-n) % self._multiple for n in shape]  # the U-Net's input sizes (UNet.multiple)
         if any(pad):

@@ -24,7 +24,7 @@ from models import classical, metrics
 from models.nets import infer
 from simulators import detector as det
 
-__all__ = ["evaluate", "log_psnr", "matched_intensities", "predict"]
+__all__ = ["denoise", "denoise_input", "evaluate", "log_psnr", "matched_intensities", "predict"]
 
 LEVELS = (0.1, 1.0, 10.0)
 
@@ -32,6 +32,27 @@ LEVELS = (0.1, 1.0, 10.0)
 def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     """The network's output for one frame, on the CPU, as float64."""
     out, _ = infer(model, torch.as_tensor(x[None, None].astype(np.float32)), device=torch.device("cpu"))
+    return out[0, 0].numpy().astype(np.float64)
+
+
+def denoise_input(readings: np.ndarray, mask: np.ndarray | None, read_noise: float | None) -> np.ndarray:
+    """One frame as the denoiser takes it (channels first): the readings with masked pixels set to
+    0, and with ``read_noise`` (counts rms; not None) a second channel holding it at every pixel."""
+    x = readings if mask is None else np.where(mask, 0.0, readings)
+    if read_noise is None:
+        return x[None]
+    return np.stack([x, np.full(x.shape, float(read_noise))])
+
+
+def denoise(model: torch.nn.Module, readings: np.ndarray, mask: np.ndarray | None, read_noise: float) -> np.ndarray:
+    """What the detector agent publishes for one frame of an integrating (``read_noise`` > 0) or
+    photon-counting detector: a denoiser told the read noise gets the raw readings and it; one
+    that is not gets the readings floored at 0 (read noise can make a reading negative)."""
+    if getattr(model, "read_noise", False):
+        x = denoise_input(readings, mask, read_noise)
+    else:
+        x = denoise_input(np.maximum(readings, 0.0), mask, None)
+    out, _ = infer(model, torch.as_tensor(x[None].astype(np.float32)), device=torch.device("cpu"))
     return out[0, 0].numpy().astype(np.float64)
 
 
@@ -118,7 +139,7 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
                 # an integrating detector's read noise can make a reading negative: the Anscombe
                 # transform (and so the classical method) needs counts >= 0
                 x = np.where(s.mask, 0.0, np.maximum(s.counts, 0.0))
-                ml.append(metrics.psnr(predict(model, x), s.expected, mask=s.mask))
+                ml.append(metrics.psnr(denoise(model, s.counts, s.mask, s.read_noise), s.expected, mask=s.mask))
                 gauss.append(metrics.psnr(classical.anscombe_gaussian(x, mask=s.mask), s.expected, mask=s.mask))
             out[f"{level:g}"] = {"psnr_ml": float(np.mean(ml)), "psnr_anscombe_gaussian": float(np.mean(gauss)),
                                  "gain_db": float(np.mean(ml) - np.mean(gauss))}

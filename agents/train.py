@@ -12,6 +12,9 @@ and the HELD-OUT kinds, and compares the network with the classical method it re
   mean 0.01-100 counts per pixel (log-uniform), random photon-counting or integrating detector
   effects; Poisson NLL against the expected counts outside the detector mask (``--noise2noise``:
   against a second, independent draw instead, as for real data without clean targets).
+  ``--arch '{"read_noise": true}'`` trains the network told each frame's read noise (a second input
+  channel; :class:`models.nets.PoissonDenoiser`); with ``--init`` of weights without it, the
+  network is widened from them (:meth:`models.nets.PoissonDenoiser.told_read_noise`) and fine-tuned.
 * **bragg** - :class:`models.nets.PeakUNet` (2D) on 64 x 64 Bragg frames over the whole
   signal-to-noise range; BCE + Dice against the true peak support.
 * **bragg-tof** - the same in 3D: :class:`models.nets.PeakUNet` (``dims=3``) on 32 x 32 x 32
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agents.detector_eval import denoise_input
 from models import nets
 from models.registry import ARCHITECTURES, WeightsError, WeightsRecord, load_weights, save_weights
 from models.training import TrainConfig, train
@@ -61,16 +65,19 @@ def denoise_sample(rng: np.random.Generator, kinds: tuple[str, ...], mean: float
     return det.denoise_frame(rng, kind, shape, level, effects=det.random_effects(rng), pair=pair)
 
 
-def _denoise_batch(noise2noise: bool) -> Callable[[np.random.Generator, int], nets_batch]:
+def _denoise_batch(noise2noise: bool, read_noise: bool = False) -> Callable[[np.random.Generator, int], nets_batch]:
+    """Batches of denoising crops; with ``read_noise`` the input has the read-noise channel
+    (:func:`denoise_input`), else it is the counts (a negative reading passed as it is: the
+    network's transform floors it)."""
     def make(rng: np.random.Generator, size: int) -> nets_batch:
         xs, ys, ms = [], [], []
         for _ in range(size):
             s = denoise_sample(rng, det.DENOISE_TRAIN_KINDS, pair=noise2noise)
             good = ~s.mask
-            xs.append(np.where(good, s.counts, 0.0))
+            xs.append(denoise_input(s.counts, s.mask, s.read_noise if read_noise else None))
             ys.append(np.where(good, s.counts2 if noise2noise else s.expected, 0.0))
             ms.append(good)
-        return _tensors(xs), _tensors(ys), _tensors(ms)
+        return torch.as_tensor(np.stack(xs).astype(np.float32)), _tensors(ys), _tensors(ms)
     return make
 
 
@@ -194,7 +201,7 @@ TASKS: dict[str, Task] = {
 
 def _make_batch(task: Task, noise2noise: bool) -> Callable[[np.random.Generator, int], nets_batch]:
     if task.name == "denoise":
-        return _denoise_batch(noise2noise)
+        return _denoise_batch(noise2noise, bool(task.architecture_config.get("read_noise", False)))
     if task.name == "bragg":
         return _bragg_batch
     if task.name == "bragg-tof":
@@ -268,6 +275,9 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     if start is None or start_record is None:
         torch.manual_seed(seed)  # the initial weights too
         model = ARCHITECTURES[task.architecture](**task.architecture_config)
+    elif (isinstance(start, nets.PoissonDenoiser) and not start.read_noise
+          and task.architecture_config == {**start_record.architecture_config, "read_noise": True}):
+        model = nets.PoissonDenoiser.told_read_noise(start)  # widened: the new channel starts at zero
     elif start_record.architecture_config != task.architecture_config:
         raise ValueError(f"--init {init} holds a {start_record.architecture_config} network, but --factor/--arch "
                          f"ask for {task.architecture_config}: drop them, or start from matching weights")

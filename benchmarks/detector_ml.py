@@ -11,10 +11,12 @@ core-shell cylinder). The networks are the weights shipped in ``models/weights``
   level, random photon-counting or integrating detector effects, detector mask excluded): PSNR
   and SSIM against the expected counts for the network, Anscombe + Gaussian (width by SURE) and
   Anscombe + BM3D (exact unbiased inverse; on an integrating detector the generalized Anscombe
-  transform with the detector's read noise, which BM3D is given and the network is not: with the
-  plain transform BM3D takes read noise for signal, and on probe frames of integrating speckle
-  at 0.1 counts per pixel it measured 8.3 dB below the network, with the generalized one 1.0 dB
-  above it). ``denoise_psnr_gain_db`` is the network's gain over the best classical method at
+  transform with the detector's read noise: with the plain transform BM3D takes read noise for
+  signal, and on probe frames of integrating speckle at 0.1 counts per pixel it measured 8.3 dB
+  below the network, with the generalized one 1.0 dB above it). The network is told the read
+  noise too when its weights take it (``read_noise`` in their architecture; the detector agent's
+  ``read_noise`` setting), and then sees the raw readings as BM3D does; one that does not take
+  it gets the readings floored at 0. ``denoise_psnr_gain_db`` is the network's gain over the best classical method at
   each level; ``by_detector`` splits each level's frames into photon-counting (module gaps, no
   read noise) and integrating (read noise) detectors, the network's and BM3D's PSNR side by
   side. Anscombe + Gaussian keeps the plain transform. The integrated-intensity bias after
@@ -86,19 +88,36 @@ EVAL_SEED = 20_261_125
 LEVELS = (0.1, 1.0, 10.0)
 
 
-def _net(model: torch.nn.Module, x: np.ndarray, *, mirrored: bool | None = None) -> np.ndarray:
-    """The network's output for one frame; ``mirrored`` True / False: with / without the mean over
-    the frame's mirror images (``models.nets.mirror_mean``), None: the network's default."""
-    from agents.detector_eval import predict
+def _net(model: torch.nn.Module, x: np.ndarray, *, mirrored: bool | None = None, mask: np.ndarray | None = None,
+         read_noise: float = 0.0) -> np.ndarray:
+    """The network's output for one frame of readings ``x``, as the detector agent makes it
+    (``agents.detector_eval.denoise`` for the denoiser: told ``read_noise`` if it takes it);
+    ``mirrored`` True / False: with / without the mean over the frame's mirror images
+    (``models.nets.mirror_mean``), None: the network's default."""
+    from agents.detector_eval import denoise, predict
+    from models.nets import PoissonDenoiser
+
+    def run() -> np.ndarray:
+        if isinstance(model, PoissonDenoiser):
+            return denoise(model, x, mask, read_noise)
+        return predict(model, x)
 
     if mirrored is None:
-        return predict(model, x)
+        return run()
     default = model.symmetric_average
     model.symmetric_average = mirrored
     try:
-        return predict(model, x)
+        return run()
     finally:
         model.symmetric_average = default
+
+
+def _inputs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """``batch`` (counts, one channel) as ``model`` takes it: a denoiser told the read noise gets
+    its second channel, 0 (a photon-counting detector), as the detector agent adds it."""
+    if getattr(model, "read_noise", False):
+        return torch.cat([batch, torch.zeros_like(batch)], dim=1)
+    return batch
 
 
 def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str, Any]:
@@ -118,16 +137,17 @@ def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str
             effects = det.random_effects(rng)
             s = det.denoise_frame(rng, kind, (128, 128), level, effects=effects)
             x = np.where(s.mask, 0.0, np.maximum(s.counts, 0.0))
+            raw = np.where(s.mask, 0.0, s.counts)
+            # the network and BM3D (generalized Anscombe) are told the detector's read noise and
+            # see the readings as they are, negative ones included (a network not told it: floored
+            # at 0); Anscombe + Gaussian takes counts >= 0
             t0 = time.perf_counter()
-            est = {"ml": _net(model, x)}
+            est = {"ml": _net(model, raw, mask=s.mask, read_noise=effects.read_noise)}
             t_ml.append(time.perf_counter() - t0)
-            est["ml_mirror"] = _net(model, x, mirrored=True)
+            est["ml_mirror"] = _net(model, raw, mirrored=True, mask=s.mask, read_noise=effects.read_noise)
             est["gaussian"] = classical.anscombe_gaussian(x, mask=s.mask)
             t0 = time.perf_counter()
-            # BM3D is told the detector's read noise (generalized Anscombe) and sees the readings
-            # as they are, negative ones included; the network is told neither
-            est["bm3d"] = classical.anscombe_bm3d(np.where(s.mask, 0.0, s.counts), mask=s.mask,
-                                                  read_noise=effects.read_noise)
+            est["bm3d"] = classical.anscombe_bm3d(raw, mask=s.mask, read_noise=effects.read_noise)
             t_bm3d.append(time.perf_counter() - t0)
             split = by_detector.setdefault("photon_counting" if effects.detector else "integrating",
                                            {"ml_psnr": [], "bm3d_psnr": []})
@@ -161,7 +181,7 @@ def _intensity_bias(model: torch.nn.Module, n: int, rng: np.random.Generator) ->
         s = det.bragg_frame_2d(rng, recipe, effects=det.random_effects(rng, integrating=False))
         x = np.where(s.mask, 0.0, s.counts)
         support = s.support & ~s.mask
-        for name, est in (("ml", _net(model, x)), ("raw", x), ("bm3d", classical.anscombe_bm3d(x, mask=s.mask))):
+        for name, est in (("ml", _net(model, x, mask=s.mask)), ("raw", x), ("bm3d", classical.anscombe_bm3d(x, mask=s.mask))):
             sums[name] += float(est[support].sum())
         sums["truth"] += float(s.expected[support].sum())
     out = {k: (sums[k] - sums["truth"]) / sums["truth"] for k in ("ml", "raw", "bm3d")}
@@ -273,7 +293,7 @@ def throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
     rng = np.random.default_rng(1)
 
     def one(m: torch.nn.Module, b: torch.Tensor) -> None:
-        infer(m, b, device=torch.device("cpu"))
+        infer(m, _inputs(m, b), device=torch.device("cpu"))
 
     for size in (256, 512):
         frame = torch.as_tensor(rng.poisson(1.0, (1, 1, size, size)).astype(np.float32))
@@ -412,7 +432,8 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     volume = torch.as_tensor(rng.poisson(1.0, (1, 1, 32, 32, 32)).astype(np.float32))
     cases = {f"agent_batch{nb}_512_denoise_and_mask": ([models["denoise"], models["bragg"]], frames),
              "agent_single_tof_32": ([models["bragg-tof"]], volume)}
-    runs = {"infer": lambda m, b: infer(m, b, device=torch.device("cpu"), max_batch=nb), "one_call": _one_call}
+    runs = {"infer": lambda m, b: infer(m, _inputs(m, b), device=torch.device("cpu"), max_batch=nb),
+            "one_call": lambda m, b: _one_call(m, _inputs(m, b))}
     out: dict[str, Any] = {}
     for key, (nets, batch) in cases.items():
         med = _interleaved_fps({k: (nets, run) for k, run in runs.items()}, batch, rounds)
@@ -471,7 +492,7 @@ def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any
     def run(enabled: bool) -> Any:
         def one(m: torch.nn.Module, b: torch.Tensor) -> None:
             with fused_inference(enabled):
-                infer(m, b, device=torch.device("cpu"))
+                infer(m, _inputs(m, b), device=torch.device("cpu"))
         return one
 
     both = [models["denoise"], models["bragg"]]
@@ -511,12 +532,12 @@ def gpu_throughput(models: dict[str, Any], batch: int = 32, repeats: int = 10) -
     device = torch.device("cuda")
     frames = torch.poisson(torch.ones(batch, 1, 1024, 1024))
     for name in ("denoise", "bragg"):
-        infer(models[name], frames, device=device, bf16=True)  # warm-up, cudnn autotune
+        infer(models[name], _inputs(models[name], frames), device=device, bf16=True)  # warm-up, cudnn autotune
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         for name in ("denoise", "bragg"):
-            infer(models[name], frames, device=device, bf16=True)
+            infer(models[name], _inputs(models[name], frames), device=device, bf16=True)
     torch.cuda.synchronize()
     return batch * repeats / (time.perf_counter() - t0)
 

@@ -725,3 +725,31 @@ def test_peaks_are_summed_over_the_aperture_the_settings_ask_for(grow):
         np.testing.assert_array_equal(want.n_peak, [(want.labels == k).sum() for k in (1, 2)])
     else:
         assert all(want.n_peak > [(want.labels == k).sum() for k in (1, 2)])
+
+
+def test_a_denoiser_told_the_read_noise_gets_the_agents_read_noise_setting(tmp_path):
+    """An integrating detector's frames (negative readings accepted down to -5 sigma) go to a
+    denoiser that takes the read noise with the setting's value as its second channel: what the
+    agent publishes is the network's output for exactly that input."""
+    torch.manual_seed(0)
+    model = PoissonDenoiser(width=4, depth=2, read_noise=True)
+    weights = _save(tmp_path, model, "poisson-denoiser-unet", "tiny-told", {"width": 4, "depth": 2, "read_noise": True})
+    rng = np.random.default_rng(5)
+    frame = rng.poisson(0.5, SHAPE) + rng.normal(0.0, 1.0, SHAPE)
+    assert frame.min() < 0
+    published = {}
+    for sigma in (2.0, 1.0):
+        sink = Recorder()
+        agent = _agent(weights, [sink], analysis="denoise", max_batch=1, read_noise=sigma)
+        run, desc = _raw_run()
+        agent.tell("start", run.start_doc)
+        agent.tell("descriptor", desc.descriptor_doc)
+        agent.tell("event", _event(desc, frame))
+        agent.tell("stop", run.compose_stop())
+        (event,) = sink.events("denoise")
+        published[sigma] = event["data"]["denoised"]
+        x = torch.as_tensor(np.stack([frame, np.full(SHAPE, sigma)])[None].astype(np.float32))
+        with torch.no_grad():
+            expected = model.eval()(x)[0, 0].numpy()
+        np.testing.assert_allclose(published[sigma], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(published[2.0], published[1.0])

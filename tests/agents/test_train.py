@@ -157,3 +157,45 @@ def test_init_weights_keep_their_own_configuration_when_the_task_defaults_have_m
     tuned, _ = load_weights(tmp_path / "new" / "bragg.pt")
     for (k, a), (_, b) in zip(old.state_dict().items(), tuned.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=k)
+
+
+def test_a_denoiser_is_widened_to_be_told_the_read_noise_and_its_batches_carry_it(tmp_path):
+    """``--init`` weights without the read-noise input and ``--arch '{"read_noise": true}'``: the
+    network is widened from them (same output at read noise 0) and trained on two-channel crops,
+    the second channel each crop's read noise; the metadata records both."""
+    import numpy as np
+
+    from agents.train import TASKS, _make_batch
+    from models.nets import PoissonDenoiser
+
+    blind = run_training("denoise", tmp_path / "a", steps=1, batch=2, n_eval=1, architecture_config={"width": 4})
+    record = run_training("denoise", tmp_path / "b", steps=1, batch=2, n_eval=1, lr=1e-12, seed=1,
+                          init=tmp_path / "a" / "denoise.pt", architecture_config={"read_noise": True})
+    assert record["architecture_config"] == {**blind["architecture_config"], "read_noise": True}
+    assert record["training"]["init"]["sha256"] == blind["sha256"]
+    start, _ = load_weights(tmp_path / "a" / "denoise.pt")
+    told, _ = load_weights(tmp_path / "b" / "denoise.pt")
+    assert isinstance(told, PoissonDenoiser) and told.read_noise
+    counts = torch.poisson(torch.full((1, 1, 16, 16), 2.0))
+    with torch.no_grad():
+        torch.testing.assert_close(told.eval()(torch.cat([counts, torch.zeros_like(counts)], 1)),
+                                   start.eval()(counts), rtol=1e-6, atol=1e-6)
+    task = TASKS["denoise"]
+    x, y, m = _make_batch(replace_config(task, read_noise=True), False)(np.random.default_rng(0), 16)
+    assert x.shape == (16, 2, 64, 64) and y.shape == m.shape == (16, 1, 64, 64)
+    sigma = x[:, 1].flatten(1)
+    assert (sigma == sigma[:, :1]).all()  # one read noise per crop
+    integrating = sigma[:, 0] > 0
+    assert integrating.any() and (~integrating).any()  # both kinds of detector are drawn
+    assert float(sigma[integrating, 0].min()) >= 0.5 and float(sigma[integrating, 0].max()) <= 3.0
+    x1, _, _ = _make_batch(task, False)(np.random.default_rng(0), 2)
+    assert x1.shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="ask for"):  # a told network is not narrowed back
+        run_training("denoise", tmp_path / "c", steps=1, init=tmp_path / "b" / "denoise.pt",
+                     architecture_config={"read_noise": False})
+
+
+def replace_config(task, **config):
+    from dataclasses import replace
+
+    return replace(task, architecture_config={**task.architecture_config, **config})

@@ -407,3 +407,50 @@ def test_ring_consistency_puts_the_measured_counts_in_each_ring():
         ring_consistent(fine, coarse, 2, alpha=-1.0)
     with pytest.raises(ValueError, match="ring_width"):
         ring_consistent(fine, coarse, 2, ring_width=0.0)
+
+
+def test_a_denoiser_told_the_read_noise_widened_from_one_that_is_not_gives_its_output_without_read_noise():
+    """:meth:`PoissonDenoiser.told_read_noise`: the new input channel starts with zero weights, so
+    on photon-counting frames (read noise 0) the told network is the blind one exactly; with read
+    noise its transform differs (the generalized Anscombe transform), so the output does too."""
+    torch.manual_seed(4)
+    for unshuffle in (1, 2):
+        blind = PoissonDenoiser(width=4, depth=2, unshuffle=unshuffle, activation="relu").eval()
+        with torch.no_grad():  # a non-trivial network: every weight away from its initialisation
+            for p in blind.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        told = PoissonDenoiser.told_read_noise(blind).eval()
+        assert told.read_noise and told.in_channels == 2 and not blind.read_noise
+        assert told.net.down[0][0].in_channels == 3 * unshuffle**2
+        counts = torch.poisson(torch.full((2, 1, 16, 16), 3.0))
+        with torch.no_grad():
+            torch.testing.assert_close(told(torch.cat([counts, torch.zeros_like(counts)], 1)), blind(counts))
+            noisy = counts + 2.0 * torch.randn_like(counts)
+            with_noise = told(torch.cat([noisy, torch.full_like(noisy, 2.0)], 1))
+        assert torch.isfinite(with_noise).all() and (with_noise >= 0).all()
+        assert not torch.allclose(with_noise, blind(noisy.clamp(min=0)))
+    with pytest.raises(ValueError, match="told the read noise already"):
+        PoissonDenoiser.told_read_noise(told)
+    with pytest.raises(ValueError, match="2 input channel"):
+        told(counts)
+    with pytest.raises(ValueError, match="1 input channel"):
+        blind(torch.cat([counts, counts], 1))
+    with pytest.raises(ValueError, match="read_noise"):
+        PoissonDenoiser(read_noise=1.5)
+
+
+def test_the_read_noise_channel_moves_a_denoiser_told_it_by_the_generalized_anscombe_transform():
+    """What the told network's U-Net sees: ``(a - a_level) / a_level`` of ``a = 2 sqrt(x + 3/8 + s^2)``
+    (0 for a reading at the frame's level, whatever the read noise ``s``), the log of the level,
+    and ``log(1 + s^2 / level)``."""
+    model = PoissonDenoiser(width=4, depth=2, read_noise=True).eval()
+    seen = {}
+    model.net.register_forward_pre_hook(lambda _m, args: seen.__setitem__("z", args[0]))
+    flat = torch.full((1, 1, 8, 8), 2.0)
+    for sigma in (0.0, 3.0):
+        with torch.no_grad():
+            model(torch.cat([flat, torch.full_like(flat, sigma)], 1))
+        z = seen["z"]
+        torch.testing.assert_close(z[:, 0], torch.zeros(1, 8, 8))
+        torch.testing.assert_close(z[:, 1], torch.full((1, 8, 8), math.log(2.0)))
+        torch.testing.assert_close(z[:, 2], torch.full((1, 8, 8), math.log1p(sigma**2 / 2.0)))
