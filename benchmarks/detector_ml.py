@@ -1,7 +1,7 @@
 """Detector ML against the classical methods: denoising, Bragg-peak masks and integration, SANS SR, speed.
 
 Every quality figure is measured on held-out simulated data: seeds the training never used
-(``EVAL_SEED`` here; training used seeds 0-3 and evaluated on 10000-10003, each weights' ``.json``
+(``EVAL_SEED`` here; training used seeds 0-4 and evaluated on 10000-10004, each weights' ``.json``
 says which) and, for denoising and super-resolution, sample kinds held out of training
 (``DENOISE_HELD_OUT_KINDS``: speckle; ``SANS_HELD_OUT_KINDS``: core-shell sphere and oriented
 core-shell cylinder). The networks are the weights shipped in ``models/weights`` (or
