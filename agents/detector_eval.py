@@ -45,9 +45,11 @@ def denoise_input(readings: np.ndarray, mask: np.ndarray | None, read_noise: flo
 
 
 def denoise(model: torch.nn.Module, readings: np.ndarray, mask: np.ndarray | None, read_noise: float) -> np.ndarray:
-    """What the detector agent publishes for one frame of an integrating (``read_noise`` > 0) or
-    photon-counting detector: a denoiser told the read noise gets the raw readings and it; one
-    that is not gets the readings floored at 0 (read noise can make a reading negative)."""
+    """The denoised frame, for one frame of an integrating (``read_noise`` > 0) or photon-counting
+    detector: a denoiser told the read noise gets the raw readings and it, as the detector agent
+    gives them; one that is not gets the readings floored at 0 (read noise can make a reading
+    negative; the agent passes them as they are, and such a network floors them inside, but its
+    frame level is then taken over the unfloored readings)."""
     if getattr(model, "read_noise", False):
         x = denoise_input(readings, mask, read_noise)
     else:
