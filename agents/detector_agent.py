@@ -53,7 +53,7 @@ from agents.config import _Strict
 from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest
 from models.classical import integrate_in_mask
-from models.nets import UNet, infer, ring_consistent
+from models.nets import UNet, denoiser_input, infer, ring_consistent
 from models.registry import WeightsError, load_weights
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
@@ -460,8 +460,7 @@ class DetectorAnalysisAgent:
     def _run_batch(self, frames: list[_Frame]) -> None:
         x = np.stack([f.counts if f.mask is None else np.where(f.mask, 0.0, f.counts) for f in frames])
         batch = torch.from_numpy(x.astype(np.float32)).unsqueeze(1)
-        if getattr(self.model, "read_noise", False):  # a denoiser told the read noise: its second channel
-            batch = torch.cat([batch, torch.full_like(batch, self.settings.read_noise)], dim=1)
+        batch = denoiser_input(self.model, batch, self.settings.read_noise)  # a told denoiser's channel
         shape = batch.shape[2:]
         pad = [(-n) % self._multiple for n in shape]  # the U-Net's input sizes (UNet.multiple)
         if any(pad):

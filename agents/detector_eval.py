@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from models import classical, metrics
-from models.nets import infer
+from models.nets import denoiser_input, infer
 from simulators import detector as det
 
-__all__ = ["denoise", "denoise_input", "evaluate", "log_psnr", "matched_intensities", "predict"]
+__all__ = ["denoise", "evaluate", "log_psnr", "matched_intensities", "predict"]
 
 LEVELS = (0.1, 1.0, 10.0)
 
@@ -35,26 +35,17 @@ def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return out[0, 0].numpy().astype(np.float64)
 
 
-def denoise_input(readings: np.ndarray, mask: np.ndarray | None, read_noise: float | None) -> np.ndarray:
-    """One frame as the denoiser takes it (channels first): the readings with masked pixels set to
-    0, and with ``read_noise`` (counts rms; not None) a second channel holding it at every pixel."""
-    x = readings if mask is None else np.where(mask, 0.0, readings)
-    if read_noise is None:
-        return x[None]
-    return np.stack([x, np.full(x.shape, float(read_noise))])
-
-
 def denoise(model: torch.nn.Module, readings: np.ndarray, mask: np.ndarray | None, read_noise: float) -> np.ndarray:
     """The denoised frame, for one frame of an integrating (``read_noise`` > 0) or photon-counting
     detector: a denoiser told the read noise gets the raw readings and it, as the detector agent
-    gives them; one that is not gets the readings floored at 0 (read noise can make a reading
-    negative; the agent passes them as they are, and such a network floors them inside, but its
-    frame level is then taken over the unfloored readings)."""
-    if getattr(model, "read_noise", False):
-        x = denoise_input(readings, mask, read_noise)
-    else:
-        x = denoise_input(np.maximum(readings, 0.0), mask, None)
-    out, _ = infer(model, torch.as_tensor(x[None].astype(np.float32)), device=torch.device("cpu"))
+    gives them (:func:`models.nets.denoiser_input`); one that is not gets the readings floored at
+    0 (read noise can make a reading negative; the agent passes them as they are, and such a
+    network floors them inside, but its frame level is then taken over the unfloored readings)."""
+    told = getattr(model, "read_noise", False)
+    x = readings if told else np.maximum(readings, 0.0)
+    x = x if mask is None else np.where(mask, 0.0, x)
+    batch = denoiser_input(model, torch.as_tensor(x[None, None].astype(np.float32)), read_noise)
+    out, _ = infer(model, batch, device=torch.device("cpu"))
     return out[0, 0].numpy().astype(np.float64)
 
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.detector_eval import denoise_input
 from models import nets
 from models.registry import ARCHITECTURES, WeightsError, WeightsRecord, load_weights, save_weights
 from models.training import TrainConfig, train
@@ -67,18 +66,25 @@ def denoise_sample(rng: np.random.Generator, kinds: tuple[str, ...], mean: float
 
 def _denoise_batch(noise2noise: bool, read_noise: bool = False) -> Callable[[np.random.Generator, int], nets_batch]:
     """Batches of denoising crops; with ``read_noise`` the input has the read-noise channel
-    (:func:`denoise_input`), else it is the counts (a negative reading passed as it is: the
+    (:func:`_denoise_input`), else it is the counts (a negative reading passed as it is: the
     network's transform floors it)."""
     def make(rng: np.random.Generator, size: int) -> nets_batch:
         xs, ys, ms = [], [], []
         for _ in range(size):
             s = denoise_sample(rng, det.DENOISE_TRAIN_KINDS, pair=noise2noise)
             good = ~s.mask
-            xs.append(denoise_input(s.counts, s.mask, s.read_noise if read_noise else None))
+            xs.append(_denoise_input(s.counts, s.mask, s.read_noise if read_noise else None))
             ys.append(np.where(good, s.counts2 if noise2noise else s.expected, 0.0))
             ms.append(good)
         return torch.as_tensor(np.stack(xs).astype(np.float32)), _tensors(ys), _tensors(ms)
     return make
+
+
+def _denoise_input(readings: np.ndarray, mask: np.ndarray, read_noise: float | None) -> np.ndarray:
+    """One training crop, channels first: the readings with masked pixels set to 0, and with
+    ``read_noise`` (not None) its second channel as :func:`models.nets.denoiser_input` adds it."""
+    x = np.where(mask, 0.0, readings)
+    return x[None] if read_noise is None else np.stack([x, np.full(x.shape, float(read_noise))])
 
 
 def _denoise_loss(rate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

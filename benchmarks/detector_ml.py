@@ -112,14 +112,6 @@ def _net(model: torch.nn.Module, x: np.ndarray, *, mirrored: bool | None = None,
         model.symmetric_average = default
 
 
-def _inputs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """``batch`` (counts, one channel) as ``model`` takes it: a denoiser told the read noise gets
-    its second channel, 0 (a photon-counting detector), as the detector agent adds it."""
-    if getattr(model, "read_noise", False):
-        return torch.cat([batch, torch.zeros_like(batch)], dim=1)
-    return batch
-
-
 def denoising(models: dict[str, Any], n: int, n_bias: int, bar: Any) -> dict[str, Any]:
     from models import classical, metrics
     from simulators import detector as det
@@ -286,14 +278,14 @@ def throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any]:
     the rounds, p99 over every frame of every round), so a machine whose speed drifts meanwhile
     weighs on all three alike. The first frames of a network at a new size build its oneDNN
     kernels and are left out (three calls each before the rounds)."""
-    from models.nets import infer
+    from models.nets import denoiser_input, infer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "rounds": rounds}
     rng = np.random.default_rng(1)
 
     def one(m: torch.nn.Module, b: torch.Tensor) -> None:
-        infer(m, _inputs(m, b), device=torch.device("cpu"))
+        infer(m, denoiser_input(m, b), device=torch.device("cpu"))
 
     for size in (256, 512):
         frame = torch.as_tensor(rng.poisson(1.0, (1, 1, size, size)).astype(np.float32))
@@ -424,7 +416,7 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     batch, in interleaved rounds (median): 512 x 512 frames arriving in batches of the agent's
     default ``max_batch`` (denoise + mask), and single 32^3 time-of-flight volumes (bragg-tof)."""
     from agents.detector_agent import DetectorSettings
-    from models.nets import infer
+    from models.nets import denoiser_input, infer
 
     rng = np.random.default_rng(2)
     nb = DetectorSettings.model_fields["max_batch"].default
@@ -432,8 +424,8 @@ def _agent_path_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str,
     volume = torch.as_tensor(rng.poisson(1.0, (1, 1, 32, 32, 32)).astype(np.float32))
     cases = {f"agent_batch{nb}_512_denoise_and_mask": ([models["denoise"], models["bragg"]], frames),
              "agent_single_tof_32": ([models["bragg-tof"]], volume)}
-    runs = {"infer": lambda m, b: infer(m, _inputs(m, b), device=torch.device("cpu"), max_batch=nb),
-            "one_call": lambda m, b: _one_call(m, _inputs(m, b))}
+    runs = {"infer": lambda m, b: infer(m, denoiser_input(m, b), device=torch.device("cpu"), max_batch=nb),
+            "one_call": lambda m, b: _one_call(m, denoiser_input(m, b))}
     out: dict[str, Any] = {}
     for key, (nets, batch) in cases.items():
         med = _interleaved_fps({k: (nets, run) for k, run in runs.items()}, batch, rounds)
@@ -485,14 +477,14 @@ def _fusion_throughput(models: dict[str, Any], rounds: int = 4) -> dict[str, Any
     fused CPU inference (``models.nets.fused_inference``) against the same networks unfused, in
     interleaved rounds (median). Meaningful for networks with ``activation: relu``; for GELU ones
     both run the same path."""
-    from models.nets import fused_inference, infer
+    from models.nets import denoiser_input, fused_inference, infer
 
     frame = torch.as_tensor(np.random.default_rng(3).poisson(1.0, (1, 1, 512, 512)).astype(np.float32))
 
     def run(enabled: bool) -> Any:
         def one(m: torch.nn.Module, b: torch.Tensor) -> None:
             with fused_inference(enabled):
-                infer(m, _inputs(m, b), device=torch.device("cpu"))
+                infer(m, denoiser_input(m, b), device=torch.device("cpu"))
         return one
 
     both = [models["denoise"], models["bragg"]]
@@ -525,19 +517,19 @@ def _interleaved_fps(cases: dict[str, tuple[list[torch.nn.Module], Any]], batch:
 
 def gpu_throughput(models: dict[str, Any], batch: int = 32, repeats: int = 10) -> float | None:
     """Frames per second of denoising + masking at 1024 x 1024 in bf16 on CUDA (None without one)."""
-    from models.nets import infer
+    from models.nets import denoiser_input, infer
 
     if not torch.cuda.is_available():
         return None
     device = torch.device("cuda")
     frames = torch.poisson(torch.ones(batch, 1, 1024, 1024))
     for name in ("denoise", "bragg"):
-        infer(models[name], _inputs(models[name], frames), device=device, bf16=True)  # warm-up, cudnn autotune
+        infer(models[name], denoiser_input(models[name], frames), device=device, bf16=True)  # warm-up, cudnn autotune
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         for name in ("denoise", "bragg"):
-            infer(models[name], _inputs(models[name], frames), device=device, bf16=True)
+            infer(models[name], denoiser_input(models[name], frames), device=device, bf16=True)
     torch.cuda.synchronize()
     return batch * repeats / (time.perf_counter() - t0)
 

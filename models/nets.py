@@ -39,8 +39,8 @@ from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ACTIVATIONS", "PeakUNet", "PoissonDenoiser", "SuperResolver", "UNet", "cpu_sub_batch", "dice_bce",
-           "fused_inference", "infer", "n_parameters", "poisson_nll"]
+__all__ = ["ACTIVATIONS", "PeakUNet", "PoissonDenoiser", "SuperResolver", "UNet", "cpu_sub_batch", "denoiser_input",
+           "dice_bce", "fused_inference", "infer", "n_parameters", "poisson_nll"]
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -344,6 +344,17 @@ class PoissonDenoiser(_MirrorAveraged):
             base = base + torch.sigmoid(out[:, 1:]) * (positive - base)
             out = out[:, :1]
         return base * torch.exp(torch.clamp(out, -20.0, 20.0))
+
+
+def denoiser_input(model: nn.Module, counts: torch.Tensor, read_noise: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """A batch of counts (``N x 1 x H x W``) as ``model`` takes it: for a denoiser told the read
+    noise (:class:`PoissonDenoiser` with ``read_noise``), with the second channel holding
+    ``read_noise`` (counts rms: a number, or one per frame, ``N x 1 x 1 x 1``) at every pixel;
+    for any other network, as it is."""
+    if not getattr(model, "read_noise", False):
+        return counts
+    sigma = torch.as_tensor(read_noise, dtype=counts.dtype, device=counts.device).expand_as(counts)
+    return torch.cat([counts, sigma], dim=1)
 
 
 class PeakUNet(_MirrorAveraged):

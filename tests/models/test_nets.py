@@ -454,3 +454,18 @@ def test_the_read_noise_channel_moves_a_denoiser_told_it_by_the_generalized_ansc
         torch.testing.assert_close(z[:, 0], torch.zeros(1, 8, 8))
         torch.testing.assert_close(z[:, 1], torch.full((1, 8, 8), math.log(2.0)))
         torch.testing.assert_close(z[:, 2], torch.full((1, 8, 8), math.log1p(sigma**2 / 2.0)))
+
+
+def test_denoiser_input_adds_the_read_noise_channel_only_for_a_network_that_takes_it():
+    from models.nets import denoiser_input
+
+    counts = torch.poisson(torch.full((3, 1, 8, 8), 2.0))
+    assert denoiser_input(PoissonDenoiser(width=4, depth=2), counts, 1.5) is counts
+    assert denoiser_input(PeakUNet(width=4, depth=2), counts, 1.5) is counts
+    told = PoissonDenoiser(width=4, depth=2, read_noise=True)
+    x = denoiser_input(told, counts, 1.5)
+    assert x.shape == (3, 2, 8, 8) and torch.equal(x[:, :1], counts) and bool((x[:, 1] == 1.5).all())
+    per_frame = torch.tensor([0.0, 0.5, 3.0]).reshape(3, 1, 1, 1)
+    x = denoiser_input(told, counts, per_frame)
+    assert [float(v) for v in x[:, 1].amin(dim=(-2, -1))] == [0.0, 0.5, 3.0]
+    assert [float(v) for v in x[:, 1].amax(dim=(-2, -1))] == [0.0, 0.5, 3.0]
