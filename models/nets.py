@@ -222,6 +222,12 @@ def _anscombe(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sqrt(torch.clamp(x, min=0.0) + 0.375)
 
 
+def _generalized_anscombe(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``2 sqrt(max(x + 3/8 + var, 0))`` for readings ``x`` with Gaussian read-noise variance ``var``
+    (as :func:`models.classical.generalized_anscombe`, in torch)."""
+    return 2.0 * torch.sqrt(torch.clamp(x + 0.375 + var, min=0.0))
+
+
 MirrorView = tuple[bool, tuple[int, ...]]  # (transposed, flipped axes) of a frame's last two axes
 
 
@@ -325,8 +331,8 @@ class PoissonDenoiser(_MirrorAveraged):
         level = counts.mean(dim=(-2, -1), keepdim=True).clamp(min=1e-3)
         if self.read_noise:
             var = x[:, 1:2] ** 2
-            a = 2.0 * torch.sqrt(torch.clamp(counts + 0.375 + var, min=0.0))
-            a_level = 2.0 * torch.sqrt(level + 0.375 + var.mean(dim=(-2, -1), keepdim=True))
+            a = _generalized_anscombe(counts, var)
+            a_level = _generalized_anscombe(level, var.mean(dim=(-2, -1), keepdim=True))
             extra = [torch.log1p(var / level)]
         else:
             a, a_level, extra = _anscombe(counts), _anscombe(level), []
