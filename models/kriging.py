@@ -28,20 +28,33 @@ points: on the discontinuous maps of ``benchmarks/mapping.py`` (probe seeds 101-
 1.3-1.5x further from the truth than piecewise-linear interpolation of the same points, and 3x
 closer on the smooth ones.
 So at each refit, for each output with at least 20 points, the model compares the leave-one-out
-residuals of both (kriging's in closed form, the triangulation's from each point's Delaunay
-star), and :meth:`MappingGP.predict` draws the map with the one whose median absolute residual
-is smaller (``reconstruction="auto"``; either can be forced). The triangulation passes through
-the kriging estimates at the measured positions, so noise is smoothed as kriging smooths it; the
-posterior at the candidates (:meth:`MappingGP.posterior`, used by the acquisitions) is always
-the kriging posterior.
+residuals of both (kriging's in closed form, the triangulation's from each point's star), and
+:meth:`MappingGP.predict` draws the map with the one whose median absolute residual is smaller
+(``reconstruction="auto"``; either can be forced). In 2-D the triangles are chosen by the data
+(:mod:`models.triangulation`), so they lie along a boundary rather than across it; in more
+dimensions they are Delaunay's. The triangulation passes through the kriging estimates at the
+measured positions, so noise is smoothed as kriging smooths it; the posterior at the candidates
+(:meth:`MappingGP.posterior`, used by the acquisitions) is always the kriging posterior.
 
 **Calibrated intervals.** The marginal likelihood's posterior variance is often far from the
 errors it should describe (on the benchmark's smooth maps 98% of the truth fell inside the
 90% intervals). At each refit every output's variance is rescaled by one factor chosen so that
-``calibration_level`` of the fit's leave-one-out residuals (of the reconstruction the map is
-drawn with) fall inside their intervals, each residual weighted by the area its point stands
-for (:func:`variance_scale`; closed form, no refits). The posterior mean, and acquisitions
-that compare variance with prior variance, do not change.
+``calibration_level`` of the fit's leave-one-out residuals fall inside their intervals, each
+residual weighted by the area its point stands for (:func:`variance_scale`; closed form, no
+refits). The posterior mean, and acquisitions that compare variance with prior variance, do
+not change.
+
+A triangulated map in 2-D gets intervals of its own shape, since its errors crowd on the
+boundaries and a stationary variance cannot say so: ``s spread**2 + floor``, ``spread`` the
+slope of the triangle times the distance to the nearest measured position
+(:meth:`models.triangulation.Interpolant.spread`), ``s`` calibrated as above on the
+triangulation's leave-one-out residuals and their spreads, ``floor`` the kriging estimates'
+median error variance. On the benchmark's discontinuous maps (probe seeds 101-106, at the
+points where each reached the raster's error) the kriging variance rescaled this way put
+0.98 of the truth inside the 90% intervals (0.976-0.992): 14x too wide away from the
+boundaries, too narrow on them. The spread's intervals put 0.95 (0.88-0.98) inside;
+without the floor 0.88, but a noisy map far from its boundaries is then under-covered; with
+the change of gradient to the neighbouring triangles instead of the slope, 0.97.
 """
 
 from __future__ import annotations
@@ -131,13 +144,19 @@ def triangulated(points: np.ndarray, values: np.ndarray, targets: np.ndarray) ->
     """Piecewise-linear interpolation of ``values`` (``n``) at ``points`` (``n x d``, ``d >= 2``)
     over their Delaunay triangulation, at ``targets`` (``m x d``); outside the points' convex
     hull the nearest point's value. Sharp where the points are dense, so a domain boundary
-    sampled closely stays sharp."""
+    sampled closely stays sharp. In 2-D the triangles are chosen by the data
+    (:func:`models.triangulation.data_dependent_triangles`), so they lie along a boundary rather
+    than across it."""
     from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
     from scipy.spatial import QhullError
+
+    from models.triangulation import Interpolant
 
     points, values = np.asarray(points, dtype=float), np.asarray(values, dtype=float)
     targets = np.atleast_2d(np.asarray(targets, dtype=float))
     try:
+        if points.shape[1] == 2:
+            return Interpolant(points, values)(targets)
         out = LinearNDInterpolator(points, values)(targets)
     except (QhullError, ValueError):  # too few or degenerate (collinear) points: nearest only
         out = np.full(len(targets), np.nan)
@@ -152,13 +171,18 @@ def triangulated_loo_residuals(points: np.ndarray, values: np.ndarray) -> np.nda
     without it.
 
     Removing a vertex changes the triangulation only inside its star, so each point is
-    interpolated from the triangulation of its Delaunay neighbours alone (``O(n)`` small
+    interpolated from the triangulation of its neighbours alone (``O(n)`` small
     triangulations, not ``n`` large ones); a point on the hull is predicted by its nearest
-    neighbour.
+    neighbour. In 2-D the triangulations are data-dependent, as :func:`triangulated`'s are
+    (:func:`models.triangulation.leave_one_out`); in more dimensions, Delaunay.
     """
     from scipy.spatial import Delaunay, QhullError
 
     points, values = np.asarray(points, dtype=float), np.asarray(values, dtype=float)
+    if points.ndim == 2 and points.shape[1] == 2:
+        from models.triangulation import leave_one_out
+
+        return leave_one_out(points, values).residual
     out = np.empty(len(points))
     indptr, nbrs = Delaunay(points).vertex_neighbor_vertices
     for i in range(len(points)):
@@ -213,8 +237,8 @@ class KrigingConfig:
         likelihood's variance as it is). See :func:`loo_residuals` and :func:`variance_scale`.
     reconstruction
         How :meth:`MappingGP.predict` draws each output's map: ``"kriging"`` (the posterior
-        mean), ``"triangulation"`` (piecewise-linear over the Delaunay triangulation of the
-        measured positions, through the posterior mean there) or ``"auto"``: at each refit, the
+        mean), ``"triangulation"`` (piecewise-linear over a triangulation of the measured
+        positions, data-dependent in 2-D, through the posterior mean there) or ``"auto"``: at each refit, the
         one whose leave-one-out residuals have the smaller median absolute value.
     """
 
@@ -261,6 +285,8 @@ class _Hyper:
     y_std: float
     noise: float | None  # standardised; None: the observations carry their own variance
     var_scale: float = 1.0  # calibration of the posterior variance (leave-one-out)
+    tri_scale: float = 1.0  # calibration of a triangulated map's intervals (leave-one-out)
+    tri_floor: float | None = None  # 2-D: those intervals are tri_scale spread**2 + tri_floor (standardised)
     reconstruction: str = "kriging"  # how predict() draws the map: "kriging" or "triangulation"
     loo_median: dict[str, float] | None = None  # median |leave-one-out residual| per reconstruction
 
@@ -290,7 +316,7 @@ class _Hyper:
             "outputscale": [float(k.outputscale.detach()) for k in parts],
             "mean": self.mean, "y_mean": self.y_mean, "y_std": self.y_std, "noise": self.noise,
             "reconstruction": self.reconstruction, "loo_median_abs": self.loo_median,
-            "variance_scale": self.var_scale,
+            "variance_scale": self.var_scale, "triangulation_variance_scale": self.tri_scale,
             "warp": None if self.warp is None else {
                 "concentration0": self.warp.concentration0.detach().reshape(-1).cpu().tolist(),
                 "concentration1": self.warp.concentration1.detach().reshape(-1).cpu().tolist(),
@@ -353,13 +379,19 @@ def _area_weights(X: np.ndarray) -> np.ndarray:
     return np.maximum(d, 1e-12 * max(float(d.max()), 1e-300)) ** 2
 
 
-def _triangulated_loo(X: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """:func:`triangulated_loo_residuals`, or ``None`` when the points cannot be triangulated
-    (fewer than ``d + 1``, or all on a line)."""
+def _triangulated_loo(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """:func:`triangulated_loo_residuals` and, in 2-D, each one's interpolation spread
+    (:class:`models.triangulation.LeaveOneOut`); ``None`` when the points cannot be
+    triangulated (fewer than ``d + 1``, or all on a line)."""
     from scipy.spatial import QhullError
 
+    from models.triangulation import leave_one_out
+
     try:
-        return triangulated_loo_residuals(X, y)
+        if X.shape[1] == 2:
+            loo = leave_one_out(X, y)
+            return loo.residual, loo.spread
+        return triangulated_loo_residuals(X, y), None
     except (QhullError, ValueError):
         return None
 
@@ -556,23 +588,38 @@ class MappingGP:
                        mean=float(model.mean_module.constant.detach()), y_mean=y_mean, y_std=y_std, noise=noise)
         nv = tvar.reshape(-1) if tvar is not None else torch.full((len(y),), noise, **self._tkw)
         choice = self.config.reconstruction
-        resid, latent = None, None
         if len(y) >= _MIN_CALIBRATION_POINTS:
             resid, latent = loo_residuals(hyper.k(tx, tx), nv, ty.reshape(-1) - hyper.mean)
+            loo = None
             if choice != "kriging" and X.shape[1] >= 2:
-                tri = _triangulated_loo(X, ty.reshape(-1).cpu().numpy())
-                if tri is not None:
+                loo = _triangulated_loo(X, ty.reshape(-1).cpu().numpy())
+                if loo is not None:
                     hyper.loo_median = {"kriging": float(np.median(np.abs(resid)) * y_std),
-                                        "triangulation": float(np.median(np.abs(tri)) * y_std)}
+                                        "triangulation": float(np.median(np.abs(loo[0])) * y_std)}
                     if choice == "triangulation" or hyper.loo_median["triangulation"] < hyper.loo_median["kriging"]:
-                        hyper.reconstruction, resid = "triangulation", tri
+                        hyper.reconstruction = "triangulation"
+            if self.config.calibration_level is not None:
+                self._calibrate(hyper, _area_weights(X), nv.cpu().numpy(), resid, latent, loo)
         elif choice == "triangulation" and X.shape[1] >= 2:
             hyper.reconstruction = "triangulation"
-        level = self.config.calibration_level
-        if level is not None and resid is not None:
-            # the intervals are put around the map that predict() draws: calibrated on its residuals
-            hyper.var_scale = variance_scale(resid, latent, nv.cpu().numpy(), level, weights=_area_weights(X))
         return hyper
+
+    def _calibrate(self, hyper: _Hyper, weights: np.ndarray, noise: np.ndarray, resid: np.ndarray,
+                   latent: np.ndarray, loo: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+        """Set ``hyper``'s interval scales from the leave-one-out residuals (standardised)."""
+        level = self.config.calibration_level
+        assert level is not None
+        hyper.var_scale = variance_scale(resid, latent, noise, level, weights=weights)
+        if hyper.reconstruction != "triangulation" or loo is None:
+            return
+        # the intervals are put around the map that predict() draws: calibrated on its
+        # residuals, against its own error scale in 2-D, else the kriging variance
+        tri, spread = loo
+        hyper.tri_scale = variance_scale(tri, latent if spread is None else spread**2, noise, level, weights=weights)
+        if spread is not None:
+            # the map passes through the kriging estimates at the points, whose error
+            # variance is 1 / (1 / leave-one-out variance + 1 / noise): the floor
+            hyper.tri_floor = float(np.median(1.0 / (1.0 / (hyper.var_scale * latent) + 1.0 / noise)))
 
     def _kernel(self, ard: int | None, prior: Any) -> ScaleKernel:
         if self.config.kernel == "rbf":
@@ -703,10 +750,16 @@ class MappingGP:
 
         The mean is each output's chosen :attr:`reconstruction`: the kriging posterior mean, or
         the triangulation through the kriging estimates at the measured positions. The variance
-        is the kriging posterior's, calibrated on the chosen reconstruction's leave-one-out
-        residuals."""
+        is the kriging posterior's, calibrated on its leave-one-out residuals; for a
+        triangulated map in 2-D, the triangulation's own error scale instead,
+        ``s spread**2 + noise`` (:meth:`models.triangulation.Interpolant.spread`: slope times
+        distance to the nearest measured position, so the intervals widen across boundaries
+        and narrow between them), ``s`` calibrated on its leave-one-out residuals."""
+        from models.triangulation import Interpolant
+
         factors = self._need()
-        U = self._unit(np.atleast_2d(np.asarray(X, dtype=float)))
+        X = np.atleast_2d(np.asarray(X, dtype=float))
+        U = self._unit(X)
         Xs = self._unit(self._X)
         means, variances = [], []
         for k, f in enumerate(factors):
@@ -717,11 +770,18 @@ class MappingGP:
                 mu_parts.append(h.mean + V.T @ f.z[: f.n])
                 var_parts.append(torch.clamp(h.k_diag(u) - (V * V).sum(0), min=0.0))
             mean = (torch.cat(mu_parts) * h.y_std + h.y_mean).cpu().numpy()
+            var = (torch.cat(var_parts) * h.var_unit).cpu().numpy()
             if h.reconstruction == "triangulation":
                 # through the kriging estimates at the measured positions (noise smoothed as kriging does)
-                mean = triangulated(self._X[: f.n], self._estimates(f, k), np.atleast_2d(np.asarray(X, dtype=float)))
+                estimates = self._estimates(f, k)
+                if h.tri_floor is not None:
+                    interpolant = Interpolant(self._X[: f.n], estimates)
+                    mean = interpolant(X)
+                    var = h.tri_scale * interpolant.spread(X) ** 2 + h.tri_floor * h.y_std**2
+                else:
+                    mean, var = triangulated(self._X[: f.n], estimates, X), var / h.var_scale * h.tri_scale
             means.append(mean)
-            variances.append((torch.cat(var_parts) * h.var_unit).cpu().numpy())
+            variances.append(var)
         return np.stack(means, axis=1), np.stack(variances, axis=1)
 
     def _estimates(self, f: _Factor, k: int) -> np.ndarray:

@@ -236,6 +236,7 @@ def test_triangulation_reproduces_planes_and_its_leave_one_out_matches_a_rebuild
     np.testing.assert_allclose(inside[hull], plane(T[hull]), atol=1e-9)  # exact on an affine map
     nearest = np.argmin(np.linalg.norm(T[~hull, None] - P[None], axis=-1), axis=1)
     np.testing.assert_allclose(inside[~hull], plane(P)[nearest])  # nearest value outside the hull
+    P = rng.uniform(0, 10, (40, 3))  # in 3-D the triangulation is Delaunay's, and its star rebuild exact
     v = step(P)
     loo = triangulated_loo_residuals(P, v)
     from scipy.interpolate import LinearNDInterpolator
@@ -304,6 +305,22 @@ def test_auto_reconstruction_triangulates_a_boundary_and_krigs_a_smooth_map(grid
     assert errors["step", "triangulation"] < errors["step", "kriging"]
     with pytest.raises(ValueError, match="reconstruction"):
         KrigingConfig(reconstruction="spline")
+
+
+def test_a_triangulated_maps_intervals_widen_across_its_boundary_and_cover_the_truth(grid):
+    rng = np.random.default_rng(11)
+    X = _boundary_heavy(rng, 240)
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, reconstruction="triangulation"))
+    gp.add(X, step(X)[:, None] + 0.01 * rng.normal(size=(240, 1)), np.full((240, 1), 1e-4))
+    T = rng.uniform(0.5, 9.5, (4000, 2))
+    mean, var = gp.predict(T)
+    sd, err = np.sqrt(var[:, 0]), np.abs(mean[:, 0] - step(T))
+    across = np.abs(np.hypot(T[:, 0] - 5, T[:, 1] - 5) - 3)
+    assert np.median(sd[across < 0.1]) > 5 * np.median(sd[across > 1.0])
+    covered = np.mean(err <= 1.6449 * sd)
+    assert 0.8 <= covered <= 0.99, covered
+    # the kriging posterior keeps its own calibration
+    assert gp.hyperparameters()[0]["triangulation_variance_scale"] != gp.hyperparameters()[0]["variance_scale"]
 
 
 def test_a_triangulated_map_draws_points_to_its_boundary(grid):
