@@ -142,11 +142,11 @@ def variance_scale(resid: np.ndarray, latent: np.ndarray, noise: np.ndarray, lev
 
 def triangulated(points: np.ndarray, values: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Piecewise-linear interpolation of ``values`` (``n``) at ``points`` (``n x d``, ``d >= 2``)
-    over their Delaunay triangulation, at ``targets`` (``m x d``); outside the points' convex
-    hull the nearest point's value. Sharp where the points are dense, so a domain boundary
-    sampled closely stays sharp. In 2-D the triangles are chosen by the data
-    (:func:`models.triangulation.data_dependent_triangles`), so they lie along a boundary rather
-    than across it."""
+    over a triangulation of them, at ``targets`` (``m x d``); outside the points' convex hull
+    the nearest point's value. Sharp where the points are dense, so a domain boundary sampled
+    closely stays sharp. In 2-D the triangles are chosen by the data
+    (:class:`models.triangulation.Interpolant`), so they lie along a boundary rather than
+    across it; in more dimensions they are Delaunay's."""
     from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
     from scipy.spatial import QhullError
 
@@ -752,9 +752,10 @@ class MappingGP:
         the triangulation through the kriging estimates at the measured positions. The variance
         is the kriging posterior's, calibrated on its leave-one-out residuals; for a
         triangulated map in 2-D, the triangulation's own error scale instead,
-        ``s spread**2 + noise`` (:meth:`models.triangulation.Interpolant.spread`: slope times
+        ``s spread**2 + floor`` (:meth:`models.triangulation.Interpolant.spread`: slope times
         distance to the nearest measured position, so the intervals widen across boundaries
-        and narrow between them), ``s`` calibrated on its leave-one-out residuals."""
+        and narrow between them; ``s`` calibrated on its leave-one-out residuals, ``floor`` the
+        error variance of the estimates it passes through; see the module docs)."""
         from models.triangulation import Interpolant
 
         factors = self._need()
