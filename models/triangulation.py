@@ -20,9 +20,10 @@ lies within 0.3 mm of a boundary), and the points the agent needed to reach the 
 final error went from 152 / 168 / 144 / 176 / 152 / 192 / 152 / 168 (median 160) to
 136 / 152 / 144 / 144 / 168 / 160 / 152 / 152 (median 152).
 
-Swaps cost Python time: about 50 ms at 160 points and 2.6 s at 5,000, paid when a map is drawn
-(:meth:`models.kriging.MappingGP.predict`, for evaluation and reports) and, for the
-leave-one-out residuals, at a refit; never in a decision.
+Swaps cost Python time: about 50 ms at 160 points and 1.8-2.6 s at 5,000, paid when a map is
+drawn (:meth:`models.kriging.MappingGP.predict`, for evaluation and reports), and the
+leave-one-out residuals about 1.1 s at 1,000 points, paid at a refit (on at most
+``max_fit_points``, 800 by default); never in a decision.
 """
 
 from __future__ import annotations
