@@ -765,6 +765,13 @@ class MappingGP:
         means, variances = [], []
         for k, f in enumerate(factors):
             h = f.hyper
+            triangulation = h.reconstruction == "triangulation"
+            if triangulation and h.tri_floor is not None:
+                # its own mean and intervals: the kriging solve over the targets is not needed
+                interpolant = Interpolant(self._X[: f.n], self._estimates(f, k))
+                means.append(interpolant(X))
+                variances.append(h.tri_scale * interpolant.spread(X) ** 2 + h.tri_floor * h.y_std**2)
+                continue
             mu_parts, var_parts = [], []
             for u in torch.split(U, chunk):
                 V = f.solve(h.k(Xs[: f.n], u))
@@ -772,15 +779,10 @@ class MappingGP:
                 var_parts.append(torch.clamp(h.k_diag(u) - (V * V).sum(0), min=0.0))
             mean = (torch.cat(mu_parts) * h.y_std + h.y_mean).cpu().numpy()
             var = (torch.cat(var_parts) * h.var_unit).cpu().numpy()
-            if h.reconstruction == "triangulation":
+            if triangulation:
                 # through the kriging estimates at the measured positions (noise smoothed as kriging does)
-                estimates = self._estimates(f, k)
-                if h.tri_floor is not None:
-                    interpolant = Interpolant(self._X[: f.n], estimates)
-                    mean = interpolant(X)
-                    var = h.tri_scale * interpolant.spread(X) ** 2 + h.tri_floor * h.y_std**2
-                else:
-                    mean, var = triangulated(self._X[: f.n], estimates, X), var / h.var_scale * h.tri_scale
+                mean = triangulated(self._X[: f.n], self._estimates(f, k), X)
+                var = var / h.var_scale * h.tri_scale
             means.append(mean)
             variances.append(var)
         return np.stack(means, axis=1), np.stack(variances, axis=1)

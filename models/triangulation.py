@@ -48,6 +48,14 @@ def _gradients(P: np.ndarray, f: np.ndarray, tri: np.ndarray) -> np.ndarray:
     return np.where(ok[:, None], np.column_stack([gx, gy]), 0.0)
 
 
+def _steepest(tri: np.ndarray, slope: np.ndarray, n: int) -> np.ndarray:
+    """Per vertex (``n``), the largest slope of the triangles it belongs to (0 for none)."""
+    out = np.zeros(n)
+    for k in range(3):
+        np.maximum.at(out, tri[:, k], slope)
+    return out
+
+
 def _orient(P: np.ndarray, a: int, b: int, c: int) -> float:
     return float((P[b, 0] - P[a, 0]) * (P[c, 1] - P[a, 1]) - (P[b, 1] - P[a, 1]) * (P[c, 0] - P[a, 0]))
 
@@ -146,30 +154,30 @@ class Interpolant:
         self.points = np.asarray(points, dtype=float)
         self.values = np.asarray(values, dtype=float)
         self.triangles = data_dependent_triangles(self.points, self.values) if triangles is None else np.asarray(triangles)
+        from scipy.spatial import cKDTree
+
         self._mesh = mtri.Triangulation(self.points[:, 0], self.points[:, 1], self.triangles)
-        self._slope = np.hypot(*_gradients(self.points, self.values, self.triangles).T)
+        self._tree = cKDTree(self.points)
+        self.slope = np.hypot(*_gradients(self.points, self.values, self.triangles).T)
+        """Each triangle's ``|grad|``."""
+        self.steepest = _steepest(self.triangles, self.slope, len(self.points))
+        """Each point's steepest triangle's slope."""
 
     def __call__(self, targets: np.ndarray) -> np.ndarray:
         import matplotlib.tri as mtri
-        from scipy.spatial import cKDTree
 
         T = np.atleast_2d(np.asarray(targets, dtype=float))
         out = np.ma.filled(mtri.LinearTriInterpolator(self._mesh, self.values)(T[:, 0], T[:, 1]).astype(float), np.nan)
         gap = np.isnan(out)
         if np.any(gap):
-            out[gap] = self.values[cKDTree(self.points).query(T[gap])[1]]
+            out[gap] = self.values[self._tree.query(T[gap])[1]]
         return out
 
     def spread(self, targets: np.ndarray) -> np.ndarray:
-        from scipy.spatial import cKDTree
-
         T = np.atleast_2d(np.asarray(targets, dtype=float))
-        h, nearest = cKDTree(self.points).query(T)
+        h, nearest = self._tree.query(T)
         t = np.asarray(self._mesh.get_trifinder()(T[:, 0], T[:, 1]))
-        vertex = np.zeros(len(self.points))
-        for k in range(3):
-            np.maximum.at(vertex, self.triangles[:, k], self._slope)
-        return np.where(t >= 0, self._slope[np.maximum(t, 0)], vertex[nearest]) * h
+        return np.where(t >= 0, self.slope[np.maximum(t, 0)], self.steepest[nearest]) * h
 
 
 class LeaveOneOut(NamedTuple):
@@ -191,15 +199,12 @@ def leave_one_out(points: np.ndarray, values: np.ndarray) -> LeaveOneOut:
     P = np.asarray(points, dtype=float)
     f = np.asarray(values, dtype=float)
     tri = data_dependent_triangles(P, f)
-    slope = np.hypot(*_gradients(P, f, tri).T)
+    steepest = _steepest(tri, np.hypot(*_gradients(P, f, tri).T), len(P))
     nbrs: list[set[int]] = [set() for _ in range(len(P))]
-    steepest = np.zeros(len(P))
-    for t, (a, b, c) in enumerate(tri):
+    for a, b, c in tri:
         nbrs[a].update((b, c))
         nbrs[b].update((a, c))
         nbrs[c].update((a, b))
-        for v in (a, b, c):
-            steepest[v] = max(steepest[v], slope[t])
     residual, spread = np.empty(len(P)), np.empty(len(P))
     for i in range(len(P)):
         near = np.fromiter(nbrs[i], dtype=np.int64)
