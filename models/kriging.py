@@ -49,12 +49,18 @@ boundaries and a stationary variance cannot say so: ``s spread**2 + floor``, ``s
 slope of the triangle times the distance to the nearest measured position
 (:meth:`models.triangulation.Interpolant.spread`), ``s`` calibrated as above on the
 triangulation's leave-one-out residuals and their spreads, ``floor`` the kriging estimates'
-median error variance. On the benchmark's discontinuous maps (probe seeds 101-106, at the
-points where each reached the raster's error) the kriging variance rescaled this way put
-0.98 of the truth inside the 90% intervals (0.976-0.992): 14x too wide away from the
-boundaries, too narrow on them. The spread's intervals put 0.95 (0.88-0.98) inside;
-without the floor 0.88, but a noisy map far from its boundaries is then under-covered; with
-the change of gradient to the neighbouring triangles instead of the slope, 0.97.
+median error variance carried through the interpolation (times ``sum w_i**2`` of the
+barycentric weights, :meth:`models.triangulation.Interpolant.weight_energy`: the full variance
+at a measured position, a third of it at a triangle's centroid). On the benchmark's
+discontinuous maps (probe seeds 101-106, at the points where each reached the raster's
+error) the kriging variance rescaled this way put 0.98 of the truth inside the 90% intervals
+(0.976-0.992): 14x too wide away from the boundaries, too narrow on them. The spread's
+intervals put 0.95 (0.88-0.98) inside with a constant floor, 0.93 (0.86-0.97; probe seeds
+101-108: 0.940 -> 0.926) with the floor carried by the weights; without any floor 0.88, but a
+noisy map far from its boundaries is then under-covered; with the change of gradient to the
+neighbouring triangles instead of the slope, 0.97. What over-covers is the interior: there
+the error is the field's curvature, which grows as distance squared, not as the spread does,
+so residuals left out at the measured positions (a neighbour's distance away) overstate it.
 """
 
 from __future__ import annotations
@@ -755,7 +761,8 @@ class MappingGP:
         ``s spread**2 + floor`` (:meth:`models.triangulation.Interpolant.spread`: slope times
         distance to the nearest measured position, so the intervals widen across boundaries
         and narrow between them; ``s`` calibrated on its leave-one-out residuals, ``floor`` the
-        error variance of the estimates it passes through; see the module docs)."""
+        error variance of the estimates it passes through, carried by the interpolation
+        weights; see the module docs)."""
         from models.triangulation import Interpolant
 
         factors = self._need()
@@ -770,7 +777,9 @@ class MappingGP:
                 # its own mean and intervals: the kriging solve over the targets is not needed
                 interpolant = Interpolant(self._X[: f.n], self._estimates(f, k))
                 means.append(interpolant(X))
-                variances.append(h.tri_scale * interpolant.spread(X) ** 2 + h.tri_floor * h.y_std**2)
+                # the estimates' error carried by the interpolation weights: sum w_i**2 floor
+                floor = h.tri_floor * h.y_std**2 * interpolant.weight_energy(X)
+                variances.append(h.tri_scale * interpolant.spread(X) ** 2 + floor)
                 continue
             mu_parts, var_parts = [], []
             for u in torch.split(U, chunk):

@@ -173,6 +173,26 @@ class Interpolant:
             out[gap] = self.values[self._tree.query(T[gap])[1]]
         return out
 
+    def weight_energy(self, targets: np.ndarray) -> np.ndarray:
+        """``sum_i w_i**2`` of the barycentric weights ``w`` that interpolate at each target (1
+        outside the hull, where the nearest value is carried): the factor on independent
+        errors of equal variance in the values, from 1 at a vertex down to 1/3 at a centroid."""
+        T = np.atleast_2d(np.asarray(targets, dtype=float))
+        t = np.asarray(self._mesh.get_trifinder()(T[:, 0], T[:, 1]))
+        out = np.ones(len(T))
+        inside = t >= 0
+        if np.any(inside):
+            corners = self.points[self.triangles[t[inside]]]  # m x 3 x 2
+            a, u, v = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+            r = T[inside] - a
+            det = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
+            safe = np.where(np.abs(det) > 1e-300, det, 1.0)
+            w1 = (r[:, 0] * v[:, 1] - r[:, 1] * v[:, 0]) / safe
+            w2 = (u[:, 0] * r[:, 1] - u[:, 1] * r[:, 0]) / safe
+            w = np.clip(np.column_stack([1.0 - w1 - w2, w1, w2]), 0.0, 1.0)
+            out[inside] = np.where(np.abs(det) > 1e-300, (w * w).sum(1), 1.0)
+        return out
+
     def spread(self, targets: np.ndarray) -> np.ndarray:
         T = np.atleast_2d(np.asarray(targets, dtype=float))
         h, nearest = self._tree.query(T)

@@ -134,3 +134,19 @@ def test_spread_is_slope_times_distance_and_widens_across_a_jump():
     across = np.abs(-(T[:, 0] - 5) * d + (T[:, 1] - 5) * c)  # distance to the jump's line
     spread = step.spread(T)
     assert np.median(spread[across < 0.2]) > 5 * np.median(spread[across > 1.0])
+
+
+def test_weight_energy_is_the_variance_factor_of_interpolated_independent_errors():
+    rng = np.random.default_rng(12)
+    P = rng.uniform(0, 10, (80, 2))
+    ip = Interpolant(P, np.zeros(len(P)))
+    np.testing.assert_allclose(ip.weight_energy(P), 1.0, atol=1e-9)  # at a vertex, its own value
+    a, b, c = P[ip.triangles[0]]
+    assert ip.weight_energy((a + b + c)[None] / 3)[0] == pytest.approx(1 / 3, abs=1e-9)
+    assert ip.weight_energy([[-5.0, -5.0]])[0] == 1.0  # outside the hull: the nearest value, carried
+    # Monte Carlo: independent unit errors at the points, interpolated at the targets
+    T = rng.uniform(3, 7, (200, 2))
+    noise = rng.normal(size=(2000, len(P)))
+    draws = np.stack([Interpolant(P, e, ip.triangles)(T) for e in noise])
+    np.testing.assert_allclose(draws.var(0), ip.weight_energy(T), rtol=0.2)  # 6 sd of a variance from 2000 draws
+    assert np.mean(draws.var(0) / ip.weight_energy(T)) == pytest.approx(1.0, abs=0.02)
