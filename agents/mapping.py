@@ -15,9 +15,10 @@ its own error estimate, which keeps refining its boundaries (``reconstruction``,
 ``interpolation_weight``; see :mod:`models.kriging` and :mod:`models.mapping`).
 
 ``grid`` is the lattice of positions the agent may choose (the maps are drawn anywhere). It also
-sets how finely a boundary is refined: the error estimate of a triangulated map does not fall as
-a boundary's straddling points close in, so refinement stops only at the grid's spacing. On the
-probe seeds 101-108 of ``benchmarks/mapping.py`` (10 x 10 mm; median points to reach the
+sets how finely a boundary can be refined. Until stop 28 the error estimate of a triangulated
+map did not fall as a boundary's straddling points closed in, so refinement stopped only at the
+grid's spacing (it now falls with the gap, :mod:`models.mapping`); the figures in this paragraph
+were measured then. On the probe seeds 101-108 of ``benchmarks/mapping.py`` (10 x 10 mm; median points to reach the
 raster's final error) a grid of 25 / 30 / 35 / 40 / 50 / 100 positions a side needed
 132 / 136 / 144 / 148 / 160 / 192 on the discontinuous maps, and 30 / 50 positions 120 / 112 on
 the smooth ones (25: 120): a coarser grid helps maps with boundaries and costs kriged maps. The
@@ -109,7 +110,7 @@ class MappingSettings(_Strict):
     refit_growth: float = Field(default=1.5, gt=1)
     calibration_level: float | None = Field(default=0.9, ge=0.5, lt=1)
     reconstruction: Literal["auto", "kriging", "triangulation"] = "auto"
-    interpolation_weight: float = Field(default=0.6, ge=0)
+    interpolation_weight: float = Field(default=4.8, ge=0)
     background_refit: bool = True
     max_points: int = Field(default=400, ge=1)
     target_sd: float | None = Field(default=None, gt=0, lt=1)

@@ -15,16 +15,29 @@ Acquisitions (all computed from a :class:`~models.kriging.MappingGP`'s current p
 An output whose map is drawn by triangulation (:attr:`MappingGP.reconstruction`: the model chose
 it because its leave-one-out error was smaller, as on maps with domain boundaries) is scored for
 ``variance``, ``gradient_variance`` and ``ivr`` by its own error estimate instead:
-``(var + interpolation_weight * (|grad mean| * h)**2) / prior``, ``h`` the candidate's distance
-to the nearest measured (or already chosen) position, with variance and prior taken before the
-intervals' calibration (so, like ``var / prior``, the score does not depend on it).
-``|grad| * h`` is the first-order error of interpolating across the gap, so points go on
-refining a boundary until they are close enough to resolve its jump, while the variance still
-draws them to parts of the sample not yet seen. (The gradient factor alone cannot do this: a
-stationary posterior's variance falls near a boundary as fast as anywhere else.) On the
-discontinuous maps of ``benchmarks/mapping.py``, probe seeds 101-104, the points needed to reach
-the raster's final error were (median of 4) 164 / 160 / 172 / 232 with ``interpolation_weight``
-0.3 / 0.6 / 1 / 0.1, against 240-400 for kriging with the gradient factor alone.
+``(var + interpolation_weight * (|grad mean| * h)**2 * h / a) / prior``, ``h`` the candidate's
+distance to the nearest measured (or already chosen) position, ``a`` the measured positions'
+mean spacing (``(area / n)**(1/d)``), with variance and prior taken before the intervals'
+calibration (so, like ``var / prior``, the score does not depend on it). ``|grad| * h`` is the
+first-order error of interpolating across the gap, so points go on refining a boundary until
+they are close enough to resolve its jump, while the variance still draws them to parts of the
+sample not yet seen. (The gradient factor alone cannot do this: a stationary posterior's
+variance falls near a boundary as fast as anywhere else.) Across a jump ``J`` the gradient is
+about ``J / h``, so ``|grad| * h`` stays near ``J`` however closely the jump is sampled; the
+factor ``h / a``, the width of the strip that error covers, makes a resolved boundary count less
+than one still drawn as a wide ramp. Without it the boundary with the largest jump kept
+drawing points long after it was resolved, while a weaker one (the wavy line of
+:class:`simulators.maps.DiscontinuousMap`, jump 0.3-0.5 against the blob's 0.6-1.0) stayed a
+ramp 1-2 mm wide. On the discontinuous maps of ``benchmarks/mapping.py`` the points needed to
+reach the raster's final error (median; sum over the seeds) went, with ``interpolation_weight``
+4.8 chosen on probe seeds 117-132, from 180 (2864) to 144 (2408) there; on seeds 133-148, not
+used in choosing, from 180 (2712) to 144 (2384); on seeds 101-116 from 152 (2664) to 152 (2296;
+seed 111 from 392 to 152). The weight is broad: 2.4 / 9.6 / 20 gave 160 / 152 / 156 on 117-132,
+and 4.8 without ``h / a`` 196. With the weight at 0.6, ``(h / a)**2`` in place of ``h / a``
+gave 184, and ``(h / a)**2`` on the variance term as well 224. Smooth maps, drawn by kriging,
+are not changed (seeds 101-116: the same points). Before (stop 27), without the strip width, on
+probe seeds 101-104: 164 / 160 / 172 / 232 with ``interpolation_weight`` 0.3 / 0.6 / 1 / 0.1,
+against 240-400 for kriging with the gradient factor alone.
 
 A batch of ``n`` positions is chosen greedily. After each choice the posterior variance is
 updated as if that position had been measured at its posterior mean (the "kriging believer":
@@ -82,7 +95,7 @@ class MapAcquisitionConfig:
     ucb_output: int = 0
     travel_weight: float = 0.0
     shortlist: int = 24
-    interpolation_weight: float = 0.6
+    interpolation_weight: float = 4.8
 
     def __post_init__(self) -> None:
         if self.kind not in ("variance", "gradient_variance", "ucb", "ivr"):
@@ -167,7 +180,12 @@ def acquisition(
         h = nearest if nearest is not None else _distance_to(gp.candidates, gp.positions)
         # against the prior before calibration, so the score does not depend on it (as var / prior does not)
         raw_prior = prior[:, tri] / gp.variance_scale[tri]
-        err2 = normalised[:, tri] + cfg.interpolation_weight * (mag[:, tri] * h[:, None]) ** 2 / raw_prior
+        # the squared first-order error, times the width of the strip it spans (h) over the
+        # points' mean spacing: a boundary resolved to a gap h counts in proportion to h
+        d = gp.candidates.shape[1]
+        spacing = (float(np.prod(np.ptp(gp.candidates, axis=0))) / max(len(gp.positions), 1)) ** (1.0 / d) or 1.0
+        first_order = (mag[:, tri] * h[:, None]) ** 2 * (h[:, None] / spacing)
+        err2 = normalised[:, tri] + cfg.interpolation_weight * first_order / raw_prior
         score = score + err2 @ w[tri]
     return score
 

@@ -342,6 +342,25 @@ def test_a_triangulated_map_draws_points_to_its_boundary(grid):
         MapAcquisitionConfig(interpolation_weight=-1)
 
 
+def test_a_resolved_boundary_draws_less_than_an_unresolved_one_of_the_same_jump():
+    """Across a jump J the kriging gradient is about J / h, so the first-order error |grad| h
+    stays near J however closely the jump is sampled; weighted by the strip width h it falls.
+    (Without the strip width the ratio below was 1.56.)"""
+    g = np.linspace(0, 10, 51)
+    cand = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    lattice = np.clip(np.stack(np.meshgrid(np.linspace(0, 10, 11), np.linspace(0, 10, 11)), -1).reshape(-1, 2) + [0.05, 0], 0, 10)
+    ys = np.arange(0.1, 10, 0.2)
+    X = np.vstack([lattice, np.column_stack([np.full(len(ys), 2.95), ys]), np.column_stack([np.full(len(ys), 3.05), ys])])
+    Y = (1.0 * (X[:, 0] > 3) + 1.0 * (X[:, 0] > 7))[:, None]  # jumps of 1 at x = 3 (straddled at 0.1) and x = 7
+    gp = MappingGP([[0, 0], [10, 10]], cand, 1, KrigingConfig(background=False, reconstruction="triangulation"))
+    gp.add(X, Y, np.full((len(X), 1), 1e-4))
+    score = acquisition(gp, MapAcquisitionConfig(kind="gradient_variance"), grid_shape=(51, 51))
+    middle = (cand[:, 1] > 2) & (cand[:, 1] < 8)
+    resolved = score[middle & (np.abs(cand[:, 0] - 3) < 0.5)].max()
+    unresolved = score[middle & (np.abs(cand[:, 0] - 7) < 0.5)].max()
+    assert unresolved > 2.0 * resolved, (unresolved, resolved)
+
+
 def test_the_believer_update_is_the_calibrated_posterior_after_the_measurement(grid):
     from models.mapping import _calibrated_noise, _conditioned_cov
 
