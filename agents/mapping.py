@@ -31,6 +31,14 @@ against 136-192); every 3rd position never reached the raster's error on 7 of 8 
 initial design (seeds 101-108, discontinuous / smooth): ``n_initial`` 24 160 / 124, 48 188 / 116,
 against the default 8's 160 / 112.
 
+The kernel (measured 2026-12-05, sums of the points to the raster's error over 16 seeds,
+smooth / discontinuous): without the short-range part (``multiscale: false``) 1672 / 2688
+against 1904 / 2408 on seeds 117-132, but 2176 / - and 1824 / - against 2056 and 1832 on seeds
+101-116 and 133-148: the smooth maps' gain did not hold. Choosing the kernel at each refit by the
+smaller mean square leave-one-out residual gave 1704 / 2472 on 117-132, then 2008 / 2392 and
+1832 / 2496 against 2056 / 2296 and 1832 / 2440: not adopted (median or area-weighted residuals,
+or the single-scale kernel before 20 points, did no better).
+
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
 grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
 to its zarr store as it happens, so :meth:`MappingAgent.resume` continues a killed session:
