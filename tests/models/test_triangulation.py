@@ -127,7 +127,14 @@ def test_spread_is_slope_times_distance_and_widens_across_a_jump():
     T = rng.uniform(2, 8, (300, 2))
     plane = Interpolant(P, 0.3 * P[:, 0] - 0.4 * P[:, 1])
     h = np.min(np.linalg.norm(T[:, None] - P[None], axis=-1), axis=1)
-    np.testing.assert_allclose(plane.spread(T), 0.5 * h, rtol=1e-9)  # |grad| = 0.5 everywhere
+    # |grad| = 0.5 everywhere; capped at a triangle's rise where the nearest vertex is further
+    # than the triangle extends along the gradient (a thin triangle)
+    spread = plane.spread(T)
+    assert np.all(spread <= 0.5 * h + 1e-12)
+    assert np.mean(np.isclose(spread, 0.5 * h, rtol=1e-9)) > 0.95
+    t = plane._mesh.get_trifinder()(T[:, 0], T[:, 1])
+    capped = ~np.isclose(spread, 0.5 * h, rtol=1e-9)
+    np.testing.assert_allclose(spread[capped], plane.rise[t[capped]], rtol=1e-9)
     P, truth = _step_samples(10)
     step = Interpolant(P, truth(P))
     c, d = np.cos(0.4), np.sin(0.4)
@@ -150,3 +157,19 @@ def test_weight_energy_is_the_variance_factor_of_interpolated_independent_errors
     draws = np.stack([Interpolant(P, e, ip.triangles)(T) for e in noise])
     np.testing.assert_allclose(draws.var(0), ip.weight_energy(T), rtol=0.2)  # 6 sd of a variance from 2000 draws
     assert np.mean(draws.var(0) / ip.weight_energy(T)) == pytest.approx(1.0, abs=0.02)
+
+
+def test_spread_is_capped_at_the_rise_of_a_sliver_triangle():
+    # a sliver on the hull, 0.2 wide and 5 long, its values 0.4 apart across the short side
+    # (as on the demo's sample edge), and a fat triangle beside it
+    P = np.array([[0.0, 0.0], [0.0, 5.0], [-0.2, 4.5], [-4.0, 2.5]])
+    f = np.array([0.0, 0.0, 0.4, 0.1])
+    ip = Interpolant(P, f, triangles=np.array([[0, 1, 2], [0, 2, 3]]))
+    assert ip.slope[0] > 1.5  # the sliver's gradient, 0.4 over ~0.2
+    inside = np.array([[-0.05, 1.5], [-0.1, 3.0]])  # in the sliver, 1.5-2 from the nearest point
+    assert np.all(ip.spread(inside) == pytest.approx(0.4))  # not slope x distance (~3)
+    beyond = np.array([[1.0, 1.0]])  # outside the hull: nearest is (0, 0), whose largest rise is 0.4
+    assert ip.spread(beyond)[0] == pytest.approx(0.4)
+    fat = np.array([[-2.0, 2.0]])  # inside the fat triangle, slope x distance stays below its rise
+    h = np.min(np.linalg.norm(P - fat, axis=1))
+    assert ip.spread(fat)[0] == pytest.approx(ip.slope[1] * h)
