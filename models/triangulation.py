@@ -48,18 +48,31 @@ def _gradients(P: np.ndarray, f: np.ndarray, tri: np.ndarray) -> np.ndarray:
     return np.where(ok[:, None], np.column_stack([gx, gy]), 0.0)
 
 
+def _barycentric(a: np.ndarray, b: np.ndarray, c: np.ndarray,
+                 x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates ``s, t`` of ``x`` in triangles ``a, b, c`` (``x = a + s (b - a) + t (c - a)``;
+    weights ``1 - s - t, s, t``), and which triangles are not degenerate."""
+    u, v, w = b - a, c - a, x - a
+    det = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
+    ok = np.abs(det) > 0
+    det = np.where(ok, det, 1.0)
+    s = (w[:, 0] * v[:, 1] - w[:, 1] * v[:, 0]) / det
+    t = (u[:, 0] * w[:, 1] - u[:, 1] * w[:, 0]) / det
+    return s, t, ok
+
+
 def _rise(f: np.ndarray, tri: np.ndarray) -> np.ndarray:
     """Each triangle's range of vertex values: the most its linear interpolant varies inside it."""
     v = f[tri]
     return v.max(axis=1) - v.min(axis=1)
 
 
-def _vertex_max(tri: np.ndarray, slope: np.ndarray, n: int) -> np.ndarray:
-    """Per vertex (``n``), the largest value of ``slope`` (one per triangle) over the triangles
-    it belongs to (0 for none)."""
+def _vertex_max(tri: np.ndarray, per_triangle: np.ndarray, n: int) -> np.ndarray:
+    """Per vertex (``n``), the largest of ``per_triangle`` over the triangles it belongs to
+    (0 for none)."""
     out = np.zeros(n)
     for k in range(3):
-        np.maximum.at(out, tri[:, k], slope)
+        np.maximum.at(out, tri[:, k], per_triangle)
     return out
 
 
@@ -199,14 +212,9 @@ class Interpolant:
         inside = t >= 0
         if np.any(inside):
             corners = self.points[self.triangles[t[inside]]]  # m x 3 x 2
-            a, u, v = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
-            r = T[inside] - a
-            det = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
-            safe = np.where(np.abs(det) > 1e-300, det, 1.0)
-            w1 = (r[:, 0] * v[:, 1] - r[:, 1] * v[:, 0]) / safe
-            w2 = (u[:, 0] * r[:, 1] - u[:, 1] * r[:, 0]) / safe
-            w = np.clip(np.column_stack([1.0 - w1 - w2, w1, w2]), 0.0, 1.0)
-            out[inside] = np.where(np.abs(det) > 1e-300, (w * w).sum(1), 1.0)
+            s, r, ok = _barycentric(corners[:, 0], corners[:, 1], corners[:, 2], T[inside])
+            w = np.clip(np.column_stack([1.0 - s - r, s, r]), 0.0, 1.0)
+            out[inside] = np.where(ok, (w * w).sum(1), 1.0)
         return out
 
     def spread(self, targets: np.ndarray) -> np.ndarray:
@@ -269,13 +277,7 @@ def _interpolate_one(P: np.ndarray, f: np.ndarray, x: np.ndarray) -> tuple[float
         tri = data_dependent_triangles(P, f)
     except (QhullError, ValueError):
         return None
-    a, b, c = P[tri[:, 0]], P[tri[:, 1]], P[tri[:, 2]]
-    u, v, w = b - a, c - a, x - a
-    det = u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
-    ok = np.abs(det) > 0
-    det = np.where(ok, det, 1.0)
-    s = (w[:, 0] * v[:, 1] - w[:, 1] * v[:, 0]) / det
-    t = (u[:, 0] * w[:, 1] - u[:, 1] * w[:, 0]) / det
+    s, t, ok = _barycentric(P[tri[:, 0]], P[tri[:, 1]], P[tri[:, 2]], x)
     eps = 1e-12
     inside = ok & (s >= -eps) & (t >= -eps) & (s + t <= 1 + eps)
     if not inside.any():
