@@ -359,6 +359,9 @@ def test_a_resolved_boundary_draws_less_than_an_unresolved_one_of_the_same_jump(
     resolved = score[middle & (np.abs(cand[:, 0] - 3) < 0.5)].max()
     unresolved = score[middle & (np.abs(cand[:, 0] - 7) < 0.5)].max()
     assert unresolved > 2.0 * resolved, (unresolved, resolved)
+    # on the kriged outputs' scale: a kriged output's score reaches 1 + gradient_weight at most,
+    # and so does this one's (without the rescaling it reached 9.2 here)
+    assert score.max() == pytest.approx(1.0 + MapAcquisitionConfig().gradient_weight)
 
 
 def test_the_believer_update_is_the_calibrated_posterior_after_the_measurement(grid):
