@@ -42,7 +42,10 @@ triangulation for a while early on, so its path changed). On the four quantities
 noise), the mean normalised error went 0.287 -> 0.269 (peak position 0.217 -> 0.194, intensity
 0.016 -> 0.018, orientation components 0.465 / 0.448 -> 0.436 / 0.431). The variance term
 weighted by ``h / a`` as well, to favour unvisited parts of a many-boundary film, did not help:
-0.278 there, and 2456 against 2408 on the discontinuous maps (117-132).
+0.278 there, and 2456 against 2408 on the discontinuous maps (117-132). Before (stop 27),
+without the strip width, on probe seeds 101-104: 164 / 160 / 172 / 232 with
+``interpolation_weight`` 0.3 / 0.6 / 1 / 0.1, against 240-400 for kriging with the gradient
+factor alone.
 
 With several outputs the scores add, so each triangulated output's is first put on the kriged
 outputs' scale: divided by ``max(1, max / (1 + gradient_weight))`` (``1 + gradient_weight`` is
@@ -52,9 +55,7 @@ its triangulated orientation maps all the points: in ``beampilot demo mapping`` 
 peak position's error was 0.176-0.236 and 2 runs never visited a corner where the intensity
 peaks (error 0.17); with it (4 runs) peak position 0.121-0.164, intensity 0.048-0.051,
 orientation 0.41-0.47 / 0.38-0.40 against 0.38-0.46 / 0.43-0.50. On the film probe above
-(no detector) it made no difference (0.272 against 0.269). Before (stop 27), without the strip width, on
-probe seeds 101-104: 164 / 160 / 172 / 232 with ``interpolation_weight`` 0.3 / 0.6 / 1 / 0.1,
-against 240-400 for kriging with the gradient factor alone.
+(no detector) it made no difference (0.272 against 0.269).
 
 A batch of ``n`` positions is chosen greedily. After each choice the posterior variance is
 updated as if that position had been measured at its posterior mean (the "kriging believer":
