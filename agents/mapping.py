@@ -53,7 +53,10 @@ hyper-parameters fitted to noise-free readings the error at 112 points was 0.71-
 117-122) against 1.06-1.31 with the noise; the posterior mean passes 0.77-0.99 of the noise's
 rms through (the raster's bilinear interpolation passes sqrt(4/9) = 0.67 of it, from 4 times
 the points). So reaching the raster's error with 25% of its points is close to what kriging
-these maps at this noise allows. Refitting more often (``refit_growth`` 1.2) gave sums of 1744 /
+these maps at this noise allows. A fill-distance term ``lam (h / a)**2`` added to the kriged
+outputs' score (``h``, ``a`` as in :mod:`models.mapping`) gave sums of 1848 / 1776 / 1912 / 1928
+with ``lam`` 0.1 / 0.25 / 0.5 / 1 against 1904 on seeds 117-132, and 1792 against 1832 with 0.25
+on 133-148, with per-seed differences of up to 48 points either way: not adopted. Refitting more often (``refit_growth`` 1.2) gave sums of 1744 /
 1848 / 2072 against 1904 / 1832 / 2056 on seeds 117-132 / 133-148 / 101-116: no gain.
 
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
