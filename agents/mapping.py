@@ -42,22 +42,22 @@ or the single-scale kernel before 20 points, did no better).
 What holds the smooth maps back (measured 2026-12-05, seeds 117-132, ratios to the raster's
 final error, geometric means over the 16 seeds): not the model, and little the choice of
 points. Refitted on the agent's own points at 96 / 112 / 128 measurements, the error was the
-same within 1% with the single-scale kernel or an RBF kernel with the short-range part, and
+same within 2% with the single-scale kernel or an RBF kernel with the short-range part, and
 worse without it (RBF alone 1.09 against 1.00 at 112), with the quantity kriged in log
 (0.998 at 112, 0.905 against 0.897 at 128) or with the noise variance given to the model
 inflated 2 / 4 / 9 times (1.01 / 1.07 / 1.26 at 112). A plain square grid of 100 / 121 / 144
 positions, kriged the same way, gave 1.19 / 0.99 / 0.85 against the agent's 1.41 / 1.00 / 0.89 at
 96 / 112 / 128: on these maps the acquisition does about as well as a grid of the same
 size. The measurement noise (2% of the map's spread) is most of what is left. With the same
-hyper-parameters fitted to noise-free readings the error at 112 points was 0.71-0.98 (seeds
-117-122) against 1.06-1.31 with the noise; the posterior mean passes 0.77-0.99 of the noise's
+hyper-parameters fitted to noise-free readings the error at 112 points was 0.21-0.98 (seeds
+117-122) against 0.90-1.31 with the noise; the posterior mean passes 0.77-0.99 of the noise's
 rms through (the raster's bilinear interpolation passes sqrt(4/9) = 0.67 of it, from 4 times
 the points). So reaching the raster's error with 25% of its points is close to what kriging
 these maps at this noise allows. A fill-distance term ``lam (h / a)**2`` added to the kriged
 outputs' score (``h``, ``a`` as in :mod:`models.mapping`) gave sums of 1848 / 1776 / 1912 / 1928
 with ``lam`` 0.1 / 0.25 / 0.5 / 1 against 1904 on seeds 117-132, and 1792 against 1832 with 0.25
-on 133-148, with per-seed differences of up to 48 points either way: not adopted. Refitting more often (``refit_growth`` 1.2) gave sums of 1744 /
-1848 / 2072 against 1904 / 1832 / 2056 on seeds 117-132 / 133-148 / 101-116: no gain.
+on 133-148, with per-seed differences of up to 48 points either way: not adopted. Refitting more often
+(``refit_growth`` 1.2) gave sums of 1744 / 1848 / 2072 against 1904 / 1832 / 2056 on seeds 117-132 / 133-148 / 101-116: no gain.
 
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
 grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
