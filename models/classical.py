@@ -60,6 +60,7 @@ __all__ = [
     "inverse_anscombe_algebraic",
     "inverse_anscombe_closed_form",
     "inverse_anscombe_exact",
+    "neighbour_noise_rms",
     "rebin",
     "sphere_integrate",
     "split_peaks",
@@ -126,6 +127,41 @@ def _positive(name: str, value: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive and finite: {name}={value!r}")
     return float(value)
+
+
+#: median of a chi-square variable with one degree of freedom: ``median(d**2) = 0.4549 var(d)``
+#: for a zero-mean Gaussian ``d``
+_CHI2_1_MEDIAN = 0.45493642311957283
+
+
+def neighbour_noise_rms(counts: ArrayLike, mask: ArrayLike | None = None, *,
+                        max_pairs: int = 16384, min_pairs: int = 256) -> float | None:
+    """A robust estimate of a frame's per-pixel noise (rms, in the frame's units) from the
+    differences of neighbouring pixels along its last axis.
+
+    ``sqrt(median(d**2) / (2 * 0.4549))`` over the differences ``d`` of pairs with neither pixel
+    masked (exact for independent Gaussian noise of one variance). Structure in the frame only
+    raises it, and on a detector's readings (Poisson counts plus independent Gaussian read noise
+    ``s``) it is about ``sqrt(mean counts + s**2)`` on flat parts, so it is never much below
+    ``s``: a read-noise setting well above it cannot be right (the agent refuses frames on that
+    ground; :class:`agents.detector_agent.DetectorSettings`). At most ``max_pairs`` evenly
+    strided pairs are used (the estimate's relative error is then about 1%); ``None`` when
+    fewer than ``min_pairs`` are unmasked.
+
+    >>> rng = np.random.default_rng(0)
+    >>> round(neighbour_noise_rms(rng.normal(0.0, 2.0, (256, 256))), 1)
+    2.0
+    """
+    x, bad = _counts(counts, mask, negative=True)
+    if x.ndim < 1 or x.shape[-1] < 2:
+        return None
+    ok = ~(bad[..., 1:] | bad[..., :-1])
+    d = (x[..., 1:] - x[..., :-1])[ok]
+    if d.size < max(min_pairs, 1):
+        return None
+    if d.size > max_pairs:
+        d = d[:: d.size // max_pairs]
+    return float(math.sqrt(float(np.median(d * d)) / (2.0 * _CHI2_1_MEDIAN)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import event_model
 import numpy as np
 import pytest
@@ -753,3 +755,40 @@ def test_a_denoiser_told_the_read_noise_gets_the_agents_read_noise_setting(tmp_p
             expected = model.eval()(x)[0, 0].numpy()
         np.testing.assert_allclose(published[sigma], expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(published[2.0], published[1.0])
+
+
+def test_a_read_noise_setting_larger_than_the_frames_whole_noise_is_refused_by_name(tmp_path, caplog, bragg_weights):
+    """A setting in ADU instead of counts, or on a photon-counting detector, would have a told
+    denoiser smooth the frame as if it were that noisy: such a frame is refused (cause
+    ``read_noise``) with the setting and the frame's noise named, and the next frame, whose
+    noise allows the setting, is denoised. A network not told the read noise only uses the
+    setting as the floor of negative readings, so it is not refused there."""
+    torch.manual_seed(0)
+    model = PoissonDenoiser(width=4, depth=2, read_noise=True)
+    weights = _save(tmp_path, model, "poisson-denoiser-unet", "tiny-told", {"width": 4, "depth": 2, "read_noise": True})
+    rng = np.random.default_rng(7)
+    photon_counting = rng.poisson(0.2, SHAPE).astype(float)  # whole noise about 0.45 counts rms
+    integrating = rng.poisson(0.5, SHAPE) + rng.normal(0.0, 1.5, SHAPE)  # about 1.7
+    sink = Recorder()
+    agent = _agent(weights, [sink], analysis="denoise", max_batch=1, read_noise=2.0)
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    with caplog.at_level(logging.WARNING):
+        agent.tell("event", _event(desc, photon_counting))
+        agent.tell("event", _event(desc, integrating))
+    agent.tell("stop", run.compose_stop())
+    assert agent.report()["failed_frames"] == {"read_noise": 1}
+    assert "read_noise=2 counts rms" in caplog.text and "ADU" in caplog.text
+    (event,) = sink.events("denoise")
+    assert event["data"]["raw_seq_num"] == 2
+    # the same setting with a network not told the read noise: both frames analysed
+    _, blind = bragg_weights
+    sink = Recorder()
+    agent = _agent(blind, [sink], max_batch=1, read_noise=2.0)
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    agent.tell("event", _event(desc, photon_counting))
+    agent.tell("stop", run.compose_stop())
+    assert len(sink.events("bragg")) == 1 and not agent.report()["failed_frames"]

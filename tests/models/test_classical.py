@@ -21,6 +21,7 @@ from models.classical import (
     inverse_anscombe_algebraic,
     inverse_anscombe_closed_form,
     inverse_anscombe_exact,
+    neighbour_noise_rms,
     rebin,
     sphere_integrate,
     split_peaks,
@@ -685,3 +686,33 @@ def test_upsample_and_rebin_validate():
         rebin(np.ones((5, 4)), 2)
     assert (bicubic_upsample(np.zeros((4, 4)), 2, space="log") == 0).all()
     assert rebin(np.ones((4, 6, 2)), 2).shape == (2, 3, 1)
+
+
+def test_neighbour_noise_rms_reads_gaussian_noise_and_leaves_masked_pixels_out():
+    rng = np.random.default_rng(3)
+    assert neighbour_noise_rms(rng.normal(0.0, 2.0, (128, 128))) == pytest.approx(2.0, rel=0.05)
+    x = rng.normal(0.0, 1.0, (64, 64))
+    bad = np.zeros(x.shape, dtype=bool)
+    bad[:, ::3] = True
+    x[bad] = np.nan  # masked pixels may hold anything
+    assert neighbour_noise_rms(x, bad) == pytest.approx(1.0, rel=0.1)
+    assert neighbour_noise_rms(np.ones((8, 8))) is None  # 56 pairs: too few to say
+    with pytest.raises(ValueError, match="non-finite"):
+        neighbour_noise_rms(x)
+
+
+def test_neighbour_noise_rms_is_not_below_a_simulated_detectors_read_noise():
+    """What the detector agent relies on to refuse a too-large read-noise setting: on simulated
+    integrating detectors (read noise 0.5-3 counts, blur, gain variation, dead and hot pixels),
+    every scene kind and 0.01-100 counts per pixel, the estimate is never much below the read
+    noise; and a photon-counting detector's low-count frame reads as far less noisy."""
+    from simulators.detector import denoise_frame, random_effects
+
+    rng = np.random.default_rng(11)
+    kinds = ("spots", "rings", "saxs", "smooth", "texture", "speckle")
+    for i, mean_counts in enumerate((0.01, 0.1, 1.0, 10.0, 100.0, 0.03)):
+        s = denoise_frame(rng, kinds[i], (128, 128), mean_counts, effects=random_effects(rng, integrating=True))
+        assert s.read_noise >= 0.5
+        assert s.read_noise <= 1.1 * neighbour_noise_rms(s.counts, s.mask)
+    s = denoise_frame(rng, "smooth", (128, 128), 0.1, effects=random_effects(rng, integrating=False))
+    assert neighbour_noise_rms(s.counts, s.mask) < 0.25
