@@ -129,11 +129,12 @@ def evaluate(task: str, model: torch.nn.Module, *, seed: int, n: int = 24, facto
             for _ in range(n):
                 kind = det.DENOISE_HELD_OUT_KINDS[int(rng.integers(len(det.DENOISE_HELD_OUT_KINDS)))]
                 s = det.denoise_frame(rng, kind, shape, level, effects=det.random_effects(rng))
-                # an integrating detector's read noise can make a reading negative: the Anscombe
-                # transform (and so the classical method) needs counts >= 0
-                x = np.where(s.mask, 0.0, np.maximum(s.counts, 0.0))
+                # both told an integrating detector's read noise (the classical method through
+                # the generalized Anscombe transform), both given the readings, negative ones too
+                raw = np.where(s.mask, 0.0, s.counts)
                 ml.append(metrics.psnr(denoise(model, s.counts, s.mask, s.read_noise), s.expected, mask=s.mask))
-                gauss.append(metrics.psnr(classical.anscombe_gaussian(x, mask=s.mask), s.expected, mask=s.mask))
+                gauss.append(metrics.psnr(classical.anscombe_gaussian(raw, mask=s.mask, read_noise=s.read_noise),
+                                          s.expected, mask=s.mask))
             out[f"{level:g}"] = {"psnr_ml": float(np.mean(ml)), "psnr_anscombe_gaussian": float(np.mean(gauss)),
                                  "gain_db": float(np.mean(ml) - np.mean(gauss))}
         return {"held_out_kinds": list(det.DENOISE_HELD_OUT_KINDS), "by_mean_counts": out, "n_per_level": n}

@@ -326,11 +326,25 @@ def _filter_diagonal_trace(n: int, sigma: float) -> float:
     return float(2 * edge.sum() + (n - 2 * edge.size) * centre)
 
 
-def _anscombe_variance(lam: FloatArray) -> FloatArray:
-    """``Var[A(x)]`` for ``x ~ Poisson(lam)``: ``4 (lam + 3/8) - E[A(x)]²``, 1 above the table."""
-    expect, grid = _exact_table()
+@lru_cache(maxsize=16)
+def _second_moment_table(read_noise: float) -> FloatArray:
+    """``E[f(x)²]`` on the grid of :func:`_poisson_grid` for the generalized transform ``f`` and
+    ``x = Poisson(λ) + N(0, read_noise²)`` (``4 E[max(x + 3/8 + σ², 0)]``; the same quadrature as
+    :func:`_exact_table`)."""
+    k, _, pmf = _poisson_grid()
+    t, w = np.polynomial.hermite_e.hermegauss(80)
+    inside = k[:, None] + read_noise * t[None, :] + 0.375 + read_noise**2
+    return (4.0 * np.maximum(inside, 0.0) @ (w / w.sum())) @ pmf
+
+
+def _anscombe_variance(lam: FloatArray, read_noise: float = 0.0) -> FloatArray:
+    """``Var[f(x)]`` of the (generalized, with ``read_noise``) Anscombe transform ``f`` for
+    ``x = Poisson(lam) + N(0, read_noise²)``: ``E[f²] - E[f]²`` (``E[f²] = 4 (lam + 3/8)`` without
+    read noise), 1 above the table."""
+    expect, grid = _exact_table(read_noise)
     e = np.interp(lam, grid, expect)
-    var = 4.0 * (lam + 0.375) - e**2
+    second = 4.0 * (lam + 0.375) if read_noise == 0 else np.interp(lam, grid, _second_moment_table(read_noise))
+    var = second - e**2
     return np.where(lam > grid[-1], 1.0, np.clip(var, 1e-6, None))
 
 
@@ -338,6 +352,7 @@ def sure_gaussian_sigma(
     counts: ArrayLike,
     mask: ArrayLike | None = None,
     sigmas: tuple[float, ...] = _SURE_SIGMAS,
+    read_noise: float = 0.0,
 ) -> float:
     """Width of the Gaussian filter that minimises Stein's unbiased risk estimate (SURE).
 
@@ -350,6 +365,8 @@ def sure_gaussian_sigma(
     unweighted, it over-smooths bright peaks. ``H_ii`` is the filter's mean diagonal, from the
     exact traces of the 1D filters (reflecting boundaries). Masked pixels are filled as in
     :func:`anscombe_gaussian` and left out of the sums; the fill's effect on ``H`` is ignored.
+    With ``read_noise`` ``σ`` the transform is the generalized one, ``v_i`` its variance for
+    Poisson-Gaussian readings and ``w_i = λ̂_i + 3/8 + σ²`` (``λ̂`` floored at 0).
 
     Parameters
     ----------
@@ -359,22 +376,26 @@ def sure_gaussian_sigma(
         ``True`` where a pixel is left out.
     sigmas : tuple of float
         Candidate widths in pixels.
+    read_noise : float
+        The detector's Gaussian read noise in counts (rms); 0 for photon counting. With it,
+        unmasked readings may be negative.
 
     Returns
     -------
     float
         The candidate with the smallest SURE.
     """
-    x, bad = _counts(counts, mask)
+    rn = _read_noise(read_noise)
+    x, bad = _counts(counts, mask, negative=rn > 0)
     if not sigmas or any(not (math.isfinite(s) and s > 0) for s in sigmas):
         raise ValueError(f"sigmas must be positive and finite: {sigmas=}")
-    y = _fill_masked(anscombe(x), bad, 3.0)
+    y = _fill_masked(generalized_anscombe(x, rn), bad, 3.0)
     keep = ~bad
     # below ~4 counts the Anscombe variance falls short of 1; taking it as 1 there over-smooths
-    pilot = ndimage.gaussian_filter(_fill_masked(x, bad, 3.0), _SURE_PILOT_SIGMA, mode="reflect")
-    var = _anscombe_variance(pilot)[keep]
-    # (dλ/dA)² = λ + 3/8 turns an Anscombe-domain error into a count-domain one (delta method)
-    weight = pilot[keep] + 0.375
+    pilot = np.maximum(ndimage.gaussian_filter(_fill_masked(x, bad, 3.0), _SURE_PILOT_SIGMA, mode="reflect"), 0.0)
+    var = _anscombe_variance(pilot, rn)[keep]
+    # (dλ/dA)² = λ + 3/8 + σ² turns an Anscombe-domain error into a count-domain one (delta method)
+    weight = pilot[keep] + 0.375 + rn * rn
     wvar = float((weight * var).sum())
     risks = []
     for s in sigmas:
@@ -390,10 +411,13 @@ def anscombe_gaussian(
     counts: ArrayLike,
     sigma: float | Literal["sure"] = "sure",
     mask: ArrayLike | None = None,
+    read_noise: float = 0.0,
 ) -> FloatArray:
     """Denoise Poisson counts: Anscombe transform, Gaussian filter, exact unbiased inverse.
 
-    ``λ̂ = I⁻¹(G_σ * A(counts))`` with ``I⁻¹`` :func:`inverse_anscombe_exact`.
+    ``λ̂ = I⁻¹(G_σ * A(counts))`` with ``I⁻¹`` :func:`inverse_anscombe_exact`. With ``read_noise``
+    (an integrating detector's) the transform, its inverse and the SURE width are the
+    generalized ones for Poisson-Gaussian readings, as in :func:`anscombe_bm3d`.
 
     Parameters
     ----------
@@ -404,6 +428,9 @@ def anscombe_gaussian(
     mask : array_like of bool, optional
         ``True`` where a pixel is left out: it is filled by the local mean of its unmasked
         neighbours before filtering (so it does not drag them down) and set to 0 in the result.
+    read_noise : float
+        The detector's Gaussian read noise in counts (rms); 0 (the default) for photon counting.
+        With it, unmasked readings may be negative.
 
     Returns
     -------
@@ -413,18 +440,19 @@ def anscombe_gaussian(
     Raises
     ------
     ValueError
-        Unmasked counts are negative or not finite, the mask does not match, or ``sigma`` is not
-        positive.
+        Unmasked counts are not finite or (without read noise) negative, the mask does not
+        match, ``sigma`` is not positive, or ``read_noise`` is negative or not finite.
     """
-    x, bad = _counts(counts, mask)
+    rn = _read_noise(read_noise)
+    x, bad = _counts(counts, mask, negative=rn > 0)
     if isinstance(sigma, str):
         if sigma != "sure":
             raise ValueError(f"sigma must be a positive number or 'sure': {sigma=}")
-        width = sure_gaussian_sigma(x, bad)
+        width = sure_gaussian_sigma(x, bad, read_noise=rn)
     else:
         width = _positive("sigma", sigma)
-    a = _fill_masked(anscombe(x), bad, max(width, 2.0))
-    out = inverse_anscombe_exact(ndimage.gaussian_filter(a, width, mode="reflect"))
+    a = _fill_masked(generalized_anscombe(x, rn), bad, max(width, 2.0))
+    out = inverse_anscombe_exact(ndimage.gaussian_filter(a, width, mode="reflect"), rn)
     out[bad] = 0.0
     return out
 

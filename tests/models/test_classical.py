@@ -141,6 +141,8 @@ def test_read_noise_is_checked(bad):
         generalized_anscombe(np.ones(3), bad)
     with pytest.raises(ValueError, match="read_noise"):
         anscombe_bm3d(np.ones((16, 16)), read_noise=bad)
+    with pytest.raises(ValueError, match="read_noise"):
+        anscombe_gaussian(np.ones((16, 16)), read_noise=bad)
 
 
 def test_bm3d_with_read_noise_beats_the_plain_transform():
@@ -156,6 +158,34 @@ def test_bm3d_with_read_noise_beats_the_plain_transform():
     # where read noise swamps the counts (measured +9% here), the plain transform more (clamped)
     assert abs(told.sum() / truth.sum() - 1) < 0.15
     assert abs(told.sum() - truth.sum()) < abs(plain.sum() - truth.sum())
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 3.0, 30.0])
+def test_generalized_anscombe_variance_matches_sampling(lam):
+    """The variance SURE takes for Poisson-Gaussian readings (read noise 2), against a sample."""
+    from models.classical import _anscombe_variance
+
+    rng = np.random.default_rng(8)
+    z = rng.poisson(lam, 400_000) + rng.normal(0.0, 2.0, 400_000)
+    assert float(_anscombe_variance(np.array(lam), 2.0)) == pytest.approx(generalized_anscombe(z, 2.0).var(), rel=0.02)
+
+
+def test_anscombe_gaussian_with_read_noise_beats_the_plain_transform_and_is_unbiased():
+    truth = smooth_blobs()
+    rng = np.random.default_rng(4)
+    readings = rng.poisson(truth) + rng.normal(0.0, 2.0, truth.shape)
+    with pytest.raises(ValueError, match="negative"):  # the plain transform wants counts
+        anscombe_gaussian(readings)
+    told = anscombe_gaussian(readings, read_noise=2.0)
+    plain = anscombe_gaussian(np.maximum(readings, 0.0))
+    assert psnr(told, truth) > psnr(plain, truth) + 3.0
+    assert abs(told.sum() / truth.sum() - 1) < 0.05
+    # a flat field, read noise swamping the counts: the mean comes back
+    flat = rng.poisson(1.0, (128, 128)) + rng.normal(0.0, 2.0, (128, 128))
+    assert float(anscombe_gaussian(flat, read_noise=2.0).mean()) == pytest.approx(1.0, rel=0.05)
+    # without read noise, exactly the plain method
+    counts = rng.poisson(truth)
+    assert np.array_equal(anscombe_gaussian(counts, read_noise=0.0), anscombe_gaussian(counts))
 
 
 # ------------------------------------------------------------------------------------------
