@@ -34,7 +34,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at I
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@demo_app.command("sas-qscan")
+@demo_app.command(
+    "sas-qscan",
+    short_help="A RunEngine measures I(Q) of a hidden sample; the agent picks Q and exposure until its size is known.",
+)
 def sas_qscan(
     out: Annotated[Path, typer.Option(help="Directory for the report and the store (store.zarr).")] = Path("demo-output"),
     sample: Annotated[SampleKind, typer.Option(help="The hidden sample's kind.")] = SampleKind.polydisperse_sphere,
@@ -95,7 +98,10 @@ def sas_qscan(
     _print_summary(summary, out if resume is None else resume.parent)
 
 
-@demo_app.command("mapping")
+@demo_app.command(
+    "mapping",
+    short_help="Map a simulated film by autonomous SAXS (kriging), then compare with a raster of the same length.",
+)
 def mapping(
     out: Annotated[Path, typer.Option(help="Directory for the report (maps.png, summary.json) and store.zarr.")] = Path("demo-mapping"),
     seed: Annotated[int, typer.Option(help="Seed of the hidden film and of the detector's noise.")] = 3,
@@ -118,7 +124,10 @@ def mapping(
     typer.echo(f"report: {out / 'maps.png'}, {out / 'summary.json'}")
 
 
-@demo_app.command("tune")
+@demo_app.command(
+    "tune",
+    short_help="Tune a simulated beamline's optics for the most flux at the required beam size (Bayesian optimization).",
+)
 def tune(
     out: Annotated[Path, typer.Option(help="Directory for the report (convergence.png, settings.png, summary.json).")] = Path("demo-tune"),
     seed: Annotated[int, typer.Option(help="Seed of the simulated beamline's noise and of the initial design.")] = 3,
@@ -134,7 +143,10 @@ def tune(
     typer.echo(f"report: {out}")
 
 
-@demo_app.command("ring")
+@demo_app.command(
+    "ring",
+    short_help="Optimise a simulated storage ring's sextupoles (pyAT) with ML-MOGA, NSGA-II and MOBO on Dask.",
+)
 def ring(
     out: Annotated[Path, typer.Option(help="Directory for the report (fronts.png, hypervolume.png, aperture.png, "
                                            "summary.json) and the runs' stores (<optimizer>.zarr).")] = Path("demo-ring"),
@@ -169,7 +181,10 @@ def ring(
     typer.echo(f"report: {out}")
 
 
-@demo_app.command("bragg")
+@demo_app.command(
+    "bragg",
+    short_help="Bragg-peak masks and intensities, live: U-Net against threshold + components, with the truth.",
+)
 def bragg_demo(
     out: Annotated[Path, typer.Option(help="Directory for the report (bragg.png, summary.json).")] = Path("demo-bragg"),
     frames: Annotated[int, typer.Option(min=1, help="Frames the simulated detector records.")] = 24,
@@ -198,7 +213,10 @@ def bragg_demo(
     typer.echo(f"report: {out / 'bragg.png'}, {out / 'bragg_r.png'}, {out / 'summary.json'}")
 
 
-@demo_app.command("sans-sr")
+@demo_app.command(
+    "sans-sr",
+    short_help="SANS super-resolution, live: the network against bicubic upsampling, with the truth.",
+)
 def sans_sr_demo(
     out: Annotated[Path, typer.Option(help="Directory for the report (sans-sr.png, summary.json).")] = Path("demo-sans-sr"),
     frames: Annotated[int, typer.Option(min=1, help="Patterns the simulated SANS detector records.")] = 12,
@@ -226,7 +244,10 @@ class TrainTask(StrEnum):
     sans_sr = "sans-sr"
 
 
-@app.command("train")
+@app.command(
+    "train",
+    short_help="Train a detector network from the project's simulators, evaluate it on held-out data, write weights.",
+)
 def train_cmd(
     task: Annotated[TrainTask, typer.Argument(help="Which network: denoise, bragg (2D frames), bragg-tof "
                                                          "(3D time-of-flight volumes) or sans-sr.")],
@@ -290,7 +311,10 @@ def train_cmd(
                           indent=2))
 
 
-@app.command("run")
+@app.command(
+    "run",
+    short_help="Run the configured agents as a daemon beside a live experiment (Kafka in, plans to the queueserver).",
+)
 def run(
     config: Annotated[Path, typer.Option(help="The daemon's YAML config (see deploy/agent.example.yaml).")],
     kafka: Annotated[str | None, typer.Option(help="Broker host:port, overriding kafka.bootstrap_servers.")] = None,
@@ -321,9 +345,12 @@ def run(
         raise typer.Exit(2) from None
 
 
-@app.command("replay")
+@app.command(
+    "replay",
+    short_help="Stream stored runs as documents into Kafka or in-process agents, at recorded timing or fast.",
+)
 def replay(
-    source: Annotated[str, typer.Argument(help="A tiled server URI (http://host:port[/path]) or a beampilot zarr store.")],
+    source: Annotated[str, typer.Argument(help="A tiled server URI (http://host:port, or http://host:port/PATH) or a beampilot zarr store.")],
     run: Annotated[list[str] | None, typer.Option("--run", help="Uid of a run to replay (repeatable); default: all.")] = None,
     speed: Annotated[float, typer.Option(help="Recorded timing divided by SPEED (1: as recorded, 10: ten times faster).")] = 1.0,
     fast: Annotated[bool, typer.Option("--fast", help="As fast as possible, ignoring the recorded timing.")] = False,

@@ -18,10 +18,28 @@ runner = CliRunner()
 FAST = "target_rel_sigma: 0.05\nfit_starts: 4\n"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["demo", "sas-qscan", "--help"]])
+def _command_paths(group=None, path=()):
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        yield path + (name,), cmd
+        if hasattr(cmd, "commands"):
+            yield from _command_paths(cmd, path + (name,))
+
+
+@pytest.mark.parametrize("args", [["--help"], *[[*p, "--help"] for p, _ in _command_paths()]])
 def test_help_everywhere(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_every_command_lists_a_one_line_summary():
+    """The command lists (``beampilot --help``, ``beampilot demo --help``) show each command's
+    summary: one sentence, not a docstring's first lines broken where the source breaks them."""
+    for path, cmd in _command_paths():
+        text = cmd.short_help or cmd.help or ""
+        assert text.strip().endswith(".") and "\n" not in text.strip() and len(text) <= 110, (path, text)
 
 
 def test_demo_writes_the_report(tmp_path):
