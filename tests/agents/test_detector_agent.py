@@ -82,6 +82,14 @@ def _event(desc, value, *, external: bool = False):
     return desc.compose_event(data={"det_image": value}, timestamps={"det_image": 1.0}, validate=False, **kwargs)
 
 
+def _opened_run(agent):
+    """Tell ``agent`` a raw run's start and descriptor; return them for its events and stop."""
+    run, desc = _raw_run()
+    agent.tell("start", run.start_doc)
+    agent.tell("descriptor", desc.descriptor_doc)
+    return run, desc
+
+
 def _agent(weights, sinks, clock=None, **settings):
     base = {"analysis": "bragg", "weights": str(weights), "device": "cpu", "max_batch": 4, "max_latency_s": 0.0}
     return DetectorAnalysisAgent({**base, **settings}, sinks=sinks, clock=clock or FakeClock())
@@ -94,9 +102,7 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
     threshold = float(torch.quantile(p, 0.97))
     sink = Recorder()
     agent = _agent(weights, [sink], max_batch=3, max_latency_s=1e9, peak_threshold=threshold)
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     raw = [_event(desc, f) for f in frames[:5]]
     for event in raw[:2]:
         agent.tell("event", event)
@@ -145,9 +151,7 @@ def test_the_peaks_stream_lands_in_a_zarr_store_as_one_row_per_peak(bragg_weight
         p = torch.sigmoid(model(torch.from_numpy(frames[0].astype(np.float32))[None, None]))
     sink, store = Recorder(), ZarrRunWriter(tmp_path / "derived.zarr")
     agent = _agent(weights, [sink, store], peak_threshold=float(torch.quantile(p, 0.97)))
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     for f in frames[:4]:
         agent.tell("event", _event(desc, f))
     agent.tell("stop", run.compose_stop())
@@ -210,9 +214,7 @@ def test_batches_wait_for_max_batch_or_max_latency(bragg_weights, frames):
     _, weights = bragg_weights
     clock, sink = FakeClock(), Recorder()
     agent = _agent(weights, [sink], max_batch=4, max_latency_s=5.0, clock=clock)
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     for i in range(3):
         agent.tell("event", _event(desc, frames[i]))
         clock.t += 1.0
@@ -279,9 +281,7 @@ def test_read_noise_allows_slightly_negative_counts(bragg_weights, frames):
     _, weights = bragg_weights
     sink = Recorder()
     agent = _agent(weights, [sink], max_batch=1, read_noise=1.0)
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     for shift in (-0.5, -6.0):  # -0.5 > -5 sigma passes; -6 does not
         frame = frames[0].copy()
         frame[0, 0] = shift
@@ -344,9 +344,7 @@ def test_a_static_detector_mask_from_a_file_joins_the_per_frame_one(bragg_weight
     # a static mask of another shape fails each frame, named, and the stream goes on
     sink = Recorder()
     agent = _agent(weights, [sink], max_batch=1, detector_mask=str(tmp_path / "small.npy"))
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     agent.tell("event", _event(desc, frames[0]))
     agent.tell("stop", run.compose_stop())
     assert agent.report()["failed_frames"] == {"mask": 1}
@@ -743,9 +741,7 @@ def test_a_denoiser_told_the_read_noise_gets_the_agents_read_noise_setting(tmp_p
     for sigma in (2.0, 1.0):
         sink = Recorder()
         agent = _agent(weights, [sink], analysis="denoise", max_batch=1, read_noise=sigma)
-        run, desc = _raw_run()
-        agent.tell("start", run.start_doc)
-        agent.tell("descriptor", desc.descriptor_doc)
+        run, desc = _opened_run(agent)
         agent.tell("event", _event(desc, frame))
         agent.tell("stop", run.compose_stop())
         (event,) = sink.events("denoise")
@@ -771,9 +767,7 @@ def test_a_read_noise_setting_larger_than_the_frames_whole_noise_is_refused_by_n
     integrating = rng.poisson(0.5, SHAPE) + rng.normal(0.0, 1.5, SHAPE)  # about 1.7
     sink = Recorder()
     agent = _agent(weights, [sink], analysis="denoise", max_batch=1, read_noise=2.0)
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     with caplog.at_level(logging.WARNING):
         agent.tell("event", _event(desc, photon_counting))
         agent.tell("event", _event(desc, integrating))
@@ -786,9 +780,7 @@ def test_a_read_noise_setting_larger_than_the_frames_whole_noise_is_refused_by_n
     _, blind = bragg_weights
     sink = Recorder()
     agent = _agent(blind, [sink], max_batch=1, read_noise=2.0)
-    run, desc = _raw_run()
-    agent.tell("start", run.start_doc)
-    agent.tell("descriptor", desc.descriptor_doc)
+    run, desc = _opened_run(agent)
     agent.tell("event", _event(desc, photon_counting))
     agent.tell("stop", run.compose_stop())
     assert len(sink.events("bragg")) == 1 and not agent.report()["failed_frames"]
