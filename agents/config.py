@@ -142,15 +142,17 @@ def _explain(err: ValidationError, where: str) -> str:
     return f"invalid configuration in {where}:\n  " + "\n  ".join(lines)
 
 
-def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str, Any]) -> Any:
-    """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key.
-    An instance of ``model`` is returned as it is (it was validated when it was made)."""
+def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str, Any], *,
+                  where: str | None = None) -> Any:
+    """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key,
+    and where it came from (``where``; default: the file, or "dict"). An instance of ``model``
+    is returned as it is (it was validated when it was made)."""
     if isinstance(source, model):
         return source
-    where = "dict"
+    label = where or "dict"
     if not isinstance(source, dict):
         path = Path(source)
-        where = str(path)
+        label = where or str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
@@ -163,4 +165,4 @@ def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str,
     try:
         return model.model_validate(source)
     except ValidationError as err:
-        raise ConfigError(_explain(err, where)) from None
+        raise ConfigError(_explain(err, label)) from None

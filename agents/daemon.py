@@ -147,27 +147,29 @@ def _jsonable(value: Any) -> Any:
 # -- agents ----------------------------------------------------------------------------------------
 def build_agent(entry: AgentEntry, state_dir: Path, sinks: list[Any]) -> Any:
     """Make (or re-open from its store) the agent an entry of the config describes."""
+    from agents.config import load_settings
+
+    def settings(model: Any) -> Any:
+        where = f"the settings of agent {entry.name!r} (kind {entry.kind}"
+        where += ")" if isinstance(entry.settings, dict) else f", {entry.settings})"
+        given = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
+        return load_settings(model, {"name": entry.name, **given}, where=where)
+
     if entry.kind == "rate":
         from agents.reduce import RateAgent, RateSettings
 
-        settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
-        return RateAgent(RateSettings.model_validate({"name": entry.name, **settings}), sinks=sinks)
+        return RateAgent(settings(RateSettings), sinks=sinks)
     if entry.kind == "detector":
-        from agents.config import load_settings
         from agents.detector_agent import DetectorAnalysisAgent, DetectorSettings
 
-        settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
-        return DetectorAnalysisAgent(load_settings(DetectorSettings, {"name": entry.name, **settings}), sinks=sinks)
-    from agents.config import load_settings
-
+        return DetectorAnalysisAgent(settings(DetectorSettings), sinks=sinks)
     cls, settings_model = _steering_kinds()[entry.kind]
     store = state_dir / "agents" / entry.name / "store.zarr"
-    if store.exists():
+    if store.exists():  # its settings come back from the store
         agent = cls.resume(store, sinks=sinks)
         logger.info("agent %s resumed from %s with %d observations", entry.name, store, agent.n_observations)
         return agent
-    settings = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
-    return cls(load_settings(settings_model, {"name": entry.name, **settings}), store, sinks=sinks)
+    return cls(settings(settings_model), store, sinks=sinks)
 
 
 def _steering_kinds() -> dict[str, tuple[Any, Any]]:
@@ -248,10 +250,8 @@ class Daemon:
         self._group_committed = 0.0
         self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
         self.kafka_settings = self._kafka_settings()
-        self.source = source if source is not None else self._make_source()
-        self.derived_sink = derived_sink if derived_sink is not None else self._make_derived_sink()
-        self.extra_sinks = list(extra_sinks) if extra_sinks is not None else self._make_extra_sinks()
-        self.plan_sink = plan_sink if plan_sink is not None else self._make_plan_sink()
+        # the agents first: a mistake in their settings or weights is reported before any server
+        # (broker, tiled, queueserver) has to be up
         self.agents: dict[str, Any] = {}
         self.steering: dict[str, _Steering] = {}
         for entry in config.agents:
@@ -260,6 +260,10 @@ class Daemon:
                 gate = SafetyGate(entry.safety.to_config())
                 gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
+        self.source = source if source is not None else self._make_source()
+        self.derived_sink = derived_sink if derived_sink is not None else self._make_derived_sink()
+        self.extra_sinks = list(extra_sinks) if extra_sinks is not None else self._make_extra_sinks()
+        self.plan_sink = plan_sink if plan_sink is not None else self._make_plan_sink()
         # where each batching agent last had nothing waiting: the checkpoint goes no further
         self._consumed: dict[str, int] = dict(self.state.offsets)
         self._reading: tuple[str, int] = ("", -1)  # the record being processed (topic:partition, offset)

@@ -332,6 +332,22 @@ def test_unreachable_broker_fails_at_start_naming_the_address(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
+def test_an_agents_bad_settings_are_reported_before_any_server_is_needed(tmp_path):
+    """A mistake in an agent's settings is named, with the agent, before the daemon reaches for
+    the broker (here unreachable): the user fixes the config without starting the servers."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1"}, "state_dir": str(tmp_path),
+        "agents": [{"kind": "rate", "name": "rate"},
+                   {"kind": "detector", "name": "dn", "settings": {"analysis": "denoise", "weights": "denoise",
+                                                                  "read_noise": -1}}]}))
+    result = subprocess.run([str(BIN / "beampilot"), "run", "--config", str(path)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert "agent 'dn' (kind detector)" in result.stderr and "read_noise" in result.stderr
+    assert "Kafka" not in result.stderr
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'agents.0.colour'"):
         load_daemon_config({"agents": [{"kind": "rate", "name": "r", "colour": "blue"}]})
