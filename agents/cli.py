@@ -435,6 +435,16 @@ def _replay(source: str, runs, speed, sink, on_sim: bool, sample: str, seed: int
     uids = list(runs) if runs else list(store.runs())
     if not uids:
         raise typer.BadParameter(f"{source} holds no runs", param_hint="SOURCE")
+    missing = []
+    for uid in runs or ():  # before anything is sent: every run asked for is there
+        try:
+            next(iter(store.documents(uid)))
+        except KeyError:
+            missing.append(uid)
+    if missing:
+        held = list(store.runs())
+        raise typer.BadParameter(f"no run {', '.join(map(repr, missing))} in {source}; it holds {len(held)} run(s): "
+                                 + ", ".join(held[:5]) + (", ..." if len(held) > 5 else ""), param_hint="--run")
     if not on_sim:
         stats = replay_runs(store, uids, sink, speed=speed, progress=progress)
         return {"source": source, "runs": len(uids), **vars(stats)}

@@ -84,6 +84,19 @@ def test_replay_needs_exactly_one_target(tmp_path):
     assert result.exit_code != 0 and "exactly one target" in result.output
 
 
+def test_replay_of_a_run_the_store_does_not_hold_names_it_before_anything_is_sent(tmp_path):
+    runs = _store_with_runs(tmp_path / "store.zarr", n_runs=2)
+    config = tmp_path / "agents.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "agents": [{"kind": "rate", "name": "rate"}]}))
+    held = runs[0][0][1]["uid"]
+    result = runner.invoke(app, ["replay", str(tmp_path / "store.zarr"), "--fast", "--agents", str(config), "--quiet",
+                                 "--run", held, "--run", "no-such-run"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.replace("│", " ").split())  # the error box, unwrapped
+    assert "no run 'no-such-run'" in said and "holds 2 run(s)" in said and held in said
+    assert "events_out" not in said  # nothing was replayed
+
+
 def test_rerun_on_sim_measures_the_recorded_points_again():
     recorded = list(sas_run_documents(5, seed=7))
     start, points = recorded_points(recorded)
