@@ -118,7 +118,8 @@ def mapping(
     for q, e in summary["normalised_rmse"].items():
         typer.echo(f"  {q:>10}: error (RMSE / sd of truth) beampilot {e['agent']:.3f}, raster {e['raster']:.3f}")
     st = summary["stage"]
-    typer.echo(f"  stage travel: beampilot {st['agent_travel_mm']:.1f} mm, raster {st['raster_travel_mm']:.1f} mm")
+    typer.echo(f"  stage travel: beampilot {st['agent_travel_mm']:.1f} mm, raster ({st['raster_points']} points) "
+               f"{st['raster_travel_mm']:.1f} mm")
     for failure in summary["failed_runs"]:
         typer.secho(f"  a run failed and the next continued: {failure}", fg=typer.colors.YELLOW)
     typer.echo(f"report: {out / 'maps.png'}, {out / 'summary.json'}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def run_mapping_demo(
         "agent": agent.report(), "safety": gate.report(), "failed_runs": failures,
         "stage": {"agent_travel_mm": travel_agent, "agent_move_time_s": move_time_agent,
                   "agent_beam_time_s": beam_time_agent, "raster_travel_mm": raster["travel"],
-                  "raster_move_time_s": raster["move_time"]},
+                  "raster_move_time_s": raster["move_time"], "raster_points": raster["n"]},
         "seed": seed, "budget": budget, "wall_time_s": time.perf_counter() - t_wall,
         "store": str(store), "figures": ["maps.png"],
     })
@@ -122,11 +123,28 @@ def run_mapping_demo(
     return summary
 
 
+def raster_shape(n: int, width: float, height: float) -> tuple[int, int]:
+    """``(nx, ny)``, both >= 2, of the raster with the most points ``nx * ny <= max(n, 4)``; of
+    those, the one whose spacing is most nearly the same along x and y (``nx / ny`` closest to
+    ``width / height``). 120 points on a square: 10 x 12."""
+    n = max(int(n), 4)
+    best = (4, -abs(math.log(height / width)), 2, 2)
+    for ny in range(2, n // 2 + 1):
+        nx = n // ny
+        if nx < 2:
+            break
+        key = (nx * ny, -abs(math.log((nx - 1) / (ny - 1) * height / width)), nx, ny)
+        if key[:2] > best[:2]:
+            best = key
+    return best[2], best[3]
+
+
 def _raster(RE: RunEngine, stage: SimSampleStage, film: FilmMap, n: int) -> dict[str, Any]:
-    """Measure a serpentine raster of about ``n`` points on the same stage; reduce its frames."""
-    side = max(int(np.floor(np.sqrt(n))), 2)
+    """Measure a serpentine raster of as many points as the agent measured (``n``, or the
+    nearest raster below it) on the same stage; reduce its frames."""
     x0, x1, y0, y1 = film.extent
-    gx, gy = np.linspace(x0, x1, side), np.linspace(y0, y1, side)
+    nx, ny = raster_shape(n, x1 - x0, y1 - y0)
+    gx, gy = np.linspace(x0, x1, nx), np.linspace(y0, y1, ny)
     points = []
     for i, y in enumerate(gy):
         for x in (gx if i % 2 == 0 else gx[::-1]):
@@ -142,7 +160,7 @@ def _raster(RE: RunEngine, stage: SimSampleStage, film: FilmMap, n: int) -> dict
     RE(measure_run([stage.saxs], {"stage_x": stage.x, "stage_y": stage.y}, points,
                    [f"raster:{i}" for i in range(len(points))], Signal(name=POINT_KEY, value=""),
                    md={"plan_name": "raster", "purpose": "comparison with the agent"}), collect)
-    values = {q: np.full((side, side), np.nan) for q in QUANTITIES}
+    values = {q: np.full((ny, nx), np.nan) for q in QUANTITIES}
     for x, y, counts, t in frames:
         ix = int(np.argmin(np.abs(gx - x)))
         iy = int(np.argmin(np.abs(gy - y)))

@@ -161,6 +161,19 @@ def test_demo_writes_the_report(tmp_path):
     assert summary["safety"]["rejected"] == 0 and summary["failed_runs"] == []
     assert set(summary["normalised_rmse"]) == {"peak_q", "intensity", "order_x", "order_y"}
     assert summary["stage"]["agent_travel_mm"] > 0 and summary["stage"]["raster_travel_mm"] > 0
+    assert summary["stage"]["raster_points"] == 12 and "raster (12 points)" in result.output
+
+
+def test_the_demos_raster_has_as_many_points_as_the_agent_measured():
+    from agents.demo_mapping import raster_shape
+
+    assert raster_shape(120, 10, 10) in ((12, 10), (10, 12))  # not the 10 x 10 below 120
+    for n, width, height in ((12, 10, 10), (400, 10, 10), (120, 20, 10), (97, 10, 10), (4, 5, 1)):
+        nx, ny = raster_shape(n, width, height)
+        assert nx >= 2 and ny >= 2 and nx * ny <= n
+        # no other raster of at least 2 x 2 holds more points within n
+        assert nx * ny == max(a * (n // a) for a in range(2, n // 2 + 1) if n // a >= 2)
+    assert raster_shape(120, 20, 10)[0] > raster_shape(120, 20, 10)[1]  # more columns on a wide sample
 
 
 def test_the_daemon_builds_and_resumes_a_mapping_agent(tmp_path):
