@@ -246,8 +246,9 @@ def optimize(
     store: OptimizationStore | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[Any, History]:
-    """Run ``optimizer`` a generation (a batch) at a time until at least ``max_evaluations``
-    settings are evaluated; resume from ``store``.
+    """Run ``optimizer`` a generation (a batch) at a time until ``max_evaluations`` settings are
+    evaluated; resume from ``store``. A genetic optimizer evaluates whole generations, so it may
+    end past ``max_evaluations`` by up to a population less one; MOBO's last batch is cut to what is left.
 
     Returns the optimizer (possibly rebuilt from the store) and the :class:`History` of every
     generation (including those read back from the store).
@@ -272,7 +273,8 @@ def optimize(
     while len(g_all) < max_evaluations:
         generation = len(history.evaluations)
         t0 = time.perf_counter()
-        X = optimizer.ask()
+        left = max_evaluations - len(g_all)
+        X = optimizer.ask(limit=left) if isinstance(optimizer, MultiObjectiveBO) else optimizer.ask()
         outcomes = evaluate(X)
         F = np.array([o.F for o in outcomes], dtype=float)
         g = np.array([o.g for o in outcomes], dtype=float)

@@ -90,14 +90,19 @@ class MultiObjectiveBO:
         """Batches told so far."""
         return 0 if len(self.X) == 0 else 1 + max(0, (len(self.X) - self.config.n_initial)) // self.config.q
 
-    def ask(self) -> np.ndarray:
-        """The next batch: the Sobol design first, then ``q`` points by qLogNEHVI."""
+    def ask(self, limit: int | None = None) -> np.ndarray:
+        """The next batch: the Sobol design first, then ``q`` points by qLogNEHVI; at most
+        ``limit`` points (what is left of a budget), the rest of a batch asked for again, as it
+        was, until told."""
         if self._asked is not None:
             return self._asked.copy()
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (points to ask for), got {limit}")
         if len(self.X) == 0:
-            X = sobol_design(self.bounds.numpy(), self.config.n_initial, seed=self.seed)
+            n = self.config.n_initial if limit is None else min(self.config.n_initial, limit)
+            X = sobol_design(self.bounds.numpy(), self.config.n_initial, seed=self.seed)[:n]
         else:
-            X = self._suggest()
+            X = self._suggest(self.config.q if limit is None else min(self.config.q, limit))
         self._asked = X
         return X.copy()
 
@@ -138,7 +143,7 @@ class MultiObjectiveBO:
     def report(self) -> dict[str, Any]:
         return {"optimizer": self.name, "evaluations": len(self.F), "warnings": len(self.warnings)}
 
-    def _suggest(self) -> np.ndarray:
+    def _suggest(self, q: int) -> np.ndarray:
         c = self.config
         train_X = torch.as_tensor(self.X, **self._tkw)
         train_Y = torch.as_tensor(-self.F, **self._tkw)  # botorch maximises
@@ -153,8 +158,8 @@ class MultiObjectiveBO:
                 model=model, ref_point=(-torch.as_tensor(self.ref, **self._tkw)).tolist(), X_baseline=train_X,
                 sampler=sampler, prune_baseline=True, cache_root=False,
             )
-            candidates, _ = optimize_acqf(acq, bounds=self.bounds, q=c.q, num_restarts=c.num_restarts,
+            candidates, _ = optimize_acqf(acq, bounds=self.bounds, q=q, num_restarts=c.num_restarts,
                                           raw_samples=c.raw_samples, sequential=True,
                                           options={"maxiter": c.maxiter, "seed": seed})
         lo, hi = self.bounds.numpy()
-        return np.minimum(np.maximum(candidates.detach().numpy().reshape(c.q, -1), lo), hi)
+        return np.minimum(np.maximum(candidates.detach().numpy().reshape(q, -1), lo), hi)

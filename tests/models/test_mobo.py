@@ -46,3 +46,18 @@ def test_state_round_trip_and_bad_use():
     np.testing.assert_array_equal(again.ask(), opt.ask())  # same data, same seed: the same decision
     with pytest.raises(ValueError, match="q"):
         MOBOConfig(q=0)
+
+
+def test_ask_takes_at_most_what_is_left_of_a_budget():
+    opt = MultiObjectiveBO([0, 0], [1, 1], ref=[1.0, 1.0], config=CHEAP, seed=2)
+    X = opt.ask(limit=5)
+    assert X.shape == (5, 2)
+    np.testing.assert_array_equal(X, MultiObjectiveBO([0, 0], [1, 1], ref=[1.0, 1.0], config=CHEAP, seed=2).ask()[:5])
+    np.testing.assert_array_equal(opt.ask(), X)  # asked again before tell: the same points
+    opt.tell(X, bi(X))
+    X = opt.ask(limit=1)
+    assert X.shape == (1, 2)
+    opt.tell(X, bi(X))
+    assert opt.ask(limit=10).shape == (2, 2)  # no more than q
+    with pytest.raises(ValueError, match="limit"):
+        MultiObjectiveBO([0, 0], [1, 1], ref=[1.0, 1.0], config=CHEAP, seed=2).ask(limit=0)
