@@ -137,8 +137,8 @@ class _Progress:
             return
         self.bar.update(1)  # readings taken (the agent hears of each one a moment later)
         best = self.agent.report()["best_observed_feasible"]
-        flux = best[KEYS["objective"]] if best else float("nan")
-        self.bar.set_postfix_str(f"best feasible flux {flux:.3g}/s")
+        self.bar.set_postfix_str(f"best feasible flux {best[KEYS['objective']]:.3g}/s" if best else
+                                 "no setting has met the beam size yet")
         self.bar.refresh()
 
 
