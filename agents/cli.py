@@ -107,13 +107,17 @@ def mapping(
     seed: Annotated[int, typer.Option(help="Seed of the hidden film and of the detector's noise.")] = 3,
     budget: Annotated[int, typer.Option(min=8, help="Positions the agent may measure.")] = 120,
     batch: Annotated[int, typer.Option(min=1, max=8, help="Positions per request.")] = 4,
+    reproducible: Annotated[bool, typer.Option(
+        help="Refit the kriging hyper-parameters inline, so the same seed gives the same run (by default "
+             "they are refitted in a background thread, as in a live session, and runs differ a little).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Map a simulated block-copolymer film by autonomous SAXS (kriging, travel-aware batches),
     then measure a raster of the same length on the same stage, and compare them."""
     from agents.demo_mapping import run_mapping_demo
 
-    summary = run_mapping_demo(out, seed=seed, budget=budget, batch=batch, progress=not quiet)
+    summary = run_mapping_demo(out, seed=seed, budget=budget, batch=batch, progress=not quiet,
+                               overrides={"background_refit": False} if reproducible else None)
     typer.echo(f"measured {summary['agent']['n_observations']} positions; stop: {summary['agent']['stop_reason']}")
     for q, e in summary["normalised_rmse"].items():
         typer.echo(f"  {q:>10}: error (RMSE / sd of truth) beampilot {e['agent']:.3f}, raster {e['raster']:.3f}")

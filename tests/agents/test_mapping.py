@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from bluesky import RunEngine
@@ -155,13 +157,26 @@ def test_demo_writes_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "measured 12 positions" in result.output and "raster" in result.output
     assert (out / "maps.png").stat().st_size > 10_000
-    import json
-
     summary = json.loads((out / "summary.json").read_text())
     assert summary["safety"]["rejected"] == 0 and summary["failed_runs"] == []
     assert set(summary["normalised_rmse"]) == {"peak_q", "intensity", "order_x", "order_y"}
     assert summary["stage"]["agent_travel_mm"] > 0 and summary["stage"]["raster_travel_mm"] > 0
     assert summary["stage"]["raster_points"] == 12 and "raster (12 points)" in result.output
+
+
+def test_the_demo_with_inline_refits_gives_the_same_run_for_the_same_seed(tmp_path):
+    from typer.testing import CliRunner
+
+    from agents.cli import app
+
+    outputs = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["demo", "mapping", "--out", str(tmp_path / name), "--budget", "16",
+                                          "--reproducible", "--quiet"])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert outputs[0]["normalised_rmse"] == outputs[1]["normalised_rmse"]
+    assert outputs[0]["stage"]["agent_travel_mm"] == outputs[1]["stage"]["agent_travel_mm"]
 
 
 def test_the_demos_raster_has_as_many_points_as_the_agent_measured():
