@@ -241,19 +241,19 @@ def _poisson_grid() -> tuple[FloatArray, FloatArray, FloatArray]:
 
 
 @lru_cache(maxsize=16)
-def _exact_table(read_noise: float = 0.0) -> tuple[FloatArray, FloatArray]:
-    """``(E[f(x)], λ)`` on the grid of :func:`_poisson_grid`, ``f`` the (generalized) Anscombe
-    transform and ``x = Poisson(λ) + N(0, read_noise²)``; the Gaussian expectation by 80-node
-    Gauss-Hermite quadrature for each Poisson count."""
+def _exact_table(read_noise: float = 0.0) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(E[f(x)], λ, E[f(x)²])`` on the grid of :func:`_poisson_grid`, ``f`` the (generalized)
+    Anscombe transform and ``x = Poisson(λ) + N(0, read_noise²)``; the Gaussian expectation by
+    80-node Gauss-Hermite quadrature for each Poisson count."""
     k, lam, pmf = _poisson_grid()
     if read_noise == 0:
-        per_count = 2.0 * np.sqrt(k + 0.375)
+        inside = (k + 0.375)[:, None]
+        w = np.ones(1)
     else:
         t, w = np.polynomial.hermite_e.hermegauss(80)  # nodes and weights for N(0, 1)
-        inside = k[:, None] + read_noise * t[None, :] + 0.375 + read_noise**2
-        per_count = (2.0 * np.sqrt(np.maximum(inside, 0.0))) @ (w / w.sum())
-    expect = per_count @ pmf
-    return expect, lam
+        inside = np.maximum(k[:, None] + read_noise * t[None, :] + 0.375 + read_noise**2, 0.0)
+    w = w / w.sum()
+    return (2.0 * np.sqrt(inside) @ w) @ pmf, lam, (4.0 * inside @ w) @ pmf
 
 
 def inverse_anscombe_exact(d: ArrayLike, read_noise: float = 0.0) -> FloatArray:
@@ -290,7 +290,7 @@ def inverse_anscombe_exact(d: ArrayLike, read_noise: float = 0.0) -> FloatArray:
     """
     v = _transformed(d)
     s = _read_noise(read_noise)
-    expect, lam = _exact_table(s)
+    expect, lam, _ = _exact_table(s)
     out = np.interp(v.ravel(), expect, lam).reshape(v.shape)
     high = v > expect[-1]
     if high.any():
@@ -326,25 +326,12 @@ def _filter_diagonal_trace(n: int, sigma: float) -> float:
     return float(2 * edge.sum() + (n - 2 * edge.size) * centre)
 
 
-@lru_cache(maxsize=16)
-def _second_moment_table(read_noise: float) -> FloatArray:
-    """``E[f(x)²]`` on the grid of :func:`_poisson_grid` for the generalized transform ``f`` and
-    ``x = Poisson(λ) + N(0, read_noise²)`` (``4 E[max(x + 3/8 + σ², 0)]``; the same quadrature as
-    :func:`_exact_table`)."""
-    k, _, pmf = _poisson_grid()
-    t, w = np.polynomial.hermite_e.hermegauss(80)
-    inside = k[:, None] + read_noise * t[None, :] + 0.375 + read_noise**2
-    return (4.0 * np.maximum(inside, 0.0) @ (w / w.sum())) @ pmf
-
-
 def _anscombe_variance(lam: FloatArray, read_noise: float = 0.0) -> FloatArray:
     """``Var[f(x)]`` of the (generalized, with ``read_noise``) Anscombe transform ``f`` for
-    ``x = Poisson(lam) + N(0, read_noise²)``: ``E[f²] - E[f]²`` (``E[f²] = 4 (lam + 3/8)`` without
-    read noise), 1 above the table."""
-    expect, grid = _exact_table(read_noise)
-    e = np.interp(lam, grid, expect)
-    second = 4.0 * (lam + 0.375) if read_noise == 0 else np.interp(lam, grid, _second_moment_table(read_noise))
-    var = second - e**2
+    ``x = Poisson(lam) + N(0, read_noise²)``: ``E[f²] - E[f]²`` from :func:`_exact_table`, 1 above
+    the table."""
+    expect, grid, second = _exact_table(read_noise)
+    var = np.interp(lam, grid, second) - np.interp(lam, grid, expect) ** 2
     return np.where(lam > grid[-1], 1.0, np.clip(var, 1e-6, None))
 
 
