@@ -131,7 +131,7 @@ def run_mapping_demo(
 def raster_shape(n: int, width: float, height: float) -> tuple[int, int]:
     """``(nx, ny)``, both >= 2, of the raster with the most points ``nx * ny <= max(n, 4)``; of
     those, the one whose spacing is most nearly the same along x and y (``nx / ny`` closest to
-    ``width / height``). 120 points on a square: 10 x 12."""
+    ``width / height``). 120 points on a square: ``(12, 10)``."""
     n = max(int(n), 4)
     best = (4, -abs(math.log(height / width)), 2, 2)
     for ny in range(2, n // 2 + 1):
