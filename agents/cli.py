@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,6 +30,26 @@ class SampleKind(StrEnum):
     sphere_hardsphere = "sphere_hardsphere"
 
 
+def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command so that an error a user can act on (a setting, weights, a store, a server
+    that is not there: the project's agent, stream and model errors) is one red line and exit
+    code 2, not a traceback."""
+
+    @functools.wraps(command)
+    def reported(*args: Any, **kwargs: Any) -> Any:
+        from agents.errors import AgentError
+        from models.errors import ModelError
+        from streams.errors import StreamError
+
+        try:
+            return command(*args, **kwargs)
+        except (AgentError, StreamError, ModelError) as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return reported
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -38,6 +60,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at I
     "sas-qscan",
     short_help="A RunEngine measures I(Q) of a hidden sample; the agent picks Q and exposure until its size is known.",
 )
+@_reported
 def sas_qscan(
     out: Annotated[Path, typer.Option(help="Directory for the report and the store (store.zarr).")] = Path("demo-output"),
     sample: Annotated[SampleKind, typer.Option(help="The hidden sample's kind.")] = SampleKind.polydisperse_sphere,
@@ -60,9 +83,7 @@ def sas_qscan(
     from bluesky.utils import FailedStatus
 
     from agents.demo_sas import run_demo
-    from agents.errors import AgentError
     from simulators.errors import SimulatorError
-    from streams.errors import StreamError
 
     overrides = None
     if config is not None:
@@ -76,19 +97,12 @@ def sas_qscan(
     if stack:
         from agents.demo_stack import run_stack_demo
 
-        try:
-            summary = run_stack_demo(out, batch_size=batch_size, overrides=overrides, progress=not quiet)
-        except (AgentError, StreamError) as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+        summary = run_stack_demo(out, batch_size=batch_size, overrides=overrides, progress=not quiet)
         _print_summary(summary, out)
         return
     try:
         summary = run_demo(out, sample_kind=sample.value, seed=seed, resume=resume, speed=speed,
                            batch_size=batch_size, overrides=overrides, progress=not quiet)
-    except (AgentError, StreamError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     except (FailedStatus, SimulatorError) as err:
         cause = err.__cause__ or err
         store = resume or out / "store.zarr"
@@ -102,6 +116,7 @@ def sas_qscan(
     "mapping",
     short_help="Map a simulated film by autonomous SAXS (kriging), then compare with a raster of the same length.",
 )
+@_reported
 def mapping(
     out: Annotated[Path, typer.Option(help="Directory for the report (maps.png, summary.json) and store.zarr.")] = Path("demo-mapping"),
     seed: Annotated[int, typer.Option(help="Seed of the hidden film and of the detector's noise.")] = 3,
@@ -133,6 +148,7 @@ def mapping(
     "tune",
     short_help="Tune a simulated beamline's optics for the most flux at the required beam size (Bayesian optimization).",
 )
+@_reported
 def tune(
     out: Annotated[Path, typer.Option(help="Directory for the report (convergence.png, settings.png, summary.json).")] = Path("demo-tune"),
     seed: Annotated[int, typer.Option(help="Seed of the simulated beamline's noise and of the initial design.")] = 3,
@@ -152,6 +168,7 @@ def tune(
     "ring",
     short_help="Optimise a simulated storage ring's sextupoles (pyAT) with ML-MOGA, NSGA-II and MOBO on Dask.",
 )
+@_reported
 def ring(
     out: Annotated[Path, typer.Option(help="Directory for the report (fronts.png, hypervolume.png, aperture.png, "
                                            "summary.json) and the runs' stores (<optimizer>.zarr).")] = Path("demo-ring"),
@@ -190,6 +207,7 @@ def ring(
     "bragg",
     short_help="Bragg-peak masks and intensities, live: U-Net against threshold + components, with the truth.",
 )
+@_reported
 def bragg_demo(
     out: Annotated[Path, typer.Option(help="Directory for the report (bragg.png, summary.json).")] = Path("demo-bragg"),
     frames: Annotated[int, typer.Option(min=1, help="Frames the simulated detector records.")] = 24,
@@ -222,6 +240,7 @@ def bragg_demo(
     "sans-sr",
     short_help="SANS super-resolution, live: the network against bicubic upsampling, with the truth.",
 )
+@_reported
 def sans_sr_demo(
     out: Annotated[Path, typer.Option(help="Directory for the report (sans-sr.png, summary.json).")] = Path("demo-sans-sr"),
     frames: Annotated[int, typer.Option(min=1, help="Patterns the simulated SANS detector records.")] = 12,
@@ -253,6 +272,7 @@ class TrainTask(StrEnum):
     "train",
     short_help="Train a detector network from the project's simulators, evaluate it on held-out data, write weights.",
 )
+@_reported
 def train_cmd(
     task: Annotated[TrainTask, typer.Argument(help="Which network: denoise, bragg (2D frames), bragg-tof "
                                                          "(3D time-of-flight volumes) or sans-sr.")],
@@ -320,6 +340,7 @@ def train_cmd(
     "run",
     short_help="Run the configured agents as a daemon beside a live experiment (Kafka in, plans to the queueserver).",
 )
+@_reported
 def run(
     config: Annotated[Path, typer.Option(help="The daemon's YAML config (see deploy/agent.example.yaml).")],
     kafka: Annotated[str | None, typer.Option(help="Broker host:port, overriding kafka.bootstrap_servers.")] = None,
@@ -330,30 +351,25 @@ def run(
     and a status page. Stops cleanly on SIGTERM / Ctrl-C; a restart continues where it stopped."""
     from agents.daemon import serve
     from agents.daemon_config import load_daemon_config
-    from agents.errors import AgentError
-    from streams.errors import StreamError
 
-    try:
-        cfg = load_daemon_config(config)
-        if kafka is not None or http_port is not None:
-            cfg = cfg.model_copy(update={
-                "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": kafka}) if kafka else cfg.kafka,
-                "http": cfg.http.model_copy(update={"port": http_port}) if http_port is not None else cfg.http})
+    cfg = load_daemon_config(config)
+    if kafka is not None or http_port is not None:
+        cfg = cfg.model_copy(update={
+            "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": kafka}) if kafka else cfg.kafka,
+            "http": cfg.http.model_copy(update={"port": http_port}) if http_port is not None else cfg.http})
 
-        def ready(daemon, server) -> None:
-            typer.echo(f"beampilot daemon: {len(daemon.agents)} agent(s) reading {cfg.documents_topic} "
-                       f"on {cfg.kafka.bootstrap_servers}; status page {server.address}/", err=True)
+    def ready(daemon, server) -> None:
+        typer.echo(f"beampilot daemon: {len(daemon.agents)} agent(s) reading {cfg.documents_topic} "
+                   f"on {cfg.kafka.bootstrap_servers}; status page {server.address}/", err=True)
 
-        serve(cfg, ready=ready)
-    except (AgentError, StreamError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    serve(cfg, ready=ready)
 
 
 @app.command(
     "replay",
     short_help="Stream stored runs as documents into Kafka or in-process agents, at recorded timing or fast.",
 )
+@_reported
 def replay(
     source: Annotated[str, typer.Argument(help="A tiled server URI (http://host:port, or http://host:port/PATH) or a beampilot zarr store.")],
     run: Annotated[list[str] | None, typer.Option("--run", help="Uid of a run to replay (repeatable); default: all.")] = None,
@@ -375,20 +391,14 @@ def replay(
     Kafka or into in-process agents; --on-sim re-runs each recorded run on the simulated devices."""
     import json
 
-    from agents.errors import AgentError
-    from streams.errors import StreamError
 
     if speed <= 0:
         raise typer.BadParameter(f"--speed must be > 0, got {speed}", param_hint="--speed")
     if (kafka is None) == (agents is None):
         raise typer.BadParameter("give exactly one target: --kafka HOST:PORT or --agents CONFIG", param_hint="--kafka")
-    try:
-        sink, finish = _replay_target(kafka, topic or f"{beamline}.bluesky.runengine.documents", agents)
-        stats = _replay(source, run, None if fast else speed, sink, on_sim, sample.value, seed, not quiet)
-        stats["target"] = finish()
-    except (AgentError, StreamError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    sink, finish = _replay_target(kafka, topic or f"{beamline}.bluesky.runengine.documents", agents)
+    stats = _replay(source, run, None if fast else speed, sink, on_sim, sample.value, seed, not quiet)
+    stats["target"] = finish()
     typer.echo(json.dumps(stats, indent=1, default=str))
 
 

@@ -42,6 +42,15 @@ def test_every_command_lists_a_one_line_summary():
         assert text.strip().endswith(".") and "\n" not in text.strip() and len(text) <= 110, (path, text)
 
 
+@pytest.mark.parametrize("args", [["demo", "bragg", "--weights", "no-such-weights", "--frames", "1", "--quiet"],
+                                  ["demo", "sans-sr", "--weights", "no-such-weights", "--frames", "1", "--quiet"]])
+def test_a_mistake_a_user_can_fix_is_one_line_not_a_traceback(tmp_path, args):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "error: " in result.output and "no weights 'no-such-weights'" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # not WeightsError
+
+
 def test_demo_writes_the_report(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text(FAST)
