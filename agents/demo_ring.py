@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from agents.errors import AgentError
 from agents.ring_optimize import (
     DaskEvaluator,
     OptimizationStore,
@@ -50,14 +51,20 @@ START_KNOBS = {"SH1": 0.0, "SH2": 0.0, "SH3": 0.0, "chrom_x": 1.0, "chrom_y": 1.
 
 
 @contextmanager
-def dask_client(scheduler: str | None, n_workers: int = 2) -> Iterator[Any]:
-    """A ``distributed.Client`` on ``scheduler`` (``host:port``), or on a new ``LocalCluster``
-    of ``n_workers`` single-threaded worker processes, closed on exit."""
+def dask_client(scheduler: str | None, n_workers: int = 2, *, connect_timeout: float = 10.0) -> Iterator[Any]:
+    """A ``distributed.Client`` on ``scheduler`` (``host:port``; an :class:`AgentError` naming it
+    when it does not answer within ``connect_timeout`` seconds), or on a new ``LocalCluster`` of
+    ``n_workers`` single-threaded worker processes, closed on exit."""
     from distributed import Client, LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown the progress bars
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        try:
+            client = Client(scheduler, timeout=f"{connect_timeout}s")
+        except OSError as err:  # distributed's connection timeout or refusal
+            raise AgentError(f"cannot reach the Dask scheduler at {scheduler!r} ({err}); start it "
+                             "(`dask scheduler`, with workers) or leave --dask out to track on a LocalCluster") from None
+        with client:
             yield client
         return
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",

@@ -85,7 +85,7 @@ def agent_settings(setup: DemoSetup, overrides: dict[str, Any] | None = None) ->
         "q_range": list(setup.q_range), "dq_over_q": setup.dq_over_q,
     }
     base.update(overrides or {})
-    return load_settings(QSamplingSettings, base)
+    return load_settings(QSamplingSettings, base, where="the demo's agent settings (with --config's overrides)")
 
 
 def safety_settings(setup: DemoSetup) -> SafetySettings:
@@ -173,10 +173,11 @@ def run_demo(
         if store.exists():
             raise AgentStoreError(f"{store} exists; pass --resume {store} to continue it, or a new --out")
         setup = DemoSetup.draw(sample_kind, seed)
+        settings = agent_settings(setup, overrides)  # a mistake in them leaves no store behind
     writer = ZarrRunWriter(store)  # creates the store, or checks it is one
     if resume is None:
         zarr.open_group(store, mode="a").attrs[DEMO_ATTR] = setup.to_dict()
-        agent = QSamplingAgent(agent_settings(setup, overrides), store, sinks=[writer])
+        agent = QSamplingAgent(settings, store, sinks=[writer])
     else:
         agent = QSamplingAgent.resume(store)
         _catch_up(agent, store)

@@ -51,6 +51,16 @@ def test_a_mistake_a_user_can_fix_is_one_line_not_a_traceback(tmp_path, args):
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # not WeightsError
 
 
+def test_a_bad_demo_config_is_named_and_leaves_no_store_behind(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("colour: blue\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["demo", "sas-qscan", "--config", str(bad), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    assert "the demo's agent settings" in result.output and "unknown key 'colour'" in result.output
+    assert not (out / "store.zarr").exists()  # so the same --out works once the config is fixed
+
+
 def test_demo_writes_the_report(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text(FAST)

@@ -124,6 +124,14 @@ def test_an_external_scheduler_is_used_by_address():
     assert outcomes == SerialEvaluator(TINY)(_knobs(3))
 
 
+def test_a_scheduler_that_does_not_answer_is_named():
+    from agents.errors import AgentError
+
+    with (pytest.raises(AgentError, match=r"cannot reach the Dask scheduler at '127.0.0.1:1'.*leave --dask out"),
+          dask_client("127.0.0.1:1", connect_timeout=1.0)):
+        pass
+
+
 def test_cli_ring_demo_help_and_bad_input():
     from agents.cli import app
 
