@@ -29,6 +29,9 @@ def pyfai_mask(detector: str) -> np.ndarray:
     logging.getLogger("silx").setLevel(logging.ERROR)
     import pyFAI  # deferred: pyFAI's import costs ~0.2 s and only detector gaps need it
 
+    factory_log = logging.getLogger("pyFAI.detectors._common")
+    level = factory_log.level
+    factory_log.setLevel(logging.CRITICAL)  # an unknown name logs every name pyFAI knows (~400); the error below says it
     try:
         det = pyFAI.detector_factory(detector)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -36,6 +39,8 @@ def pyfai_mask(detector: str) -> np.ndarray:
             f"unknown pyFAI detector {detector=}; use a name pyFAI knows, e.g. 'Pilatus1M', "
             "'Eiger1M', 'Pilatus300k'"
         ) from exc
+    finally:
+        factory_log.setLevel(level)
     raw = det.calc_mask()
     mask = np.zeros(det.shape, bool) if raw is None else np.asarray(raw, bool)
     mask.setflags(write=False)

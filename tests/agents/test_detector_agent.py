@@ -351,13 +351,17 @@ def test_a_static_detector_mask_from_a_file_joins_the_per_frame_one(bragg_weight
     assert "detector_mask" in caplog.text and "has shape [8, 32], the frame [32, 32]" in caplog.text
 
 
-def test_a_detector_mask_that_cannot_be_read_is_a_config_error(bragg_weights, tmp_path):
+def test_a_detector_mask_that_cannot_be_read_is_a_config_error(bragg_weights, tmp_path, caplog):
     _, weights = bragg_weights
     np.save(tmp_path / "floats.npy", np.zeros(SHAPE))
+    level = logging.getLogger("pyFAI.detectors._common").level
     for spec, match in ((str(tmp_path / "absent.npy"), "does not exist"), (str(tmp_path / "floats.npy"), "float64"),
                         ("pyfai:NoSuchDetector", "unknown pyFAI detector")):
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match), caplog.at_level(logging.DEBUG):
             _agent(weights, [], detector_mask=spec)
+    # pyFAI's own error (every detector name it knows, ~400) is kept out of the log; its level is restored
+    assert "please check" not in caplog.text and "pilatus1m" not in caplog.text.lower()
+    assert logging.getLogger("pyFAI.detectors._common").level == level
     agent = _agent(weights, [], detector_mask="pyfai:Pilatus1M")  # a full Pilatus 1M: its module gaps
     assert agent.static_mask.shape == (1043, 981) and 0 < agent.static_mask.mean() < 0.2
 
