@@ -436,9 +436,14 @@ class MappingGP:
 
     Examples
     --------
-    >>> gp = MappingGP([[0, 0], [10, 10]], grid, n_outputs=2)  # doctest: +SKIP
-    >>> gp.add(xy, values)                   # n x 2 and n x 2
+    >>> g = np.linspace(0.0, 10.0, 11)
+    >>> grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)   # c x 2 candidate positions
+    >>> gp = MappingGP([[0, 0], [10, 10]], grid, n_outputs=2, config=KrigingConfig(background=False))
+    >>> xy = np.random.default_rng(0).uniform(0.0, 10.0, (30, 2))
+    >>> gp.add(xy, np.column_stack([np.sin(xy[:, 0]), np.cos(xy[:, 1])]))   # n x 2 and n x 2
     >>> mean, var = gp.posterior()           # c x 2 each, in the outputs' own units
+    >>> mean.shape, bool(np.all(var > 0))
+    ((121, 2), True)
     """
 
     def __init__(
