@@ -144,19 +144,26 @@ def neighbour_noise_rms(counts: ArrayLike, mask: ArrayLike | None = None, *,
     raises it, and on a detector's readings (Poisson counts plus independent Gaussian read noise
     ``s``) it is about ``sqrt(mean counts + s**2)`` on flat parts, so it is never much below
     ``s``: a read-noise setting well above it cannot be right (the agent refuses frames on that
-    ground; :class:`agents.detector_agent.DetectorSettings`). At most ``max_pairs`` evenly
-    strided pairs are used (the estimate's relative error is then about 1%); ``None`` when
-    fewer than ``min_pairs`` are unmasked.
+    ground; :class:`agents.detector_agent.DetectorSettings`). At most ``max_pairs`` pairs are
+    used, from evenly spaced rows (the estimate's relative error is then about 1%; only those
+    rows are read and checked); ``None`` when fewer than ``min_pairs`` are unmasked.
 
     >>> rng = np.random.default_rng(0)
     >>> round(neighbour_noise_rms(rng.normal(0.0, 2.0, (256, 256))), 1)
     2.0
     """
-    x, bad = _counts(counts, mask, negative=True)
-    if x.ndim < 1 or x.shape[-1] < 2:
+    a = np.asarray(counts)
+    if a.ndim < 1 or a.shape[-1] < 2:
         return None
-    ok = ~(bad[..., 1:] | bad[..., :-1])
-    d = (x[..., 1:] - x[..., :-1])[ok]
+    m = None if mask is None else np.asarray(mask)
+    if m is not None and m.shape != a.shape:
+        raise ValueError(f"mask must be of counts' shape: {m.shape=}, {a.shape=}")
+    # evenly spaced rows along the last axis, about max_pairs pairs: a frame is not read whole
+    rows = a.reshape(-1, a.shape[-1])
+    step = max(1, rows.shape[0] * (rows.shape[1] - 1) // max(max_pairs, 1))
+    x, bad = _counts(rows[::step], None if m is None else m.reshape(rows.shape)[::step], negative=True)
+    ok = ~(bad[:, 1:] | bad[:, :-1])
+    d = (x[:, 1:] - x[:, :-1])[ok]
     if d.size < max(min_pairs, 1):
         return None
     if d.size > max_pairs:
