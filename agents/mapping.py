@@ -14,6 +14,12 @@ domain boundaries), by triangulating the measured positions; such a quantity is 
 its own error estimate, which keeps refining its boundaries (``reconstruction``,
 ``interpolation_weight``; see :mod:`models.kriging` and :mod:`models.mapping`).
 
+A long session (``max_points`` in the thousands, a large sample or a fine map) stays fast:
+past ``exact_limit`` measurements (4,000) the kriging keeps an inducing-point posterior on
+``inducing_points`` inputs (1,024) instead of the exact one, so memory and decision time no
+longer grow with the points, and the drawn maps come from exact solves on each position's
+nearest measurements (:mod:`models.kriging`, "Scale"; ``benchmarks/kriging_scale.py``).
+
 ``grid`` is the lattice of positions the agent may choose (the maps are drawn anywhere). It also
 sets how finely a boundary can be refined. Until stop 28 the error estimate of a triangulated
 map did not fall as a boundary's straddling points closed in, so refinement stopped only at the
@@ -140,6 +146,8 @@ class MappingSettings(_Strict):
     reconstruction: Literal["auto", "kriging", "triangulation"] = "auto"
     interpolation_weight: float = Field(default=4.8, ge=0)
     background_refit: bool = True
+    exact_limit: int | None = Field(default=4000, ge=4)
+    inducing_points: int = Field(default=1024, ge=16)
     max_points: int = Field(default=400, ge=1)
     target_sd: float | None = Field(default=None, gt=0, lt=1)
     max_retries: int = Field(default=3, ge=0)
@@ -165,7 +173,8 @@ class MappingSettings(_Strict):
         return KrigingConfig(kernel=self.kernel, anisotropic=self.anisotropic, nonstationary=self.nonstationary,
                              multiscale=self.multiscale, refit_growth=self.refit_growth,
                              calibration_level=self.calibration_level, background=self.background_refit,
-                             reconstruction=self.reconstruction)
+                             reconstruction=self.reconstruction, exact_limit=self.exact_limit,
+                             inducing_points=self.inducing_points)
 
     def acquisition_config(self) -> MapAcquisitionConfig:
         return MapAcquisitionConfig(

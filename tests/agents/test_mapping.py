@@ -6,7 +6,7 @@ from bluesky import RunEngine
 from bluesky.utils import FailedStatus
 
 from agents.errors import ConfigError, SafetyRejectedError
-from agents.mapping import MappingAgent
+from agents.mapping import MappingAgent, MappingSettings
 from agents.plans import steered_scan
 from agents.safety import AxisLimits, SafetyConfig, SafetyGate
 from simulators.maps import FilmMap
@@ -145,6 +145,14 @@ def test_bad_settings_are_named(film, tmp_path):
         MappingAgent({"extent": [10, 0, 0, 10]}, tmp_path / "b.zarr")
     with pytest.raises(ConfigError, match="weights"):
         MappingAgent({"extent": [0, 10, 0, 10], "weights": [1.0]}, tmp_path / "c.zarr")
+    with pytest.raises(ConfigError, match="inducing_points"):
+        MappingAgent({"extent": [0, 10, 0, 10], "inducing_points": 8}, tmp_path / "d.zarr")
+
+
+def test_the_scale_settings_reach_the_kriging():
+    settings = MappingSettings(extent=(0, 10, 0, 10), exact_limit=500, inducing_points=256)
+    assert (settings.kriging().exact_limit, settings.kriging().inducing_points) == (500, 256)
+    assert MappingSettings(extent=(0, 10, 0, 10), exact_limit=None).kriging().exact_limit is None
 
 
 def test_demo_writes_the_report(tmp_path):
