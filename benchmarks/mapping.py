@@ -22,7 +22,9 @@ The normalised error is ``RMSE / sd(truth)`` over the 100 x 100 grid, computed e
 raster's final error (``null``: not within the 400-point budget). Travel is the stage path
 length (mm) over the same number of points. Decision latency is measured separately at 1,000
 and 5,000 points (random observations of a smooth map): for beampilot the time to add a batch of
-4 observations and choose the next 4 (kriging update + acquisition); for gpCAM one ``ask`` of one
+4 observations and choose the next 4 (kriging update + acquisition; at 5,000 points past the
+default ``exact_limit`` of 4,000, so on the inducing-point posterior, see
+``benchmarks/kriging_scale.py`` for the exact one side by side); for gpCAM one ``ask`` of one
 point after its GP holds the points (training excluded; gpCAM trains far less often).
 
 Seeds 0, 1, 2 are the benchmark's; the agent's defaults were chosen on seeds 101-104.

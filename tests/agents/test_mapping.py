@@ -289,3 +289,21 @@ def test_the_daemon_takes_up_where_the_stage_is_from_the_stream(tmp_path, readin
         assert first_step <= 2.0  # the first step too: gate and agent start from the reading
     else:
         assert first_step > 2.0  # nothing to start from (the test would not see a missing take-up)
+
+
+def test_past_its_exact_limit_the_agent_maps_on_and_resumes(film, clock, tmp_path):
+    store = tmp_path / "s.zarr"
+    agent = _agent(film, store, exact_limit=10, inducing_points=16, background_refit=False)
+    stage, gate = _stage(film, clock), _gate(film, clock)
+    _run(agent, stage, gate)
+    assert agent.n_observations == 16 and agent.report()["errors"] == []
+    assert {type(f).__name__ for f in agent.gp._factors} == {"_Inducing"}
+    mean, var = agent.gp.predict(agent.path())
+    assert mean.shape == (16, 4) and np.all(np.isfinite(mean)) and np.all(var >= 0)
+    agent.close()
+    resumed = MappingAgent(MappingAgent.resume(store).settings.model_copy(update={"max_points": 24}), store)
+    assert {type(f).__name__ for f in resumed.gp._factors} == {"_Inducing"}  # rebuilt from the store
+    _run(resumed, stage, gate)
+    keys = resumed.store.read("observations")["point_key"].tolist()
+    assert len(keys) == len(set(keys)) == 24
+    resumed.close()
