@@ -305,6 +305,8 @@ def train_cmd(
 
     from agents.train import TASKS, run_training
 
+    if factor is not None and task.value != "sans-sr":
+        raise typer.BadParameter(f"--factor applies to sans-sr only, not {task.value}")
     if factor is not None and factor not in (2, 4):
         raise typer.BadParameter(f"--factor must be 2 or 4, got {factor}")
     if lr is not None and not lr > 0:

@@ -52,6 +52,10 @@ def test_train_cli(tmp_path):
     assert summary["weights"].endswith("bragg.pt") and "iou_ml" in summary["metrics"]
     result = runner.invoke(app, ["train", "sans-sr", "--out", str(tmp_path), "--factor", "3"])
     assert result.exit_code != 0 and "2 or 4" in result.output
+    result = runner.invoke(app, ["train", "denoise", "--out", str(tmp_path), "--factor", "2"])
+    assert result.exit_code != 0 and "applies to sans-sr only" in result.output
+    result = runner.invoke(app, ["train", "denoise", "--out", str(tmp_path / "bragg.pt"), "--steps", "1"])
+    assert result.exit_code != 0 and "is a file" in result.output
     assert runner.invoke(app, ["train", "--help"]).exit_code == 0
 
 
@@ -199,3 +203,14 @@ def replace_config(task, **config):
     from dataclasses import replace
 
     return replace(task, architecture_config={**task.architecture_config, **config})
+
+
+def test_an_out_that_cannot_hold_the_weights_is_refused_before_any_training(tmp_path):
+    steps = []
+    a_file = tmp_path / "weights.pt"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=r"--out .*weights.pt is a file: name a directory"):
+        run_training("denoise", a_file, steps=1, batch=1, n_eval=1, progress=lambda s, loss: steps.append(s))
+    with pytest.raises(ValueError, match=r"--out .*cannot be written"):
+        run_training("denoise", a_file / "below", steps=1, batch=1, n_eval=1, progress=lambda s, loss: steps.append(s))
+    assert steps == []
