@@ -30,6 +30,18 @@ class SampleKind(StrEnum):
     sphere_hardsphere = "sphere_hardsphere"
 
 
+def _out_dir(out: Path | None) -> Path | None:
+    """``--out``: made now and checked writable, so a long run does not fail at its end."""
+    from agents.config import writable_dir
+
+    if out is None:
+        return out
+    try:
+        return writable_dir(out, option="")  # click names the option
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that an error a user can act on (a setting, weights, a store, a server
     that is not there: the project's agent, stream and model errors) is one red line and exit
@@ -62,7 +74,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at I
 )
 @_reported
 def sas_qscan(
-    out: Annotated[Path, typer.Option(help="Directory for the report and the store (store.zarr).")] = Path("demo-output"),
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report and the store (store.zarr).")] = Path("demo-output"),
     sample: Annotated[SampleKind, typer.Option(help="The hidden sample's kind.")] = SampleKind.polydisperse_sphere,
     seed: Annotated[int, typer.Option(help="Seed of the hidden sample and the counting noise.")] = 0,
     resume: Annotated[Path | None, typer.Option(help="Continue a killed demo from its STORE (OUT/store.zarr).",
@@ -118,7 +130,7 @@ def sas_qscan(
 )
 @_reported
 def mapping(
-    out: Annotated[Path, typer.Option(help="Directory for the report (maps.png, summary.json) and store.zarr.")] = Path("demo-mapping"),
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report (maps.png, summary.json) and store.zarr.")] = Path("demo-mapping"),
     seed: Annotated[int, typer.Option(help="Seed of the hidden film and of the detector's noise.")] = 3,
     budget: Annotated[int, typer.Option(min=8, help="Positions the agent may measure.")] = 120,
     batch: Annotated[int, typer.Option(min=1, max=8, help="Positions per request.")] = 4,
@@ -150,7 +162,7 @@ def mapping(
 )
 @_reported
 def tune(
-    out: Annotated[Path, typer.Option(help="Directory for the report (convergence.png, settings.png, summary.json).")] = Path("demo-tune"),
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report (convergence.png, settings.png, summary.json).")] = Path("demo-tune"),
     seed: Annotated[int, typer.Option(help="Seed of the simulated beamline's noise and of the initial design.")] = 3,
     budget: Annotated[int, typer.Option(min=4, help="Evaluations (plans on the RunEngine) the agent may spend.")] = 30,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -170,7 +182,7 @@ def tune(
 )
 @_reported
 def ring(
-    out: Annotated[Path, typer.Option(help="Directory for the report (fronts.png, hypervolume.png, aperture.png, "
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report (fronts.png, hypervolume.png, aperture.png, "
                                            "summary.json) and the runs' stores (<optimizer>.zarr).")] = Path("demo-ring"),
     generations: Annotated[int, typer.Option(min=2, help="Generations of each genetic optimizer.")] = 12,
     pop_size: Annotated[int, typer.Option(min=4, help="Population (even); also MOBO's initial design.")] = 24,
@@ -209,7 +221,7 @@ def ring(
 )
 @_reported
 def bragg_demo(
-    out: Annotated[Path, typer.Option(help="Directory for the report (bragg.png, summary.json).")] = Path("demo-bragg"),
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report (bragg.png, summary.json).")] = Path("demo-bragg"),
     frames: Annotated[int, typer.Option(min=1, help="Frames the simulated detector records.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the simulated frames (held out of training).")] = 7,
     weights: Annotated[str | None, typer.Option(help="Weights (shipped name or path); default: the shipped 'bragg'.")] = None,
@@ -242,7 +254,7 @@ def bragg_demo(
 )
 @_reported
 def sans_sr_demo(
-    out: Annotated[Path, typer.Option(help="Directory for the report (sans-sr.png, summary.json).")] = Path("demo-sans-sr"),
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for the report (sans-sr.png, summary.json).")] = Path("demo-sans-sr"),
     frames: Annotated[int, typer.Option(min=1, help="Patterns the simulated SANS detector records.")] = 12,
     factor: Annotated[int, typer.Option(help="Super-resolution factor: 2 or 4.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the simulated patterns (held-out sample kinds).")] = 7,
@@ -276,7 +288,7 @@ class TrainTask(StrEnum):
 def train_cmd(
     task: Annotated[TrainTask, typer.Argument(help="Which network: denoise, bragg (2D frames), bragg-tof "
                                                          "(3D time-of-flight volumes) or sans-sr.")],
-    out: Annotated[Path, typer.Option(help="Directory for NAME.pt and NAME.json (weights and metadata).")],
+    out: Annotated[Path, typer.Option(callback=_out_dir, help="Directory for NAME.pt and NAME.json (weights and metadata).")],
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (default: the task's).")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Frames per step (default: the task's).")] = None,
     seed: Annotated[int, typer.Option(help="Training seed; the held-out evaluation uses seed + 10000.")] = 0,

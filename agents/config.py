@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agents.errors import ConfigError
 from agents.safety import AxisLimits, SafetyConfig
 
-__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings"]
+__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings", "writable_dir"]
 
 
 class _Strict(BaseModel):
@@ -166,3 +166,23 @@ def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str,
         return model.model_validate(source)
     except ValidationError as err:
         raise ConfigError(_explain(err, label)) from None
+
+
+def writable_dir(path: Path, option: str = "--out") -> Path:
+    """Make the output directory ``path`` and check that files can be written in it, so a long
+    job does not fail at its end; raises :class:`ValueError` naming ``option`` (when given),
+    the path and the cause."""
+    import tempfile
+
+    path = Path(path)
+    name = f"{option} {path}".strip()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} is a file: name a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name} cannot be written ({err.strerror or err}): "
+                         "name a directory you can write to") from None
+    return path

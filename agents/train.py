@@ -238,21 +238,6 @@ def _provenance(record: WeightsRecord) -> dict[str, Any]:
             "lr": t.get("lr"), "loss": t.get("loss"), "data": record.data, "init": t.get("init")}
 
 
-def _writable(out: Path) -> None:
-    """Make ``out`` (a directory) and check that files can be written in it."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: name a directory for the weights (NAME.pt and NAME.json)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"--out {out} cannot be written ({err.strerror or err}): "
-                         "name a directory you can write to") from None
-
-
 def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: int | None = None,
                  seed: int = 0, factor: int | None = None, noise2noise: bool = False, n_eval: int = 24,
                  architecture_config: dict[str, Any] | None = None, threads: int | None = None,
@@ -271,7 +256,12 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     """
     from agents.detector_eval import evaluate
 
-    _writable(out)  # before the training, not after it
+    from agents.config import writable_dir
+
+    try:
+        writable_dir(out)  # before the training, not after it
+    except ValueError as err:
+        raise ValueError(f"{err} for the weights (NAME.pt and NAME.json)") from None
     task = TASKS[task_name]
     start: nn.Module | None = None
     start_record: WeightsRecord | None = None

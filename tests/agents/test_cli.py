@@ -51,6 +51,26 @@ def test_a_mistake_a_user_can_fix_is_one_line_not_a_traceback(tmp_path, args):
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # not WeightsError
 
 
+def _with_out():
+    return [p for p, cmd in _command_paths() if any(o.name == "out" for o in getattr(cmd, "params", []))]
+
+
+@pytest.mark.parametrize("path", _with_out())
+def test_an_out_that_is_a_file_is_refused_before_the_command_runs(tmp_path, path):
+    a_file = tmp_path / "report.json"
+    a_file.write_text("{}")
+    args = [*path, "--out", str(a_file)] + (["denoise"] if path == ("train",) else [])
+    result = runner.invoke(app, args)
+    said = " ".join(result.output.replace("│", " ").split())  # as read, not as rich wraps it in its box
+    assert result.exit_code == 2 and "Invalid value for '--out'" in said and "is a file: name a directory" in said, said
+    assert "Traceback" not in result.output and a_file.read_text() == "{}"
+
+
+def test_the_commands_with_an_out_are_the_demos_and_train():
+    assert sorted(_with_out()) == sorted([("train",), *[("demo", d) for d in
+                                          ("sas-qscan", "mapping", "tune", "ring", "bragg", "sans-sr")]])
+
+
 def test_a_bad_demo_config_is_named_and_leaves_no_store_behind(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("colour: blue\n")

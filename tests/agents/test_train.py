@@ -209,7 +209,7 @@ def test_an_out_that_cannot_hold_the_weights_is_refused_before_any_training(tmp_
     steps = []
     a_file = tmp_path / "weights.pt"
     a_file.write_text("")
-    with pytest.raises(ValueError, match=r"--out .*weights.pt is a file: name a directory"):
+    with pytest.raises(ValueError, match=r"--out .*weights.pt is a file: name a directory for the weights"):
         run_training("denoise", a_file, steps=1, batch=1, n_eval=1, progress=lambda s, loss: steps.append(s))
     with pytest.raises(ValueError, match=r"--out .*cannot be written"):
         run_training("denoise", a_file / "below", steps=1, batch=1, n_eval=1, progress=lambda s, loss: steps.append(s))
