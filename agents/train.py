@@ -254,9 +254,8 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
     ``lr``: the peak learning rate (default :class:`TrainConfig`'s); a fine-tune usually wants a
     smaller one.
     """
-    from agents.detector_eval import evaluate
-
     from agents.config import writable_dir
+    from agents.detector_eval import evaluate
 
     try:
         writable_dir(out)  # before the training, not after it
