@@ -91,19 +91,19 @@ def sas_qscan(
 ) -> None:
     """A RunEngine measures I(Q) of a hidden sample; the agent picks Q and exposure until the
     sample's size is known to 2% (1 sigma); then a report: plots, summary.json, the zarr store."""
-    import yaml
     from bluesky.utils import FailedStatus
 
+    from agents.config import read_mapping
     from agents.demo_sas import run_demo
+    from agents.errors import ConfigError
     from simulators.errors import SimulatorError
 
     overrides = None
     if config is not None:
-        if not config.is_file():
-            raise typer.BadParameter(f"{config} does not exist", param_hint="--config")
-        overrides = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(overrides, dict):
-            raise typer.BadParameter(f"{config} must hold a mapping of settings", param_hint="--config")
+        try:
+            overrides = read_mapping(config, "file")
+        except ConfigError as err:
+            raise typer.BadParameter(str(err), param_hint="--config") from None
     if speed is not None and speed <= 0:
         raise typer.BadParameter(f"--speed must be > 0, got {speed}", param_hint="--speed")
     if stack:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agents.errors import ConfigError
 from agents.safety import AxisLimits, SafetyConfig
 
-__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings", "writable_dir"]
+__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings", "read_mapping", "writable_dir"]
 
 
 class _Strict(BaseModel):
@@ -142,6 +142,32 @@ def _explain(err: ValidationError, where: str) -> str:
     return f"invalid configuration in {where}:\n  " + "\n  ".join(lines)
 
 
+def read_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML (or, by its suffix, JSON) file holds; :class:`ConfigError` naming the
+    file (as ``what``) when it is missing, a directory, not valid YAML/JSON or not a mapping.
+    An empty file is an empty mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory: name the YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{what} {path} is not valid YAML: {at}{problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str, Any], *,
                   where: str | None = None) -> Any:
     """Validate ``source`` (a YAML/JSON file or a dict) as ``model``; errors name each bad key,
@@ -151,17 +177,8 @@ def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str,
         return source
     label = where or "dict"
     if not isinstance(source, dict):
-        path = Path(source)
-        label = where or str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            source = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path} is not valid YAML/JSON: {err}") from err
-        if not isinstance(source, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level, got {type(source).__name__}")
+        label = where or str(source)
+        source = read_mapping(source)
     try:
         return model.model_validate(source)
     except ValidationError as err:

@@ -185,15 +185,9 @@ def _steering_kinds() -> dict[str, tuple[Any, Any]]:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from agents.config import read_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"agent settings file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"agent settings file {p} must hold a mapping")
-    return data
+    return read_mapping(path, "agent settings file")
 
 
 @dataclass

@@ -81,6 +81,15 @@ def test_a_bad_demo_config_is_named_and_leaves_no_store_behind(tmp_path):
     assert not (out / "store.zarr").exists()  # so the same --out works once the config is fixed
 
 
+def test_a_demo_config_that_is_not_yaml_is_named_by_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target_rel_sigma: [0.05\n")
+    result = runner.invoke(app, ["demo", "sas-qscan", "--config", str(bad), "--out", str(tmp_path / "o"), "--quiet"])
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "is not valid YAML: line 2, column 1" in said, said
+    assert "Traceback" not in result.output
+
+
 def test_demo_writes_the_report(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text(FAST)

@@ -1,6 +1,6 @@
 import pytest
 
-from agents.config import QSamplingSettings, SafetySettings, load_settings
+from agents.config import QSamplingSettings, SafetySettings, load_settings, read_mapping
 from agents.errors import ConfigError
 
 FIT = {"model_name": "sphere", "fit_params": ["radius", "scale"], "size_params": ["radius"],
@@ -46,6 +46,31 @@ def test_missing_or_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_settings(QSamplingSettings, bad)
+
+
+def test_every_way_a_settings_file_can_be_wrong_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("agents: [\n")
+    (tmp_path / "bad.json").write_text('{"a": }')
+    (tmp_path / "empty.yaml").write_text("")
+    cases = [(tmp_path / "nope.yaml", r"settings .*nope.yaml does not exist"),
+             (tmp_path, r"settings .* is a directory: name the YAML file"),
+             (tmp_path / "bad.yaml", r"bad.yaml is not valid YAML: line 2, column 1: expected the node content"),
+             (tmp_path / "bad.json", r"bad.json is not valid JSON: line 1, column 7: Expecting value")]
+    for path, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            read_mapping(path, "settings")
+    assert read_mapping(tmp_path / "empty.yaml") == {}
+
+
+def test_a_daemon_agents_settings_file_that_is_not_yaml_is_named(tmp_path):
+    from agents.daemon import build_agent
+    from agents.daemon_config import AgentEntry
+
+    (tmp_path / "map.yaml").write_text("extent: [0, 10\n")
+    entry = AgentEntry(kind="mapping", name="m", settings=str(tmp_path / "map.yaml"),
+                       safety={"limits": {"stage_x": {"low": 0, "high": 10}}})
+    with pytest.raises(ConfigError, match=r"agent settings file .*map.yaml is not valid YAML: line 2"):
+        build_agent(entry, tmp_path, [])
 
 
 def test_safety_settings_build_the_gate_config():
