@@ -33,7 +33,7 @@ import zarr
 from bluesky import RunEngine
 from tqdm import tqdm
 
-from agents.config import SafetySettings
+from agents.config import SafetySettings, load_settings
 from agents.errors import AgentStoreError
 from agents.plans import steered_scan
 from agents.safety import SafetyGate
@@ -82,9 +82,11 @@ def agent_settings(setup: TuneSetup, overrides: dict[str, Any] | None = None) ->
         "required_beam_size": setup.required_beam_size, "budget": setup.budget,
         "batch_size": setup.batch_size, "seed": setup.seed,
         "objective_noise": FLUX_NOISE, "constraint_noise": SIZE_NOISE,
+        # a short demo keeps at least 2 evaluations for the optimizer
+        "n_initial": max(2, min(TuningSettings.model_fields["n_initial"].default, setup.budget - 2)),
     }
     base.update(overrides or {})
-    return TuningSettings.model_validate(base)
+    return load_settings(TuningSettings, base, where="the demo's agent settings")
 
 
 def safety_settings() -> SafetySettings:
@@ -167,10 +169,11 @@ def run_tune_demo(
         if store.exists():
             raise AgentStoreError(f"{store} exists; resume it (resume={store}) or choose a new output directory")
         setup = TuneSetup(seed, required_beam_size, budget, batch_size, nan_probability)
+        settings = agent_settings(setup, overrides)  # checked before the store is made
     writer = ZarrRunWriter(store)
     if resume is None:
         zarr.open_group(store, mode="a").attrs[DEMO_ATTR] = asdict(setup)
-        agent = TuningAgent(agent_settings(setup, overrides), store)
+        agent = TuningAgent(settings, store)
     else:
         agent = TuningAgent.resume(store)
     clock = SimClock()

@@ -192,6 +192,16 @@ def test_the_demo_writes_its_report(tmp_path):
     assert again["n_evaluations"] == 9 and again["safety"]["admitted"] == 0
 
 
+def test_a_short_demo_keeps_evaluations_for_the_optimizer_and_bad_settings_leave_no_store(tmp_path):
+    assert [agent_settings(TuneSetup(seed=3, required_beam_size=12.0, budget=b)).n_initial
+            for b in (4, 7, 10, 30)] == [2, 5, 8, 8]
+    with pytest.raises(ConfigError, match="(?s)the demo's agent settings.*n_initial=9 exceeds budget=4"):
+        run_tune_demo(tmp_path / "bad", budget=4, progress=False, overrides={"n_initial": 9})
+    assert not (tmp_path / "bad" / "store.zarr").exists()  # so the same --out works once fixed
+    summary = run_tune_demo(tmp_path / "bad", seed=3, budget=4, progress=False, overrides=FAST)
+    assert summary["n_evaluations"] == 4
+
+
 def test_model_decisions_search_near_the_recommendation(RE, optics, gate, tmp_path):
     agent = TuningAgent(_settings(budget=12, n_initial=6), tmp_path / "s.zarr")
     _scan(RE, agent, optics, gate)
