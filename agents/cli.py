@@ -438,12 +438,22 @@ def _replay_target(kafka: str | None, topic: str, agents_config: Path | None):
     outbox: list = []
     built = {e.name: (e, build_agent(e, cfg.state_dir, [lambda n, d: outbox.append((n, d))])) for e in cfg.agents}
 
+    errors: dict[str, list[str]] = {}
+
     def sink(name, doc):
-        for _, agent in built.values():
-            agent.tell(name, doc)
+        for agent_name, (_, agent) in built.items():
+            try:
+                agent.tell(name, doc)
+            except Exception as err:  # as in the daemon: named and counted, never fatal
+                said = f"{name} {doc.get('uid')}: {type(err).__name__}: {err}"
+                if not errors.get(agent_name):
+                    typer.secho(f"agent {agent_name} failed on {said} (the replay goes on; counted in agent_errors)",
+                                fg=typer.colors.YELLOW, err=True)
+                errors.setdefault(agent_name, []).append(said)
 
     def finish():
-        out = {"derived_documents": len(outbox), "agents": {}}
+        out = {"derived_documents": len(outbox), "agents": {},
+               "agent_errors": {name: {"count": len(said), "first": said[:3]} for name, said in errors.items()}}
         for name, (entry, agent) in built.items():
             report = agent.report()
             if entry.safety is not None:  # what it would ask for next, judged by the gate, not sent

@@ -90,6 +90,26 @@ def test_a_demo_config_that_is_not_yaml_is_named_by_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_replay_into_agents_goes_on_past_an_agent_that_fails_as_the_daemon_does(tmp_path):
+    import yaml
+
+    from agents.demo_tune import run_tune_demo
+
+    run_tune_demo(tmp_path / "tune", seed=3, budget=4, progress=False,
+                  overrides={"acq_restarts": 2, "acq_raw_samples": 48, "mc_samples": 32})
+    config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "agent.example.yaml").read_text())
+    config["state_dir"] = str(tmp_path / "state")
+    (tmp_path / "agents.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["replay", str(tmp_path / "tune" / "store.zarr"), "--fast", "--quiet",
+                                 "--agents", str(tmp_path / "agents.yaml")])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout[result.stdout.index("{"):])
+    # the Q-scan agent cannot read the optics run's descriptor: named, counted, and the replay went on
+    failed = stats["target"]["agent_errors"]["qsampling"]
+    assert failed["count"] >= 1 and "sas_flux" in failed["first"][0]
+    assert stats["counts"]["event"] == 4 and "agent qsampling failed on descriptor" in result.stderr
+
+
 def test_demo_writes_the_report(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text(FAST)
