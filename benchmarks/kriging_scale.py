@@ -22,7 +22,8 @@ The observations are drawn half uniformly and half where the truth changes fast 
 proportional to its gradient), as a boundary-seeking acquisition crowds them. The exact model
 is skipped where its posterior would need more than ``--max-exact-gb``. Map seeds 900-901 and
 point seeds 60,000 + n are used nowhere else. Progress goes to stderr; one JSON object to
-stdout.
+stdout; ``--plot PATH`` draws the figures against the number of points
+(``benchmarks/results/kriging_scale.png``).
 """
 
 from __future__ import annotations
@@ -130,12 +131,39 @@ def _run(kind: str, n: int, exact: bool, inducing_points: int = 1024) -> dict[st
     }
 
 
+def _plot(path: Path, results: dict[str, Any]) -> None:
+    """Decision time (p95), memory per map and map error against the number of points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("decision_ms_p95", "add 4, choose 4: p95 (ms)"), ("factor_mb", "memory per map (MB)"),
+              ("error_map", "map error (RMSE / sd)"), ("error_candidates", "candidates' error (decisions)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for model, colour in (("exact", "tab:blue"), ("inducing", "tab:orange")):
+            for kind, style in (("smooth", "-o"), ("discontinuous", "--s")):
+                pts = [(int(n), r[kind][model][key]) for n, r in results.items() if key in r[kind][model]]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, color=colour, label=f"{model}, {kind}")
+        ax.set(xlabel="points", ylabel=label, xscale="log", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("kriging past a few thousand points: exact against inducing-point (FITC) posterior")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[5000, 10000, 20000], help="numbers of observations")
     parser.add_argument("--max-exact-gb", type=float, default=1.0,
                         help="skip the exact model where its factor would need more than this (default 1)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write decision time, memory and map error against points here (PNG)")
     parser.add_argument("--inducing-points", type=int, default=1024, help="of the inducing model (default 1024)")
     args = parser.parse_args(argv)
     c = CANDIDATES**2
@@ -155,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = _run(kind, n, exact, args.inducing_points)
             out["results"].setdefault(str(n), {})[kind] = row
     out["wall_s"] = round(time.perf_counter() - t_all, 1)
+    if args.plot is not None:
+        _plot(args.plot, out["results"])
     print(json.dumps(out))
     return 0
 
