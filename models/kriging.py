@@ -128,7 +128,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _JITTER = 1e-6  # added to the diagonal, in standardised units
-_LOCAL_NEIGHBOURS = 64  # observations in each local solve of _Inducing.fitted
+_LOCAL_NEIGHBOURS = 64  # observations in each local solve of _Inducing.at (maps drawn past exact_limit)
 _MIN_CALIBRATION_POINTS = 20  # fewer, and leave-one-out says too little to calibrate on
 
 
