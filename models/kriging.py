@@ -1052,6 +1052,12 @@ class MappingGP:
         return [f.hyper.reconstruction for f in self._need()]
 
     @property
+    def posterior_model(self) -> str:
+        """``"exact"``, or ``"inducing"`` past :attr:`KrigingConfig.exact_limit` (the candidates'
+        posterior on inducing inputs; see the module docs, "Scale")."""
+        return "inducing" if isinstance(self._need()[0], _Inducing) else "exact"
+
+    @property
     def variance_scale(self) -> np.ndarray:
         """Each output's calibration factor on the posterior variance, ``k``."""
         return np.asarray([f.hyper.var_scale for f in self._need()])

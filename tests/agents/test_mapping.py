@@ -80,7 +80,7 @@ def test_closed_loop_maps_the_film_through_the_gate(film, clock, tmp_path):
     got = np.array([e["data"]["peak_q"] for e in events])
     assert np.allclose(got, truth["peak_q"], rtol=0.05)
     mean, var = agent.gp.posterior()
-    assert mean.shape == (400, 4) and np.all(var >= 0)
+    assert mean.shape == (400, 4) and np.all(var >= 0) and report["kriging"]["posterior"] == "exact"
     assert agent.store.get_attr("model_state")["hyperparameters"]
     agent.close()
 
@@ -298,6 +298,7 @@ def test_past_its_exact_limit_the_agent_maps_on_and_resumes(film, clock, tmp_pat
     _run(agent, stage, gate)
     assert agent.n_observations == 16 and agent.report()["errors"] == []
     assert {type(f).__name__ for f in agent.gp._factors} == {"_Inducing"}
+    assert agent.report()["kriging"]["posterior"] == "inducing"  # what /status.json shows
     mean, var = agent.gp.predict(agent.path())
     assert mean.shape == (16, 4) and np.all(np.isfinite(mean)) and np.all(var >= 0)
     agent.close()
