@@ -524,3 +524,19 @@ def test_the_inducing_posterior_keeps_a_discontinuous_map_whose_short_range_part
     assert kind == "_Inducing"
     assert np.sqrt(np.mean(inducing**2)) < 1.5 * np.sqrt(np.mean(exact**2))
     assert inducing.max() < 1.5 * exact.max()
+
+
+def test_a_subsample_may_widen_the_intervals_but_never_narrow_them(grid):
+    """Past max_fit_points the calibration factor comes from the subsample's residuals, at its
+    density, not the map's: only a factor above 1 is applied there."""
+    rng = np.random.default_rng(16)
+    X = rng.uniform(0, 10, (240, 2))
+    Y = field(X)[:, None] + 0.05 * rng.normal(size=(240, 1))
+    scales = {}
+    for fit_points in (240, 80):
+        gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, max_fit_points=fit_points,
+                                                                    reconstruction="kriging"))
+        gp.add(X, Y, np.full((240, 1), 0.05**2))
+        scales[fit_points] = float(gp.variance_scale[0])
+    assert scales[240] < 1.0  # all points in the fit: the calibration narrows the intervals
+    assert scales[80] == 1.0  # a subsample's narrowing is not applied
