@@ -549,7 +549,8 @@ class MappingAgent(StoredAgent):
             "decision_latency_ms": None if lat.size == 0 else {
                 "p50": float(1e3 * np.median(lat)), "p95": float(1e3 * np.percentile(lat, 95))},
             "kriging": None if gp is None or not gp.ready else {
-                "n_fits": gp.n_fits, "posterior": gp.posterior_model, "reconstruction": dict(zip(self.settings.quantities, gp.reconstruction, strict=True)),
+                "n_fits": gp.n_fits, "posterior": gp.posterior_model,
+                "reconstruction": dict(zip(self.settings.quantities, gp.reconstruction, strict=True)),
                 "hyperparameters": gp.hyperparameters()},
         }
 
