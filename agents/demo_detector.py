@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.errors import ConfigError
 from streams.sequence import events_of
 
 __all__ = ["run_detector_demo"]
@@ -53,6 +54,10 @@ def run_detector_demo(out: Path, *, analysis: str, frames: int = 24, seed: int =
                          frame_key="det_image", mask_key="det_mask", max_batch=8, max_latency_s=0.2,
                          aperture_grow_sigma=grow_sigma),
         sinks=[lambda name, doc: derived.append((name, doc))])
+    net_factor = int(getattr(agent.model, "factor", factor))
+    if analysis == "sans-sr" and net_factor != factor:
+        raise ConfigError(f"--weights {weights} are a {net_factor}x network and the demo asks for {factor}x: "
+                          f"pass --factor {net_factor}, or {factor}x weights")
     truths: list[Any] = []
     raws: list[np.ndarray] = []
     bar = tqdm(total=frames, desc=f"demo {analysis}", unit="frame", disable=not progress)

@@ -280,6 +280,11 @@ def run_training(task_name: str, out: Path, *, steps: int | None = None, batch: 
             raise ValueError("--factor applies to sans-sr only")
         task = _with_architecture(task, {"factor": factor})
     if architecture_config:
+        dims = task.architecture_config.get("dims")
+        if "dims" in architecture_config and architecture_config["dims"] != dims:
+            raise ValueError(f"--arch dims={architecture_config['dims']!r}: {task_name} trains "
+                             f"{'a network without dims' if dims is None else f'{dims}D networks'}; "
+                             "the task chooses it (bragg: 2D frames, bragg-tof: 3D volumes)")
         task = _with_architecture(task, architecture_config)
     config = TrainConfig(steps=steps or task.steps, batch=batch or task.batch, seed=seed, threads=threads,
                          **({"lr": lr} if lr is not None else {}))

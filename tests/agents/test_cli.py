@@ -71,6 +71,13 @@ def test_the_commands_with_an_out_are_the_demos_and_train():
                                           ("sas-qscan", "mapping", "tune", "ring", "bragg", "sans-sr")]])
 
 
+def test_sans_sr_weights_of_another_factor_are_named_before_the_run(tmp_path):
+    result = runner.invoke(app, ["demo", "sans-sr", "--weights", "sans-sr-x2", "--factor", "4", "--frames", "1",
+                                 "--quiet", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "sans-sr-x2 are a 2x network and the demo asks for 4x" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o" / "summary.json").exists()
+
+
 def test_a_bad_demo_config_is_named_and_leaves_no_store_behind(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("colour: blue\n")

@@ -214,3 +214,12 @@ def test_an_out_that_cannot_hold_the_weights_is_refused_before_any_training(tmp_
     with pytest.raises(ValueError, match=r"--out .*cannot be written"):
         run_training("denoise", a_file / "below", steps=1, batch=1, n_eval=1, progress=lambda s, loss: steps.append(s))
     assert steps == []
+
+
+def test_arch_cannot_change_the_dimensions_the_task_trains(tmp_path):
+    steps = []
+    for task, dims, said in (("bragg-tof", 2, "bragg-tof trains 3D networks"), ("bragg", 3, "bragg trains 2D networks")):
+        with pytest.raises(ValueError, match=f"--arch dims={dims}: {said}"):
+            run_training(task, tmp_path, steps=1, batch=1, n_eval=1, architecture_config={"dims": dims},
+                         progress=lambda s, loss: steps.append(s))
+    assert steps == []  # refused before any training (dims=2 on bragg-tof failed in the first step)
