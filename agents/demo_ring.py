@@ -61,6 +61,9 @@ def dask_client(scheduler: str | None, n_workers: int = 2, *, connect_timeout: f
     if scheduler:
         try:
             client = Client(scheduler, timeout=f"{connect_timeout}s")
+        except ValueError as err:  # distributed's parse of the address
+            raise AgentError(f"{scheduler!r} is not a Dask scheduler address ({err}); give host:port, "
+                             "e.g. 127.0.0.1:8786, or tcp://host:port") from None
         except OSError as err:  # distributed's connection timeout or refusal
             raise AgentError(f"cannot reach the Dask scheduler at {scheduler!r} ({err}); start it "
                              "(`dask scheduler`, with workers) or leave --dask out to track on a LocalCluster") from None

@@ -130,6 +130,9 @@ def test_a_scheduler_that_does_not_answer_is_named():
     with (pytest.raises(AgentError, match=r"cannot reach the Dask scheduler at '127.0.0.1:1'.*leave --dask out"),
           dask_client("127.0.0.1:1", connect_timeout=1.0)):
         pass
+    with (pytest.raises(AgentError, match=r"'notanaddress' is not a Dask scheduler address .*give host:port"),
+          dask_client("notanaddress")):
+        pass
 
 
 def test_cli_ring_demo_help_and_bad_input():
