@@ -147,12 +147,13 @@ def _jsonable(value: Any) -> Any:
 # -- agents ----------------------------------------------------------------------------------------
 def build_agent(entry: AgentEntry, state_dir: Path, sinks: list[Any]) -> Any:
     """Make (or re-open from its store) the agent an entry of the config describes."""
-    from agents.config import load_settings
+    from agents.config import load_settings, read_mapping
 
     def settings(model: Any) -> Any:
         where = f"the settings of agent {entry.name!r} (kind {entry.kind}"
         where += ")" if isinstance(entry.settings, dict) else f", {entry.settings})"
-        given = entry.settings if isinstance(entry.settings, dict) else _read_yaml(entry.settings)
+        given = (entry.settings if isinstance(entry.settings, dict)
+                 else read_mapping(entry.settings, "agent settings file"))
         return load_settings(model, {"name": entry.name, **given}, where=where)
 
     if entry.kind == "rate":
@@ -182,12 +183,6 @@ def _steering_kinds() -> dict[str, tuple[Any, Any]]:
 
     return {"qsampling": (QSamplingAgent, QSamplingSettings), "mapping": (MappingAgent, MappingSettings),
             "tuning": (TuningAgent, TuningSettings), "sextupole": (SextupoleAgent, SextupoleSettings)}
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    from agents.config import read_mapping
-
-    return read_mapping(path, "agent settings file")
 
 
 @dataclass
