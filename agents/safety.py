@@ -16,6 +16,8 @@ Positional arguments cannot be checked and are refused.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import time
@@ -141,6 +143,19 @@ class SafetyGate:
         else:
             logger.warning("safety gate rejected %s (key %s): %s", request.plan, request.key, verdict.reason)
         return verdict
+
+    def retract(self, admitted: Verdict, reason: str, positions: Mapping[str, float]) -> Verdict:
+        """Take back an admitted request that will never run (its plan sink refused it): the axes
+        are where they were before it (``positions``, :attr:`positions` read before :meth:`admit`),
+        its slot in the rate window is freed, and it is recorded as rejected for ``reason``."""
+        if not admitted.accepted:
+            raise ValueError(f"only an admitted request can be retracted; {admitted.request.key!r} was rejected")
+        self._position = {axis: float(v) for axis, v in positions.items()}
+        with contextlib.suppress(ValueError):
+            self._admitted_at.remove(admitted.at)
+        with contextlib.suppress(ValueError):
+            self.verdicts.remove(admitted)
+        return self.refuse(admitted.request, reason)
 
     def refuse(self, request: PlanRequest, reason: str) -> Verdict:
         """Record a rejection decided by the caller (e.g. a plan sink that cannot run the plan)."""

@@ -79,6 +79,26 @@ def test_rate_limit_uses_the_injected_clock():
     assert gate.admit(_measure({"q": 0.1})).accepted
 
 
+def test_a_retracted_request_gives_back_its_moves_and_its_rate_slot():
+    """A plan the queue server refused never ran: the axes are where they were, the rate window
+    has room again, and the request counts as rejected, with the reason."""
+    gate = _gate(max_requests_per_minute=2)
+    assert gate.admit(_measure({"x": 1.0})).accepted
+    before = gate.positions
+    refused = gate.admit(_measure({"x": 3.0, "q": 0.2}, key="r"))
+    assert refused.accepted and gate.positions == {"x": 3.0, "q": 0.2}
+    gate.retract(refused, "the queue server refused it: unknown user group", before)
+    assert gate.positions == {"x": 1.0}  # the axis it alone had moved is unknown again
+    assert not gate.admit(_measure({"x": 4.0})).accepted  # 3 from 1.0 exceeds max_step: measured from 1.0
+    assert gate.admit(_measure({"x": 2.5})).accepted  # the freed slot: 2 per minute, 2 admitted
+    report = gate.report()
+    assert report["admitted"] == 2 and report["rejected"] == 2
+    assert report["rejections"][0] == {"plan": "measure", "key": "r", "agent": "",
+                                       "reasons": ["the queue server refused it: unknown user group"]}
+    with pytest.raises(ValueError, match="only an admitted request"):
+        gate.retract(gate.verdicts[-2], "again", before)
+
+
 def test_check_does_not_change_state_and_max_points_is_enforced():
     gate = _gate(max_points_per_request=2)
     assert gate.check(_measure({"x": 0.0})).accepted
