@@ -55,6 +55,7 @@ from agents.protocol import PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
 from streams.errors import StreamError
+from streams.queueserver import QueueItemRejectedError, QueueServerUnreachableError
 from streams.sequence import DocumentSequence
 
 __all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent"]
@@ -64,6 +65,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 #: a steering agent whose every request is rejected this many rounds in a row is paused, as in steered_scan
 MAX_REJECTED_ROUNDS = 3
+#: while the queue server does not answer, the first and the longest wait (s) between tries; each
+#: try can block the loop for the API's timeout, so the documents are read on in between
+QUEUE_RETRY_S = (2.0, 60.0)
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -85,7 +89,10 @@ class DaemonMetrics:
             "beampilot_document_age_seconds", "Time from a document's own timestamp to the end of its processing",
             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0), registry=r)
         self.plans_sent = Counter("beampilot_plans_sent", "Plans sent to the queueserver", ["agent"], registry=r)
-        self.plans_rejected = Counter("beampilot_plans_rejected", "Plans the safety gate refused", ["agent"], registry=r)
+        self.plans_rejected = Counter("beampilot_plans_rejected",
+                                      "Plans the safety gate or the queue server refused", ["agent"], registry=r)
+        self.queue_connected = Gauge("beampilot_queueserver_connected", "1 while the queue server answers",
+                                     registry=r)
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
                                           "Plans not sent because the queue already had their key", registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
@@ -193,6 +200,19 @@ class _Steering:
     gate: SafetyGate
     rejected_rounds: int = 0
     paused: str | None = None  # why it is no longer asked for plans
+    idle_since: float | None = None  # since when its queued plans wait in a queue that does not run
+    stalled: str | None = None  # why they wait, once reported
+
+
+@dataclass
+class _QueueServerLink:
+    """Whether the queue server answers; while it does not, when to try it next."""
+
+    down_since: float | None = None  # monotonic
+    reason: str = ""
+    next_try: float = 0.0
+    wait: float = QUEUE_RETRY_S[0]
+    last_said: float = 0.0
 
 
 class _Outbox:
@@ -265,6 +285,7 @@ class Daemon:
         self._last_check = 0.0
         self._history_seen: dict[str, float] = {}
         self._stopped_agents: set[str] = set()
+        self._queue = _QueueServerLink()
 
     # -- construction from config ------------------------------------------------------------------
     def _kafka_settings(self) -> Any:
@@ -594,14 +615,40 @@ class Daemon:
     # -- plans -------------------------------------------------------------------------------------
     def _plans(self) -> None:
         now = time.monotonic()
-        if now - self._last_check < 0.25:
+        if now - self._last_check < 0.25 or now < self._queue.next_try:
             return
         self._last_check = now
         for name, steering in self.steering.items():
             try:
                 self._plan_round(name, steering)
+            except QueueServerUnreachableError as err:
+                self._queue_server_lost(err)
+                return
             except StreamError as err:
                 self._error("queueserver", f"agent {name}: {err}")
+        self._queue_server_answers()
+
+    def _queue_server_lost(self, err: QueueServerUnreachableError) -> None:
+        """Try again later, waiting longer each time; say so once, then once a minute."""
+        q, now = self._queue, time.monotonic()
+        first = q.down_since is None
+        down_since = now if q.down_since is None else q.down_since
+        q.wait = QUEUE_RETRY_S[0] if first else min(2 * q.wait, QUEUE_RETRY_S[1])
+        q.down_since, q.reason, q.next_try = down_since, str(err), now + q.wait
+        self.metrics.queue_connected.set(0)
+        if first or now - q.last_said >= 60.0:
+            q.last_said = now
+            since = "" if first else f" for {now - down_since:.0f} s"
+            self._error("queueserver", f"no plans go out{since}: {err}. The documents are still read and "
+                        f"analysed; trying again every {q.wait:.0f}-{QUEUE_RETRY_S[1]:.0f} s")
+
+    def _queue_server_answers(self) -> None:
+        q = self._queue
+        self.metrics.queue_connected.set(1)
+        if q.down_since is not None:
+            logger.warning("the queue server answers again, after %.0f s; plans go out again",
+                           time.monotonic() - q.down_since)
+            self._queue = _QueueServerLink()
 
     def _plan_round(self, name: str, steering: _Steering) -> None:
         waiting = self.state.awaiting.setdefault(name, {})
@@ -613,7 +660,9 @@ class Daemon:
                 if time.monotonic() - first > self.config.settle_s:
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
-        if steering.paused or waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
+        outstanding = self.plan_sink.outstanding(name)
+        self._check_stall(name, steering, outstanding)
+        if steering.paused or waiting or outstanding >= steering.entry.max_outstanding:
             return
         agent = self.agents[name]
         with self._lock:
@@ -626,9 +675,11 @@ class Daemon:
         if requests and not any(accepted):
             steering.rejected_rounds += 1
             if steering.rejected_rounds >= MAX_REJECTED_ROUNDS:
+                last = str(self.recent_plans[-1].get("reason", ""))
+                check = ("the agent's plan against the RE Manager's user group permissions"
+                         if last.startswith("queue server:") else "the agent's limits against its safety config")
                 steering.paused = (f"every request was rejected {steering.rejected_rounds} rounds in a row "
-                                   f"(last: {self.recent_plans[-1].get('reason', '')}); check the agent's "
-                                   "limits against its safety config, then restart the daemon")
+                                   f"(last: {last}); check {check}, then restart the daemon")
                 self._error(f"agent:{name}", f"agent {name} paused: {steering.paused}")
         elif requests:
             steering.rejected_rounds = 0
@@ -636,7 +687,8 @@ class Daemon:
             self._commit()
 
     def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
-        """Gate, de-duplicate, send. True unless the gate rejected it."""
+        """Gate, de-duplicate, send. True unless the gate or the queue server refused it."""
+        before = steering.gate.positions
         verdict = steering.gate.admit(request)
         if not verdict.accepted:
             self.metrics.plans_rejected.labels(agent=name).inc()
@@ -652,13 +704,61 @@ class Daemon:
         self.state.awaiting[name][request.key] = time.time()
         self.state.gate_positions[name] = steering.gate.positions
         self._save()  # the key is on disk before it is on the queue
-        self.plan_sink.submit(request)
+        try:
+            self.plan_sink.submit(request)
+        except QueueItemRejectedError as err:  # a refusal, as the gate's: reported, never retried as is
+            steering.gate.retract(verdict, f"the queue server refused it: {err.reason}", before)
+            self.state.awaiting[name].pop(request.key, None)
+            self.state.gate_positions[name] = before
+            self._save()
+            self.metrics.plans_rejected.labels(agent=name).inc()
+            self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan,
+                                      "status": "rejected", "reason": f"queue server: {err.reason}", "time": time.time()})
+            self._error(f"agent:{name}", f"agent {name}: {err}")
+            if isinstance(agent, RejectionAware):
+                with self._lock:
+                    agent.rejected(request, f"the queue server refused it: {err.reason}")
+            return False
         if self.config.queueserver is not None and self.config.queueserver.start_queue:
             self.plan_sink.start_queue()  # no-op when it is running already
         self.metrics.plans_sent.labels(agent=name).inc()
         self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
                                   "points": len(request.kwargs.get("points", ())), "time": time.time()})
         return True
+
+    def _check_stall(self, name: str, steering: _Steering, outstanding: int) -> None:
+        """Report an agent's plans waiting in a queue the RE Manager does not run: once, and
+        again when what it waits for changes.
+
+        The daemon starts the queue when it adds to it (``queueserver.start_queue``), never
+        otherwise: a queue stopped, a RunEngine paused or an environment closed (a restarted RE
+        Manager comes up with none) may be someone's decision, so it says what it waits for and
+        what would let the agent go on, and leaves the choice to the people at the beamline.
+        """
+        state = self.plan_sink.status() if outstanding else {}
+        if not outstanding or state.get("manager_state") not in ("idle", "paused"):
+            if steering.stalled is not None:
+                logger.warning("agent %s: its plans run again", name)
+            steering.idle_since = steering.stalled = None
+            return
+        now = time.monotonic()
+        steering.idle_since = steering.idle_since or now
+        assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
+        if now - steering.idle_since < self.config.queueserver.stall_report_s:
+            return
+        if state.get("manager_state") == "paused":
+            todo = "the RunEngine is paused: resume it ('qserver re resume') or stop it ('qserver re stop')"
+        elif not state.get("worker_environment_exists"):
+            todo = ("the RE environment is closed (a restarted RE Manager starts without one): open it "
+                    "('qserver environment open'), then start the queue ('qserver queue start')")
+        else:
+            todo = "the queue is stopped: start it ('qserver queue start')"
+        if steering.stalled is not None and steering.stalled.endswith(todo):
+            return
+        address = getattr(self.plan_sink, "address", "the queue server")
+        steering.stalled = (f"{outstanding} of its plans wait in the queue at {address} "
+                            f"(for {now - steering.idle_since:.0f} s when this was written), but {todo}")
+        self._error(f"agent:{name}", f"agent {name}: {steering.stalled}")
 
     # -- status ------------------------------------------------------------------------------------
     def _error(self, where: str, message: str) -> None:
@@ -671,6 +771,9 @@ class Daemon:
             return False, f"the loop has not turned for {time.monotonic() - self.last_loop:.0f} s"
         if not getattr(self.source, "connected", True):
             return False, f"broker unreachable: {getattr(self.source, 'last_error', '')}"
+        if self._queue.down_since is not None:
+            return False, (f"queue server unreachable for {time.monotonic() - self._queue.down_since:.0f} s, "
+                           f"no plans go out: {self._queue.reason}")
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
@@ -692,6 +795,7 @@ class Daemon:
             "documents_in": _labelled_sum(self.metrics.docs_in), "documents_out": _labelled_sum(self.metrics.docs_out),
             "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
             "paused": {n: st.paused for n, st in self.steering.items() if st.paused},
+            "stalled": {n: st.stalled for n, st in self.steering.items() if st.stalled},
         }
 
     def close(self) -> None:
@@ -804,6 +908,8 @@ def render_status_page(s: dict[str, Any]) -> str:
         f"</details></div>" for name, r in s["agents"].items())
     errors = "".join(f"<li>{e(x)}</li>" for x in reversed(s["errors"][-15:])) or "<li>none</li>"
     paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
+    paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
+                      for n, why in s.get("stalled", {}).items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
 <title>beampilot — {e(s['topic'])}</title><style>
 body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#1f2328}}

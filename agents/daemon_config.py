@@ -47,6 +47,9 @@ class QueueServerConfig(_Strict):
     api_key: SecretStr | None = None
     user_group: str = "primary"
     start_queue: bool = True
+    #: an agent's plans may wait this long (s) in a queue the RE Manager does not run (stopped,
+    #: paused, no RE environment) before the daemon says so, and what would let them run
+    stall_report_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _one_address(self) -> QueueServerConfig:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -111,34 +113,125 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
         validate_document(name, doc)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(240)
-@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_each_plan_once(tmp_path):
-    """The RunEngine in a real RE Manager publishes to a real broker; the daemon steers it."""
+@contextmanager
+def _stack_loop(tmp_path, queueserver=None):
+    """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument) and a daemon
+    whose Q-sampling agent steers it; ``queueserver``: more of the daemon's queueserver settings."""
     cfg = StackConfig(state_dir=tmp_path / "stack", beamline="loop", kafka_port=0, redis_port=0,
                       zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=1000)
     stack = start_stack(cfg, tiled=False, http=False)
     try:
         setup = DemoSetup.draw(cfg.sim_sample, cfg.sim_seed)
-        config = load_daemon_config(stack_daemon_config(
-            stack.addresses(cfg), setup, tmp_path / "state", overrides={"target_rel_sigma": 0.05}))
-        daemon = Daemon(config)
-        daemon.plan_sink.ensure_environment()
-        agent = daemon.agents["qsampling"]
-        import time
-
-        deadline = time.monotonic() + 180
-        while agent.stop_reason is None or daemon.state.awaiting.get("qsampling"):
-            assert time.monotonic() < deadline, daemon.status()
-            daemon.step()
-        history = daemon.plan_sink._api.history_get()["items"]
-        daemon.close()
+        config = stack_daemon_config(stack.addresses(cfg), setup, tmp_path / "state",
+                                     overrides={"target_rel_sigma": 0.05})
+        config["queueserver"].update(queueserver or {})
+        daemon = Daemon(load_daemon_config(config))
+        try:
+            daemon.plan_sink.ensure_environment()
+            yield stack, daemon
+        finally:
+            daemon.close()
     finally:
         stack.stop()
+
+
+def _step_until(daemon, done, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s: {daemon.status()}"
+        daemon.step()
+
+
+def _history(daemon):
+    items = daemon.plan_sink._api.history_get()["items"]
+    return (items, Counter(item["meta"]["beampilot_request_key"] for item in items),
+            Counter(k for item in items for k in item["kwargs"]["point_keys"]))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_each_plan_once(tmp_path):
+    """The RunEngine in a real RE Manager publishes to a real broker; the daemon steers it."""
+    with _stack_loop(tmp_path) as (_, daemon):
+        agent = daemon.agents["qsampling"]
+        _step_until(daemon, lambda: agent.stop_reason is not None and not daemon.state.awaiting.get("qsampling"),
+                    180, "goal")
+        history, keys, points = _history(daemon)
     assert agent.stop_reason.startswith("target precision")
-    keys = Counter(item["meta"]["beampilot_request_key"] for item in history)
-    points = Counter(k for item in history for k in item["kwargs"]["point_keys"])
     assert keys and max(keys.values()) == 1 and max(points.values()) == 1
     assert {item["result"]["exit_status"] for item in history} == {"completed"}
     assert agent.n_observations == sum(points.values())  # every point measured reached the agent
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_operator(tmp_path):
+    """The RE Manager stops mid-loop and comes back without an RE environment (as a restarted
+    manager does): the daemon says once that no plans go out and retries with a growing wait; once
+    the manager answers it says what the queued plan waits for, and says it again when that
+    changes; it neither opens the environment nor starts the queue; started by the operator, the
+    loop reaches its goal, every point reaching the agent once."""
+    with _stack_loop(tmp_path, queueserver={"stall_report_s": 1.0}) as (stack, daemon):
+        agent = daemon.agents["qsampling"]
+        _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
+        errors_before = len(daemon.recent_errors)
+        stack.manager.stop()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10:
+            daemon.step()
+        outage = list(daemon.recent_errors)[errors_before:]
+        assert len(outage) == 1 and "no plans go out" in outage[0] and "did not answer" in outage[0], outage
+        ok, why = daemon.healthy()
+        assert not ok and why.startswith("queue server unreachable")
+        assert b"beampilot_queueserver_connected 0.0" in daemon.metrics.render()
+
+        stack.manager.start()
+
+        def stalled():
+            return daemon.status()["stalled"].get("qsampling", "")
+
+        _step_until(daemon, lambda: "environment is closed" in stalled(), 60, "report of the closed environment")
+        assert daemon.healthy() == (True, "ok")
+        status = daemon.plan_sink.status()  # the daemon opened nothing, started nothing
+        assert not status["worker_environment_exists"] and status["items_in_queue"] >= 1
+
+        daemon.plan_sink.ensure_environment()  # the operator
+        _step_until(daemon, lambda: "queue is stopped" in stalled(), 30, "report of the stopped queue")
+        assert daemon.plan_sink.status()["manager_state"] == "idle"
+        daemon.plan_sink.start_queue()  # the operator
+        _step_until(daemon, lambda: agent.stop_reason is not None and not daemon.state.awaiting.get("qsampling"),
+                    180, "goal")
+        assert daemon.status()["stalled"] == {}
+        history, keys, points = _history(daemon)
+    assert agent.stop_reason.startswith("target precision")
+    # the queue server put the plan the stop cut short back in the queue, so that plan's key is
+    # twice in the history (failed, then completed); the daemon sent every key once
+    twice = {k for k, n in keys.items() if n > 1}
+    assert len(twice) <= 1 and max(keys.values()) <= 2
+    for key in twice:
+        assert sorted(i["result"]["exit_status"] for i in history
+                      if i["meta"]["beampilot_request_key"] == key) == ["completed", "failed"]
+    assert agent.n_observations == len(points)  # every point reached the agent once
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_plans_the_queue_server_refuses_are_reported_and_pause_the_agent(tmp_path):
+    """A user group the RE Manager does not know: every item is refused. Each refusal is reported
+    as the gate's are, nothing is retried as it was, and after three rounds the agent is paused
+    with what to check."""
+    with _stack_loop(tmp_path, queueserver={"user_group": "nobody"}) as (_, daemon):
+        _step_until(daemon, lambda: daemon.steering["qsampling"].paused, 60, "pause")
+        paused = daemon.steering["qsampling"].paused
+        plans = list(daemon.recent_plans)
+        gate = daemon.steering["qsampling"].gate
+        _, keys, _ = _history(daemon)
+    assert "user group permissions" in paused and "rounds in a row" in paused
+    assert gate.report()["admitted"] == 0 and gate.report()["rejected"] == 3  # taken back at the gate
+    assert daemon.state.gate_positions["qsampling"] == gate.positions == {}
+    assert [p["status"] for p in plans] == ["rejected"] * 3
+    assert all(p["reason"].startswith("queue server:") for p in plans)
+    assert not keys and daemon.state.awaiting["qsampling"] == {}
