@@ -1,0 +1,105 @@
+"""TiledMirror: a Kafka document topic copied into a real tiled server, run by run, through a
+tiled outage, a restart of the mirror and a document tiled refuses."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tiled.client import from_uri
+
+from streams.kafka import KafkaDocumentSink, KafkaDocumentSource, KafkaSettings
+from streams.tiled_io import TiledRunSource
+from streams.tiled_launch import TiledServer
+from streams.tiled_mirror import TiledMirror
+from tests.streams.conftest import Document, run_documents
+from tests.streams.test_tiled import _assert_same_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:The callback:UserWarning")]
+
+
+@pytest.fixture
+def tiled(tmp_path: Path) -> Iterator[TiledServer]:
+    with TiledServer(workdir=tmp_path / "tiled") as server:
+        yield server
+
+
+def _publish(settings: KafkaSettings, topic: str, docs: list[Document]) -> None:
+    with KafkaDocumentSink(topic, settings) as sink:
+        for name, doc in docs:
+            sink(name, doc)
+        sink.flush()
+
+
+def _mirror(settings: KafkaSettings, topic: str, tiled: TiledServer, state: Path) -> TiledMirror:
+    return TiledMirror(lambda offsets: KafkaDocumentSource(topic, settings, offsets=offsets),
+                       tiled.uri, api_key=tiled.api_key, state_path=state)
+
+
+def _runs(tiled: TiledServer) -> dict[str, list[Document]]:
+    with TiledRunSource(tiled.uri, api_key=tiled.api_key) as source:
+        return {uid: list(source.documents(uid)) for uid in source.runs()}
+
+
+def test_every_run_reaches_tiled_whole_through_an_outage_and_a_restart(kafka_settings, topic, tiled, tmp_path):
+    a, b, c, d = (run_documents(4) for _ in range(4))
+    state = tmp_path / "mirror.json"
+    mirror = _mirror(kafka_settings, topic, tiled, state)
+    _publish(kafka_settings, topic, a + b[:4])  # run b: start, descriptor and two events
+    assert mirror.drain(30)
+    assert mirror.status()["open_runs"] == [b[0][1]["uid"]]
+
+    tiled.stop()  # tiled goes away in the middle of run b
+    _publish(kafka_settings, topic, b[4:] + c)
+    for _ in range(3):
+        mirror.step(0.2)
+    status = mirror.status()
+    assert not status["connected"] and tiled.uri in status["reason"]
+
+    tiled.start()  # the same catalog: a's copy and b's partial copy are there
+    assert mirror.drain(60), mirror.status()
+    runs = _runs(tiled)
+    assert sorted(runs) == sorted(r[0][1]["uid"] for r in (a, b, c))
+    for run in (a, b, c):
+        _assert_same_run(runs[run[0][1]["uid"]], run)  # b written again whole, not twice
+    assert mirror.status()["runs_written"] == 3 and mirror.status()["open_runs"] == []
+
+    _publish(kafka_settings, topic, d[:3])
+    assert mirror.drain(30)
+    written = mirror.documents_written
+    mirror.close()  # killed in the middle of run d: its state says so
+    _publish(kafka_settings, topic, d[3:])
+    again = _mirror(kafka_settings, topic, tiled, state)
+    try:
+        assert again.drain(30)
+        assert again.documents_written == len(d)  # only d, whole, again; a, b, c not touched
+    finally:
+        again.close()
+    runs = _runs(tiled)
+    assert len(runs) == 4 and written == len(a) + 4 + len(b) + len(c) + 3  # b: its first 4, then whole
+    _assert_same_run(runs[d[0][1]["uid"]], d)
+
+
+def test_a_run_tiled_refuses_is_reported_and_not_left_half_written(kafka_settings, topic, tiled, tmp_path):
+    bad, good = run_documents(3), run_documents(2)
+    broken = copy.deepcopy(bad)
+    del broken[3][1]["timestamps"]  # the second event: not a valid event document
+    _publish(kafka_settings, topic, broken + good)
+    mirror = _mirror(kafka_settings, topic, tiled, tmp_path / "mirror.json")
+    try:
+        assert mirror.drain(60)
+        status = mirror.status()
+    finally:
+        mirror.close()
+    uid = bad[0][1]["uid"]
+    assert list(status["failed_runs"]) == [uid] and "timestamps" in status["failed_runs"][uid]
+    runs = _runs(tiled)
+    assert list(runs) == [good[0][1]["uid"]]  # the refused run's first events were deleted again
+    _assert_same_run(runs[good[0][1]["uid"]], good)
+    client = from_uri(tiled.uri, api_key=tiled.api_key)
+    try:
+        assert uid not in client
+    finally:
+        client.context.close()
