@@ -4,8 +4,10 @@ The loop, one thread::
 
     poll documents ──► validate, de-duplicate, order-check ──► agent.tell ──► derived docs to the outbox
          │                                                                            │
-         └── after each batch: checkpoint (offsets + open runs + outbox) ──► send outbox (Kafka, tiled)
+         └── after each batch: checkpoint (offsets + open runs + outbox) ──► send outbox (Kafka)
     when caught up: agent.ask ──► safety gate ──► queueserver (idempotent by key)
+
+    beside it, in its own thread: derived topic ──► tiled (streams.tiled_mirror, its own position)
 
 Delivery. The broker delivers at least once; the daemon makes that effectively exactly once:
 
@@ -91,6 +93,9 @@ class DaemonMetrics:
         self.plans_sent = Counter("beampilot_plans_sent", "Plans sent to the queueserver", ["agent"], registry=r)
         self.plans_rejected = Counter("beampilot_plans_rejected",
                                       "Plans the safety gate or the queue server refused", ["agent"], registry=r)
+        self.tiled_connected = Gauge("beampilot_tiled_connected", "1 while tiled answers the mirror", registry=r)
+        self.tiled_behind = Gauge("beampilot_tiled_behind", "Derived documents on the topic not yet mirrored to tiled",
+                                  registry=r)
         self.queue_connected = Gauge("beampilot_queueserver_connected", "1 while the queue server answers",
                                      registry=r)
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
@@ -236,8 +241,11 @@ class Daemon:
     ----------
     config
         The validated configuration.
-    source, derived_sink, plan_sink, extra_sinks
+    source, derived_sink, plan_sink
         Built from ``config`` when not given (tests and the benchmark pass their own).
+    extra_sinks
+        More sinks every derived document is sent to as it is published (none by default;
+        tiled, when configured, follows the derived topic on its own: :mod:`streams.tiled_mirror`).
     """
 
     def __init__(self, config: DaemonConfig, *, source: Any = None, derived_sink: Any = None,
@@ -271,7 +279,8 @@ class Daemon:
                 self.steering[entry.name] = _Steering(entry, gate)
         self.source = source if source is not None else self._make_source()
         self.derived_sink = derived_sink if derived_sink is not None else self._make_derived_sink()
-        self.extra_sinks = list(extra_sinks) if extra_sinks is not None else self._make_extra_sinks()
+        self.extra_sinks = list(extra_sinks or ())
+        self.tiled_mirror = self._make_tiled_mirror()
         self.plan_sink = plan_sink if plan_sink is not None else self._make_plan_sink()
         # where each batching agent last had nothing waiting: the checkpoint goes no further
         self._consumed: dict[str, int] = dict(self.state.offsets)
@@ -312,13 +321,22 @@ class Daemon:
         settings = self.kafka_settings.model_copy(update={"extra": {"linger_ms": 5, **self.kafka_settings.extra}})
         return KafkaDocumentSink(self.config.derived_topic, settings, key=f"beampilot.{self.config.beamline}")
 
-    def _make_extra_sinks(self) -> list[Any]:
+    def _make_tiled_mirror(self) -> Any:
+        """Derived runs reach tiled from the derived topic, by a mirror in its own thread: a tiled
+        outage or a kill of the daemon costs tiled nothing (:mod:`streams.tiled_mirror`)."""
         if self.config.tiled is None:
-            return []
-        from streams.tiled_io import TiledDocumentSink
+            return None
+        from streams.kafka import KafkaDocumentSource
+        from streams.tiled_io import check_reachable
+        from streams.tiled_mirror import TiledMirror
 
-        key = self.config.tiled.api_key.get_secret_value() if self.config.tiled.api_key else None
-        return [TiledDocumentSink(self.config.tiled.uri, api_key=key)]
+        uri, secret = self.config.tiled.uri, self.config.tiled.api_key
+        key = secret.get_secret_value() if secret else None
+        check_reachable(uri, api_key=key)  # a wrong address or key fails at start, named
+        return TiledMirror(lambda offsets: KafkaDocumentSource(self.config.derived_topic, self.kafka_settings,
+                                                               offsets=offsets,
+                                                               max_message_bytes=self.config.max_message_bytes),
+                           uri, api_key=key, state_path=self.state_dir / "tiled_mirror.json").start()
 
     def _make_plan_sink(self) -> Any:
         if not any(a.safety for a in self.config.agents):
@@ -404,6 +422,11 @@ class Daemon:
             self._error("poll", f"poll failed: {err}")
             records = []
         self.metrics.connected.set(1 if getattr(self.source, "connected", True) else 0)
+        if self.tiled_mirror is not None:
+            mirrored = self.tiled_mirror.status()
+            self.metrics.tiled_connected.set(1 if mirrored["connected"] else 0)
+            if mirrored["behind"] is not None:
+                self.metrics.tiled_behind.set(mirrored["behind"])
         processed = 0
         for record in records:
             self._reading = (f"{record.topic}:{record.partition}", record.offset)
@@ -796,6 +819,7 @@ class Daemon:
             "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
             "paused": {n: st.paused for n, st in self.steering.items() if st.paused},
             "stalled": {n: st.stalled for n, st in self.steering.items() if st.stalled},
+            "tiled": self.tiled_mirror.status() if self.tiled_mirror is not None else None,
         }
 
     def close(self) -> None:
@@ -814,7 +838,11 @@ class Daemon:
                 self.source.commit(self.state.offsets)
         except Exception as err:  # closing must not hide the reason we are closing
             logger.error("final checkpoint failed: %s", err)
-        for thing in (self.source, self.derived_sink, *self.extra_sinks):
+        mirror = self.tiled_mirror
+        if mirror is not None and not mirror.drain(self.config.tiled.drain_s if self.config.tiled else 0):
+            logger.warning("tiled is %s derived documents behind; the mirror writes them at the next start",
+                           mirror.status().get("behind"))
+        for thing in (self.source, self.derived_sink, *self.extra_sinks, *([mirror] if mirror else [])):
             try:
                 thing.close()
             except Exception as err:
@@ -910,6 +938,13 @@ def render_status_page(s: dict[str, Any]) -> str:
     paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
     paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
                       for n, why in s.get("stalled", {}).items())
+    tiled = s.get("tiled")
+    if tiled and not tiled["connected"]:
+        paused += (f"<p class='rejected'>tiled at {e(tiled['uri'])} does not answer ({e(tiled['reason'])}): "
+                   f"{e(str(tiled['behind']))} derived documents wait on the topic</p>")
+    if tiled and tiled["failed_runs"]:
+        paused += "".join(f"<p class='rejected'>derived run {e(uid)} is not in tiled: {e(why)}</p>"
+                          for uid, why in tiled["failed_runs"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
 <title>beampilot — {e(s['topic'])}</title><style>
 body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#1f2328}}

@@ -60,10 +60,12 @@ class QueueServerConfig(_Strict):
 
 
 class TiledConfig(_Strict):
-    """A tiled server that also receives the derived runs."""
+    """A tiled server that also receives the derived runs (mirrored from the derived topic)."""
 
     uri: str
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = None  # a key that may write, and delete a run cut off mid-way
+    #: at a clean shutdown, wait this long (s) for the mirror to write what is on the topic
+    drain_s: float = Field(default=10.0, ge=0)
 
 
 class HttpSettings(_Strict):

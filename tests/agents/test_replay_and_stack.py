@@ -114,12 +114,13 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
 
 
 @contextmanager
-def _stack_loop(tmp_path, queueserver=None):
-    """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument) and a daemon
-    whose Q-sampling agent steers it; ``queueserver``: more of the daemon's queueserver settings."""
+def _stack_loop(tmp_path, queueserver=None, tiled=False):
+    """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument, and tiled if
+    asked) and a daemon whose Q-sampling agent steers it; ``queueserver``: more of the daemon's
+    queueserver settings."""
     cfg = StackConfig(state_dir=tmp_path / "stack", beamline="loop", kafka_port=0, redis_port=0,
                       zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=1000)
-    stack = start_stack(cfg, tiled=False, http=False)
+    stack = start_stack(cfg, tiled=tiled, http=False)
     try:
         setup = DemoSetup.draw(cfg.sim_sample, cfg.sim_seed)
         config = stack_daemon_config(stack.addresses(cfg), setup, tmp_path / "state",
@@ -152,16 +153,31 @@ def _history(daemon):
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_each_plan_once(tmp_path):
-    """The RunEngine in a real RE Manager publishes to a real broker; the daemon steers it."""
-    with _stack_loop(tmp_path) as (_, daemon):
+    """The RunEngine in a real RE Manager publishes to a real broker; the daemon steers it, and
+    every derived run it publishes reaches tiled whole."""
+    from streams.kafka import KafkaDocumentSource
+    from streams.tiled_io import TiledRunSource
+
+    with _stack_loop(tmp_path, tiled=True) as (stack, daemon):
         agent = daemon.agents["qsampling"]
         _step_until(daemon, lambda: agent.stop_reason is not None and not daemon.state.awaiting.get("qsampling"),
                     180, "goal")
         history, keys, points = _history(daemon)
+        daemon.close()  # lets the tiled mirror catch up
+        derived = []
+        with KafkaDocumentSource(daemon.config.derived_topic, daemon.kafka_settings) as topic:
+            while batch := topic.poll(1.0):
+                derived += [(r.name, r.doc) for r in batch]
+        with TiledRunSource(stack.tiled.uri, api_key=stack.tiled.api_key) as tiled:
+            in_tiled = {uid: [name for name, _ in tiled.documents(uid)] for uid in tiled.runs()}
     assert agent.stop_reason.startswith("target precision")
     assert keys and max(keys.values()) == 1 and max(points.values()) == 1
     assert {item["result"]["exit_status"] for item in history} == {"completed"}
     assert agent.n_observations == sum(points.values())  # every point measured reached the agent
+    starts = [doc["uid"] for name, doc in derived if name == "start"]
+    assert starts and sorted(in_tiled) == sorted(starts)
+    assert all(names[0] == "start" and names[-1] == "stop" for names in in_tiled.values())
+    assert sum(len(names) for names in in_tiled.values()) == len(derived)
 
 
 @pytest.mark.integration
