@@ -942,6 +942,9 @@ def render_status_page(s: dict[str, Any]) -> str:
     if tiled and not tiled["connected"]:
         paused += (f"<p class='rejected'>tiled at {e(tiled['uri'])} does not answer ({e(tiled['reason'])}): "
                    f"{e(str(tiled['behind']))} derived documents wait on the topic</p>")
+    elif tiled and tiled["age_s"] > 10:
+        paused += (f"<p class='rejected'>the tiled mirror has waited {tiled['age_s']:.0f} s for tiled at "
+                   f"{e(tiled['uri'])} to answer one write</p>")
     if tiled and tiled["failed_runs"]:
         paused += "".join(f"<p class='rejected'>derived run {e(uid)} is not in tiled: {e(why)}</p>"
                           for uid, why in tiled["failed_runs"].items())

@@ -99,6 +99,7 @@ class TiledMirror(ClosesOnExit):
         self._below = dict(self._position)  # documents before this were written (unless rewritten)
         self.documents_written = 0
         self.runs_written = 0
+        self._unwritten = 0
         self._snapshot: dict[str, Any] = {}
         self._publish()
 
@@ -148,7 +149,9 @@ class TiledMirror(ClosesOnExit):
         if self._down_since is not None and not self._back():
             return 0
         written = 0
-        for record in self._source.poll(timeout_s):
+        records = self._source.poll(timeout_s)
+        for i, record in enumerate(records):
+            self._unwritten = len(records) - i  # read, not yet written: behind, too
             if record.error is not None:
                 logger.warning("tiled mirror: skipped message %s:%s@%s: %s", record.topic, record.partition,
                                record.offset, record.error)
@@ -157,6 +160,8 @@ class TiledMirror(ClosesOnExit):
             if not self._write(record):
                 break  # tiled went away, or a run is written again: the rest is read again
             written += 1
+            self._publish()
+        self._unwritten = 0
         self._publish()
         return written
 
@@ -298,8 +303,10 @@ class TiledMirror(ClosesOnExit):
     def _publish(self) -> None:
         """What :meth:`status` reports, copied here by the mirror's thread."""
         down = self._down_since
-        behind = self._source.lag() if hasattr(self._source, "lag") else None
+        lag = self._source.lag() if hasattr(self._source, "lag") else None
+        behind = None if lag is None else lag + self._unwritten
         snapshot = {"uri": self.uri, "connected": down is None, "down_since": down, "behind": behind,
+                    "at": time.monotonic(),
                     "reason": self._reason if down is not None else "",
                     "runs_written": self.runs_written, "documents_written": self.documents_written,
                     "open_runs": sorted(self._open), "failed_runs": dict(self._failed_runs)}
@@ -308,27 +315,28 @@ class TiledMirror(ClosesOnExit):
 
     def status(self) -> dict[str, Any]:
         """JSON-able: ``connected``, ``down_for_s``, ``reason``, ``behind`` (documents on the topic
-        not yet read, when known), ``runs_written``, ``documents_written``, ``open_runs``,
-        ``failed_runs`` (uid: why tiled does not have it). As of the mirror's last step: cheap,
-        and never waits on the mirror's consumer or on tiled."""
+        not yet written, when known), ``runs_written``, ``documents_written``, ``open_runs``,
+        ``failed_runs`` (uid: why tiled does not have it), as of ``age_s`` seconds ago (the
+        mirror's last document or poll: a write tiled is slow to answer makes it grow). Cheap: it
+        never waits on the mirror's consumer or on tiled."""
         with self._lock:
             out = dict(self._snapshot)
         down = out.pop("down_since")
         out["down_for_s"] = None if down is None else time.monotonic() - down
+        out["age_s"] = time.monotonic() - out.pop("at")
         return out
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Write until the topic has nothing more (or ``timeout_s``); True if caught up."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        began = time.monotonic()
+        while time.monotonic() < began + timeout_s:
             if self._thread is None:
                 self.step(0.1)
             else:
                 time.sleep(0.05)
-            if self._thread is None:
-                self._publish()
             status = self.status()
-            if status["connected"] and status["behind"] == 0:
+            fresh = status["age_s"] < time.monotonic() - began  # published since the drain began
+            if fresh and status["connected"] and status["behind"] == 0:
                 return True
         return False
 

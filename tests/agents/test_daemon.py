@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import yaml
 
-from agents.daemon import Checkpoint, Daemon, StatusServer
+from agents.daemon import Checkpoint, Daemon, StatusServer, render_status_page
 from agents.daemon_config import load_daemon_config
 from agents.errors import ConfigError
 from simulators.sas_documents import sas_run_documents
@@ -315,6 +315,16 @@ def test_status_server_serves_health_metrics_and_a_page(broker, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(server.address + "/nope")
         assert err.value.code == 404
+        # what the page says of a stalled agent and of tiled (their own tests make them for real)
+        s = daemon.status() | {"stalled": {"map1": "2 of its plans wait in the queue, but the queue is stopped"}}
+        s["tiled"] = {"uri": "http://127.0.0.1:8000", "connected": False, "reason": "Connection refused",
+                      "behind": 12, "age_s": 0.5, "failed_runs": {"u1": "tiled refused its event document"}}
+        page = render_status_page(s)
+        assert "agent map1 waits: 2 of its plans wait in the queue, but the queue is stopped" in page
+        assert "(Connection refused): 12 derived documents wait on the topic" in page
+        assert "derived run u1 is not in tiled: tiled refused its event document" in page
+        s["tiled"] |= {"connected": True, "age_s": 42.0, "failed_runs": {}}
+        assert "waited 42 s for tiled" in render_status_page(s)
     finally:
         server.stop()
         daemon.close()
