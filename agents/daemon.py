@@ -277,11 +277,27 @@ class Daemon:
                 gate = SafetyGate(entry.safety.to_config())
                 gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
-        self.source = source if source is not None else self._make_source()
-        self.derived_sink = derived_sink if derived_sink is not None else self._make_derived_sink()
         self.extra_sinks = list(extra_sinks or ())
-        self.tiled_mirror = self._make_tiled_mirror()
-        self.plan_sink = plan_sink if plan_sink is not None else self._make_plan_sink()
+        made: list[Any] = []  # what this constructor opened: closed again if a later part fails
+        try:
+            if source is None:
+                source = self._make_source()
+                made.append(source)
+            if derived_sink is None:
+                derived_sink = self._make_derived_sink()
+                made.append(derived_sink)
+            if plan_sink is None:
+                plan_sink = self._make_plan_sink()
+                made += [plan_sink] if plan_sink is not None else []
+            self.tiled_mirror = self._make_tiled_mirror()  # last: it starts a thread
+        except BaseException:
+            for thing in reversed(made):
+                try:
+                    thing.close()
+                except Exception as err:  # noqa: BLE001 — the first error is the one to report
+                    logger.debug("closing %s after a failed start: %s", type(thing).__name__, err)
+            raise
+        self.source, self.derived_sink, self.plan_sink = source, derived_sink, plan_sink
         # where each batching agent last had nothing waiting: the checkpoint goes no further
         self._consumed: dict[str, int] = dict(self.state.offsets)
         self._reading: tuple[str, int] = ("", -1)  # the record being processed (topic:partition, offset)
@@ -998,7 +1014,11 @@ def serve(config: DaemonConfig, *, ready: Callable[[Daemon, StatusServer], None]
         signal.signal(sig, lambda *_: stopping.set())
     daemon = Daemon(config)
     daemon.stopping = stopping
-    server = StatusServer(daemon, config.http.host, config.http.port).start()
+    try:
+        server = StatusServer(daemon, config.http.host, config.http.port).start()
+    except BaseException:
+        daemon.close()  # its consumer, producer and tiled mirror, and a final checkpoint
+        raise
     logger.warning("beampilot daemon up: status %s, reading %s", server.address, config.documents_topic)
     if ready is not None:
         ready(daemon, server)

@@ -27,6 +27,7 @@ from agents.errors import ConfigError
 from simulators.sas_documents import sas_run_documents
 from streams.broker import LocalBroker, create_topic
 from streams.derived import validate_document
+from streams.errors import StreamError
 from streams.kafka import KafkaDocumentSink, KafkaDocumentSource, KafkaSettings, pack
 
 pytestmark = [
@@ -340,6 +341,27 @@ def test_unreachable_broker_fails_at_start_naming_the_address(tmp_path):
     assert result.returncode == 2
     assert "127.0.0.1:1" in result.stderr and "refused" in result.stderr.lower()
     assert time.monotonic() - t0 < 30
+
+
+def test_a_start_that_fails_at_the_queueserver_closes_the_kafka_clients_it_opened(broker, tmp_path):
+    """The broker answers, the queueserver does not: the error names the queueserver, and the
+    consumer and producer opened before it are closed again, not left running."""
+    before = {t for t in threading.enumerate() if t.name.startswith("kafka-io-") or t.name.endswith("-network-thread")}
+    limits = {axis: {"low": 0, "high": 10, "max_step": 2.0} for axis in ("stage_x", "stage_y")}
+    cfg = load_daemon_config(_config(broker, tmp_path / "state", queueserver={"zmq_control_addr": "tcp://127.0.0.1:1"},
+                                     agents=[{"kind": "mapping", "name": "map1", "settings": {
+                                         "extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"]},
+                                         "safety": {"allowed_plans": ["measure"], "limits": limits}}]))
+    with pytest.raises(StreamError, match="127.0.0.1:1"):
+        Daemon(cfg)
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()
+                and (t.name.startswith("kafka-io-") or t.name.endswith("-network-thread"))]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert left == []
 
 
 def test_an_agents_bad_settings_are_reported_before_any_server_is_needed(tmp_path):
