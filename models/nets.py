@@ -621,12 +621,15 @@ def infer(model: nn.Module, batch: torch.Tensor, *, device: torch.device | None 
                     outs.append(model(x)[: min(sub, len(batch) - i)].float().cpu())
             note["sub_batch"] = sub
             return torch.cat(outs), note
-        except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - needs a GPU
-            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as err:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if sub > 1:
                 sub = max(1, sub // 2)
                 note["fallback"] = f"CUDA out of memory; sub-batch halved to {sub}"
                 continue
+            if device.type == "cpu":  # nothing smaller and nowhere else to go
+                raise
             device = torch.device("cpu")
             note["fallback"] = f"CUDA out of memory at one frame ({err}); ran on the CPU"
             note["device"] = "cpu"

@@ -278,6 +278,34 @@ def test_a_failing_fused_call_falls_back_to_the_plain_pass_for_good(monkeypatch,
         torch.testing.assert_close(out, model(batch))
 
 
+class _Limited(torch.nn.Module):
+    """The identity, but like a device whose memory holds only ``room`` frames: more in one call
+    raise CUDA's out-of-memory error (the only way to reach that path without a GPU)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room, self.calls = room, []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.room:
+            raise torch.cuda.OutOfMemoryError(f"{len(x)} frames do not fit")
+        return x
+
+
+def test_out_of_memory_halves_the_sub_batch_until_it_fits_and_says_so():
+    from models.nets import infer
+
+    batch = torch.arange(7 * 16, dtype=torch.float32).reshape(7, 1, 4, 4)
+    model = _Limited(room=2)
+    out, note = infer(model, batch, device=torch.device("cpu"), max_batch=7)
+    assert torch.equal(out, batch)  # every frame, in order
+    assert note["sub_batch"] == 1 and "sub-batch halved to 1" in note["fallback"]
+    assert model.calls[:2] == [7, 3]  # 7 -> 3 -> 1
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one frame does not fit, and this is the CPU
+        infer(_Limited(room=0), batch, device=torch.device("cpu"))
+
+
 def test_activation_must_be_known():
     with pytest.raises(ValueError, match="activation must be one of"):
         UNet(1, 1, activation="tanh")
