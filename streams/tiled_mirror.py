@@ -16,8 +16,9 @@ keeps them, and writes them into tiled in order from its own position:
   run is tried once more from its start, then reported by uid and skipped, and the mirror goes on
   with the other runs;
 * its position and the runs open in tiled are saved to a small JSON file (atomically) after
-  every run and on close, so a restarted mirror goes on where it was. A file older than the truth
-  only means some runs are written again.
+  every run and on close, so a restarted mirror goes on where it was. Without the file (or with
+  an old one) it reads the topic from its start (or from that position) and leaves alone the runs
+  tiled already has whole, stop document included.
 
 It runs in its own thread, with its own Kafka consumer and tiled client, so a slow or absent
 tiled never holds up whoever publishes the documents.
@@ -94,6 +95,7 @@ class TiledMirror(ClosesOnExit):
         self._failed_runs: dict[str, str] = {}  # run uid -> why tiled does not have it
         self._tries: dict[str, int] = {}
         self._skipping: set[str] = set()  # runs given up on: their remaining documents are skipped
+        self._whole: set[str] = set()  # runs read again that tiled has whole: skipped too
         self._run_of: dict[str, str] = {}  # descriptor / resource uid -> run uid
         self._rewrite: set[str] = set(self._open)  # runs to write again whole when they come by
         self._below = dict(self._position)  # documents before this were written (unless rewritten)
@@ -171,12 +173,16 @@ class TiledMirror(ClosesOnExit):
         partition, name, doc = f"{record.topic}:{record.partition}", record.name, record.doc
         run = self._run_uid(name, doc)
         old = record.offset < self._below.get(partition, 0)
-        if (old and run not in self._rewrite) or run in self._skipping:
+        if (old and run not in self._rewrite) or run in self._skipping or run in self._whole:
             self._advance(partition, record.offset, run if name == "stop" else None)
             return True
         try:
             if self._sink is None:
                 self._sink = self._sink_factory()
+            if name == "start" and self._is_whole(run):
+                self._whole.add(run)  # its documents are skipped up to its stop
+                self._advance(partition, record.offset)
+                return True
             if name == "start":
                 self._forget_partial(run)
             self._sink(name, doc)
@@ -214,9 +220,16 @@ class TiledMirror(ClosesOnExit):
             self._open.pop(stopped, None)
             self._rewrite.discard(stopped)
             self._skipping.discard(stopped)
+            self._whole.discard(stopped)
             self._tries.pop(stopped, None)
             self._run_of = {k: v for k, v in self._run_of.items() if v != stopped}
             self._save()
+
+    def _is_whole(self, run: str) -> bool:
+        """Whether tiled has ``run`` with its stop already (a mirror without its state file, or
+        with an old one, reads such runs again): then it is left as it is."""
+        client = self._sink._client
+        return run in client and bool(client[run].metadata.get("stop"))
 
     def _forget_partial(self, run: str) -> None:
         """Delete the partial copy of ``run`` in tiled, if there is one (before it is written again,

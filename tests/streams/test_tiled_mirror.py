@@ -81,6 +81,18 @@ def test_every_run_reaches_tiled_whole_through_an_outage_and_a_restart(kafka_set
     assert len(runs) == 4 and written == len(a) + 4 + len(b) + len(c) + 3  # b: its first 4, then whole
     _assert_same_run(runs[d[0][1]["uid"]], d)
 
+    state.unlink()  # a mirror that lost its state reads the topic from its start
+    fresh = _mirror(kafka_settings, topic, tiled, state)
+    try:
+        assert fresh.drain(30)
+        assert fresh.documents_written == 0  # every run there is whole: left as it is
+    finally:
+        fresh.close()
+    after = _runs(tiled)
+    assert sorted(after) == sorted(runs)
+    for run in (a, b, c, d):
+        _assert_same_run(after[run[0][1]["uid"]], run)
+
 
 def test_a_run_tiled_refuses_is_reported_and_not_left_half_written(kafka_settings, topic, tiled, tmp_path):
     bad, good = run_documents(3), run_documents(2)
