@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -242,14 +242,12 @@ class Daemon:
     config
         The validated configuration.
     source, derived_sink, plan_sink
-        Built from ``config`` when not given (tests and the benchmark pass their own).
-    extra_sinks
-        More sinks every derived document is sent to as it is published (none by default;
-        tiled, when configured, follows the derived topic on its own: :mod:`streams.tiled_mirror`).
+        Built from ``config`` when not given (tests and the benchmark pass their own). Tiled,
+        when configured, follows the derived topic on its own (:mod:`streams.tiled_mirror`).
     """
 
     def __init__(self, config: DaemonConfig, *, source: Any = None, derived_sink: Any = None,
-                 plan_sink: Any = None, extra_sinks: Iterable[Any] | None = None) -> None:
+                 plan_sink: Any = None) -> None:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +275,6 @@ class Daemon:
                 gate = SafetyGate(entry.safety.to_config())
                 gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
-        self.extra_sinks = list(extra_sinks or ())
         made: list[Any] = []  # what this constructor opened: closed again if a later part fails
         try:
             if source is None:
@@ -643,13 +640,6 @@ class Daemon:
             self.derived_sink(name, doc)
         self.derived_sink.flush()
         self.metrics.docs_out.labels(sink="kafka").inc(len(docs))
-        for sink in self.extra_sinks:
-            try:
-                for name, doc in docs:
-                    sink(name, doc)
-                self.metrics.docs_out.labels(sink=type(sink).__name__).inc(len(docs))
-            except Exception as err:
-                self._error("sink", f"{type(sink).__name__} failed: {err}; the documents are on the Kafka topic")
 
     # -- plans -------------------------------------------------------------------------------------
     def _plans(self) -> None:
@@ -858,7 +848,7 @@ class Daemon:
         if mirror is not None and not mirror.drain(self.config.tiled.drain_s if self.config.tiled else 0):
             logger.warning("tiled is %s derived documents behind; the mirror writes them at the next start",
                            mirror.status().get("behind"))
-        for thing in (self.source, self.derived_sink, *self.extra_sinks, *([mirror] if mirror else [])):
+        for thing in (self.source, self.derived_sink, *([mirror] if mirror else [])):
             try:
                 thing.close()
             except Exception as err:

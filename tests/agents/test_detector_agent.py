@@ -567,7 +567,7 @@ def _daemon(tmp_path, weights, frames, *, stop, **batching):
     if stop:
         docs.append(("stop", run.compose_stop()))
     sink = _ListSink()
-    return Daemon(config, source=_ListSource(docs), derived_sink=sink, extra_sinks=[]), sink, run
+    return Daemon(config, source=_ListSource(docs), derived_sink=sink), sink, run
 
 
 def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frames):
@@ -623,7 +623,7 @@ def _detector_daemon(tmp_path, weights, docs, start=0, **batching):
     settings = {"analysis": "bragg", "weights": str(weights), "device": "cpu", **batching}
     config = load_daemon_config({"agents": [{"kind": "detector", "name": "peaks", "settings": settings}],
                                  "state_dir": str(tmp_path / "state"), "fsync": False})
-    return Daemon(config, source=_ListSource(docs, start), derived_sink=(sink := _ListSink()), extra_sinks=[]), sink
+    return Daemon(config, source=_ListSource(docs, start), derived_sink=(sink := _ListSink())), sink
 
 
 @pytest.mark.parametrize("pages", [False, True])

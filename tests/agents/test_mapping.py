@@ -275,7 +275,7 @@ def test_the_daemon_takes_up_where_the_stage_is_from_the_stream(tmp_path, readin
     event = desc.compose_event(data={k: data[k] for k in keys}, timestamps={k: 0.0 for k in keys})
     docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("event", event), ("stop", run.compose_stop())]
     queue = _PlanQueue()
-    daemon = Daemon(config, source=_ListSource(docs), derived_sink=_ListSink(), extra_sinks=[], plan_sink=queue)
+    daemon = Daemon(config, source=_ListSource(docs), derived_sink=_ListSink(), plan_sink=queue)
     try:
         while daemon.step():  # when the stream runs dry the agent is asked for plans
             pass
