@@ -119,6 +119,7 @@ class Checkpoint:
     open_derived: dict[str, dict[str, int]] = field(default_factory=dict)  # derived start uid -> events per stream
     awaiting: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {request key: sent at}
     gate_positions: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {axis: value}
+    latest_start: float = 0.0  # wall time the newest run's start arrived
     written_at: float = 0.0
 
     @classmethod
@@ -264,6 +265,10 @@ class Daemon:
         self._derived_streams: dict[str, tuple[str, str]] = {}  # derived descriptor uid -> (start uid, stream)
         self._group_committed = 0.0
         self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
+        self._run_of_descriptor = {d["uid"]: uid for uid, run in self.state.open_runs.items()
+                                   for d in run["descriptors"]}
+        for run in self.state.open_runs.values():  # a checkpoint from before last_seen was kept
+            run.setdefault("last_seen", time.time())
         self.kafka_settings = self._kafka_settings()
         # the agents first: a mistake in their settings or weights is reported before any server
         # (broker, tiled, queueserver) has to be up
@@ -308,6 +313,7 @@ class Daemon:
         self._history_seen: dict[str, float] = {}
         self._stopped_agents: set[str] = set()
         self._queue = _QueueServerLink()
+        self._last_abandon_check = 0.0
 
     # -- construction from config ------------------------------------------------------------------
     def _kafka_settings(self) -> Any:
@@ -450,6 +456,7 @@ class Daemon:
             self._commit()
         else:
             self._poll_agents()
+            self._abandon_stale_runs()
         lag = self.source.lag() if hasattr(self.source, "lag") else None
         if lag is not None:
             self.metrics.lag.set(lag)
@@ -474,6 +481,9 @@ class Daemon:
             return 0
         self._track(name, doc)
         if name in ("event", "event_page"):
+            run = self.state.open_runs.get(self._run_of_descriptor.get(doc.get("descriptor", ""), ""))
+            if run is not None:
+                run["last_seen"] = time.time()
             self._take_up_positions(name, doc)
         self._tell_all(name, doc)
         self.metrics.docs_in.labels(name=name).inc()
@@ -510,12 +520,17 @@ class Daemon:
     def _track(self, name: str, doc: dict[str, Any]) -> None:
         """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""
         runs = self.state.open_runs
+        now = time.time()
         if name == "start":
-            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}}
+            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}, "last_seen": now}
+            self.state.latest_start = now
         elif name == "descriptor" and doc.get("run_start") in runs:
             runs[doc["run_start"]]["descriptors"].append(doc)
+            runs[doc["run_start"]]["last_seen"] = now
+            self._run_of_descriptor[doc["uid"]] = doc["run_start"]
         elif name == "resource" and doc.get("run_start") in runs:
             runs[doc["run_start"]].setdefault("resources", []).append(doc)
+            runs[doc["run_start"]]["last_seen"] = now
         elif name in ("datum", "datum_page"):
             # kept until the checkpoint passes the event that uses it (see _forget_used_datums)
             datums = [doc] if name == "datum" else list(event_model.unpack_datum_page(doc))
@@ -532,6 +547,8 @@ class Daemon:
                     run.setdefault("datums_used", {})[datum_id] = list(self._reading)
         elif name == "stop":
             run = runs.pop(doc.get("run_start"), None)
+            for descriptor in (run or {}).get("descriptors", []):
+                self._run_of_descriptor.pop(descriptor["uid"], None)
             key = _request_key(run["start"]) if run else None
             if key is not None:
                 for waiting in self.state.awaiting.values():
@@ -549,6 +566,32 @@ class Daemon:
                 except Exception as err:
                     self._error(f"agent:{agent_name}", f"agent {agent_name} failed on {what}: "
                                 f"{type(err).__name__}: {err}")
+
+    def _abandon_stale_runs(self) -> None:
+        """Close, for the agents, runs whose RunEngine has most likely died: no document for
+        ``abandon_runs_after_s`` while a later run has started. Without this their derived runs
+        stayed open for ever (and their starts in every checkpoint). A RunEngine suspended for
+        hours (a beam dump) starts no later run, so its run is left alone; two RunEngines on one
+        topic can make a long-suspended run look abandoned: raise the limit or set it to null."""
+        limit, now = self.config.abandon_runs_after_s, time.time()
+        if limit is None or time.monotonic() - self._last_abandon_check < min(10.0, limit / 4):
+            return
+        self._last_abandon_check = time.monotonic()
+        stale = [uid for uid, run in self.state.open_runs.items()
+                 if run.get("last_seen", 0.0) < self.state.latest_start and now - run.get("last_seen", 0.0) > limit]
+        for uid in stale:
+            quiet = now - self.state.open_runs[uid].get("last_seen", 0.0)
+            stop = {"uid": str(uuid.uuid4()), "time": now, "run_start": uid, "exit_status": "fail",
+                    "reason": f"beampilot: no stop document; nothing of this run for {quiet:.0f} s while a later run "
+                              "started, so its RunEngine most likely died (abandon_runs_after_s)"}
+            validate_document("stop", stop)
+            self.sequence.check("stop", stop)
+            self._track("stop", stop)
+            self._tell_all("stop", stop)
+            self._error("run", f"run {uid} closed for the agents: no document for {quiet:.0f} s and no stop, "
+                        "while a later run started")
+        if stale:
+            self._commit()
 
     def _tell_all(self, name: str, doc: dict[str, Any]) -> None:
         self._each_agent(f"{name} {doc.get('uid')}", lambda agent: agent.tell(name, doc))
@@ -678,6 +721,7 @@ class Daemon:
             logger.warning("the queue server answers again, after %.0f s; plans go out again",
                            time.monotonic() - q.down_since)
             self._queue = _QueueServerLink()
+        self._last_abandon_check = 0.0
 
     def _plan_round(self, name: str, steering: _Steering) -> None:
         waiting = self.state.awaiting.setdefault(name, {})

@@ -114,6 +114,10 @@ class DaemonConfig(_Strict):
     max_message_bytes: int = Field(default=16 * 2**20, ge=1024)
     fsync: bool = True
     settle_s: float = Field(default=2.0, ge=0)
+    #: a run with no document for this long (s), while a later run has started, is taken to have
+    #: lost its RunEngine: the agents get a stop for it (exit_status 'fail') and close their derived
+    #: runs; None: runs stay open until their own stop comes
+    abandon_runs_after_s: float | None = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> DaemonConfig:

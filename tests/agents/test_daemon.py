@@ -331,6 +331,47 @@ def test_status_server_serves_health_metrics_and_a_page(broker, tmp_path):
         daemon.close()
 
 
+def test_a_run_whose_runengine_died_is_closed_for_the_agents_once_a_later_run_starts(tmp_path):
+    """Run A never gets its stop (its RunEngine was killed). While nothing later starts, A stays
+    open however quiet (a suspended RunEngine); once run B has started and A has been quiet for
+    abandon_runs_after_s, the agents get a stop for A and its derived run ends with 'fail'."""
+    from streams.kafka import Record
+    from tests.agents.test_detector_agent import _ListSink, _ListSource
+
+    a = [(n, d) for n, d in sas_run_documents(3, seed=1) if n != "stop"]
+    b = list(sas_run_documents(2, seed=2))
+    config = load_daemon_config({"agents": [{"kind": "rate", "name": "rate"}], "state_dir": str(tmp_path / "state"),
+                                 "fsync": False, "abandon_runs_after_s": 0.4})
+    source, sink = _ListSource(a), _ListSink()
+    daemon = Daemon(config, source=source, derived_sink=sink)
+    try:
+        while daemon.step():
+            pass
+        time.sleep(0.5)
+        for _ in range(5):  # quiet, but nothing later has started: a suspended run looks like this
+            daemon.step()
+            time.sleep(0.1)
+        assert list(daemon.state.open_runs) == [a[0][1]["uid"]]
+        source.records = [Record("raw", 0, len(a) + i, 0, 0, n, d) for i, (n, d) in enumerate(b)]
+        while daemon.step():
+            pass
+        time.sleep(0.5)
+        for _ in range(5):
+            daemon.step()
+            time.sleep(0.1)
+        assert daemon.state.open_runs == {}
+        errors = list(daemon.recent_errors)
+    finally:
+        daemon.close()
+    stops = {d["run_start"]: d for n, d in sink.docs if n == "stop"}
+    starts = {d["raw_run_uid"]: d["uid"] for n, d in sink.docs if n == "start"}
+    assert stops[starts[a[0][1]["uid"]]]["exit_status"] == "fail"
+    assert stops[starts[b[0][1]["uid"]]]["exit_status"] == "success"
+    assert any(a[0][1]["uid"] in e and "no stop" in e for e in errors)
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+
+
 def test_unreachable_broker_fails_at_start_naming_the_address(tmp_path):
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "state_dir": str(tmp_path),
