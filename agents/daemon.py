@@ -481,9 +481,6 @@ class Daemon:
             return 0
         self._track(name, doc)
         if name in ("event", "event_page"):
-            run = self.state.open_runs.get(self._run_of_descriptor.get(doc.get("descriptor", ""), ""))
-            if run is not None:
-                run["last_seen"] = time.time()
             self._take_up_positions(name, doc)
         self._tell_all(name, doc)
         self.metrics.docs_in.labels(name=name).inc()
@@ -520,17 +517,14 @@ class Daemon:
     def _track(self, name: str, doc: dict[str, Any]) -> None:
         """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""
         runs = self.state.open_runs
-        now = time.time()
         if name == "start":
-            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}, "last_seen": now}
-            self.state.latest_start = now
+            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}}
+            self.state.latest_start = time.time()
         elif name == "descriptor" and doc.get("run_start") in runs:
             runs[doc["run_start"]]["descriptors"].append(doc)
-            runs[doc["run_start"]]["last_seen"] = now
             self._run_of_descriptor[doc["uid"]] = doc["run_start"]
         elif name == "resource" and doc.get("run_start") in runs:
             runs[doc["run_start"]].setdefault("resources", []).append(doc)
-            runs[doc["run_start"]]["last_seen"] = now
         elif name in ("datum", "datum_page"):
             # kept until the checkpoint passes the event that uses it (see _forget_used_datums)
             datums = [doc] if name == "datum" else list(event_model.unpack_datum_page(doc))
@@ -553,6 +547,11 @@ class Daemon:
             if key is not None:
                 for waiting in self.state.awaiting.values():
                     waiting.pop(key, None)
+        # when the run last said anything (datums aside: events follow them), for _abandon_stale_runs
+        uid = doc["uid"] if name == "start" else doc.get("run_start") or self._run_of_descriptor.get(
+            doc.get("descriptor", ""), "")
+        if uid in runs:
+            runs[uid]["last_seen"] = time.time()
 
     def _each_agent(self, what: str, call: Callable[[Any], Any], only: Callable[[Any], Any] | None = None) -> None:
         """``call(agent)`` for every agent (that ``only`` accepts); an agent that raises is logged
@@ -578,9 +577,9 @@ class Daemon:
             return
         self._last_abandon_check = time.monotonic()
         stale = [uid for uid, run in self.state.open_runs.items()
-                 if run.get("last_seen", 0.0) < self.state.latest_start and now - run.get("last_seen", 0.0) > limit]
+                 if run["last_seen"] < self.state.latest_start and now - run["last_seen"] > limit]
         for uid in stale:
-            quiet = now - self.state.open_runs[uid].get("last_seen", 0.0)
+            quiet = now - self.state.open_runs[uid]["last_seen"]
             stop = {"uid": str(uuid.uuid4()), "time": now, "run_start": uid, "exit_status": "fail",
                     "reason": f"beampilot: no stop document; nothing of this run for {quiet:.0f} s while a later run "
                               "started, so its RunEngine most likely died (abandon_runs_after_s)"}
@@ -721,7 +720,6 @@ class Daemon:
             logger.warning("the queue server answers again, after %.0f s; plans go out again",
                            time.monotonic() - q.down_since)
             self._queue = _QueueServerLink()
-        self._last_abandon_check = 0.0
 
     def _plan_round(self, name: str, steering: _Steering) -> None:
         waiting = self.state.awaiting.setdefault(name, {})

@@ -115,8 +115,8 @@ class TiledMirror(ClosesOnExit):
             open_runs = {str(k): [str(v[0]), int(v[1])] for k, v in state["open"].items()}
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
             raise StreamError(f"the tiled mirror's state {self.state_path} cannot be read ({err}); "
-                              "move it away to mirror the topic from its start (runs in tiled are "
-                              "then written again)") from err
+                              "move it away to mirror the topic from its start (runs tiled has whole "
+                              "are left as they are)") from err
         return {"position": position, "open": open_runs}
 
     def _save(self) -> None:
