@@ -179,12 +179,11 @@ class TiledMirror(ClosesOnExit):
         try:
             if self._sink is None:
                 self._sink = self._sink_factory()
-            if name == "start" and self._is_whole(run):
-                self._whole.add(run)  # its documents are skipped up to its stop
+            # a mirror without its state file, or with an old one, reads again runs tiled has whole
+            if name == "start" and not self._forget_partial(run, unless_whole=True):
+                self._whole.add(run)  # left as they are: their documents are skipped up to the stop
                 self._advance(partition, record.offset)
                 return True
-            if name == "start":
-                self._forget_partial(run)
             self._sink(name, doc)
         except (StreamError, DocumentError) as err:
             if isinstance(err, DocumentError) or self._answers():
@@ -225,21 +224,30 @@ class TiledMirror(ClosesOnExit):
             self._run_of = {k: v for k, v in self._run_of.items() if v != stopped}
             self._save()
 
-    def _is_whole(self, run: str) -> bool:
-        """Whether tiled has ``run`` with its stop already (a mirror without its state file, or
-        with an old one, reads such runs again): then it is left as it is."""
-        client = self._sink._client
-        return run in client and bool(client[run].metadata.get("stop"))
+    def _forget_partial(self, run: str, *, unless_whole: bool = False) -> bool:
+        """Delete the copy of ``run`` in tiled, if there is one and it has no stop (or, without
+        ``unless_whole``, whatever it has); False if it was left because it is whole.
 
-    def _forget_partial(self, run: str) -> None:
-        """Delete the partial copy of ``run`` in tiled, if there is one (before it is written again,
-        or when it is given up)."""
+        Raises
+        ------
+        StreamError
+            If tiled does not answer (the tiled client's own errors, named).
+        """
         if self._sink is None:
             self._sink = self._sink_factory()
         client = self._sink._client
-        if run in client:
+        try:
+            node = client.get(run)
+            if node is None:
+                return True
+            if unless_whole and node.metadata.get("stop"):
+                return False
             client.delete_contents(run, recursive=True, external_only=False)
-            logger.warning("tiled mirror: deleted the partial copy of run %s in tiled", run)
+        except Exception as err:  # httpx's and tiled's own, from a server that went away
+            raise StreamError(f"tiled at {self.uri}: looking up or deleting run {run}: "
+                              f"{type(err).__name__}: {err}") from err
+        logger.warning("tiled mirror: deleted the partial copy of run %s in tiled", run)
+        return True
 
     def _refused(self, run: str, partition: str, offset: int, name: str, err: Exception) -> bool:
         """Tiled answers but refused a document: try its run once more from the start, then skip
