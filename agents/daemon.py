@@ -747,7 +747,7 @@ class Daemon:
             steering.rejected_rounds += 1
             if steering.rejected_rounds >= MAX_REJECTED_ROUNDS:
                 last = str(self.recent_plans[-1].get("reason", ""))
-                check = ("the agent's plan against the RE Manager's user group permissions"
+                check = ("the queue server's reason, in the log and on the status page"
                          if last.startswith("queue server:") else "the agent's limits against its safety config")
                 steering.paused = (f"every request was rejected {steering.rejected_rounds} rounds in a row "
                                    f"(last: {last}); check {check}, then restart the daemon")
@@ -790,11 +790,17 @@ class Daemon:
                 with self._lock:
                     agent.rejected(request, f"the queue server refused it: {err.reason}")
             return False
-        if self.config.queueserver is not None and self.config.queueserver.start_queue:
-            self.plan_sink.start_queue()  # no-op when it is running already
         self.metrics.plans_sent.labels(agent=name).inc()
         self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
                                   "points": len(request.kwargs.get("points", ())), "time": time.time()})
+        if self.config.queueserver is not None and self.config.queueserver.start_queue:
+            try:
+                self.plan_sink.start_queue()  # no-op when it is running already
+            except QueueServerUnreachableError:
+                raise
+            except StreamError as err:  # queued all the same; _check_stall says what it waits for
+                self._error(f"agent:{name}", f"agent {name}: plan {request.key} is queued, but the queue "
+                            f"did not start: {err}")
         return True
 
     def _check_stall(self, name: str, steering: _Steering, outstanding: int) -> None:

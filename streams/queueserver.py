@@ -391,6 +391,10 @@ class QueueServerPlanSink(ClosesOnExit):
             names = [p["name"] for p in allowed[request.plan].get("parameters", [])]
             return f"Check the arguments against the plan's parameters {names}"
         group = f" for group {self.user_group!r}" if self._via_zmq else ""
+        if not allowed:  # a manager learns its plans from the startup code, when an environment opens
+            return (f"The RE Manager allows no plans{group}: if its RE environment has never been opened, "
+                    "open it once ('qserver environment open') so it learns the startup code's plans; "
+                    "else check its user group permissions")
         return f"Plans allowed{group}: {sorted(allowed)}"
 
     def outstanding(self, agent: str) -> int:

@@ -114,7 +114,7 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
 
 
 @contextmanager
-def _stack_loop(tmp_path, queueserver=None, tiled=False):
+def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True):
     """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument, and tiled if
     asked) and a daemon whose Q-sampling agent steers it; ``queueserver``: more of the daemon's
     queueserver settings."""
@@ -128,7 +128,8 @@ def _stack_loop(tmp_path, queueserver=None, tiled=False):
         config["queueserver"].update(queueserver or {})
         daemon = Daemon(load_daemon_config(config))
         try:
-            daemon.plan_sink.ensure_environment()
+            if open_environment:
+                daemon.plan_sink.ensure_environment()
             yield stack, daemon
         finally:
             daemon.close()
@@ -245,9 +246,42 @@ def test_plans_the_queue_server_refuses_are_reported_and_pause_the_agent(tmp_pat
         plans = list(daemon.recent_plans)
         gate = daemon.steering["qsampling"].gate
         _, keys, _ = _history(daemon)
-    assert "user group permissions" in paused and "rounds in a row" in paused
+    assert "the queue server's reason" in paused and "rounds in a row" in paused
     assert gate.report()["admitted"] == 0 and gate.report()["rejected"] == 3  # taken back at the gate
     assert daemon.state.gate_positions["qsampling"] == gate.positions == {}
     assert [p["status"] for p in plans] == ["rejected"] * 3
     assert all(p["reason"].startswith("queue server:") for p in plans)
     assert not keys and daemon.state.awaiting["qsampling"] == {}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_manager_whose_environment_never_opened_refuses_plans_and_the_reason_says_to_open_it(tmp_path):
+    """A freshly started RE Manager knows no plans until an environment has opened once: the
+    refusal names that, not only the (empty) list of allowed plans."""
+    with _stack_loop(tmp_path, open_environment=False) as (_, daemon):
+        _step_until(daemon, lambda: daemon.steering["qsampling"].paused, 60, "pause")
+        errors = list(daemon.recent_errors)
+    assert "allows no plans" in errors[0] and "qserver environment open" in errors[0]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_plan_queued_while_the_environment_is_closed_counts_as_sent_and_its_wait_is_reported(tmp_path):
+    """The RE environment was closed (by an operator): the next plan goes into the queue, the
+    queue cannot start; the plan is recorded as sent, the failed start is named, and the wait is
+    reported with what to do."""
+    with _stack_loop(tmp_path, queueserver={"stall_report_s": 0.5}) as (_, daemon):
+        sink = daemon.plan_sink
+        sink._call("environment_close")
+        sink._wait(lambda s: not s["worker_environment_exists"], 30, "closing the environment")
+        _step_until(daemon, lambda: daemon.status()["stalled"].get("qsampling"), 30, "report of the wait")
+        plans = list(daemon.recent_plans)
+        errors = list(daemon.recent_errors)
+        queued = sink.status()["items_in_queue"]
+        stalled = daemon.status()["stalled"]["qsampling"]
+    assert [p["status"] for p in plans] == ["sent"] and queued == 1
+    assert any("is queued, but the queue did not start" in e for e in errors)
+    assert "the RE environment is closed" in stalled
