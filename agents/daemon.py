@@ -313,6 +313,7 @@ class Daemon:
         self._history_seen: dict[str, float] = {}
         self._stopped_agents: set[str] = set()
         self._queue = _QueueServerLink()
+        self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
         self._last_abandon_check = 0.0
 
     # -- construction from config ------------------------------------------------------------------
@@ -696,8 +697,21 @@ class Daemon:
                 self._queue_server_lost(err)
                 return
             except StreamError as err:
-                self._error("queueserver", f"agent {name}: {err}")
+                self._queue_server_error(name, err)
         self._queue_server_answers()
+
+    def _queue_server_error(self, name: str, err: StreamError) -> None:
+        """An answer that is an error (the manager's Redis gone, say): logged once a minute while
+        it repeats, counted every time."""
+        message, now = f"agent {name}: {err}", time.monotonic()
+        said, count = self._repeated.get(message, (-1e9, 0))
+        if now - said >= 60.0:
+            again = f" (and {count} times more in the last minute)" if count else ""
+            self._error("queueserver", message + again)
+            self._repeated[message] = (now, 0)
+        else:
+            self.metrics.errors.labels(where="queueserver").inc()
+            self._repeated[message] = (said, count + 1)
 
     def _queue_server_lost(self, err: QueueServerUnreachableError) -> None:
         """Try again later, waiting longer each time; say so once, then once a minute."""
@@ -813,7 +827,8 @@ class Daemon:
         what would let the agent go on, and leaves the choice to the people at the beamline.
         """
         state = self.plan_sink.status() if outstanding else {}
-        if not outstanding or state.get("manager_state") not in ("idle", "paused"):
+        waiting = state.get("re_state") in (None, "idle", "paused")  # the RunEngine runs nothing
+        if not outstanding or not waiting:
             if steering.stalled is not None:
                 logger.warning("agent %s: its plans run again", name)
             steering.idle_since = steering.stalled = None
@@ -828,8 +843,12 @@ class Daemon:
         elif not state.get("worker_environment_exists"):
             todo = ("the RE environment is closed (a restarted RE Manager starts without one): open it "
                     "('qserver environment open'), then start the queue ('qserver queue start')")
-        else:
+        elif state.get("manager_state") == "idle":
             todo = "the queue is stopped: start it ('qserver queue start')"
+        else:  # seen after the manager's Redis went away mid-plan and came back; a queue stop and
+            # start did not clear it there
+            todo = (f"the RE Manager says {state.get('manager_state')!r} and runs no plan (did its Redis go "
+                    "away?): restart the RE Manager, then open its environment and start the queue")
         if steering.stalled is not None and steering.stalled.endswith(todo):
             return
         address = getattr(self.plan_sink, "address", "the queue server")

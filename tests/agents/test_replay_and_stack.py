@@ -285,3 +285,27 @@ def test_a_plan_queued_while_the_environment_is_closed_counts_as_sent_and_its_wa
     assert [p["status"] for p in plans] == ["sent"] and queued == 1
     assert any("is queued, but the queue did not start" in e for e in errors)
     assert "the RE environment is closed" in stalled
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out_in_silence(tmp_path):
+    """The manager's Redis stops mid-loop: its errors are logged once, not four times a second.
+    When Redis is back, the loop either goes on to its goal or, where the manager is left saying
+    it executes the queue while running nothing (as it was in every probe run), the daemon says so
+    and what to do."""
+    with _stack_loop(tmp_path, queueserver={"stall_report_s": 1.0}) as (stack, daemon):
+        agent = daemon.agents["qsampling"]
+        _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
+        before = len(daemon.recent_errors)
+        stack.redis.stop()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5:
+            daemon.step()
+        outage = list(daemon.recent_errors)[before:]
+        stack.redis.start()
+        _step_until(daemon, lambda: agent.stop_reason is not None or daemon.status()["stalled"], 60, "goal or report")
+        stalled = daemon.status()["stalled"].get("qsampling", "")
+    assert 1 <= len(outage) <= 3, outage  # one per distinct message; 20 rounds ran
+    assert agent.stop_reason is not None or "runs no plan" in stalled, stalled
