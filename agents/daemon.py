@@ -708,6 +708,8 @@ class Daemon:
         if now - said >= 60.0:
             again = f" (and {count} times more in the last minute)" if count else ""
             self._error("queueserver", message + again)
+            # messages not seen for a minute are forgotten, so ones naming a uid do not pile up
+            self._repeated = {m: v for m, v in self._repeated.items() if now - v[0] < 60.0}
             self._repeated[message] = (now, 0)
         else:
             self.metrics.errors.labels(where="queueserver").inc()
