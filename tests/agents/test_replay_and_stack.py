@@ -144,6 +144,19 @@ def _step_until(daemon, done, seconds, what):
         daemon.step()
 
 
+def _errors_while_down(daemon, part, seconds):
+    """Stop ``part`` of the stack once the agent has 8 points, step the daemon for ``seconds``,
+    and return the errors it recorded meanwhile."""
+    agent = daemon.agents["qsampling"]
+    _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
+    before = len(daemon.recent_errors)
+    part.stop()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        daemon.step()
+    return list(daemon.recent_errors)[before:]
+
+
 def _history(daemon):
     items = daemon.plan_sink._api.history_get()["items"]
     return (items, Counter(item["meta"]["beampilot_request_key"] for item in items),
@@ -192,13 +205,7 @@ def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_oper
     loop reaches its goal, every point reaching the agent once."""
     with _stack_loop(tmp_path, queueserver={"stall_report_s": 1.0}) as (stack, daemon):
         agent = daemon.agents["qsampling"]
-        _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
-        errors_before = len(daemon.recent_errors)
-        stack.manager.stop()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 10:
-            daemon.step()
-        outage = list(daemon.recent_errors)[errors_before:]
+        outage = _errors_while_down(daemon, stack.manager, 10)
         assert len(outage) == 1 and "no plans go out" in outage[0] and "did not answer" in outage[0], outage
         ok, why = daemon.healthy()
         assert not ok and why.startswith("queue server unreachable")
@@ -297,13 +304,7 @@ def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out
     and what to do."""
     with _stack_loop(tmp_path, queueserver={"stall_report_s": 1.0}) as (stack, daemon):
         agent = daemon.agents["qsampling"]
-        _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
-        before = len(daemon.recent_errors)
-        stack.redis.stop()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 5:
-            daemon.step()
-        outage = list(daemon.recent_errors)[before:]
+        outage = _errors_while_down(daemon, stack.redis, 5)
         stack.redis.start()
         _step_until(daemon, lambda: agent.stop_reason is not None or daemon.status()["stalled"], 60, "goal or report")
         stalled = daemon.status()["stalled"].get("qsampling", "")
