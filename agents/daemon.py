@@ -347,12 +347,15 @@ class Daemon:
         if self.config.tiled is None:
             return None
         from streams.kafka import KafkaDocumentSource
-        from streams.tiled_io import check_reachable
+        from streams.tiled_io import TiledUnreachableError, check_reachable
         from streams.tiled_mirror import TiledMirror
 
         uri, secret = self.config.tiled.uri, self.config.tiled.api_key
         key = secret.get_secret_value() if secret else None
-        check_reachable(uri, api_key=key)  # a wrong address or key fails at start, named
+        try:
+            check_reachable(uri, api_key=key)  # a wrong key, or not tiled at that address, fails here
+        except TiledUnreachableError as err:  # down now (a restart at 3 a.m.): not a reason to stop
+            logger.warning("%s; the derived runs wait on the derived topic and reach tiled when it is back", err)
         return TiledMirror(lambda offsets: KafkaDocumentSource(self.config.derived_topic, self.kafka_settings,
                                                                offsets=offsets,
                                                                max_message_bytes=self.config.max_message_bytes),

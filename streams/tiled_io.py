@@ -34,12 +34,16 @@ from streams.derived import validate_document
 from streams.errors import StreamError
 from streams.lifecycle import ClosesOnExit
 
-__all__ = ["TiledDocumentSink", "TiledRunSource", "check_reachable"]
+__all__ = ["TiledDocumentSink", "TiledRunSource", "TiledUnreachableError", "check_reachable"]
 
 logger = logging.getLogger(__name__)
 
 _TABLE = "internal"  # TiledWriter's name for a stream's event table
 _RANK = {"descriptor": 0, "event": 1}  # order of documents recorded at the same time
+
+
+class TiledUnreachableError(StreamError):
+    """Nothing answers at the tiled URI (it may come back), as against an answer that is wrong."""
 
 
 def check_reachable(
@@ -69,8 +73,8 @@ def check_reachable(
     ValueError
         If ``uri`` is not an ``http://`` or ``https://`` URL.
     StreamError
-        If nothing answers, the answer is not tiled's, or the key is refused; the message
-        names the URI and the reason.
+        If nothing answers (:class:`TiledUnreachableError`), the answer is not tiled's, or the
+        key is refused; the message names the URI and the reason.
     """
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -103,7 +107,7 @@ def check_reachable(
             info: dict[str, Any] = _json(about)
             return info
     except httpx.TransportError as err:
-        raise StreamError(
+        raise TiledUnreachableError(
             f"tiled server at {uri!r} is not reachable: {type(err).__name__}: {err}; start one "
             "(streams.tiled_launch.TiledServer, or `tiled serve catalog ...`) or fix the URI"
         ) from None

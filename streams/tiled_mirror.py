@@ -37,7 +37,7 @@ from typing import Any
 
 from streams.errors import DocumentError, StreamError
 from streams.lifecycle import ClosesOnExit
-from streams.tiled_io import TiledDocumentSink, check_reachable
+from streams.tiled_io import TiledDocumentSink, TiledUnreachableError, check_reachable
 
 __all__ = ["TiledMirror"]
 
@@ -133,7 +133,12 @@ class TiledMirror(ClosesOnExit):
 
     # -- running -----------------------------------------------------------------------------
     def start(self) -> TiledMirror:
-        """Mirror in a background thread until :meth:`close`."""
+        """Mirror in a background thread until :meth:`close`. A tiled that does not answer now is
+        waited for, as an outage is."""
+        try:
+            check_reachable(self.uri, api_key=self._api_key, timeout=2.0)
+        except TiledUnreachableError as err:
+            self._lost(err)
         self._thread = threading.Thread(target=self._run, name="tiled-mirror", daemon=True)
         self._thread.start()
         return self

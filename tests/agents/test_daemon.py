@@ -372,6 +372,34 @@ def test_a_run_whose_runengine_died_is_closed_for_the_agents_once_a_later_run_st
         validate_document(name, doc)
 
 
+@pytest.mark.timeout(180)
+def test_a_daemon_started_while_tiled_is_down_runs_and_fills_tiled_when_it_comes(broker, tmp_path):
+    """A restart at 3 a.m. with tiled down: the daemon starts and analyses (only a wrong key or
+    something else at the address stops it); the derived run waits on the topic and reaches tiled
+    once tiled answers."""
+    from streams.localhost import free_port
+    from streams.tiled_io import TiledRunSource
+    from streams.tiled_launch import TiledServer
+
+    port, key = free_port(), "mirrorkey"
+    cfg = load_daemon_config(_config(broker, tmp_path / "state",
+                                     tiled={"uri": f"http://127.0.0.1:{port}", "api_key": key}))
+    _publish(broker, cfg.documents_topic, sas_run_documents(5, seed=3))
+    daemon = Daemon(cfg)
+    try:
+        _run_until(daemon, lambda: daemon.agents["rate"].events_out == 5)
+        mirrored = daemon.status()["tiled"]
+        assert not mirrored["connected"] and "not reachable" in mirrored["reason"]
+        with TiledServer(port, workdir=tmp_path / "tiled", api_key=key) as tiled:
+            assert daemon.tiled_mirror.drain(60), daemon.status()["tiled"]
+            with TiledRunSource(tiled.uri, api_key=key) as runs:
+                derived = [list(runs.documents(uid)) for uid in runs.runs()]
+    finally:
+        daemon.close()
+    assert len(derived) == 1 and derived[0][-1][0] == "stop"
+    assert sum(name == "event" for name, _ in derived[0]) == 5
+
+
 def test_unreachable_broker_fails_at_start_naming_the_address(tmp_path):
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "state_dir": str(tmp_path),
