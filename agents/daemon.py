@@ -280,6 +280,8 @@ class Daemon:
                 gate = SafetyGate(entry.safety.to_config())
                 gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
                 self.steering[entry.name] = _Steering(entry, gate)
+        self._queue = _QueueServerLink()
+        self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
         made: list[Any] = []  # what this constructor opened: closed again if a later part fails
         try:
             if source is None:
@@ -312,8 +314,6 @@ class Daemon:
         self._last_check = 0.0
         self._history_seen: dict[str, float] = {}
         self._stopped_agents: set[str] = set()
-        self._queue = _QueueServerLink()
-        self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
         self._last_abandon_check = 0.0
 
     # -- construction from config ------------------------------------------------------------------
@@ -371,7 +371,13 @@ class Daemon:
         sink = QueueServerPlanSink(zmq_control_addr=q.zmq_control_addr, http_server_uri=q.http_server_uri,
                                    api_key=q.api_key.get_secret_value() if q.api_key else None,
                                    user_group=q.user_group)
-        sink.check_reachable()
+        try:
+            sink.check_reachable()
+        except QueueServerUnreachableError as err:  # down now (a restart at 3 a.m.): analysis goes on
+            self._queue_server_lost(err)  # plans wait for it, as in an outage
+        except BaseException:
+            sink.close()
+            raise
         return sink
 
     # -- recovery ----------------------------------------------------------------------------------

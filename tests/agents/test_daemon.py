@@ -412,25 +412,46 @@ def test_unreachable_broker_fails_at_start_naming_the_address(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
-def test_a_start_that_fails_at_the_queueserver_closes_the_kafka_clients_it_opened(broker, tmp_path):
-    """The broker answers, the queueserver does not: the error names the queueserver, and the
-    consumer and producer opened before it are closed again, not left running."""
-    before = {t for t in threading.enumerate() if t.name.startswith("kafka-io-") or t.name.endswith("-network-thread")}
+def _kafka_threads():
+    return {t for t in threading.enumerate()
+            if t.is_alive() and (t.name.startswith("kafka-io-") or t.name.endswith("-network-thread"))}
+
+
+def test_a_start_that_fails_at_tiled_closes_the_kafka_clients_it_opened(broker, tmp_path):
+    """The broker answers, tiled refuses the key (a mistake, not an outage): the error names
+    tiled, and the consumer and producer opened before it are closed again, not left running."""
+    from streams.tiled_launch import TiledServer
+
+    before = _kafka_threads()
+    with TiledServer(workdir=tmp_path / "tiled", api_key="right") as tiled:
+        cfg = load_daemon_config(_config(broker, tmp_path / "state", tiled={"uri": tiled.uri, "api_key": "wrong"}))
+        with pytest.raises(StreamError, match="refused the API key"):
+            Daemon(cfg)
+    deadline = time.monotonic() + 10
+    while (left := _kafka_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+
+
+def test_a_daemon_started_while_the_queueserver_is_down_analyses_and_says_no_plans_go_out(broker, tmp_path):
+    """A restart at night with the RE Manager down: the daemon starts (its analysis needs no
+    queue server), /healthz names the queue server, and it says once that no plans go out."""
     limits = {axis: {"low": 0, "high": 10, "max_step": 2.0} for axis in ("stage_x", "stage_y")}
     cfg = load_daemon_config(_config(broker, tmp_path / "state", queueserver={"zmq_control_addr": "tcp://127.0.0.1:1"},
-                                     agents=[{"kind": "mapping", "name": "map1", "settings": {
-                                         "extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"]},
-                                         "safety": {"allowed_plans": ["measure"], "limits": limits}}]))
-    with pytest.raises(StreamError, match="127.0.0.1:1"):
-        Daemon(cfg)
-    deadline = time.monotonic() + 10
-    while True:
-        left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()
-                and (t.name.startswith("kafka-io-") or t.name.endswith("-network-thread"))]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert left == []
+                                     agents=[{"kind": "rate", "name": "rate"},
+                                             {"kind": "mapping", "name": "map1", "settings": {
+                                                 "extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"]},
+                                              "safety": {"allowed_plans": ["measure"], "limits": limits}}]))
+    _publish(broker, cfg.documents_topic, sas_run_documents(4, seed=4))
+    daemon = Daemon(cfg)
+    try:
+        _run_until(daemon, lambda: daemon.agents["rate"].events_out == 4)
+        ok, why = daemon.healthy()
+        errors = [e for e in daemon.recent_errors if "no plans go out" in e]
+    finally:
+        daemon.close()
+    assert not ok and why.startswith("queue server unreachable") and "127.0.0.1:1" in why
+    assert len(errors) == 1
 
 
 def test_an_agents_bad_settings_are_reported_before_any_server_is_needed(tmp_path):
