@@ -87,6 +87,7 @@ class TiledMirror(ClosesOnExit):
         self._source = source_factory(self._start_offsets())
         self._sink: Any = None
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
@@ -120,9 +121,11 @@ class TiledMirror(ClosesOnExit):
         return {"position": position, "open": open_runs}
 
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"position": self._position, "open": self._open}))
-        os.replace(tmp, self.state_path)
+        # the mirror's thread saves after each run, close() once more: never both into one .tmp
+        with self._save_lock:
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"position": dict(self._position), "open": dict(self._open)}))
+            os.replace(tmp, self.state_path)
 
     def _start_offsets(self) -> dict[str, int]:
         """Where to read from: the position, or the start of the earliest run open in tiled."""
