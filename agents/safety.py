@@ -17,7 +17,6 @@ Positional arguments cannot be checked and are refused.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import time
