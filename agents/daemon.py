@@ -208,6 +208,7 @@ class _Steering:
     paused: str | None = None  # why it is no longer asked for plans
     idle_since: float | None = None  # since when its queued plans wait in a queue that does not run
     stalled: str | None = None  # why they wait, once reported
+    stall_checked: float = 0.0  # monotonic time of the last look at whether the queue runs
 
 
 @dataclass
@@ -756,9 +757,12 @@ class Daemon:
                 if time.monotonic() - first > self.config.settle_s:
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
-        outstanding = self.plan_sink.outstanding(name)
-        self._check_stall(name, steering, outstanding)
-        if steering.paused or waiting or outstanding >= steering.entry.max_outstanding:
+        assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
+        now = time.monotonic()
+        if now - steering.stall_checked >= min(5.0, self.config.queueserver.stall_report_s / 2):
+            steering.stall_checked = now  # two more requests: not every round while plans run
+            self._check_stall(name, steering, self.plan_sink.outstanding(name))
+        if steering.paused or waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
             return
         agent = self.agents[name]
         with self._lock:
@@ -787,13 +791,7 @@ class Daemon:
         before = steering.gate.positions
         verdict = steering.gate.admit(request)
         if not verdict.accepted:
-            self.metrics.plans_rejected.labels(agent=name).inc()
-            self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan,
-                                      "status": "rejected", "reason": verdict.reason, "time": time.time()})
-            if isinstance(agent, RejectionAware):
-                with self._lock:
-                    agent.rejected(request, verdict.reason)
-            return False
+            return self._rejected(name, agent, request, verdict.reason)
         if self.plan_sink.find(request.key) is not None:
             self.metrics.plans_deduplicated.inc()
             return True
@@ -803,18 +801,13 @@ class Daemon:
         try:
             self.plan_sink.submit(request)
         except QueueItemRejectedError as err:  # a refusal, as the gate's: reported, never retried as is
-            steering.gate.retract(verdict, f"the queue server refused it: {err.reason}", before)
+            reason = f"queue server: {err.reason}"
+            steering.gate.retract(verdict, reason, before)
             self.state.awaiting[name].pop(request.key, None)
             self.state.gate_positions[name] = before
             self._save()
-            self.metrics.plans_rejected.labels(agent=name).inc()
-            self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan,
-                                      "status": "rejected", "reason": f"queue server: {err.reason}", "time": time.time()})
             self._error(f"agent:{name}", f"agent {name}: {err}")
-            if isinstance(agent, RejectionAware):
-                with self._lock:
-                    agent.rejected(request, f"the queue server refused it: {err.reason}")
-            return False
+            return self._rejected(name, agent, request, reason)
         self.metrics.plans_sent.labels(agent=name).inc()
         self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
                                   "points": len(request.kwargs.get("points", ())), "time": time.time()})
@@ -827,6 +820,16 @@ class Daemon:
                 self._error(f"agent:{name}", f"agent {name}: plan {request.key} is queued, but the queue "
                             f"did not start: {err}")
         return True
+
+    def _rejected(self, name: str, agent: Any, request: PlanRequest, reason: str) -> bool:
+        """Count, list and tell the agent of a request the gate or the queue server refused."""
+        self.metrics.plans_rejected.labels(agent=name).inc()
+        self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan,
+                                  "status": "rejected", "reason": reason, "time": time.time()})
+        if isinstance(agent, RejectionAware):
+            with self._lock:
+                agent.rejected(request, reason)
+        return False
 
     def _check_stall(self, name: str, steering: _Steering, outstanding: int) -> None:
         """Report an agent's plans waiting in a queue the RE Manager does not run: once, and
@@ -846,7 +849,7 @@ class Daemon:
             return
         now = time.monotonic()
         steering.idle_since = steering.idle_since or now
-        assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
+        assert self.config.queueserver is not None
         if now - steering.idle_since < self.config.queueserver.stall_report_s:
             return
         if state.get("manager_state") == "paused":
