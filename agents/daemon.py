@@ -209,6 +209,7 @@ class _Steering:
     idle_since: float | None = None  # since when its queued plans wait in a queue that does not run
     stalled: str | None = None  # why they wait, once reported
     stall_checked: float = 0.0  # monotonic time of the last look at whether the queue runs
+    queue_seen: tuple[Any, ...] = ()  # the queue's, the history's and the running item's uids then
 
 
 @dataclass
@@ -841,8 +842,12 @@ class Daemon:
         what would let the agent go on, and leaves the choice to the people at the beamline.
         """
         state = self.plan_sink.status() if outstanding else {}
-        waiting = state.get("re_state") in (None, "idle", "paused")  # the RunEngine runs nothing
-        if not outstanding or not waiting:
+        # the queue or the history changed since the last look: plans ran (a fast plan can start
+        # and end between two looks, so the RunEngine's state alone would miss it)
+        moved = (state.get("plan_queue_uid"), state.get("plan_history_uid"), state.get("running_item_uid"))
+        progress, steering.queue_seen = moved != steering.queue_seen, moved
+        waiting = state.get("re_state") in (None, "idle", "paused")  # the RunEngine runs nothing now
+        if not outstanding or not waiting or progress:
             if steering.stalled is not None:
                 logger.warning("agent %s: its plans run again", name)
             steering.idle_since = steering.stalled = None
