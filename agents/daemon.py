@@ -12,7 +12,7 @@ The loop, one thread::
 Delivery. The broker delivers at least once; the daemon makes that effectively exactly once:
 
 * the checkpoint (one JSON file, replaced atomically) holds the consumer positions, the start,
-  descriptors and resources of every open run (and its datums no event has used yet), and the
+  descriptors and (stream) resources of every open run (and its datums no event has used yet), and the
   derived documents of the batch (the *outbox*), written **before** the outbox is sent. After a
   kill, the daemon re-sends only those outbox documents whose uids are not already on the derived
   topic, re-primes each agent with the open runs, and reads on from the saved positions;
@@ -406,8 +406,9 @@ class Daemon:
             self._tell_all("start", run["start"])
             for descriptor in run["descriptors"]:
                 self._tell_all("descriptor", descriptor)
-            for resource in run.get("resources", []):
-                self._tell_all("resource", resource)
+            for kind in ("resource", "stream_resource"):
+                for resource in run.get(f"{kind}s", []):
+                    self._tell_all(kind, resource)
             for datum in run.get("datums", {}).values():
                 self._tell_all("datum", datum)
         if st.open_runs:
@@ -535,8 +536,8 @@ class Daemon:
         elif name == "descriptor" and doc.get("run_start") in runs:
             runs[doc["run_start"]]["descriptors"].append(doc)
             self._run_of_descriptor[doc["uid"]] = doc["run_start"]
-        elif name == "resource" and doc.get("run_start") in runs:
-            runs[doc["run_start"]].setdefault("resources", []).append(doc)
+        elif name in ("resource", "stream_resource") and doc.get("run_start") in runs:
+            runs[doc["run_start"]].setdefault(f"{name}s", []).append(doc)
         elif name in ("datum", "datum_page"):
             # kept until the checkpoint passes the event that uses it (see _forget_used_datums)
             datums = [doc] if name == "datum" else list(event_model.unpack_datum_page(doc))

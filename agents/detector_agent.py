@@ -27,6 +27,17 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   over the frame's mirror images (``symmetric_average``; for the other analyses it is off by
   default: 4-8 forward passes a frame).
 
+External frames: resource / datum documents name a file by ``spec`` (:data:`FRAME_HANDLERS`:
+``NPY``; ``AD_HDF5`` and ``AD_HDF5_SWMR``, the areaDetector HDF5 plugin's files as ophyd writes
+them); an ophyd-async detector sends ``stream_resource`` / ``stream_datum`` documents instead and
+leaves its frames out of the events (data keys ``external: "STREAM:"``; :data:`STREAM_HANDLERS`:
+``application/x-hdf5``). A frame is read once every document it needs has arrived (its
+stream_datum; its event too when ``mask_key`` is an ordinary event key), so step scans and fly
+scans (stream_datum documents only) go the same way. HDF5 files are opened read-only in SWMR
+mode beside their writer (:func:`read_hdf5_rows`); a frame not written yet waits, with the frames
+of its run behind it, for up to ``external_wait_s``, and has one last try at its run's stop.
+``root_map`` maps the paths in the documents to where the files are mounted here.
+
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
 cause, counted in ``report()["failed_frames"]`` by cause, and the stream goes on.
@@ -42,6 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import quote, unquote, urlparse, urlunparse
 
 import event_model
 import numpy as np
@@ -59,8 +71,8 @@ from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
 from streams.sequence import events_of
 
-__all__ = ["ANALYSES", "FRAME_HANDLERS", "READ_NOISE_LIMIT", "DetectorAnalysisAgent", "DetectorSettings", "FrameError",
-           "register_frame_handler"]
+__all__ = ["ANALYSES", "FRAME_HANDLERS", "READ_NOISE_LIMIT", "STREAM_HANDLERS", "DetectorAnalysisAgent",
+           "DetectorSettings", "FrameError", "read_hdf5_rows", "register_frame_handler", "register_stream_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +91,24 @@ READ_NOISE_LIMIT = 2.0
 
 
 class FrameError(AgentError):
-    """A frame that cannot be analysed; ``cause`` is the key it is counted under in the report."""
+    """A frame that cannot be analysed; ``cause`` is the key it is counted under in the report.
+    ``retry``: the data may not be there yet (a detector file still being written); the agent
+    tries again until ``external_wait_s`` has passed."""
 
-    def __init__(self, cause: str, message: str) -> None:
+    def __init__(self, cause: str, message: str, *, retry: bool = False) -> None:
         super().__init__(message)
         self.cause = cause
+        self.retry = retry
 
 
 # -- external data ---------------------------------------------------------------------------------
-#: ``handler(resource, datum_kwargs) -> frame`` by resource ``spec``
+#: ``handler(resource, datum_kwargs) -> frame`` by resource ``spec`` (resource and datum documents)
 FrameHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], np.ndarray]
 FRAME_HANDLERS: dict[str, FrameHandler] = {}
+#: ``handler(stream_resource, index) -> frame`` by stream resource ``mimetype`` (stream_resource and
+#: stream_datum documents, as ophyd-async detectors write them)
+StreamHandler = Callable[[Mapping[str, Any], int, Sequence[int | None]], np.ndarray]
+STREAM_HANDLERS: dict[str, StreamHandler] = {}
 
 
 def register_frame_handler(spec: str, handler: FrameHandler) -> None:
@@ -97,12 +116,19 @@ def register_frame_handler(spec: str, handler: FrameHandler) -> None:
     FRAME_HANDLERS[spec] = handler
 
 
+def register_stream_handler(mimetype: str, handler: StreamHandler) -> None:
+    """Read stream data of ``mimetype`` with ``handler(stream_resource, index, declared_shape)``:
+    the frame of the index-th event of the resource (``declared_shape``: its data key's shape)."""
+    STREAM_HANDLERS[mimetype] = handler
+
+
 def _npy_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
     """One ``.npy`` per resource: the whole array, or ``array[frame]`` when a ``frame`` kwarg is given."""
     path = Path(resource.get("root") or "") / resource["resource_path"]
     kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
     if not path.is_file():
-        raise FrameError("missing_file", f"external file {path} (resource {resource.get('uid')}) does not exist")
+        raise FrameError("missing_file", f"external file {path} (resource {resource.get('uid')}) does not exist; "
+                         "if the detector writes it elsewhere, map the path with root_map")
     try:
         stored = np.load(path, mmap_mode="r", allow_pickle=False)
         return np.array(stored[int(kwargs["frame"])] if "frame" in kwargs else stored)
@@ -110,13 +136,86 @@ def _npy_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -
         raise FrameError("external_read", f"cannot read {path} with {dict(kwargs)}: {err}") from None
 
 
-def _hdf5_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
-    raise FrameError("unsupported_spec", f"resource {resource.get('uid')} has spec 'AD_HDF5', which needs h5py "
-                     "(not installed); write NPY resources or register a handler with register_frame_handler")
+def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
+                   declared: Sequence[int | None] | None = None) -> np.ndarray:
+    """``dataset[rows]`` of the HDF5 file at ``path``, read as a reader beside a live writer.
+
+    With ``declared`` (an event's data-key shape) and an integer ``rows`` (the event's index),
+    the rows of that event are decided by the dataset: row ``rows`` when the dataset has one axis
+    more than ``declared`` (one frame per row), rows ``rows * m`` to ``(rows + 1) * m`` when it has
+    as many (``m = declared[0]`` frames an event, as a detector declares ``[m, ny, nx]``).
+
+    The file is opened read-only in SWMR mode, so frames a SWMR writer (the areaDetector HDF5
+    plugin in SWMR mode, ophyd-async's writers) has flushed can be read while it writes. Data that
+    may simply not be there yet (the file locked by a writer without SWMR, the dataset not created
+    or not yet as long as ``rows`` needs) raise a :class:`FrameError` with ``retry=True``; a file
+    that does not exist, is not HDF5, or whose ``dataset`` is a group, one without.
+    """
+    import h5py
+
+    if not path.is_file():
+        raise FrameError("missing_file", f"{what}: HDF5 file {path} does not exist here; if the detector writes "
+                         "it on another mount, map its path with root_map")
+    try:
+        f = h5py.File(path, "r", swmr=True)
+    except OSError as err:
+        if path.stat().st_size >= 8 and not h5py.is_hdf5(path):
+            raise FrameError("external_read", f"{what}: {path} is not an HDF5 file") from None
+        raise FrameError("not_ready", f"{what}: cannot open {path} yet ({err})", retry=True) from None
+    with f:
+        ds = f.get(dataset)
+        if ds is None:
+            raise FrameError("not_ready", f"{what}: {path} has no dataset {dataset!r} yet", retry=True)
+        if not isinstance(ds, h5py.Dataset):
+            raise FrameError("external_read", f"{what}: {path}:{dataset} is a group, not a dataset")
+        if declared is not None and isinstance(rows, int) and len(declared) == ds.ndim and declared[0]:
+            rows = slice(rows * int(declared[0]), (rows + 1) * int(declared[0]))
+        stop = rows.stop if isinstance(rows, slice) else rows + 1
+        if not ds.shape or ds.shape[0] < stop:
+            length = ds.shape[0] if ds.shape else 0
+            raise FrameError("not_ready", f"{what}: {path}:{dataset} holds {length} rows, row {stop - 1} is not "
+                             "written yet", retry=True)
+        try:
+            return np.asarray(ds[rows])
+        except (OSError, ValueError) as err:  # a chunk being written, a filter not available here
+            raise FrameError("external_read", f"{what}: cannot read {path}:{dataset}[{rows}]: {err}") from None
+
+
+def _ad_hdf5_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
+    """An areaDetector HDF5 plugin's file (ophyd's ``AD_HDF5`` / ``AD_HDF5_SWMR`` resources):
+    frames in ``/entry/data/data``, ``frame_per_point`` of them per ``point_number``."""
+    path = Path(resource.get("root") or "") / resource["resource_path"]
+    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
+    try:
+        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
+    except (KeyError, TypeError, ValueError):
+        raise FrameError("external_read", f"resource {resource.get('uid')} ({resource.get('spec')}): datum needs an "
+                         f"integer point_number (and frame_per_point); got {dict(kwargs)}") from None
+    if per_point < 1 or point < 0:
+        raise FrameError("external_read", f"resource {resource.get('uid')}: frame_per_point={per_point} and "
+                         f"point_number={point} must be >= 1 and >= 0")
+    return read_hdf5_rows(path, "/entry/data/data", slice(point * per_point, (point + 1) * per_point),
+                          f"resource {resource.get('uid')} point {point}")
+
+
+def _stream_hdf5_handler(resource: Mapping[str, Any], index: int, declared: Sequence[int | None]) -> np.ndarray:
+    """An ophyd-async HDF5 stream resource: event ``index`` of ``parameters["dataset"]`` in the
+    file at ``uri`` (its rows: :func:`read_hdf5_rows` with the data key's shape)."""
+    uri = str(resource.get("uri", ""))
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise FrameError("external_read", f"stream resource {resource.get('uid')}: uri {uri!r} is not a file:// uri")
+    dataset = (resource.get("parameters") or {}).get("dataset")
+    if not isinstance(dataset, str):
+        raise FrameError("external_read", f"stream resource {resource.get('uid')}: parameters has no 'dataset'")
+    what = f"stream resource {resource.get('uid')} ({resource.get('data_key')}) index {index}"
+    return read_hdf5_rows(Path(unquote(parsed.path)), dataset, index, what, declared=declared)
 
 
 register_frame_handler("NPY", _npy_handler)
-register_frame_handler("AD_HDF5", _hdf5_handler)
+register_frame_handler("AD_HDF5", _ad_hdf5_handler)
+register_frame_handler("AD_HDF5_SWMR", _ad_hdf5_handler)
+register_stream_handler("application/x-hdf5", _stream_hdf5_handler)
 
 
 def _load_detector_mask(spec: str | None, agent: str) -> np.ndarray | None:
@@ -195,6 +294,13 @@ class DetectorSettings(_Strict):
     # mirrored back (models.nets.mirror_mean): 4 or 8 forward passes a frame. None: the network's
     # own default, on for sans-sr, off for denoise and bragg (their CPU frame rate cannot spare it)
     symmetric_average: bool | None = None
+    # external data: how long a frame whose file is still being written (locked by a writer without
+    # SWMR, or not yet as long as the frame needs) is waited for before it is counted failed
+    # ("not_ready"); the frames of its run behind it wait with it, so they stay in raw order
+    external_wait_s: float = Field(default=30.0, ge=0)
+    # where the detector's files are mounted here, as databroker's root_map: {"/nsls2/data":
+    # "/mnt/data"} replaces that leading part of a resource's root (or a stream resource's uri path)
+    root_map: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("beam_center")
     @classmethod
@@ -209,6 +315,14 @@ class _Run:
     writer: DerivedRunWriter
     frame_shape: tuple[int, ...] | None = None  # fixed by the first good frame
     streams: set[str] = field(default_factory=set)  # derived streams declared so far
+
+
+@dataclass(frozen=True)
+class _StreamRow:
+    """A frame written as a stream: event ``index`` of stream resource ``resource``."""
+
+    resource: str
+    index: int
 
 
 @dataclass
@@ -269,6 +383,13 @@ class DetectorAnalysisAgent:
         self._external: dict[str, set[str]] = {}  # descriptor uid -> external data keys
         self._resources: dict[str, dict[str, Any]] = {}
         self._datums: dict[str, dict[str, Any]] = {}
+        self._stream_resources: dict[str, dict[str, Any]] = {}
+        self._shapes: dict[str, dict[str, list[int | None]]] = {}  # descriptor uid -> data key -> shape
+        self._streamed: dict[str, set[str]] = {}  # descriptor uid -> data keys written as streams
+        # frames written as streams, waiting for their other parts: (descriptor, seq_num) -> parts
+        self._assembling: dict[tuple[str, int], dict[str, Any]] = {}
+        # frames told, not yet read (external data may still be being written), by run, in raw order
+        self._incoming: dict[str, deque[tuple[list[int | None], dict[str, Any], float]]] = {}
         self._pending: list[_Frame] = []
         self.frames_in = self.frames_out = self.batches = 0
         self.batch_sizes: Counter[int] = Counter()
@@ -291,6 +412,10 @@ class DetectorAnalysisAgent:
         elif name == "datum_page":
             for datum in event_model.unpack_datum_page(cast(Any, doc)):
                 self._datums[datum["datum_id"]] = datum
+        elif name == "stream_resource":
+            self._stream_resources[doc["uid"]] = doc
+        elif name == "stream_datum":
+            self._stream_datum(doc)
         elif name in ("event", "event_page"):
             for event in events_of(name, doc):
                 self._event(event)
@@ -303,11 +428,15 @@ class DetectorAnalysisAgent:
 
     @property
     def frames_waiting(self) -> int:
-        """Frames told and not analysed yet (a daemon does not checkpoint past them)."""
-        return len(self._pending)
+        """Frames told and not analysed yet (a daemon does not checkpoint past them): waiting for
+        a batch, for their external data to be written, or for their other documents."""
+        return len(self._pending) + sum(len(q) for q in self._incoming.values()) + len(self._assembling)
 
     def poll(self) -> int:
-        """Run the pending batch if its oldest frame has waited ``max_latency_s``; returns frames run."""
+        """Read frames whose external data has been written since; run the pending batch if its
+        oldest frame has waited ``max_latency_s``; returns frames run."""
+        for run_uid in list(self._incoming):
+            self._drain(run_uid)
         if self._pending and self.clock() - self._pending[0].arrived >= self.settings.max_latency_s:
             return self.flush()
         return 0
@@ -335,7 +464,10 @@ class DetectorAnalysisAgent:
                             "sha256": self.record.sha256}}
 
     def close(self) -> None:
-        """Run what is pending, then end open derived runs with ``exit_status="abort"``."""
+        """Read what is readable (once more), run what is pending, then end open derived runs with
+        ``exit_status="abort"``; frames still unreadable or incomplete are counted failed."""
+        for run_uid in list(self._runs):
+            self._give_up(run_uid, "the agent was closed")
         self.flush()
         for run in self._runs.values():
             run.writer.close(exit_status="abort", reason="agent closed before the raw run stopped")
@@ -357,38 +489,127 @@ class DetectorAnalysisAgent:
         declared = list(keys.get(self.settings.frame_key, {}).get("shape") or [])
         self._descriptors[doc["uid"]] = (doc["run_start"], declared)
         self._external[doc["uid"]] = {k for k, dk in keys.items() if dk.get("external")}
+        self._shapes[doc["uid"]] = {k: list(dk.get("shape") or []) for k, dk in keys.items()}
+        self._streamed[doc["uid"]] = {k for k, dk in keys.items() if str(dk.get("external", "")).startswith("STREAM")}
 
     def _stop(self, doc: dict[str, Any]) -> None:
         run = self._runs.get(doc["run_start"])
         if run is None:
             return
+        self._give_up(doc["run_start"], "its run stopped")
         self.flush()
         del self._runs[doc["run_start"]]
         gone = {uid for uid, (run_uid, _) in self._descriptors.items() if run_uid == doc["run_start"]}
         for uid in gone:
-            self._descriptors.pop(uid)
-            self._external.pop(uid, None)
+            for table in (self._descriptors, self._external, self._shapes, self._streamed):
+                table.pop(uid, None)
         resources = {uid for uid, r in self._resources.items() if r.get("run_start") == doc["run_start"]}
         self._datums = {k: d for k, d in self._datums.items() if d.get("resource") not in resources}
         for uid in resources:
             self._resources.pop(uid)
+        self._stream_resources = {k: r for k, r in self._stream_resources.items()
+                                  if r.get("run_start") != doc["run_start"]}
         run.writer.close(exit_status=doc.get("exit_status", "success"))
 
+    def _needed(self, descriptor: str) -> tuple[set[str], set[str]]:
+        """The data keys a frame of ``descriptor`` needs: (written as streams, carried by its event)."""
+        keys = {self.settings.frame_key} | ({self.settings.mask_key} if self.settings.mask_key else set())
+        streamed = keys & self._streamed.get(descriptor, set())
+        return streamed, keys - streamed
+
     def _event(self, event: dict[str, Any]) -> None:
-        where = self._descriptors.get(event["descriptor"])
-        if where is None:
+        descriptor = event["descriptor"]
+        if descriptor not in self._descriptors:
             return
-        run_uid, declared = where
+        streamed, in_event = self._needed(descriptor)
+        if not streamed:
+            self._admit(event)
+        elif in_event:  # e.g. a frame written as a stream with its mask in the event
+            self._assembling.setdefault((descriptor, int(event["seq_num"])), {"rows": {}, "event": None})["event"] = event
+            self._assemble(descriptor, int(event["seq_num"]))
+        # else: the frame comes whole from its stream_datum documents; the event adds nothing
+
+    def _stream_datum(self, doc: dict[str, Any]) -> None:
+        """Rows of a stream resource for a range of events: parts of those events' frames."""
+        descriptor = doc.get("descriptor", "")
+        if descriptor not in self._descriptors:
+            return
+        resource = self._stream_resources.get(doc.get("stream_resource", ""))
+        if resource is None:  # its data key is unknown, so whether it holds frames is too
+            logger.error("agent %s: stream_datum %s names stream resource %r, which was never received; its frames "
+                         "stay incomplete", self.name, doc.get("uid"), doc.get("stream_resource"))
+            return
+        key = resource.get("data_key")
+        if key not in self._needed(descriptor)[0]:
+            return
+        seq, idx = doc["seq_nums"], doc["indices"]
+        n = int(seq["stop"]) - int(seq["start"])
+        if n != int(idx["stop"]) - int(idx["start"]):
+            for s in range(int(seq["start"]), int(seq["stop"])):
+                self.frames_in += 1
+                self._fail(self._descriptors[descriptor][0], {"seq_num": s, "uid": doc.get("uid")}, "external_read",
+                           f"stream_datum {doc.get('uid')} pairs seq_nums {dict(seq)} with indices {dict(idx)} "
+                           "(ranges of different lengths)")
+            return
+        for k in range(n):
+            s = int(seq["start"]) + k
+            parts = self._assembling.setdefault((descriptor, s), {"rows": {}, "event": None})
+            parts["rows"][key] = (_StreamRow(resource["uid"], int(idx["start"]) + k), str(doc.get("uid")))
+            self._assemble(descriptor, s)
+
+    def _assemble(self, descriptor: str, seq_num: int) -> None:
+        """Admit the frame once every part it needs has arrived."""
+        parts = self._assembling[(descriptor, seq_num)]
+        streamed, in_event = self._needed(descriptor)
+        if not streamed <= parts["rows"].keys() or (in_event and parts["event"] is None):
+            return
+        del self._assembling[(descriptor, seq_num)]
+        event = parts["event"] or {}
+        first = parts["rows"][self.settings.frame_key][1]  # the stream_datum of the frame itself
+        self._admit({"descriptor": descriptor, "seq_num": seq_num, "uid": event.get("uid", first),
+                     "time": event.get("time", time.time()),
+                     "data": {**event.get("data", {}), **{k: row for k, (row, _) in parts["rows"].items()}}})
+
+    def _admit(self, event: dict[str, Any]) -> None:
+        """A whole frame: read it (now, or when its external data has been written), in raw order."""
+        run_uid, declared = self._descriptors[event["descriptor"]]
         self.frames_in += 1
-        try:
-            counts, mask = self._read_frame(event, self._runs[run_uid], declared)
-        except FrameError as err:
-            self._fail(run_uid, event, err.cause, str(err))
-            return
-        self._pending.append(_Frame(run_uid, int(event["seq_num"]), str(event["uid"]), float(event["time"]),
-                                    counts, mask, self.clock()))
-        if len(self._pending) >= self.settings.max_batch:
-            self.flush()
+        self._incoming.setdefault(run_uid, deque()).append((declared, event, self.clock()))
+        self._drain(run_uid)
+
+    def _drain(self, run_uid: str, *, final: bool = False) -> None:
+        """Read the run's told frames in order, up to the first whose data is not written yet
+        (``final``: one last try each, then count it failed)."""
+        queue = self._incoming.get(run_uid)
+        while queue:
+            declared, event, since = queue[0]
+            try:
+                counts, mask = self._read_frame(event, self._runs[run_uid], declared)
+            except FrameError as err:
+                waited = self.clock() - since
+                if err.retry and not final and waited < self.settings.external_wait_s:
+                    return
+                queue.popleft()
+                self._fail(run_uid, event, err.cause, f"{err} (waited {waited:.1f} s; external_wait_s="
+                           f"{self.settings.external_wait_s:g})" if err.retry else str(err))
+                continue
+            queue.popleft()
+            self._pending.append(_Frame(run_uid, int(event["seq_num"]), str(event["uid"]), float(event["time"]),
+                                        counts, mask, self.clock()))
+            if len(self._pending) >= self.settings.max_batch:
+                self.flush()
+        self._incoming.pop(run_uid, None)
+
+    def _give_up(self, run_uid: str, why: str) -> None:
+        """The run's frames still waiting for data: one last read each; incomplete ones failed."""
+        self._drain(run_uid, final=True)
+        for descriptor, seq_num in [k for k in self._assembling if self._descriptors.get(k[0], ("",))[0] == run_uid]:
+            parts = self._assembling.pop((descriptor, seq_num))
+            streamed, in_event = self._needed(descriptor)
+            missing = sorted(streamed - parts["rows"].keys()) + (["the event"] if in_event and parts["event"] is None else [])
+            self.frames_in += 1
+            self._fail(run_uid, {"seq_num": seq_num, "uid": (parts["event"] or {}).get("uid")}, "incomplete",
+                       f"{why} before this frame's {', '.join(missing)} arrived")
 
     def _fail(self, run_uid: str, event: Mapping[str, Any], cause: str, message: str) -> None:
         self.failed[cause] += 1
@@ -401,6 +622,13 @@ class DetectorAnalysisAgent:
         if key not in data:
             raise FrameError("missing_key", f"event has no data key {key!r} (has {sorted(data)})")
         value = data[key]
+        if isinstance(value, _StreamRow):
+            stream = self._stream_resources[value.resource]
+            reader = STREAM_HANDLERS.get(stream.get("mimetype", ""))
+            if reader is None:
+                raise FrameError("unsupported_spec", f"stream resource {value.resource} has mimetype "
+                                 f"{stream.get('mimetype')!r}, which has no handler (known: {sorted(STREAM_HANDLERS)})")
+            return reader(self._mapped(stream), value.index, self._shapes[event["descriptor"]].get(key, []))
         if key in self._external.get(event["descriptor"], set()) and isinstance(value, str):
             datum = self._datums.get(value)
             if datum is None:
@@ -413,8 +641,26 @@ class DetectorAnalysisAgent:
             if handler is None:
                 raise FrameError("unsupported_spec", f"resource spec {resource.get('spec')!r} has no handler "
                                  f"(known: {sorted(FRAME_HANDLERS)})")
-            value = handler(resource, datum.get("datum_kwargs") or {})
+            value = handler(self._mapped(resource), datum.get("datum_kwargs") or {})
         return value
+
+    def _mapped(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``resource`` with its file path moved by ``root_map`` (the longest matching prefix)."""
+        if not self.settings.root_map:
+            return resource
+        if "uri" in resource:
+            parsed = urlparse(str(resource["uri"]))
+            return {**resource, "uri": urlunparse(parsed._replace(path=quote(self._map_path(unquote(parsed.path)))))}
+        if resource.get("root"):
+            return {**resource, "root": self._map_path(str(resource["root"]))}
+        return {**resource, "resource_path": self._map_path(str(resource.get("resource_path", "")))}
+
+    def _map_path(self, path: str) -> str:
+        for old in sorted(self.settings.root_map, key=len, reverse=True):
+            base = old.rstrip("/")
+            if path == base or path.startswith(base + "/"):
+                return self.settings.root_map[old].rstrip("/") + path[len(base):]
+        return path
 
     def _read_frame(self, event: Mapping[str, Any], run: _Run,
                     declared: list[int | None]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -257,12 +257,12 @@ def test_bad_frames_are_counted_by_cause_and_the_stream_goes_on(bragg_weights, f
     # external data: a missing file, an unsupported spec; the good frame after them comes out
     run, desc = _raw_run(external=True)
     missing = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="gone.npy", resource_kwargs={})
-    hdf5 = run.compose_resource(spec="AD_HDF5", root=str(tmp_path), resource_path="f.h5", resource_kwargs={})
+    tiff = run.compose_resource(spec="AD_TIFF", root=str(tmp_path), resource_path="f", resource_kwargs={})
     np.save(tmp_path / "ok.npy", frames[6])
     ok = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="ok.npy", resource_kwargs={})
     agent.tell("start", run.start_doc)
     agent.tell("descriptor", desc.descriptor_doc)
-    for res in (missing, hdf5, ok):
+    for res in (missing, tiff, ok):
         agent.tell("resource", res.resource_doc)
         datum = res.compose_datum(datum_kwargs={})
         agent.tell("datum", datum)
@@ -271,7 +271,7 @@ def test_bad_frames_are_counted_by_cause_and_the_stream_goes_on(bragg_weights, f
     agent.tell("stop", run.compose_stop())
     failed = agent.report()["failed_frames"]
     assert failed["missing_file"] == 1 and failed["unsupported_spec"] == 1 and failed["unknown_datum"] == 1
-    assert "gone.npy" in caplog.text and "h5py" in caplog.text
+    assert "gone.npy" in caplog.text and "'AD_TIFF' has no handler" in caplog.text
     assert sink.events("bragg")[-1]["data"]["raw_seq_num"] == 3
     for name, doc in sink.docs:
         validate_document(name, doc)
@@ -598,6 +598,28 @@ def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budg
     assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1]
 
 
+def _stream_docs(tmp_path, frames):
+    """One raw run written as an ophyd-async detector writes it: the frames in one HDF5 file, a
+    stream_resource, then a stream_datum and an event (without the frame) per frame."""
+    import h5py
+
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f.create_dataset("/entry/data/data", data=np.stack(frames)[:, None])
+    run = event_model.compose_run(metadata={"plan_name": "count"})
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"dtype": "array", "shape": [1, *SHAPE], "source": "file", "external": "STREAM:"},
+        "stage_x": {"dtype": "number", "shape": [], "source": "sim"}})
+    res = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{tmp_path}/frames.h5",
+                                      data_key="det_image", parameters={"dataset": "/entry/data/data"})
+    docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("stream_resource", res.stream_resource_doc)]
+    for i in range(len(frames)):
+        docs.append(("stream_datum", res.compose_stream_datum(indices={"start": i, "stop": i + 1},
+                                                              seq_nums={"start": i + 1, "stop": i + 2},
+                                                              descriptor=desc.descriptor_doc)))
+        docs.append(("event", desc.compose_event(data={"stage_x": float(i)}, timestamps={"stage_x": 0.0})))
+    return run, docs + [("stop", run.compose_stop())]
+
+
 def _external_docs(tmp_path, frames, *, pages=False):
     """One raw run whose frames are .npy files referenced by a resource and a datum per frame
     (``pages``: each datum sent as a datum page of one)."""
@@ -626,9 +648,12 @@ def _detector_daemon(tmp_path, weights, docs, start=0, **batching):
     return Daemon(config, source=_ListSource(docs, start), derived_sink=(sink := _ListSink())), sink
 
 
-@pytest.mark.parametrize("pages", [False, True])
-def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bragg_weights, frames, pages):
-    run, docs = _external_docs(tmp_path, frames[:6], pages=pages)
+@pytest.mark.parametrize("layout", ["datum", "datum_page", "stream"])
+def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bragg_weights, frames, layout):
+    if layout == "stream":
+        run, docs = _stream_docs(tmp_path, frames[:6])
+    else:
+        run, docs = _external_docs(tmp_path, frames[:6], pages=layout == "datum_page")
     daemon, sink = _detector_daemon(tmp_path, bragg_weights[1], docs, max_batch=2, max_latency_s=1e9)
     # read until a frame is waiting for its batch, with a checkpoint written after it
     while daemon.step() and not daemon.agents["peaks"].frames_waiting:
@@ -638,7 +663,10 @@ def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bra
     saved = daemon.state.offsets["raw:0"]
     assert saved < daemon.source.position, "the checkpoint went past a frame not analysed yet"
     kept = daemon.state.open_runs[run.start_doc["uid"]]
-    assert len(kept["resources"]) >= 2 and len(kept["datums"]) <= 2  # datums of passed events are dropped
+    if layout == "stream":  # one stream resource for the whole run
+        assert [r["uid"] for r in kept["stream_resources"]] == [docs[2][1]["uid"]]
+    else:
+        assert len(kept["resources"]) >= 2 and len(kept["datums"]) <= 2  # datums of passed events are dropped
     # SIGKILL: no close(), the checkpoint on disk is all that is left; the broker re-delivers from it
     again, sink2 = _detector_daemon(tmp_path, bragg_weights[1], docs, start=saved, max_batch=2, max_latency_s=1e9)
     try:

@@ -1,0 +1,260 @@
+"""Frames in HDF5 files, as beamline detectors write them: an ophyd-async detector's stream
+resources (a real RunEngine and ophyd-async's simulated detector writing its file), and ophyd's
+areaDetector ``AD_HDF5`` resources; frames still being written are waited for, in raw order."""
+
+from __future__ import annotations
+
+import event_model
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from agents.detector_agent import DetectorAnalysisAgent
+from models.nets import PoissonDenoiser
+from models.registry import WeightsRecord, save_weights
+from simulators.detector import BraggRecipe, bragg_frame_2d
+from streams.derived import validate_document
+
+SHAPE = (32, 32)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.docs: list[tuple[str, dict]] = []
+
+    def __call__(self, name, doc) -> None:
+        self.docs.append((name, doc))
+
+    def frames(self) -> dict[int, np.ndarray]:
+        """raw_seq_num -> the published denoised frame."""
+        return _outputs(self, "denoise", "denoised")
+
+
+def _agent(weights, sinks, clock=None, **settings):
+    base = {"analysis": "denoise", "weights": str(weights), "device": "cpu", "max_batch": 4, "max_latency_s": 0.0}
+    return DetectorAnalysisAgent({**base, **settings}, sinks=sinks, clock=clock or FakeClock())
+
+
+def _inline(weights, frames, **settings) -> Recorder:
+    """What the agent publishes for these frames given inline (the reference)."""
+    sink = Recorder()
+    agent = _agent(weights, [sink], **settings)
+    run = event_model.compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"dtype": "array", "shape": list(frames[0].shape), "source": "sim"}})
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc)):
+        agent.tell(name, doc)
+    for f in frames:
+        agent.tell("event", desc.compose_event(data={"det_image": f}, timestamps={"det_image": 0.0}, validate=False))
+    agent.tell("stop", run.compose_stop())
+    return sink
+
+
+def _outputs(sink: Recorder, stream: str, key: str) -> dict[int, np.ndarray]:
+    """raw_seq_num -> the derived ``key`` of ``stream``."""
+    desc = {d["uid"] for n, d in sink.docs if n == "descriptor" and d["name"] == stream}
+    return {d["data"]["raw_seq_num"]: d["data"][key] for n, d in sink.docs if n == "event" and d["descriptor"] in desc}
+
+
+@pytest.fixture(scope="module")
+def denoiser(tmp_path_factory):
+    torch.manual_seed(1)
+    record = WeightsRecord(name="tiny-den", architecture="poisson-denoiser-unet",
+                           architecture_config={"width": 4, "depth": 2})
+    return save_weights(PoissonDenoiser(width=4, depth=2), tmp_path_factory.mktemp("d"), record)
+
+
+def test_an_ophyd_async_detector_is_analysed_from_the_file_it_writes(denoiser, tmp_path):
+    pytest.importorskip("ophyd_async")
+    import bluesky.plans as bp
+    from bluesky.run_engine import RunEngine
+    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
+    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
+
+    RE = RunEngine({}, context_managers=[])
+    pattern = PatternGenerator()
+    with init_devices():
+        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), tmp_path), pattern)
+        stage = SimStage(pattern)  # the blob's brightness follows the stage, so each frame differs
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], frame_key="det", max_batch=2)
+    raw: list[tuple[str, dict]] = []
+    RE.subscribe(lambda name, doc: raw.append((name, doc)))
+    RE.subscribe(agent.tell)
+    RE(bp.scan([det], stage.x, -2, 2, 5))
+
+    names = [n for n, _ in raw]
+    assert "stream_resource" in names and "stream_datum" in names  # the frames were never in the events
+    assert all("det" not in d["data"] for n, d in raw if n == "event")
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 5 and report["failed_frames"] == {}
+    assert agent.frames_waiting == 0
+    with h5py.File(tmp_path / "blobs.h5", "r") as f:
+        written = np.asarray(f["/entry/data/data"])
+    assert written.shape[0] == 5 and len({float(w.sum()) for w in written}) == 5
+    got, want = sink.frames(), _inline(denoiser, list(written)).frames()
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+    for k in got:  # the right rows of the file, in order
+        np.testing.assert_array_equal(got[k], want[k])
+    start = next(d for n, d in sink.docs if n == "start")
+    assert start["raw_run_uid"] == raw[0][1]["uid"]
+
+
+def _ad_run(tmp_path, frames_written: np.ndarray, *, root: str | None = None, fpp: int = 1):
+    """A run whose det_image frames are in an areaDetector HDF5 file (ophyd's AD_HDF5 layout)."""
+    path = tmp_path / "ad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", data=frames_written, maxshape=(None, *frames_written.shape[1:]))
+    run = event_model.compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det_image": {"dtype": "array", "shape": [fpp, *SHAPE], "source": "PV:XF:DET", "external": "FILESTORE:"}})
+    res = run.compose_resource(spec="AD_HDF5", root=root or str(tmp_path), resource_path="ad.h5",
+                               resource_kwargs={"frame_per_point": fpp})
+    return path, run, desc, res
+
+
+def _tell_point(agent, desc, res, point: int) -> None:
+    datum = res.compose_datum(datum_kwargs={"point_number": point})
+    agent.tell("datum", datum)
+    agent.tell("event", desc.compose_event(data={"det_image": datum["datum_id"]}, timestamps={"det_image": 0.0},
+                                           filled={"det_image": False}, validate=False))
+
+
+def _append(path, frame) -> None:
+    """What the detector's file writer does after the event was sent: one more row."""
+    with h5py.File(path, "a") as f:
+        ds = f["/entry/data/data"]
+        ds.resize(ds.shape[0] + 1, axis=0)
+        ds[-1] = frame
+
+
+def test_ad_hdf5_frames_written_late_are_waited_for_in_order(denoiser, tmp_path):
+    frames = [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts.astype(np.uint32) for seed in range(4)]
+    path, run, desc, res = _ad_run(tmp_path, np.stack(frames[:1])[:, None].reshape(1, *SHAPE))
+    clock, sink = FakeClock(), Recorder()
+    agent = _agent(denoiser, [sink], clock=clock, max_batch=1, external_wait_s=10.0)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc)):
+        agent.tell(name, doc)
+    _tell_point(agent, desc, res, 0)
+    assert sorted(sink.frames()) == [1]
+    _tell_point(agent, desc, res, 1)  # not in the file yet
+    _tell_point(agent, desc, res, 2)  # behind it: waits with it, so the derived run stays in raw order
+    assert sorted(sink.frames()) == [1] and agent.frames_waiting == 2
+    clock.t += 5.0
+    _append(path, frames[1])
+    _append(path, frames[2])
+    agent.poll()
+    assert sorted(sink.frames()) == [1, 2, 3] and agent.frames_waiting == 0
+
+    _tell_point(agent, desc, res, 3)  # never written
+    clock.t += 10.5
+    agent.poll()
+    report = agent.report()
+    assert report["failed_frames"] == {"not_ready": 1} and agent.frames_waiting == 0
+    agent.tell("stop", run.compose_stop())
+    assert list(sink.frames()) == [1, 2, 3]
+    want = _inline(denoiser, frames[:3]).frames()
+    for k in (1, 2, 3):  # the right rows of the file
+        np.testing.assert_array_equal(sink.frames()[k], want[k])
+    assert sink.docs[-1][1]["exit_status"] == "success"
+
+
+def test_a_stop_gives_waiting_frames_one_last_read(denoiser, tmp_path, caplog):
+    frames = [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(2)]
+    path, run, desc, res = _ad_run(tmp_path, np.zeros((0, *SHAPE)))
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], max_batch=1, external_wait_s=1e9)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc)):
+        agent.tell(name, doc)
+    _tell_point(agent, desc, res, 0)
+    _tell_point(agent, desc, res, 1)
+    _append(path, frames[0])  # the writer closes the file before the RunEngine sends the stop
+    agent.tell("stop", run.compose_stop())
+    assert sorted(sink.frames()) == [1] and agent.report()["failed_frames"] == {"not_ready": 1}
+    assert "row 1 is not written yet" in caplog.text and "seq_num 2" in caplog.text
+
+
+def test_root_map_and_clear_errors_for_hdf5_files(denoiser, tmp_path, caplog):
+    frames = np.stack([bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(2)])
+    # the detector wrote to /detector/data/ad.h5; here it is mounted under tmp_path
+    _, run, desc, res = _ad_run(tmp_path, frames, root="/detector/data")
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], max_batch=1, root_map={"/detector/data/": str(tmp_path)})
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc)):
+        agent.tell(name, doc)
+    _tell_point(agent, desc, res, 1)
+    assert sorted(sink.frames()) == [1] and agent.report()["failed_frames"] == {}
+
+    unmapped = _agent(denoiser, [Recorder()], max_batch=1)
+    bad = {"group": run.compose_resource(spec="AD_HDF5", root=str(tmp_path), resource_path="group.h5",
+                                         resource_kwargs={"frame_per_point": 1}),
+           "text": run.compose_resource(spec="AD_HDF5", root=str(tmp_path), resource_path="notes.h5",
+                                        resource_kwargs={"frame_per_point": 1})}
+    with h5py.File(tmp_path / "group.h5", "w") as f:
+        f.create_group("/entry/data/data")
+    (tmp_path / "notes.h5").write_text("not an HDF5 file, but long enough to have a signature")
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc),
+                      ("resource", bad["group"].resource_doc), ("resource", bad["text"].resource_doc)):
+        unmapped.tell(name, doc)
+    _tell_point(unmapped, desc, res, 0)
+    _tell_point(unmapped, desc, bad["group"], 0)
+    _tell_point(unmapped, desc, bad["text"], 0)
+    assert unmapped.report()["failed_frames"] == {"missing_file": 1, "external_read": 2}
+    assert "/detector/data/ad.h5 does not exist here" in caplog.text and "root_map" in caplog.text
+    assert "is a group, not a dataset" in caplog.text and "notes.h5 is not an HDF5 file" in caplog.text
+
+
+def _stream_run(tmp_path, frames: np.ndarray, *, mimetype: str = "application/x-hdf5"):
+    """A run written as ophyd-async writes one: frames in an HDF5 dataset, stream documents."""
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("/entry/data/data", data=frames)
+    run = event_model.compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "det": {"dtype": "array", "shape": [1, *SHAPE], "source": "file", "external": "STREAM:"},
+        "mask": {"dtype": "array", "shape": list(SHAPE), "source": "sim"}})
+    res = run.compose_stream_resource(mimetype=mimetype, uri=f"file://localhost{tmp_path}/s.h5", data_key="det",
+                                      parameters={"dataset": "/entry/data/data", "chunk_shape": [1, *SHAPE]})
+    return run, desc, res
+
+
+def test_a_frame_in_a_stream_with_its_mask_in_the_event_waits_for_both(denoiser, tmp_path, caplog):
+    frames = np.stack([bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(3)])
+    run, desc, res = _stream_run(tmp_path, frames)
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], frame_key="det", mask_key="mask", max_batch=1)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                      ("stream_resource", res.stream_resource_doc)):
+        agent.tell(name, doc)
+    empty = np.zeros(SHAPE, bool)
+    # a fly scan's page: one stream_datum for the first two frames; their events come after it
+    agent.tell("stream_datum", res.compose_stream_datum(indices={"start": 0, "stop": 2}, seq_nums={"start": 1, "stop": 3},
+                                                        descriptor=desc.descriptor_doc))
+    assert agent.frames_waiting == 2 and sink.frames() == {}
+    for _ in range(2):
+        agent.tell("event", desc.compose_event(data={"mask": empty}, timestamps={"mask": 0.0}, validate=False))
+    assert sorted(sink.frames()) == [1, 2]
+    agent.tell("event", desc.compose_event(data={"mask": empty}, timestamps={"mask": 0.0}, validate=False))
+    agent.tell("stop", run.compose_stop())  # the third frame's stream_datum never came
+    assert agent.report()["failed_frames"] == {"incomplete": 1} and agent.frames_waiting == 0
+    assert "its run stopped before this frame's det arrived" in caplog.text
+
+    other, desc2, res2 = _stream_run(tmp_path, frames, mimetype="application/x-tiff")
+    for name, doc in (("start", other.start_doc), ("descriptor", desc2.descriptor_doc),
+                      ("stream_resource", res2.stream_resource_doc)):
+        agent.tell(name, doc)
+    agent.tell("stream_datum", res2.compose_stream_datum(indices={"start": 0, "stop": 1}, seq_nums={"start": 1, "stop": 2},
+                                                         descriptor=desc2.descriptor_doc))
+    agent.tell("event", desc2.compose_event(data={"mask": empty}, timestamps={"mask": 0.0}, validate=False))
+    assert agent.report()["failed_frames"]["unsupported_spec"] == 1
+    assert "'application/x-tiff', which has no handler" in caplog.text
