@@ -15,16 +15,9 @@ from models.nets import PoissonDenoiser
 from models.registry import WeightsRecord, save_weights
 from simulators.detector import BraggRecipe, bragg_frame_2d
 from streams.derived import validate_document
+from tests.agents.test_detector_agent import FakeClock
 
 SHAPE = (32, 32)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Recorder:
