@@ -27,16 +27,14 @@ Derived streams, one event per good raw frame, in raw order; every event of ever
   over the frame's mirror images (``symmetric_average``; for the other analyses it is off by
   default: 4-8 forward passes a frame).
 
-External frames: resource / datum documents name a file by ``spec`` (:data:`FRAME_HANDLERS`:
-``NPY``; ``AD_HDF5`` and ``AD_HDF5_SWMR``, the areaDetector HDF5 plugin's files as ophyd writes
-them); an ophyd-async detector sends ``stream_resource`` / ``stream_datum`` documents instead and
-leaves its frames out of the events (data keys ``external: "STREAM:"``; :data:`STREAM_HANDLERS`:
-``application/x-hdf5``). A frame is read once every document it needs has arrived (its
-stream_datum; its event too when ``mask_key`` is an ordinary event key), so step scans and fly
-scans (stream_datum documents only) go the same way. HDF5 files are opened read-only in SWMR
-mode beside their writer (:func:`read_hdf5_rows`); a frame not written yet waits, with the frames
-of its run behind it, for up to ``external_wait_s``, and has one last try at its run's stop.
-``root_map`` maps the paths in the documents to where the files are mounted here.
+External frames (resource / datum documents, as ophyd's area detectors write them; stream_resource
+/ stream_datum documents, as ophyd-async detectors do, their frames left out of the events) are
+read by :class:`streams.external.ExternalData` (NPY, areaDetector HDF5, HDF5 streams; ``root_map``
+maps the paths in the documents to where the files are mounted here). A frame is read once every
+document it needs has arrived (its stream_datum; its event too when ``mask_key`` is an ordinary
+event key), so step scans and fly scans (stream_datum documents only) go the same way. A frame
+whose file is still being written waits, with the frames of its run behind it, for up to
+``external_wait_s``, and has one last try at its run's stop.
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
@@ -52,10 +50,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
-from urllib.parse import quote, unquote, urlparse, urlunparse
+from typing import Any, Literal
 
-import event_model
 import numpy as np
 import torch
 from pydantic import Field, field_validator
@@ -68,11 +64,11 @@ from models.classical import integrate_in_mask, neighbour_noise_rms
 from models.nets import UNet, denoiser_input, infer, ring_consistent
 from models.registry import WeightsError, load_weights
 from streams.derived import DerivedRunWriter
+from streams.external import ExternalData, ExternalDataError
 from streams.protocols import DocumentSink
 from streams.sequence import events_of
 
-__all__ = ["ANALYSES", "FRAME_HANDLERS", "READ_NOISE_LIMIT", "STREAM_HANDLERS", "DetectorAnalysisAgent",
-           "DetectorSettings", "FrameError", "read_hdf5_rows", "register_frame_handler", "register_stream_handler"]
+__all__ = ["ANALYSES", "READ_NOISE_LIMIT", "DetectorAnalysisAgent", "DetectorSettings", "FrameError"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,130 +88,13 @@ READ_NOISE_LIMIT = 2.0
 
 class FrameError(AgentError):
     """A frame that cannot be analysed; ``cause`` is the key it is counted under in the report.
-    ``retry``: the data may not be there yet (a detector file still being written); the agent
+    ``retry``: its data may not be there yet (a detector file still being written); the agent
     tries again until ``external_wait_s`` has passed."""
 
     def __init__(self, cause: str, message: str, *, retry: bool = False) -> None:
         super().__init__(message)
         self.cause = cause
         self.retry = retry
-
-
-# -- external data ---------------------------------------------------------------------------------
-#: ``handler(resource, datum_kwargs) -> frame`` by resource ``spec`` (resource and datum documents)
-FrameHandler = Callable[[Mapping[str, Any], Mapping[str, Any]], np.ndarray]
-FRAME_HANDLERS: dict[str, FrameHandler] = {}
-#: ``handler(stream_resource, index) -> frame`` by stream resource ``mimetype`` (stream_resource and
-#: stream_datum documents, as ophyd-async detectors write them)
-StreamHandler = Callable[[Mapping[str, Any], int, Sequence[int | None]], np.ndarray]
-STREAM_HANDLERS: dict[str, StreamHandler] = {}
-
-
-def register_frame_handler(spec: str, handler: FrameHandler) -> None:
-    """Read external data of resource ``spec`` with ``handler(resource, datum_kwargs)``."""
-    FRAME_HANDLERS[spec] = handler
-
-
-def register_stream_handler(mimetype: str, handler: StreamHandler) -> None:
-    """Read stream data of ``mimetype`` with ``handler(stream_resource, index, declared_shape)``:
-    the frame of the index-th event of the resource (``declared_shape``: its data key's shape)."""
-    STREAM_HANDLERS[mimetype] = handler
-
-
-def _npy_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
-    """One ``.npy`` per resource: the whole array, or ``array[frame]`` when a ``frame`` kwarg is given."""
-    path = Path(resource.get("root") or "") / resource["resource_path"]
-    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
-    if not path.is_file():
-        raise FrameError("missing_file", f"external file {path} (resource {resource.get('uid')}) does not exist; "
-                         "if the detector writes it elsewhere, map the path with root_map")
-    try:
-        stored = np.load(path, mmap_mode="r", allow_pickle=False)
-        return np.array(stored[int(kwargs["frame"])] if "frame" in kwargs else stored)
-    except (OSError, ValueError, IndexError) as err:
-        raise FrameError("external_read", f"cannot read {path} with {dict(kwargs)}: {err}") from None
-
-
-def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
-                   declared: Sequence[int | None] | None = None) -> np.ndarray:
-    """``dataset[rows]`` of the HDF5 file at ``path``, read as a reader beside a live writer.
-
-    With ``declared`` (an event's data-key shape) and an integer ``rows`` (the event's index),
-    the rows of that event are decided by the dataset: row ``rows`` when the dataset has one axis
-    more than ``declared`` (one frame per row), rows ``rows * m`` to ``(rows + 1) * m`` when it has
-    as many (``m = declared[0]`` frames an event, as a detector declares ``[m, ny, nx]``).
-
-    The file is opened read-only in SWMR mode, so frames a SWMR writer (the areaDetector HDF5
-    plugin in SWMR mode, ophyd-async's writers) has flushed can be read while it writes. Data that
-    may simply not be there yet (the file locked by a writer without SWMR, the dataset not created
-    or not yet as long as ``rows`` needs) raise a :class:`FrameError` with ``retry=True``; a file
-    that does not exist, is not HDF5, or whose ``dataset`` is a group, one without.
-    """
-    import h5py
-
-    if not path.is_file():
-        raise FrameError("missing_file", f"{what}: HDF5 file {path} does not exist here; if the detector writes "
-                         "it on another mount, map its path with root_map")
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError as err:
-        if path.stat().st_size >= 8 and not h5py.is_hdf5(path):
-            raise FrameError("external_read", f"{what}: {path} is not an HDF5 file") from None
-        raise FrameError("not_ready", f"{what}: cannot open {path} yet ({err})", retry=True) from None
-    with f:
-        ds = f.get(dataset)
-        if ds is None:
-            raise FrameError("not_ready", f"{what}: {path} has no dataset {dataset!r} yet", retry=True)
-        if not isinstance(ds, h5py.Dataset):
-            raise FrameError("external_read", f"{what}: {path}:{dataset} is a group, not a dataset")
-        if declared is not None and isinstance(rows, int) and len(declared) == ds.ndim and declared[0]:
-            rows = slice(rows * int(declared[0]), (rows + 1) * int(declared[0]))
-        stop = rows.stop if isinstance(rows, slice) else rows + 1
-        if not ds.shape or ds.shape[0] < stop:
-            length = ds.shape[0] if ds.shape else 0
-            raise FrameError("not_ready", f"{what}: {path}:{dataset} holds {length} rows, row {stop - 1} is not "
-                             "written yet", retry=True)
-        try:
-            return np.asarray(ds[rows])
-        except (OSError, ValueError) as err:  # a chunk being written, a filter not available here
-            raise FrameError("external_read", f"{what}: cannot read {path}:{dataset}[{rows}]: {err}") from None
-
-
-def _ad_hdf5_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
-    """An areaDetector HDF5 plugin's file (ophyd's ``AD_HDF5`` / ``AD_HDF5_SWMR`` resources):
-    frames in ``/entry/data/data``, ``frame_per_point`` of them per ``point_number``."""
-    path = Path(resource.get("root") or "") / resource["resource_path"]
-    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
-    try:
-        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
-    except (KeyError, TypeError, ValueError):
-        raise FrameError("external_read", f"resource {resource.get('uid')} ({resource.get('spec')}): datum needs an "
-                         f"integer point_number (and frame_per_point); got {dict(kwargs)}") from None
-    if per_point < 1 or point < 0:
-        raise FrameError("external_read", f"resource {resource.get('uid')}: frame_per_point={per_point} and "
-                         f"point_number={point} must be >= 1 and >= 0")
-    return read_hdf5_rows(path, "/entry/data/data", slice(point * per_point, (point + 1) * per_point),
-                          f"resource {resource.get('uid')} point {point}")
-
-
-def _stream_hdf5_handler(resource: Mapping[str, Any], index: int, declared: Sequence[int | None]) -> np.ndarray:
-    """An ophyd-async HDF5 stream resource: event ``index`` of ``parameters["dataset"]`` in the
-    file at ``uri`` (its rows: :func:`read_hdf5_rows` with the data key's shape)."""
-    uri = str(resource.get("uri", ""))
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        raise FrameError("external_read", f"stream resource {resource.get('uid')}: uri {uri!r} is not a file:// uri")
-    dataset = (resource.get("parameters") or {}).get("dataset")
-    if not isinstance(dataset, str):
-        raise FrameError("external_read", f"stream resource {resource.get('uid')}: parameters has no 'dataset'")
-    what = f"stream resource {resource.get('uid')} ({resource.get('data_key')}) index {index}"
-    return read_hdf5_rows(Path(unquote(parsed.path)), dataset, index, what, declared=declared)
-
-
-register_frame_handler("NPY", _npy_handler)
-register_frame_handler("AD_HDF5", _ad_hdf5_handler)
-register_frame_handler("AD_HDF5_SWMR", _ad_hdf5_handler)
-register_stream_handler("application/x-hdf5", _stream_hdf5_handler)
 
 
 def _load_detector_mask(spec: str | None, agent: str) -> np.ndarray | None:
@@ -317,14 +196,6 @@ class _Run:
     streams: set[str] = field(default_factory=set)  # derived streams declared so far
 
 
-@dataclass(frozen=True)
-class _StreamRow:
-    """A frame written as a stream: event ``index`` of stream resource ``resource``."""
-
-    resource: str
-    index: int
-
-
 @dataclass
 class _Frame:
     run_uid: str
@@ -380,14 +251,10 @@ class DetectorAnalysisAgent:
             self.model.symmetric_average = settings.symmetric_average
         self._runs: dict[str, _Run] = {}
         self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)
-        self._external: dict[str, set[str]] = {}  # descriptor uid -> external data keys
-        self._resources: dict[str, dict[str, Any]] = {}
-        self._datums: dict[str, dict[str, Any]] = {}
-        self._stream_resources: dict[str, dict[str, Any]] = {}
-        self._shapes: dict[str, dict[str, list[int | None]]] = {}  # descriptor uid -> data key -> shape
-        self._streamed: dict[str, set[str]] = {}  # descriptor uid -> data keys written as streams
-        # frames written as streams, waiting for their other parts: (descriptor, seq_num) -> parts
-        self._assembling: dict[tuple[str, int], dict[str, Any]] = {}
+        self.external = ExternalData(settings.root_map)
+        # frames written as streams, waiting for their other documents: (descriptor, seq_num) -> its
+        # event (None until it arrives, or when the frame needs none)
+        self._assembling: dict[tuple[str, int], dict[str, Any] | None] = {}
         # frames told, not yet read (external data may still be being written), by run, in raw order
         self._incoming: dict[str, deque[tuple[list[int | None], dict[str, Any], float]]] = {}
         self._pending: list[_Frame] = []
@@ -403,24 +270,17 @@ class DetectorAnalysisAgent:
     def tell(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
             self._start(doc)
-        elif name == "descriptor":
-            self._descriptor(doc)
-        elif name == "resource":
-            self._resources[doc["uid"]] = doc
-        elif name == "datum":
-            self._datums[doc["datum_id"]] = doc
-        elif name == "datum_page":
-            for datum in event_model.unpack_datum_page(cast(Any, doc)):
-                self._datums[datum["datum_id"]] = datum
-        elif name == "stream_resource":
-            self._stream_resources[doc["uid"]] = doc
-        elif name == "stream_datum":
-            self._stream_datum(doc)
         elif name in ("event", "event_page"):
             for event in events_of(name, doc):
                 self._event(event)
+        elif name == "stream_datum":
+            self._stream_datum(doc)
         elif name == "stop":
             self._stop(doc)
+        else:  # descriptors and (stream) resources and datums
+            self.external.tell(name, doc)
+            if name == "descriptor":
+                self._descriptor(doc)
         self.poll()
 
     def ask(self, n: int) -> list[PlanRequest]:
@@ -485,36 +345,25 @@ class DetectorAnalysisAgent:
     def _descriptor(self, doc: dict[str, Any]) -> None:
         if doc["run_start"] not in self._runs or doc.get("name", "primary") != self.settings.stream:
             return
-        keys = doc.get("data_keys", {})
-        declared = list(keys.get(self.settings.frame_key, {}).get("shape") or [])
+        declared = list(doc.get("data_keys", {}).get(self.settings.frame_key, {}).get("shape") or [])
         self._descriptors[doc["uid"]] = (doc["run_start"], declared)
-        self._external[doc["uid"]] = {k for k, dk in keys.items() if dk.get("external")}
-        self._shapes[doc["uid"]] = {k: list(dk.get("shape") or []) for k, dk in keys.items()}
-        self._streamed[doc["uid"]] = {k for k, dk in keys.items() if str(dk.get("external", "")).startswith("STREAM")}
 
     def _stop(self, doc: dict[str, Any]) -> None:
         run = self._runs.get(doc["run_start"])
         if run is None:
+            self.external.tell("stop", doc)
             return
         self._give_up(doc["run_start"], "its run stopped")
         self.flush()
         del self._runs[doc["run_start"]]
-        gone = {uid for uid, (run_uid, _) in self._descriptors.items() if run_uid == doc["run_start"]}
-        for uid in gone:
-            for table in (self._descriptors, self._external, self._shapes, self._streamed):
-                table.pop(uid, None)
-        resources = {uid for uid, r in self._resources.items() if r.get("run_start") == doc["run_start"]}
-        self._datums = {k: d for k, d in self._datums.items() if d.get("resource") not in resources}
-        for uid in resources:
-            self._resources.pop(uid)
-        self._stream_resources = {k: r for k, r in self._stream_resources.items()
-                                  if r.get("run_start") != doc["run_start"]}
+        self.external.tell("stop", doc)
+        self._descriptors = {uid: d for uid, d in self._descriptors.items() if d[0] != doc["run_start"]}
         run.writer.close(exit_status=doc.get("exit_status", "success"))
 
     def _needed(self, descriptor: str) -> tuple[set[str], set[str]]:
         """The data keys a frame of ``descriptor`` needs: (written as streams, carried by its event)."""
         keys = {self.settings.frame_key} | ({self.settings.mask_key} if self.settings.mask_key else set())
-        streamed = keys & self._streamed.get(descriptor, set())
+        streamed = keys & self.external.streamed(descriptor)
         return streamed, keys - streamed
 
     def _event(self, event: dict[str, Any]) -> None:
@@ -525,50 +374,46 @@ class DetectorAnalysisAgent:
         if not streamed:
             self._admit(event)
         elif in_event:  # e.g. a frame written as a stream with its mask in the event
-            self._assembling.setdefault((descriptor, int(event["seq_num"])), {"rows": {}, "event": None})["event"] = event
+            self._assembling[(descriptor, int(event["seq_num"]))] = event
             self._assemble(descriptor, int(event["seq_num"]))
         # else: the frame comes whole from its stream_datum documents; the event adds nothing
 
     def _stream_datum(self, doc: dict[str, Any]) -> None:
         """Rows of a stream resource for a range of events: parts of those events' frames."""
         descriptor = doc.get("descriptor", "")
+        try:
+            located = self.external.tell("stream_datum", doc)
+        except ExternalDataError as err:
+            resource = self.external.stream_resource(doc.get("stream_resource", "")) or {}
+            if descriptor in self._descriptors and resource.get("data_key") in self._needed(descriptor)[0]:
+                for seq_num in range(int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])):
+                    self.frames_in += 1
+                    self._fail(self._descriptors[descriptor][0], {"seq_num": seq_num, "uid": doc.get("uid")},
+                               err.cause, str(err))
+            return
         if descriptor not in self._descriptors:
             return
-        resource = self._stream_resources.get(doc.get("stream_resource", ""))
-        if resource is None:  # its data key is unknown, so whether it holds frames is too
+        if not located:  # its data key is unknown, so whether it holds frames is too
             logger.error("agent %s: stream_datum %s names stream resource %r, which was never received; its frames "
                          "stay incomplete", self.name, doc.get("uid"), doc.get("stream_resource"))
-            return
-        key = resource.get("data_key")
-        if key not in self._needed(descriptor)[0]:
-            return
-        seq, idx = doc["seq_nums"], doc["indices"]
-        n = int(seq["stop"]) - int(seq["start"])
-        if n != int(idx["stop"]) - int(idx["start"]):
-            for s in range(int(seq["start"]), int(seq["stop"])):
-                self.frames_in += 1
-                self._fail(self._descriptors[descriptor][0], {"seq_num": s, "uid": doc.get("uid")}, "external_read",
-                           f"stream_datum {doc.get('uid')} pairs seq_nums {dict(seq)} with indices {dict(idx)} "
-                           "(ranges of different lengths)")
-            return
-        for k in range(n):
-            s = int(seq["start"]) + k
-            parts = self._assembling.setdefault((descriptor, s), {"rows": {}, "event": None})
-            parts["rows"][key] = (_StreamRow(resource["uid"], int(idx["start"]) + k), str(doc.get("uid")))
-            self._assemble(descriptor, s)
+        for _, key, seq_nums in located:
+            if key in self._needed(descriptor)[0]:
+                for seq_num in seq_nums:
+                    self._assembling.setdefault((descriptor, seq_num), None)
+                    self._assemble(descriptor, seq_num)
 
     def _assemble(self, descriptor: str, seq_num: int) -> None:
-        """Admit the frame once every part it needs has arrived."""
-        parts = self._assembling[(descriptor, seq_num)]
+        """Admit the frame once every document it needs has arrived."""
+        event = self._assembling[(descriptor, seq_num)]
         streamed, in_event = self._needed(descriptor)
-        if not streamed <= parts["rows"].keys() or (in_event and parts["event"] is None):
+        datums = [self.external.locate(descriptor, k, seq_num) for k in sorted(streamed)]
+        if None in datums or (in_event and event is None):
             return
         del self._assembling[(descriptor, seq_num)]
-        event = parts["event"] or {}
-        first = parts["rows"][self.settings.frame_key][1]  # the stream_datum of the frame itself
-        self._admit({"descriptor": descriptor, "seq_num": seq_num, "uid": event.get("uid", first),
-                     "time": event.get("time", time.time()),
-                     "data": {**event.get("data", {}), **{k: row for k, (row, _) in parts["rows"].items()}}})
+        event = event or {}
+        self._admit({"descriptor": descriptor, "seq_num": seq_num, "time": event.get("time", time.time()),
+                     "uid": event.get("uid", self.external.locate(descriptor, self.settings.frame_key, seq_num)),
+                     "data": event.get("data", {})})
 
     def _admit(self, event: dict[str, Any]) -> None:
         """A whole frame: read it (now, or when its external data has been written), in raw order."""
@@ -604,11 +449,12 @@ class DetectorAnalysisAgent:
         """The run's frames still waiting for data: one last read each; incomplete ones failed."""
         self._drain(run_uid, final=True)
         for descriptor, seq_num in [k for k in self._assembling if self._descriptors.get(k[0], ("",))[0] == run_uid]:
-            parts = self._assembling.pop((descriptor, seq_num))
+            event = self._assembling.pop((descriptor, seq_num))
             streamed, in_event = self._needed(descriptor)
-            missing = sorted(streamed - parts["rows"].keys()) + (["the event"] if in_event and parts["event"] is None else [])
+            missing = [k for k in sorted(streamed) if self.external.locate(descriptor, k, seq_num) is None]
+            missing += ["the event"] if in_event and event is None else []
             self.frames_in += 1
-            self._fail(run_uid, {"seq_num": seq_num, "uid": (parts["event"] or {}).get("uid")}, "incomplete",
+            self._fail(run_uid, {"seq_num": seq_num, "uid": (event or {}).get("uid")}, "incomplete",
                        f"{why} before this frame's {', '.join(missing)} arrived")
 
     def _fail(self, run_uid: str, event: Mapping[str, Any], cause: str, message: str) -> None:
@@ -618,49 +464,10 @@ class DetectorAnalysisAgent:
 
     # -- reading and checking frames -------------------------------------------------------------------
     def _value(self, event: Mapping[str, Any], key: str) -> Any:
-        data = event["data"]
-        if key not in data:
-            raise FrameError("missing_key", f"event has no data key {key!r} (has {sorted(data)})")
-        value = data[key]
-        if isinstance(value, _StreamRow):
-            stream = self._stream_resources[value.resource]
-            reader = STREAM_HANDLERS.get(stream.get("mimetype", ""))
-            if reader is None:
-                raise FrameError("unsupported_spec", f"stream resource {value.resource} has mimetype "
-                                 f"{stream.get('mimetype')!r}, which has no handler (known: {sorted(STREAM_HANDLERS)})")
-            return reader(self._mapped(stream), value.index, self._shapes[event["descriptor"]].get(key, []))
-        if key in self._external.get(event["descriptor"], set()) and isinstance(value, str):
-            datum = self._datums.get(value)
-            if datum is None:
-                raise FrameError("unknown_datum", f"datum {value!r} of {key!r} was never received")
-            resource = self._resources.get(datum["resource"])
-            if resource is None:
-                raise FrameError("unknown_datum", f"resource {datum['resource']!r} of datum {value!r} was "
-                                 "never received")
-            handler = FRAME_HANDLERS.get(resource.get("spec", ""))
-            if handler is None:
-                raise FrameError("unsupported_spec", f"resource spec {resource.get('spec')!r} has no handler "
-                                 f"(known: {sorted(FRAME_HANDLERS)})")
-            value = handler(self._mapped(resource), datum.get("datum_kwargs") or {})
-        return value
-
-    def _mapped(self, resource: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``resource`` with its file path moved by ``root_map`` (the longest matching prefix)."""
-        if not self.settings.root_map:
-            return resource
-        if "uri" in resource:
-            parsed = urlparse(str(resource["uri"]))
-            return {**resource, "uri": urlunparse(parsed._replace(path=quote(self._map_path(unquote(parsed.path)))))}
-        if resource.get("root"):
-            return {**resource, "root": self._map_path(str(resource["root"]))}
-        return {**resource, "resource_path": self._map_path(str(resource.get("resource_path", "")))}
-
-    def _map_path(self, path: str) -> str:
-        for old in sorted(self.settings.root_map, key=len, reverse=True):
-            base = old.rstrip("/")
-            if path == base or path.startswith(base + "/"):
-                return self.settings.root_map[old].rstrip("/") + path[len(base):]
-        return path
+        try:
+            return self.external.value(event, key)
+        except ExternalDataError as err:
+            raise FrameError(err.cause, str(err), retry=err.retry) from None
 
     def _read_frame(self, event: Mapping[str, Any], run: _Run,
                     declared: list[int | None]) -> tuple[np.ndarray, np.ndarray | None]:

@@ -3,7 +3,11 @@
 The agent is told a run's documents. Each event of the configured stream carries the stage's
 position and either a detector frame (reduced here to the mapped quantities: SAXS peak
 position, intensity, orientation components, by :func:`models.saxs2d.reduce_frame`) or the
-quantities themselves (``reduction: none``). Asked for ``n`` points it returns one ``measure``
+quantities themselves (``reduction: none``). The frame may be in the event, or in a file the
+run's documents name (:class:`streams.external.ExternalData`: resource / datum as ophyd's area
+detectors write them, NPY or areaDetector HDF5; stream_resource / stream_datum as ophyd-async
+detectors do, HDF5; ``root_map`` maps the paths to where the files are mounted here); the
+exposure is read from the event or, failing that, from the descriptor's configuration. Asked for ``n`` points it returns one ``measure``
 request that moves the stage's axes to ``n`` positions chosen by :mod:`models.mapping` on the
 posterior of a :class:`models.kriging.MappingGP`, ordered along a short path; the safety gate
 checks them against the stage limits and maximum step like any other request.
@@ -71,8 +75,9 @@ to its zarr store as it happens, so :meth:`MappingAgent.resume` continues a kill
 observations, decisions, failures and the kriging hyper-parameters come back, and positions
 asked for but never measured are asked for again, with the same keys, first.
 
-Failures are named and survived: a frame that fails reduction (NaN, negative, no peak) is
-reported by run uid and seq_num and re-measured up to ``max_retries``; a position the stage
+Failures are named and survived: a frame that fails reduction (NaN, negative, no peak), or whose
+file is missing or not yet written when its event arrives, is reported by run uid and seq_num
+and re-measured up to ``max_retries``; a position the stage
 never reaches (a refused move ends the run) is asked again up to ``max_retries`` times, then
 given up; a position the gate rejects is closed at once. Each leaves a row in ``outcomes``.
 """
@@ -102,6 +107,7 @@ from models.kriging import KrigingConfig, MappingGP
 from models.mapping import MapAcquisitionConfig, order_path, path_length, select_batch
 from models.saxs2d import DetectorGeometry, ReductionError, reduce_frame
 from streams.derived import DerivedRunWriter
+from streams.external import ExternalData, ExternalDataError
 from streams.protocols import DocumentSink
 
 __all__ = ["MappingAgent", "MappingSettings"]
@@ -128,7 +134,9 @@ class MappingSettings(_Strict):
     sigma_keys: dict[str, str] = Field(default_factory=dict)
     weights: list[float] | None = None
     frame_key: str = "stage_saxs_counts"
-    exposure_key: str = "stage_saxs_exposure"
+    exposure_key: str = "stage_saxs_exposure"  # in the events, or in the descriptor's configuration
+    # where the detector's files are mounted here ({"/nsls2/data": "/mnt/data"}), for frames in files
+    root_map: dict[str, str] = Field(default_factory=dict)
     stream: str = "primary"
     geometry: GeometrySettings = Field(default_factory=GeometrySettings)
     n_initial: int = Field(default=8, ge=4)
@@ -236,6 +244,7 @@ class MappingAgent(StoredAgent):
         self.stop_reason: str | None = None
         self.latencies: list[float] = []
         self._gp: MappingGP | None = None
+        self.external = ExternalData(s.root_map)  # frames in files: resource / datum, stream documents
         self._router = stream_router(s.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
@@ -293,7 +302,18 @@ class MappingAgent(StoredAgent):
     def tell(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
             self._open_derived(doc)
+        if name != "stop":  # a stopped run's documents are forgotten after its last event
+            self._tell_external(name, doc)
         self._router(name, doc)
+        if name == "stop":
+            self._tell_external(name, doc)
+
+    def _tell_external(self, name: str, doc: dict[str, Any]) -> None:
+        try:
+            self.external.tell(name, doc)
+        except ExternalDataError as err:  # a malformed stream_datum: its frames are reported when read
+            self.errors.append(f"{name} {doc.get('uid')}: {err}")
+            logger.warning("%s %s: %s", name, doc.get("uid"), err)
 
     def _observe_event(self, run_uid: str, event: dict) -> None:
         key = str(event["data"].get(POINT_KEY, "")) or f"event:{event['uid']}"
@@ -327,11 +347,21 @@ class MappingAgent(StoredAgent):
         if not (np.isfinite(x) and np.isfinite(y)):
             raise ObservationError(f"{where}: stage position ({x}, {y}) is not finite")
         if s.reduction == "saxs_ring":
-            if s.frame_key not in data or s.exposure_key not in data:
-                raise ObservationError(f"{where}: no frame {s.frame_key!r} or exposure {s.exposure_key!r}; "
-                                       "set frame_key/exposure_key to the detector's data keys")
+            exposure = data.get(s.exposure_key, self.external.configuration(event["descriptor"], s.exposure_key))
+            if exposure is None:
+                raise ObservationError(f"{where}: no exposure {s.exposure_key!r} in the event or its descriptor's "
+                                       "configuration; set exposure_key to the detector's data key")
             try:
-                reduced = reduce_frame(np.asarray(data[s.frame_key]), float(data[s.exposure_key]), self.geometry)
+                frame = self.external.value(event, s.frame_key)
+            except ExternalDataError as err:
+                hint = ("set frame_key to the detector's data key" if err.cause == "missing_key"
+                        else "the position will be measured again")
+                raise ObservationError(f"{where}: frame {s.frame_key!r}: {err}; {hint}") from None
+            frame = np.asarray(frame)
+            while frame.ndim > 2 and frame.shape[0] == 1:  # area detectors often add a leading axis of 1
+                frame = frame[0]
+            try:
+                reduced = reduce_frame(frame, float(exposure), self.geometry)
             except ReductionError as err:
                 raise ObservationError(f"{where}: frame at ({x:g}, {y:g}) failed reduction: {err}; "
                                        "the position will be measured again") from None

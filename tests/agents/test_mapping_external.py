@@ -1,0 +1,138 @@
+"""MappingAgent with the SAXS frames in files, as beamline detectors write them: the same
+observations as with the frames in the events, from areaDetector HDF5 (resource / datum) and
+from ophyd-async HDF5 streams (stream_resource / stream_datum, frames left out of the events)."""
+
+from __future__ import annotations
+
+import copy
+
+import bluesky.plans as bp
+import event_model
+import h5py
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from agents.mapping import MappingAgent
+from simulators.maps import FilmMap
+from simulators.sas import SimClock
+from simulators.stage import SimSampleStage
+
+FRAME, EXPOSURE = "stage_saxs_counts", "stage_saxs_exposure"
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """A real RunEngine's documents of 6 positions, the frames inline."""
+    film = FilmMap(seed=3)
+    stage = SimSampleStage("stage", truth=film, speed=2.0, seed=1, clock=SimClock(start=0.0))
+    stage.saxs.exposure.set(0.5).wait()
+    docs: list[tuple[str, dict]] = []
+    RE = RunEngine({}, context_managers=[])
+    RE(bp.list_scan([stage.saxs], stage.x, [1.0, 3.0, 5.0, 7.0, 2.0, 8.0], stage.y, [1.0, 2.0, 6.0, 8.0, 9.0, 4.0]),
+       lambda name, doc: docs.append((name, copy.deepcopy(doc))))
+    return film, docs
+
+
+def _observations(film, docs, tmp_path, **settings):
+    agent = MappingAgent({"extent": list(film.extent), "max_points": 16, "grid": [20, 20], **settings},
+                         tmp_path / f"s{len(list(tmp_path.iterdir()))}.zarr")
+    for name, doc in docs:
+        agent.tell(name, doc)
+    table = agent.store.read("observations")
+    return agent, {k: np.asarray(v) for k, v in table.items() if k not in ("time", "point_key", "event_uid")}
+
+
+def _frames(docs) -> list[np.ndarray]:
+    return [np.asarray(d["data"][FRAME]) for n, d in docs if n == "event"]
+
+
+def _as_ad_hdf5(docs, path, root):
+    """The run as ophyd writes an areaDetector HDF5 plugin's: a resource, a datum per point."""
+    frames = _frames(docs)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", data=np.stack(frames))
+    out, start, resource = [], None, None
+    for name, doc in docs:
+        doc = copy.deepcopy(doc)
+        if name == "start":
+            start = doc
+        elif name == "descriptor":
+            doc["data_keys"][FRAME]["external"] = "FILESTORE:"
+            resource = event_model.compose_resource(spec="AD_HDF5", root=root, resource_path=path.name,
+                                                    resource_kwargs={"frame_per_point": 1}, start=start)
+            out += [(name, doc), ("resource", resource.resource_doc)]
+            continue
+        elif name == "event":
+            datum = resource.compose_datum(datum_kwargs={"point_number": doc["seq_num"] - 1})
+            out.append(("datum", datum))
+            doc["data"][FRAME], doc["filled"] = datum["datum_id"], {FRAME: False}
+        out.append((name, doc))
+    return out
+
+
+def _as_stream(docs, path, *, exposure_in_configuration=False):
+    """The run as an ophyd-async detector writes it: the frames in an HDF5 stream, out of the events."""
+    frames = _frames(docs)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", data=np.stack(frames)[:, None])
+    out, start, resource, descriptor = [], None, None, None
+    for name, doc in docs:
+        doc = copy.deepcopy(doc)
+        if name == "start":
+            start = doc
+        elif name == "descriptor":
+            descriptor = doc
+            key = doc["data_keys"][FRAME]
+            key.update(external="STREAM:", shape=[1, *key["shape"]])
+            if exposure_in_configuration:  # ophyd-async detectors report acquire time as configuration
+                doc["configuration"].setdefault("stage_saxs", {"data": {}, "timestamps": {}, "data_keys": {}})
+                doc["configuration"]["stage_saxs"]["data"][EXPOSURE] = 0.5
+                del doc["data_keys"][EXPOSURE]
+            resource = event_model.compose_stream_resource(
+                mimetype="application/x-hdf5", uri=f"file://localhost{path}", data_key=FRAME,
+                parameters={"dataset": "/entry/data/data"}, start=start)
+            out += [(name, doc), ("stream_resource", resource.stream_resource_doc)]
+            continue
+        elif name == "event":
+            i = doc["seq_num"] - 1
+            out.append(("stream_datum", resource.compose_stream_datum(
+                indices={"start": i, "stop": i + 1}, seq_nums={"start": i + 1, "stop": i + 2}, descriptor=descriptor)))
+            for table in ("data", "timestamps", "filled"):
+                doc.get(table, {}).pop(FRAME, None)
+                if exposure_in_configuration:
+                    doc.get(table, {}).pop(EXPOSURE, None)
+        out.append((name, doc))
+    return out
+
+
+def test_frames_in_files_give_the_same_map_as_frames_in_events(measured, tmp_path):
+    film, docs = measured
+    _, inline = _observations(film, docs, tmp_path)
+    assert len(inline["x"]) == 6 and np.all(np.isfinite(inline["peak_q"]))
+    (tmp_path / "data").mkdir()
+    layouts = {
+        "AD_HDF5": _as_ad_hdf5(docs, tmp_path / "data" / "ad.h5", str(tmp_path / "data")),
+        "stream": _as_stream(docs, tmp_path / "data" / "s.h5"),
+        "stream, exposure in configuration": _as_stream(docs, tmp_path / "data" / "c.h5", exposure_in_configuration=True),
+    }
+    for layout, rewritten in layouts.items():
+        assert not any(isinstance(d.get("data", {}).get(FRAME), list) for n, d in rewritten if n == "event")
+        agent, got = _observations(film, rewritten, tmp_path)
+        assert agent.report()["errors"] == [], layout
+        for column, values in inline.items():
+            np.testing.assert_array_equal(got[column], values, err_msg=f"{layout}: {column}")
+
+
+def test_a_frame_file_elsewhere_is_found_through_root_map_or_named(measured, tmp_path):
+    film, docs = measured
+    (tmp_path / "mnt").mkdir()
+    rewritten = _as_ad_hdf5(docs, tmp_path / "mnt" / "ad.h5", "/nsls2/data/cms")  # where the IOC wrote it
+    _, inline = _observations(film, docs, tmp_path)
+    _, mapped = _observations(film, rewritten, tmp_path, root_map={"/nsls2/data/cms": str(tmp_path / "mnt")})
+    np.testing.assert_array_equal(mapped["peak_q"], inline["peak_q"])
+
+    agent, unmapped = _observations(film, rewritten, tmp_path, max_retries=0)
+    assert len(unmapped["x"]) == 0 and len(agent.report()["errors"]) >= 6
+    first = agent.report()["errors"][0]
+    assert "seq_num 1" in first and "/nsls2/data/cms/ad.h5 does not exist here" in first and "root_map" in first

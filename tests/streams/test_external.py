@@ -1,0 +1,58 @@
+"""ExternalData: event values from the files their documents name; a run's documents forgotten at its stop."""
+
+from __future__ import annotations
+
+import event_model
+import h5py
+import numpy as np
+import pytest
+
+from streams.external import ExternalData, ExternalDataError
+
+
+def _run(tmp_path):
+    frames = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("/entry/data/data", data=frames)
+    run = event_model.compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "img": {"dtype": "array", "shape": [4, 5], "source": "f", "external": "STREAM:"},
+        "x": {"dtype": "number", "shape": [], "source": "s"}},
+        configuration={"det": {"data": {"det_acquire_time": 0.25}, "timestamps": {"det_acquire_time": 0.0},
+                               "data_keys": {"det_acquire_time": {"dtype": "number", "shape": [], "source": "s"}}}})
+    res = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{tmp_path}/d.h5",
+                                      data_key="img", parameters={"dataset": "/entry/data/data"})
+    return frames, run, desc, res
+
+
+def test_stream_values_are_located_by_seq_num_and_forgotten_at_stop(tmp_path):
+    frames, run, desc, res = _run(tmp_path)
+    ext = ExternalData()
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                      ("stream_resource", res.stream_resource_doc)):
+        assert ext.tell(name, doc) == []
+    uid = desc.descriptor_doc["uid"]
+    assert ext.streamed(uid) == {"img"} and ext.configuration(uid, "det_acquire_time") == 0.25
+    datum = res.compose_stream_datum(indices={"start": 1, "stop": 3}, seq_nums={"start": 5, "stop": 7},
+                                     descriptor=desc.descriptor_doc)
+    assert ext.tell("stream_datum", datum) == [(uid, "img", range(5, 7))]
+    assert ext.locate(uid, "img", 6) == datum["uid"] and ext.locate(uid, "img", 7) is None
+    event = desc.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}, seq_num=6)
+    np.testing.assert_array_equal(ext.value(event, "img"), frames[2])
+    assert ext.value(event, "x") == 1.0
+    with pytest.raises(ExternalDataError, match="no stream_datum has located 'img' of seq_num 4") as err:
+        ext.value(desc.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}, seq_num=4), "img")
+    assert err.value.retry
+    with pytest.raises(ExternalDataError, match="ranges of different lengths"):
+        ext.tell("stream_datum", res.compose_stream_datum(indices={"start": 0, "stop": 1},
+                                                          seq_nums={"start": 1, "stop": 3}, descriptor=desc.descriptor_doc))
+    ext.tell("stop", run.compose_stop())
+    assert ext.streamed(uid) == set() and ext.locate(uid, "img", 6) is None
+    assert ext.stream_resource(res.stream_resource_doc["uid"]) is None
+
+
+def test_root_map_takes_the_longest_prefix(tmp_path):
+    ext = ExternalData({"/data": "/wrong", "/data/cms/": str(tmp_path)})
+    assert ext._map_path("/data/cms/2026/a.h5") == f"{tmp_path}/2026/a.h5"
+    assert ext._map_path("/data/other/a.h5") == "/wrong/other/a.h5"
+    assert ext._map_path("/database/a.h5") == "/database/a.h5"  # a prefix is whole path components
