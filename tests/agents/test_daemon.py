@@ -148,6 +148,65 @@ def test_every_raw_event_becomes_one_valid_derived_event(broker, tmp_path):
     assert expected in rates and derived["data"]["rate_sigma"] > 0
 
 
+def test_an_ophyd_async_detectors_frames_cross_kafka_and_are_analysed_from_its_file(broker, tmp_path):
+    """A real RunEngine, ophyd-async's simulated detector writing HDF5, bluesky-kafka's Publisher
+    (what a beamline runs) -> the daemon's detector agent: every frame read from the file."""
+    pytest.importorskip("ophyd_async")
+    import bluesky.plans as bp
+    import numpy as np
+    import torch
+    from bluesky import RunEngine
+    from bluesky_kafka import Publisher
+    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
+    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
+
+    from agents.detector_agent import DetectorAnalysisAgent
+    from models.nets import PoissonDenoiser
+    from models.registry import WeightsRecord, save_weights
+
+    torch.manual_seed(1)
+    weights = save_weights(PoissonDenoiser(width=4, depth=2), tmp_path, WeightsRecord(
+        name="tiny-den", architecture="poisson-denoiser-unet", architecture_config={"width": 4, "depth": 2}))
+    settings = {"analysis": "denoise", "weights": str(weights), "device": "cpu", "frame_key": "det", "max_batch": 2}
+    cfg = load_daemon_config(_config(broker, tmp_path / "state", agents=[
+        {"kind": "detector", "name": "den", "settings": settings}]))
+    RE = RunEngine({}, context_managers=[])
+    pattern = PatternGenerator()
+    with init_devices():
+        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), tmp_path), pattern)
+        stage = SimStage(pattern)
+    sent: list = []
+    RE.subscribe(lambda name, doc: sent.append((name, doc)))
+    RE.subscribe(Publisher(topic=cfg.documents_topic, bootstrap_servers=broker.bootstrap, key="raw",
+                           producer_config={"acks": 1, "request.timeout.ms": 5000}, flush_on_stop_doc=True))
+    RE(bp.scan([det], stage.x, -2, 2, 5))
+    assert "stream_datum" in [name for name, _ in sent]
+
+    daemon = Daemon(cfg)
+    _run_until(daemon, lambda: daemon.agents["den"].report()["frames_out"] == 5)
+    assert daemon.agents["den"].report()["failed_frames"] == {}
+    daemon.close()
+    out = _read_all(broker, cfg.derived_topic)
+    for r in out:
+        validate_document(r.name, r.doc)
+    got = {r.doc["data"]["raw_seq_num"]: r.doc["data"]["denoised"] for r in out if r.name == "event"}
+    reference = DetectorAnalysisAgent(settings, sinks=[(ref := _Collect())])
+    for name, doc in sent:  # the same documents in process, never through Kafka
+        reference.tell(name, doc)
+    want = {d["data"]["raw_seq_num"]: d["data"]["denoised"] for n, d in ref.docs if n == "event"}
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+    for k, frame in want.items():
+        np.testing.assert_array_equal(got[k], frame)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.docs: list = []
+
+    def __call__(self, name, doc) -> None:
+        self.docs.append((name, doc))
+
+
 def test_bad_messages_are_counted_logged_with_offset_and_skipped(broker, tmp_path):
     cfg = load_daemon_config(_config(broker, tmp_path / "state", max_message_bytes=4096))
     producer = KafkaDocumentSink(cfg.documents_topic, KafkaSettings(bootstrap_servers=broker.bootstrap), key="raw")
