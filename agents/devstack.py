@@ -53,6 +53,7 @@ class StackConfig(_Strict):
     zmq_info_port: int = Field(default=60625, ge=0, le=65535)
     http_port: int = Field(default=60610, ge=0, le=65535)
     tiled_port: int = Field(default=8000, ge=0, le=65535)
+    tiled_readable: list[Path] = Field(default_factory=list)  # detector file directories tiled may serve
     api_key: str = "beampilotdev"
     sim_sample: str = "polydisperse_sphere"
     sim_seed: int = 0
@@ -122,7 +123,8 @@ def start_stack(cfg: StackConfig, *, tiled: bool = True, http: bool = True) -> S
         if tiled:
             from streams.tiled_launch import TiledServer
 
-            server = TiledServer(cfg.tiled_port or None, workdir=state / "tiled", api_key=cfg.api_key).start()
+            server = TiledServer(cfg.tiled_port or None, workdir=state / "tiled", api_key=cfg.api_key,
+                                 readable=cfg.tiled_readable).start()
             started.append(server)
     except Exception:
         for part in reversed(started):

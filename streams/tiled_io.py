@@ -15,6 +15,13 @@ the writer's normalisations: tuples become lists, data keys gain ``dtype_numpy``
 ``object_name``, a data key named ``time`` or ``seq_num`` gets a trailing ``_``), and for each
 event its ``time``, ``seq_num``, ``data`` and ``timestamps``. Event uids are *not* stored;
 an event read back has the uid ``"event-<descriptor uid>-<seq_num>"``.
+
+Detector frames written to files (stream resources, as ophyd-async detectors write them, or
+resource / datum that the writer turns into stream resources) are registered by the writer as
+external array nodes, which the server reads from the files when it may (``tiled serve -r DIR``,
+:class:`~streams.tiled_launch.TiledServer` ``readable``). They come back *filled*: each event
+holds its frame inline, and the descriptor's data key no longer says ``external``, so agents read
+a replayed run as one whose frames were in its events.
 """
 
 from __future__ import annotations
@@ -249,7 +256,8 @@ class TiledRunSource(ClosesOnExit):
             If there is no run ``uid``.
         StreamError
             If the node is not a BlueskyRun in the v3 (SQL) layout, or a stream holds data
-            this reader cannot rebuild events from (external data, unexpected nodes).
+            this reader cannot rebuild events from (an external key without its array node,
+            unexpected nodes).
         """
         run = self._run(uid)
         metadata = _plain(run.metadata)
@@ -298,11 +306,16 @@ def _stream_documents(
     docs: list[tuple[str, dict[str, Any]]] = [("descriptor", d) for d in descriptors]
     data_keys: dict[str, Any] = descriptors[0]["data_keys"]
     where = f"stream {stream_name!r} of run {run_uid!r}"
-    if external := sorted(k for k, dk in data_keys.items() if "external" in dk):
-        raise StreamError(f"{where} has external data keys {external}; TiledRunSource "
-                          "rebuilds events from internal data only")
     parts = stream.base
     names = set(parts)
+    external = {k for k, dk in data_keys.items() if "external" in dk}
+    if missing_nodes := sorted(external - names):
+        raise StreamError(f"{where} has external data keys {missing_nodes} with no array node: the writer could "
+                          "not register their files (can the tiled server read the detector's directory? "
+                          "`tiled serve ... -r DIR`)")
+    for d in descriptors:  # the frames come back filled, in the events
+        for key in external:
+            d["data_keys"][key].pop("external", None)
     if unexpected := sorted(names - set(data_keys) - {_TABLE}):
         raise StreamError(f"{where} has nodes {unexpected} that are neither data keys nor "
                           f"the {_TABLE!r} event table; it was not written by TiledWriter")
@@ -317,7 +330,7 @@ def _stream_documents(
     columns = set(rows[0]) if rows else set()
     if rows and (missing := sorted(
         k for k in data_keys
-        if (k not in arrays and k not in columns) or f"ts_{k}" not in columns
+        if (k not in arrays and k not in columns) or (f"ts_{k}" not in columns and k not in external)
     )):
         raise StreamError(f"{where}: data keys {missing} lack a data column or array node, "
                           "or a 'ts_' timestamp column; the run is damaged")
@@ -334,7 +347,8 @@ def _stream_documents(
                 key: _value(arrays[key][i] if key in arrays else row[key], dk["shape"])
                 for key, dk in data_keys.items()
             },
-            "timestamps": {key: float(row[f"ts_{key}"]) for key in data_keys},
+            # the writer keeps no timestamp of a key written to a file: the event's time stands in
+            "timestamps": {key: float(row.get(f"ts_{key}", t)) for key in data_keys},
             "filled": {},
         }))
     return docs

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Self
 
@@ -46,6 +47,10 @@ class TiledServer(StopsOnExit):
         readable as :attr:`api_key`.
     startup_timeout : float
         Seconds to wait for ``/api/v1/`` to answer before :meth:`start` gives up.
+    readable : sequence of paths
+        Directories whose files the server may serve (``tiled serve catalog -r``): where
+        detectors write the HDF5 files a run's stream resources name, so the writer can register
+        them and readers get the frames through tiled.
 
     Examples
     --------
@@ -60,6 +65,7 @@ class TiledServer(StopsOnExit):
         workdir: str | os.PathLike[str],
         api_key: str | None = None,
         startup_timeout: float = 60.0,
+        readable: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         if port is not None and not (isinstance(port, int) and 0 < port < 65536):
             raise ValueError(f"{port=} is not a TCP port; pass 1..65535 or None for a free one")
@@ -71,6 +77,7 @@ class TiledServer(StopsOnExit):
         self.workdir = Path(workdir)
         self.api_key: str = api_key if api_key is not None else secrets.token_hex(16)
         self.startup_timeout = startup_timeout
+        self.readable = [Path(d).resolve() for d in readable]
         self.startup_seconds: float | None = None
         """Seconds the last :meth:`start` took until the server answered."""
         self._process: subprocess.Popen[bytes] | None = None
@@ -100,6 +107,7 @@ class TiledServer(StopsOnExit):
             "-w", f"duckdb:///{self.workdir / 'data.duckdb'}",
             "--api-key", self.api_key,
             "--host", _HOST, "--port", str(self.port),
+            *[arg for d in self.readable for arg in ("-r", str(d))],
         ]
 
     def start(self) -> Self:

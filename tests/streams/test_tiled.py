@@ -28,8 +28,14 @@ Docs = list[tuple[str, dict[str, Any]]]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TiledServer]:
-    with TiledServer(workdir=tmp_path_factory.mktemp("tiled")) as tiled:
+def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where detectors write their files; the server may read it."""
+    return tmp_path_factory.mktemp("detector")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, detector_dir: Path) -> Iterator[TiledServer]:
+    with TiledServer(workdir=tmp_path_factory.mktemp("tiled"), readable=[detector_dir]) as tiled:
         yield tiled
 
 
@@ -157,6 +163,44 @@ def test_replay_from_a_tiled_url(recorded: dict[str, Docs], server: TiledServer)
                             lambda n, d: got.append((n, d)), speed=None, progress=False)
     assert stats.counts == {"start": 1, "descriptor": 1, "event": 5, "stop": 1}
     _assert_same_run(got, recorded["count"])
+
+
+def test_an_ophyd_async_detectors_frames_come_back_filled_from_its_file(
+    server: TiledServer, detector_dir: Path
+) -> None:
+    """ophyd-async's simulated detector writes HDF5 and stream documents; tiled registers the
+    file; the run read back holds every frame in its events, as the file has them."""
+    pytest.importorskip("ophyd_async")
+    import h5py
+    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
+    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
+
+    RE = RunEngine({}, context_managers=[])
+    pattern = PatternGenerator()
+    with init_devices():
+        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), detector_dir), pattern)
+        stage = SimStage(pattern)
+    sent: Docs = []
+    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
+        RE.subscribe(sink)
+        RE.subscribe(lambda n, d: sent.append((n, d)))
+        (uid,) = RE(bp.scan([det], stage.x, -2, 2, 3))
+    assert "stream_datum" in [n for n, _ in sent]
+    with TiledRunSource(server.uri, api_key=server.api_key) as src:
+        docs = list(src.documents(uid))
+    for name, doc in docs:
+        validate_document(name, doc)
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "stop"]
+    keys = docs[1][1]["data_keys"]
+    assert "external" not in keys["det"] and "external" not in keys["det-sum"]
+    with h5py.File(detector_dir / "blobs.h5", "r") as f:
+        written = np.asarray(f["/entry/data/data"])
+    events = [d for n, d in docs if n == "event"]
+    assert len({int(w.sum()) for w in written}) == 3  # the stage moved the blob: three different frames
+    for event, frame in zip(events, written, strict=True):
+        np.testing.assert_array_equal(event["data"]["det"], frame[None])
+        assert event["data"]["stage-x"] == next(
+            d["data"]["stage-x"] for n, d in sent if n == "event" and d["seq_num"] == event["seq_num"])
 
 
 def test_sink_rejects_invalid_and_late_documents(server: TiledServer) -> None:
