@@ -102,7 +102,9 @@ def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
     except OSError as err:
         if path.stat().st_size >= 8 and not h5py.is_hdf5(path):
             raise ExternalDataError("external_read", f"{what}: {path} is not an HDF5 file") from None
-        raise ExternalDataError("not_ready", f"{what}: cannot open {path} yet ({err})", retry=True) from None
+        raise ExternalDataError("not_ready", f"{what}: cannot open {path} yet ({err}); a writer without SWMR keeps "
+                                "its file locked until it closes it (at the run's end): for live analysis, turn "
+                                "SWMR on in the detector's HDF5 writer", retry=True) from None
     with f:
         ds = f.get(dataset)
         if ds is None:

@@ -56,3 +56,25 @@ def test_root_map_takes_the_longest_prefix(tmp_path):
     assert ext._map_path("/data/cms/2026/a.h5") == f"{tmp_path}/2026/a.h5"
     assert ext._map_path("/data/other/a.h5") == "/wrong/other/a.h5"
     assert ext._map_path("/database/a.h5") == "/database/a.h5"  # a prefix is whole path components
+
+
+def test_a_file_held_by_a_writer_without_swmr_is_not_ready_until_it_is_closed(tmp_path):
+    """An HDF5 writer without SWMR (another process, as a detector IOC is) locks its file."""
+    import subprocess
+    import sys
+
+    from streams.external import read_hdf5_rows
+
+    path = tmp_path / "locked.h5"
+    script = (f"import h5py, sys; f = h5py.File({str(path)!r}, 'w'); "
+              "f.create_dataset('/entry/data/data', data=[[[7, 8]]]); f.flush(); print('open', flush=True); "
+              "sys.stdin.readline(); f.close()")
+    writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        with pytest.raises(ExternalDataError, match="turn SWMR on") as err:
+            read_hdf5_rows(path, "/entry/data/data", 0, "probe")
+        assert err.value.cause == "not_ready" and err.value.retry
+    finally:
+        writer.communicate("\n", timeout=30)
+    np.testing.assert_array_equal(read_hdf5_rows(path, "/entry/data/data", 0, "probe"), [[7, 8]])
