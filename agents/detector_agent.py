@@ -7,7 +7,9 @@ smaller batches then the CPU on out-of-memory) and publishes one derived run per
 it by ``raw_run_uid`` (:class:`streams.derived.DerivedRunWriter`).
 
 Derived streams, one event per good raw frame, in raw order; every event of every stream carries
-``raw_seq_num``, ``raw_uid`` and ``raw_time`` of the raw event:
+``raw_seq_num``, ``raw_uid`` and ``raw_time`` of the raw event, and ``raw_image`` (0, 1, ...) where
+each raw event holds a stack of images (an area detector taking several a point: a frame key of
+shape ``[n, ny, nx]``, each image analysed as a frame):
 
 * ``denoise`` - ``denoised``: expected counts, float32 array of the frame's shape;
 * ``bragg`` - ``peak_mask``: uint8 array of the frame's shape, ``n_peaks``: integer; and a second
@@ -193,6 +195,7 @@ class DetectorSettings(_Strict):
 class _Run:
     writer: DerivedRunWriter
     frame_shape: tuple[int, ...] | None = None  # fixed by the first good frame
+    stacked: bool | None = None  # events hold several images each (fixed by the first good event)
     streams: set[str] = field(default_factory=set)  # derived streams declared so far
 
 
@@ -205,6 +208,7 @@ class _Frame:
     counts: np.ndarray  # as read, float64, squeezed to the network's ndim
     mask: np.ndarray | None  # bool, True = left out
     arrived: float  # agent clock
+    index: int | None = None  # which image of the event, when it holds several
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -429,7 +433,7 @@ class DetectorAnalysisAgent:
         while queue:
             declared, event, since = queue[0]
             try:
-                counts, mask = self._read_frame(event, self._runs[run_uid], declared)
+                images = self._read_frame(event, self._runs[run_uid], declared)
             except FrameError as err:
                 waited = self.clock() - since
                 if err.retry and not final and waited < self.settings.external_wait_s:
@@ -439,10 +443,12 @@ class DetectorAnalysisAgent:
                            f"{self.settings.external_wait_s:g})" if err.retry else str(err))
                 continue
             queue.popleft()
-            self._pending.append(_Frame(run_uid, int(event["seq_num"]), str(event["uid"]), float(event["time"]),
-                                        counts, mask, self.clock()))
-            if len(self._pending) >= self.settings.max_batch:
-                self.flush()
+            self.frames_in += len(images) - 1  # frames count images
+            for i, (counts, mask) in enumerate(images):
+                self._pending.append(_Frame(run_uid, int(event["seq_num"]), str(event["uid"]), float(event["time"]),
+                                            counts, mask, self.clock(), i if self._runs[run_uid].stacked else None))
+                if len(self._pending) >= self.settings.max_batch:
+                    self.flush()
         self._incoming.pop(run_uid, None)
 
     def _give_up(self, run_uid: str, why: str) -> None:
@@ -470,7 +476,9 @@ class DetectorAnalysisAgent:
             raise FrameError(err.cause, str(err), retry=err.retry) from None
 
     def _read_frame(self, event: Mapping[str, Any], run: _Run,
-                    declared: list[int | None]) -> tuple[np.ndarray, np.ndarray | None]:
+                    declared: list[int | None]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """The event's frame, checked: ``[(counts, mask)]``; one pair per image when the event
+        holds a stack of them (an area detector taking several images a point)."""
         key = self.settings.frame_key
         try:
             arr = np.asarray(self._value(event, key))
@@ -483,50 +491,65 @@ class DetectorAnalysisAgent:
             raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}, its descriptor declares {declared}")
         while arr.ndim > self.ndim and arr.shape[0] == 1:  # area detectors often add a leading axis of 1
             arr = arr[0]
-        if arr.ndim != self.ndim or 0 in arr.shape:
+        stacked = arr.ndim == self.ndim + 1
+        shape = arr.shape[1:] if stacked else arr.shape
+        if arr.ndim not in (self.ndim, self.ndim + 1) or 0 in arr.shape:
             raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}; the {self.settings.analysis} "
-                             f"network needs a non-empty {self.ndim}D frame")
-        if run.frame_shape is not None and arr.shape != run.frame_shape:
+                             f"network needs a non-empty {self.ndim}D frame (or a stack of them)")
+        if run.frame_shape is not None and (shape != run.frame_shape or stacked != run.stacked):
             raise FrameError("shape", f"{key!r} has shape {list(arr.shape)}, the run's frames have "
-                             f"{list(run.frame_shape)}")
-        mask = self._read_mask(event, arr.shape)
-        counts = arr.astype(np.float64)
+                             f"{list(run.frame_shape)}" + (" in stacks" if run.stacked else ""))
+        images = list(arr) if stacked else [arr]
+        masks = self._read_mask(event, shape, len(images) if stacked else None)
+        out = [(image.astype(np.float64), m) for image, m in zip(images, masks, strict=True)]
+        for i, (counts, mask) in enumerate(out):
+            where = f"{key!r} (image {i} of {len(out)})" if stacked else repr(key)
+            self._check_counts(counts, mask, where)
+        run.frame_shape, run.stacked = shape, stacked
+        return out
+
+    def _check_counts(self, counts: np.ndarray, mask: np.ndarray | None, where: str) -> None:
         good = counts if mask is None else counts[~mask]
         if not np.isfinite(good).all():
-            raise FrameError("non_finite", f"{key!r} has {int((~np.isfinite(good)).sum())} NaN/inf unmasked pixels")
+            raise FrameError("non_finite", f"{where} has {int((~np.isfinite(good)).sum())} NaN/inf unmasked pixels")
         floor = -5.0 * self.settings.read_noise
         if good.size and good.min() < floor:
-            raise FrameError("negative", f"{key!r} has counts down to {good.min():g} (< {floor:g}; "
+            raise FrameError("negative", f"{where} has counts down to {good.min():g} (< {floor:g}; "
                              f"read_noise={self.settings.read_noise})")
         sigma = self.settings.read_noise
         if sigma > 0 and getattr(self.model, "read_noise", False):
             total = neighbour_noise_rms(counts, mask)
             if total is not None and sigma > READ_NOISE_LIMIT * total:
                 raise FrameError("read_noise", f"read_noise={sigma:g} counts rms is more than {READ_NOISE_LIMIT:g}x the whole "
-                                 f"noise of {key!r} ({total:.3g} counts rms, from neighbouring pixels), which read "
+                                 f"noise of {where} ({total:.3g} counts rms, from neighbouring pixels), which read "
                                  f"noise alone cannot exceed: set read_noise to the detector's read noise in "
                                  f"counts, not ADU (0 for a photon-counting detector)")
-        run.frame_shape = arr.shape
-        return counts, mask
 
-    def _read_mask(self, event: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
+    def _read_mask(self, event: Mapping[str, Any], shape: tuple[int, ...],
+                   n: int | None) -> list[np.ndarray | None]:
+        """The mask of each of the event's images (``n`` of them in a stack, else one): the static
+        mask OR-ed with the event's (one for every image, or one per image of the stack)."""
+        count = 1 if n is None else n
         static = self.static_mask
         if static is not None and static.shape != shape:
             raise FrameError("mask", f"detector_mask {self.settings.detector_mask!r} has shape {list(static.shape)}, "
                              f"the frame {list(shape)}; give the mask of this detector (or of its region of interest)")
         key = self.settings.mask_key
         if key is None:
-            return static
+            return [static] * count
         try:
             m = np.asarray(self._value(event, key))
         except ValueError as err:
             raise FrameError("mask", f"mask {key!r} is not a rectangular array: {err}") from None
         while m.ndim > len(shape) and m.shape[0] == 1:
             m = m[0]
-        if m.shape != shape or m.dtype.kind not in "biu":
+        per_image = n is not None and m.shape == (n, *shape)
+        if (m.shape != shape and not per_image) or m.dtype.kind not in "biu":
             raise FrameError("mask", f"mask {key!r} has shape {list(m.shape)} and dtype {m.dtype}; "
-                             f"a boolean or integer array of shape {list(shape)} is needed")
-        return m.astype(bool) if static is None else m.astype(bool) | static
+                             f"a boolean or integer array of shape {list(shape)} is needed"
+                             + (f" (or {[n, *shape]}, one per image)" if n is not None else ""))
+        masks = list(m.astype(bool)) if per_image else [m.astype(bool)] * count
+        return masks if static is None else [mm | static for mm in masks]
 
     # -- inference and output --------------------------------------------------------------------------
     def _run_batch(self, frames: list[_Frame]) -> None:
@@ -568,6 +591,8 @@ class DetectorAnalysisAgent:
         if run is None:  # pragma: no cover - stop flushes first
             raise FrameError("publish", "the raw run was already stopped")
         raw = {"raw_seq_num": frame.seq_num, "raw_uid": frame.uid, "raw_time": frame.time}
+        if frame.index is not None:  # one of several images of the raw event
+            raw["raw_image"] = frame.index
         analysis = self.settings.analysis
         if analysis == "denoise":
             self._send(run, "denoise", {"denoised": y.astype(np.float32), **raw})

@@ -251,3 +251,27 @@ def test_a_frame_in_a_stream_with_its_mask_in_the_event_waits_for_both(denoiser,
     agent.tell("event", desc2.compose_event(data={"mask": empty}, timestamps={"mask": 0.0}, validate=False))
     assert agent.report()["failed_frames"]["unsupported_spec"] == 1
     assert "'application/x-tiff', which has no handler" in caplog.text
+
+
+def test_several_images_a_point_are_each_analysed_and_named(denoiser, tmp_path, caplog):
+    """An area detector taking 2 images a point (frame_per_point 2): 2 derived frames an event."""
+    frames = [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(6)]
+    _, run, desc, res = _ad_run(tmp_path, np.stack(frames), fpp=2)
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], max_batch=4)
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc)):
+        agent.tell(name, doc)
+    for point in range(3):
+        _tell_point(agent, desc, res, point)
+    agent.tell("stop", run.compose_stop())
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 6 and report["failed_frames"] == {}
+    desc_uid = next(d["uid"] for n, d in sink.docs if n == "descriptor" and d["name"] == "denoise")
+    events = [d for n, d in sink.docs if n == "event" and d["descriptor"] == desc_uid]
+    assert [(e["data"]["raw_seq_num"], e["data"]["raw_image"]) for e in events] == [
+        (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    want = _inline(denoiser, frames).frames()  # the same six images, one an event
+    for i, e in enumerate(events):  # batches of other sizes: float32 rounding may differ
+        np.testing.assert_allclose(e["data"]["denoised"], want[i + 1], rtol=1e-5)
+    for name, doc in sink.docs:
+        validate_document(name, doc)
