@@ -7,7 +7,8 @@ quantities themselves (``reduction: none``). The frame may be in the event, or i
 run's documents name (:class:`streams.external.ExternalData`: resource / datum as ophyd's area
 detectors write them, NPY or areaDetector HDF5; stream_resource / stream_datum as ophyd-async
 detectors do, HDF5; ``root_map`` maps the paths to where the files are mounted here); the
-exposure is read from the event or, failing that, from the descriptor's configuration. Asked for ``n`` points it returns one ``measure``
+exposure is read from the event or, failing that, from the descriptor's configuration. Several
+images a point (a frame of shape ``[n, ny, nx]``) are summed, with ``n`` times the exposure. Asked for ``n`` points it returns one ``measure``
 request that moves the stage's axes to ``n`` positions chosen by :mod:`models.mapping` on the
 posterior of a :class:`models.kriging.MappingGP`, ordered along a short path; the safety gate
 checks them against the stage limits and maximum step like any other request.
@@ -357,11 +358,13 @@ class MappingAgent(StoredAgent):
                 hint = ("set frame_key to the detector's data key" if err.cause == "missing_key"
                         else "the position will be measured again")
                 raise ObservationError(f"{where}: frame {s.frame_key!r}: {err}; {hint}") from None
-            frame = np.asarray(frame)
+            frame, exposure = np.asarray(frame), float(exposure)
             while frame.ndim > 2 and frame.shape[0] == 1:  # area detectors often add a leading axis of 1
                 frame = frame[0]
+            if frame.ndim == 3:  # several images a point (each of the exposure): counted together
+                frame, exposure = frame.sum(axis=0), exposure * frame.shape[0]
             try:
-                reduced = reduce_frame(frame, float(exposure), self.geometry)
+                reduced = reduce_frame(frame, exposure, self.geometry)
             except ReductionError as err:
                 raise ObservationError(f"{where}: frame at ({x:g}, {y:g}) failed reduction: {err}; "
                                        "the position will be measured again") from None

@@ -136,3 +136,27 @@ def test_a_frame_file_elsewhere_is_found_through_root_map_or_named(measured, tmp
     assert len(unmapped["x"]) == 0 and len(agent.report()["errors"]) >= 6
     first = agent.report()["errors"][0]
     assert "seq_num 1" in first and "/nsls2/data/cms/ad.h5 does not exist here" in first and "root_map" in first
+
+
+def test_several_images_a_point_are_counted_together(measured, tmp_path):
+    """An area detector taking 2 images a point: the point's frame is their sum, over twice the exposure."""
+    from models.saxs2d import DetectorGeometry, reduce_frame
+
+    film, docs = measured
+    events = [d for n, d in docs if n == "event"]
+    doubled = []
+    for name, doc in docs:  # each point's frame given as a stack of two images: itself and its neighbour's
+        if name == "event":
+            doc = copy.deepcopy(doc)
+            k = doc["seq_num"] - 1
+            doc["data"][FRAME] = np.stack([events[k]["data"][FRAME], events[(k + 1) % len(events)]["data"][FRAME]])
+        elif name == "descriptor":
+            doc = copy.deepcopy(doc)
+            doc["data_keys"][FRAME]["shape"] = [2, *doc["data_keys"][FRAME]["shape"]]
+        doubled.append((name, doc))
+    agent, got = _observations(film, doubled, tmp_path)
+    assert agent.report()["errors"] == [] and len(got["x"]) == 6
+    for k, event in enumerate(events):
+        total = np.asarray(event["data"][FRAME]) + np.asarray(events[(k + 1) % 6]["data"][FRAME])
+        want = reduce_frame(total, 2 * event["data"][EXPOSURE], DetectorGeometry())
+        assert got["peak_q"][k] == want.values["peak_q"] and got["intensity"][k] == want.values["intensity"]
