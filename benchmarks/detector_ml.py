@@ -61,7 +61,9 @@ core-shell cylinder). The networks are the weights shipped in ``models/weights``
   (``models.nets.fused_inference``). ``agents_end_to_end_512``: the same through the detector
   agents themselves (a denoising and a Bragg agent told every event of a run of 512 x 512 frames
   with 30-60 peaks, publishing their derived runs: network, peak integration and documents
-  inside the timing), and the Bragg agent alone with and without cutting touching peaks apart
+  inside the timing), the same with the frames in an HDF5 file named by stream documents (as
+  an ophyd-async detector writes them; read back by the agents, ``denoise_and_bragg_fps_hdf5``),
+  and the Bragg agent alone with and without cutting touching peaks apart
   (:func:`agents_end_to_end`). ``peaks_to_zarr``: a frame's 45 peaks stored in a zarr store as
   one event page (as the Bragg agent publishes them) against one event per peak
   (:func:`peaks_to_zarr`). ``throughput.super_resolution``: super-resolved patterns per second
@@ -311,9 +313,15 @@ def agents_end_to_end(weights: dict[str, str], n_frames: int = 16, rounds: int =
     denoising agent and a Bragg agent in turn (the agents' default batching), and each publishes
     its derived run (documents composed, to a sink that keeps them): network, peak integration
     and documents all inside the timing, from the first event to the stop document. Side by side,
-    in interleaved rounds (median): the Bragg agent alone, with touching peaks cut apart (its
-    default) and without (``peak_separation: None``)."""
+    in interleaved rounds (median): the two agents with the frames in an HDF5 file instead, named
+    by stream_resource / stream_datum documents and left out of the events (as an ophyd-async
+    detector writes them; each agent reads its frames from the file); the Bragg agent alone, with
+    touching peaks cut apart (its default) and without (``peak_separation: None``)."""
+    import tempfile
+    from pathlib import Path
+
     import event_model
+    import h5py
 
     from agents.detector_agent import DetectorAnalysisAgent
     from simulators import detector as det
@@ -322,38 +330,61 @@ def agents_end_to_end(weights: dict[str, str], n_frames: int = 16, rounds: int =
     frames = [det.bragg_frame_2d(rng, det.BraggRecipe(shape=(512, 512), n_peaks=(30, 60), count_scale=1.0)).counts
               for _ in range(n_frames)]
     key = {"det_image": {"dtype": "array", "shape": [512, 512], "source": "sim"}}
+    workdir = tempfile.TemporaryDirectory()
+    path = Path(workdir.name) / "frames.h5"
+    with h5py.File(path, "w", libver="latest") as f:  # the detector's file: one chunk a frame
+        f.create_dataset("/entry/data/data", data=np.stack(frames)[:, None].astype(np.uint32), chunks=(1, 1, 512, 512))
 
-    def fps(*settings: dict[str, Any]) -> float:
+    def raw_run(hdf5: bool) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+        """(documents before the timing, documents timed) of one raw run."""
         run = event_model.compose_run()
-        desc = run.compose_descriptor(name="primary", data_keys=key)
-        events = [desc.compose_event(data={"det_image": f}, timestamps={"det_image": 0.0}, validate=False)
-                  for f in frames]
+        if not hdf5:
+            desc = run.compose_descriptor(name="primary", data_keys=key)
+            return [("start", run.start_doc), ("descriptor", desc.descriptor_doc)], [
+                ("event", desc.compose_event(data={"det_image": f}, timestamps={"det_image": 0.0}, validate=False))
+                for f in frames] + [("stop", run.compose_stop())]
+        desc = run.compose_descriptor(name="primary", data_keys={
+            "det_image": {"dtype": "array", "shape": [1, 512, 512], "source": "file", "external": "STREAM:"},
+            "x": {"dtype": "number", "shape": [], "source": "sim"}})
+        res = run.compose_stream_resource(mimetype="application/x-hdf5", uri=f"file://localhost{path}",
+                                          data_key="det_image", parameters={"dataset": "/entry/data/data"})
+        timed: list[tuple[str, dict]] = []
+        for i in range(len(frames)):
+            timed.append(("stream_datum", res.compose_stream_datum(
+                indices={"start": i, "stop": i + 1}, seq_nums={"start": i + 1, "stop": i + 2},
+                descriptor=desc.descriptor_doc)))
+            timed.append(("event", desc.compose_event(data={"x": float(i)}, timestamps={"x": 0.0})))
+        before = [("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                  ("stream_resource", res.stream_resource_doc)]
+        return before, timed + [("stop", run.compose_stop())]
+
+    def fps(*settings: dict[str, Any], hdf5: bool = False) -> float:
+        before, timed = raw_run(hdf5)
         kept: list[str] = []
         agents = [DetectorAnalysisAgent({"name": f"bench-{i}", "device": "cpu", **a},
                                         sinks=[lambda name, doc: kept.append(name)]) for i, a in enumerate(settings)]
-        for agent in agents:
-            agent.tell("start", run.start_doc)
-            agent.tell("descriptor", desc.descriptor_doc)
-        stop = run.compose_stop()
-        t0 = time.perf_counter()
-        for event in events:
+        for name, doc in before:
             for agent in agents:
-                agent.tell("event", event)
-        for agent in agents:
-            agent.tell("stop", stop)
+                agent.tell(name, doc)
+        t0 = time.perf_counter()
+        for name, doc in timed:
+            for agent in agents:
+                agent.tell(name, doc)
         wall = time.perf_counter() - t0
         assert all(a.report()["frames_out"] == n_frames for a in agents), [a.report() for a in agents]
         return n_frames / wall
 
     denoise = {"analysis": "denoise", "weights": weights["denoise"]}
     bragg = {"analysis": "bragg", "weights": weights["bragg"]}
-    cases = {"denoise_and_bragg_fps": (denoise, bragg), "bragg_fps": (bragg,),
-             "bragg_fps_whole_components": ({**bragg, "peak_separation": None},)}
-    fps(denoise, bragg)  # warm-up: imports, weights, kernels
-    got: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(rounds):
-        for name, settings in cases.items():
-            got[name].append(fps(*settings))
+    cases = {"denoise_and_bragg_fps": ((denoise, bragg), False), "denoise_and_bragg_fps_hdf5": ((denoise, bragg), True),
+             "bragg_fps": ((bragg,), False), "bragg_fps_whole_components": (({**bragg, "peak_separation": None},), False)}
+    with workdir:
+        fps(denoise, bragg)  # warm-up: imports, weights, kernels
+        fps(denoise, bragg, hdf5=True)
+        got: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(rounds):
+            for name, (settings, hdf5) in cases.items():
+                got[name].append(fps(*settings, hdf5=hdf5))
     return {k: float(np.median(v)) for k, v in got.items()} | {"frames": n_frames, "rounds": rounds,
                                                                 "peaks_per_frame": "30-60"}
 
