@@ -29,6 +29,7 @@ from streams.broker import LocalBroker, create_topic
 from streams.derived import validate_document
 from streams.errors import StreamError
 from streams.kafka import KafkaDocumentSink, KafkaDocumentSource, KafkaSettings, pack
+from tests.ophyd_async_run import blob_scan
 
 pytestmark = [
     pytest.mark.integration,
@@ -151,14 +152,9 @@ def test_every_raw_event_becomes_one_valid_derived_event(broker, tmp_path):
 def test_an_ophyd_async_detectors_frames_cross_kafka_and_are_analysed_from_its_file(broker, tmp_path):
     """A real RunEngine, ophyd-async's simulated detector writing HDF5, bluesky-kafka's Publisher
     (what a beamline runs) -> the daemon's detector agent: every frame read from the file."""
-    pytest.importorskip("ophyd_async")
-    import bluesky.plans as bp
     import numpy as np
     import torch
-    from bluesky import RunEngine
     from bluesky_kafka import Publisher
-    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
-    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
 
     from agents.detector_agent import DetectorAnalysisAgent
     from models.nets import PoissonDenoiser
@@ -170,17 +166,9 @@ def test_an_ophyd_async_detectors_frames_cross_kafka_and_are_analysed_from_its_f
     settings = {"analysis": "denoise", "weights": str(weights), "device": "cpu", "frame_key": "det", "max_batch": 2}
     cfg = load_daemon_config(_config(broker, tmp_path / "state", agents=[
         {"kind": "detector", "name": "den", "settings": settings}]))
-    RE = RunEngine({}, context_managers=[])
-    pattern = PatternGenerator()
-    with init_devices():
-        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), tmp_path), pattern)
-        stage = SimStage(pattern)
-    sent: list = []
-    RE.subscribe(lambda name, doc: sent.append((name, doc)))
-    RE.subscribe(Publisher(topic=cfg.documents_topic, bootstrap_servers=broker.bootstrap, key="raw",
-                           producer_config={"acks": 1, "request.timeout.ms": 5000}, flush_on_stop_doc=True))
-    RE(bp.scan([det], stage.x, -2, 2, 5))
-    assert "stream_datum" in [name for name, _ in sent]
+    _, sent = blob_scan(tmp_path, 5, [Publisher(
+        topic=cfg.documents_topic, bootstrap_servers=broker.bootstrap, key="raw",
+        producer_config={"acks": 1, "request.timeout.ms": 5000}, flush_on_stop_doc=True)])
 
     daemon = Daemon(cfg)
     _run_until(daemon, lambda: daemon.agents["den"].report()["frames_out"] == 5)

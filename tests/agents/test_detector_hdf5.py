@@ -16,6 +16,7 @@ from models.registry import WeightsRecord, save_weights
 from simulators.detector import BraggRecipe, bragg_frame_2d
 from streams.derived import validate_document
 from tests.agents.test_detector_agent import FakeClock
+from tests.ophyd_async_run import blob_scan
 
 SHAPE = (32, 32)
 
@@ -67,26 +68,10 @@ def denoiser(tmp_path_factory):
 
 
 def test_an_ophyd_async_detector_is_analysed_from_the_file_it_writes(denoiser, tmp_path):
-    pytest.importorskip("ophyd_async")
-    import bluesky.plans as bp
-    from bluesky.run_engine import RunEngine
-    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
-    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
-
-    RE = RunEngine({}, context_managers=[])
-    pattern = PatternGenerator()
-    with init_devices():
-        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), tmp_path), pattern)
-        stage = SimStage(pattern)  # the blob's brightness follows the stage, so each frame differs
     sink = Recorder()
     agent = _agent(denoiser, [sink], frame_key="det", max_batch=2)
-    raw: list[tuple[str, dict]] = []
-    RE.subscribe(lambda name, doc: raw.append((name, doc)))
-    RE.subscribe(agent.tell)
-    RE(bp.scan([det], stage.x, -2, 2, 5))
+    _, raw = blob_scan(tmp_path, 5, [agent.tell])
 
-    names = [n for n, _ in raw]
-    assert "stream_resource" in names and "stream_datum" in names  # the frames were never in the events
     assert all("det" not in d["data"] for n, d in raw if n == "event")
     for name, doc in sink.docs:
         validate_document(name, doc)

@@ -21,6 +21,7 @@ from streams.errors import DocumentError, StreamError
 from streams.replay import open_store, replay_runs
 from streams.tiled_io import TiledDocumentSink, TiledRunSource, check_reachable
 from streams.tiled_launch import TiledServer
+from tests.ophyd_async_run import blob_scan
 
 pytestmark = pytest.mark.integration
 
@@ -170,22 +171,10 @@ def test_an_ophyd_async_detectors_frames_come_back_filled_from_its_file(
 ) -> None:
     """ophyd-async's simulated detector writes HDF5 and stream documents; tiled registers the
     file; the run read back holds every frame in its events, as the file has them."""
-    pytest.importorskip("ophyd_async")
     import h5py
-    from ophyd_async.core import StaticFilenameProvider, StaticPathProvider, init_devices
-    from ophyd_async.sim import PatternGenerator, SimBlobDetector, SimStage
 
-    RE = RunEngine({}, context_managers=[])
-    pattern = PatternGenerator()
-    with init_devices():
-        det = SimBlobDetector(StaticPathProvider(StaticFilenameProvider("blobs"), detector_dir), pattern)
-        stage = SimStage(pattern)
-    sent: Docs = []
     with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
-        RE.subscribe(sink)
-        RE.subscribe(lambda n, d: sent.append((n, d)))
-        (uid,) = RE(bp.scan([det], stage.x, -2, 2, 3))
-    assert "stream_datum" in [n for n, _ in sent]
+        uid, sent = blob_scan(detector_dir, 3, [sink])
     with TiledRunSource(server.uri, api_key=server.api_key) as src:
         docs = list(src.documents(uid))
     for name, doc in docs:
