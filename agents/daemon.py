@@ -1073,10 +1073,14 @@ up {s['uptime_s']:.0f} s · last checkpoint {time.strftime('%H:%M:%S', time.loca
 def _agent_summary(r: dict[str, Any]) -> str:
     e = html.escape
     parts = []
-    for key in ("n_observations", "exposure_total_s", "events_in", "events_out", "pending", "stop_reason", "skipped"):
+    for key in ("n_observations", "exposure_total_s", "events_in", "events_out", "pending", "stop_reason", "skipped",
+                "frames_in", "frames_out", "frames_waiting_for_data"):
         if r.get(key) is not None:
             value = r[key]
             parts.append(f"{e(key)}: <b>{value:.1f}</b>" if isinstance(value, float) else f"{e(key)}: <b>{e(str(value))}</b>")
+    if r.get("failed_frames"):  # a detector agent's failures by cause
+        failed = ", ".join(f"{e(cause)} {n}" for cause, n in sorted(r["failed_frames"].items()))
+        parts.append(f"<span class='rejected'>failed frames: {failed}</span>")
     fit = r.get("fit") or {}
     for p, v in (fit.get("values") or {}).items():
         parts.append(f"{e(p)} = <b>{v:.4g}</b> ± {fit['sigmas'].get(p, float('nan')):.2g}")

@@ -197,6 +197,7 @@ class _Run:
     frame_shape: tuple[int, ...] | None = None  # fixed by the first good frame
     stacked: bool | None = None  # events hold several images each (fixed by the first good event)
     streams: set[str] = field(default_factory=set)  # derived streams declared so far
+    waited: bool = False  # a frame of this run has waited for its data (said once in the log)
 
 
 @dataclass
@@ -320,6 +321,8 @@ class DetectorAnalysisAgent:
         return {"agent": self.name, "kind": type(self).__name__, "analysis": self.settings.analysis,
                 "open_runs": len(self._runs), "frames_in": self.frames_in, "frames_out": self.frames_out,
                 "frames_pending": len(self._pending), "failed_frames": dict(self.failed),
+                # told, but their file not written yet (or their other documents not all here)
+                "frames_waiting_for_data": sum(len(q) for q in self._incoming.values()) + len(self._assembling),
                 "batches": self.batches, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "latency_s": {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99)},
                 "inference": self._note, "fallbacks": self._fallbacks,
@@ -437,6 +440,12 @@ class DetectorAnalysisAgent:
             except FrameError as err:
                 waited = self.clock() - since
                 if err.retry and not final and waited < self.settings.external_wait_s:
+                    run = self._runs[run_uid]
+                    if not run.waited:  # once a run, so an operator sees why nothing comes out
+                        run.waited = True
+                        logger.warning("agent %s: frame of run %s seq_num %s waits for its data (up to "
+                                       "external_wait_s=%g s): %s", self.name, run_uid, event.get("seq_num"),
+                                       self.settings.external_wait_s, err)
                     return
                 queue.popleft()
                 self._fail(run_uid, event, err.cause, f"{err} (waited {waited:.1f} s; external_wait_s="

@@ -173,6 +173,11 @@ def test_an_ophyd_async_detectors_frames_cross_kafka_and_are_analysed_from_its_f
     daemon = Daemon(cfg)
     _run_until(daemon, lambda: daemon.agents["den"].report()["frames_out"] == 5)
     assert daemon.agents["den"].report()["failed_frames"] == {}
+    status = daemon.status()
+    page = render_status_page(status)  # what an operator sees of a detector agent
+    assert "frames_in: <b>5</b>" in page and "frames_out: <b>5</b>" in page and "frames_waiting_for_data: <b>0</b>" in page
+    status["agents"]["den"] = status["agents"]["den"] | {"failed_frames": {"not_ready": 3, "shape": 1}}
+    assert "failed frames: not_ready 3, shape 1" in render_status_page(status)
     daemon.close()
     out = _read_all(broker, cfg.derived_topic)
     for r in out:

@@ -117,7 +117,7 @@ def _append(path, frame) -> None:
         ds[-1] = frame
 
 
-def test_ad_hdf5_frames_written_late_are_waited_for_in_order(denoiser, tmp_path):
+def test_ad_hdf5_frames_written_late_are_waited_for_in_order(denoiser, tmp_path, caplog):
     frames = [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts.astype(np.uint32) for seed in range(4)]
     path, run, desc, res = _ad_run(tmp_path, np.stack(frames[:1])[:, None].reshape(1, *SHAPE))
     clock, sink = FakeClock(), Recorder()
@@ -129,6 +129,8 @@ def test_ad_hdf5_frames_written_late_are_waited_for_in_order(denoiser, tmp_path)
     _tell_point(agent, desc, res, 1)  # not in the file yet
     _tell_point(agent, desc, res, 2)  # behind it: waits with it, so the derived run stays in raw order
     assert sorted(sink.frames()) == [1] and agent.frames_waiting == 2
+    assert agent.report()["frames_waiting_for_data"] == 2
+    assert caplog.text.count("waits for its data") == 1 and "row 1 is not written yet" in caplog.text
     clock.t += 5.0
     _append(path, frames[1])
     _append(path, frames[2])
