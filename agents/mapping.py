@@ -77,8 +77,10 @@ observations, decisions, failures and the kriging hyper-parameters come back, an
 asked for but never measured are asked for again, with the same keys, first.
 
 Failures are named and survived: a frame that fails reduction (NaN, negative, no peak), or whose
-file is missing or not yet written when its event arrives, is reported by run uid and seq_num
-and re-measured up to ``max_retries``; a position the stage
+file is missing, is reported by run uid and seq_num and re-measured up to ``max_retries``; a frame
+not yet written to its file is read again on every document told and every ``ask`` (its position
+is not asked again meanwhile) for up to ``external_wait_s``, and once more at its run's stop,
+before it counts as a failed reading; a position the stage
 never reaches (a refused move ends the run) is asked again up to ``max_retries`` times, then
 given up; a position the gate rejects is closed at once. Each leaves a row in ``outcomes``.
 """
@@ -116,6 +118,10 @@ __all__ = ["MappingAgent", "MappingSettings"]
 logger = logging.getLogger(__name__)
 
 
+class _NotWritten(ObservationError):
+    """The event's frame is in a file that does not hold it yet."""
+
+
 class GeometrySettings(_Strict):
     """The SAXS detector's geometry, for frame reduction."""
 
@@ -138,6 +144,8 @@ class MappingSettings(_Strict):
     exposure_key: str = "stage_saxs_exposure"  # in the events, or in the descriptor's configuration
     # where the detector's files are mounted here ({"/nsls2/data": "/mnt/data"}), for frames in files
     root_map: dict[str, str] = Field(default_factory=dict)
+    # a frame whose file is not written yet is waited for this long (then its position is measured again)
+    external_wait_s: float = Field(default=30.0, ge=0)
     stream: str = "primary"
     geometry: GeometrySettings = Field(default_factory=GeometrySettings)
     n_initial: int = Field(default=8, ge=4)
@@ -246,6 +254,9 @@ class MappingAgent(StoredAgent):
         self.latencies: list[float] = []
         self._gp: MappingGP | None = None
         self.external = ExternalData(s.root_map)  # frames in files: resource / datum, stream documents
+        # positions measured whose frame is not in its file yet: key -> (run uid, event, since)
+        self._waiting: dict[str, tuple[str, dict, float]] = {}
+        self._last_retry = 0.0
         self._router = stream_router(s.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
         self._derived: DerivedRunWriter | None = None
@@ -276,8 +287,10 @@ class MappingAgent(StoredAgent):
         return len(self._obs["x"])
 
     def pending(self) -> list[int]:
-        """Indices (into decisions) of positions asked for, not yet measured, not given up."""
-        return [i for i, k in enumerate(self._decisions["point_key"]) if k not in self._done and k not in self._closed]
+        """Indices (into decisions) of positions asked for, not yet measured, not given up (a
+        position measured whose frame is not yet written to its file is not pending)."""
+        return [i for i, k in enumerate(self._decisions["point_key"])
+                if k not in self._done and k not in self._closed and k not in self._waiting]
 
     @property
     def gp(self) -> MappingGP:
@@ -305,9 +318,21 @@ class MappingAgent(StoredAgent):
             self._open_derived(doc)
         if name != "stop":  # a stopped run's documents are forgotten after its last event
             self._tell_external(name, doc)
+        self._retry_waiting()
+        if name == "stop":  # its files are complete now: a last read of what still waits
+            self._retry_waiting(doc.get("run_start"), final=True)
         self._router(name, doc)
         if name == "stop":
             self._tell_external(name, doc)
+
+    def _retry_waiting(self, run_uid: str | None = None, *, final: bool = False) -> None:
+        """Read again the frames that were not yet written to their files (those of ``run_uid``;
+        at most every 0.2 s unless ``final``, so a long wait does not slow every document)."""
+        if not self._waiting or (not final and time.monotonic() - self._last_retry < 0.2):
+            return
+        self._last_retry = time.monotonic()
+        for run, event, _ in [w for w in self._waiting.values() if run_uid is None or w[0] == run_uid]:
+            self._observe_event(run, event, final=final)
 
     def _tell_external(self, name: str, doc: dict[str, Any]) -> None:
         try:
@@ -316,27 +341,45 @@ class MappingAgent(StoredAgent):
             self.errors.append(f"{name} {doc.get('uid')}: {err}")
             logger.warning("%s %s: %s", name, doc.get("uid"), err)
 
-    def _observe_event(self, run_uid: str, event: dict) -> None:
+    def _observe_event(self, run_uid: str, event: dict, *, final: bool = False) -> None:
         key = str(event["data"].get(POINT_KEY, "")) or f"event:{event['uid']}"
         if key in self._done or event["uid"] in self._event_uids:
             self.duplicates += 1
             return
         try:
             row = self._parse(run_uid, event, key)
-        except ObservationError as err:
-            self.errors.append(str(err))
-            logger.warning("%s", err)
-            self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
-            self._tries[key] = self._tries.get(key, 0) + 1
-            if self._tries[key] > self.settings.max_retries:
-                self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
+        except _NotWritten as err:
+            since = self._waiting[key][2] if key in self._waiting else time.monotonic()
+            waited = time.monotonic() - since
+            if not final and waited < self.settings.external_wait_s:
+                if key not in self._waiting:
+                    logger.warning("%s; waiting up to external_wait_s=%g s", err, self.settings.external_wait_s)
+                self._waiting[key] = (run_uid, event, since)
+                return
+            self._waiting.pop(key, None)
+            self._failed_reading(key, ObservationError(f"{err} (waited {waited:.1f} s); the position will be "
+                                                       "measured again"))
             return
+        except ObservationError as err:
+            self._waiting.pop(key, None)
+            self._failed_reading(key, err)
+            return
+        self._waiting.pop(key, None)
         self.store.append("observations", row)  # persisted first, then mirrored in memory
         for column, values in row.items():
             self._obs[column].extend(values)
         self._done.add(key)
         self._event_uids.add(event["uid"])
         self._publish(row, event)
+
+    def _failed_reading(self, key: str, err: ObservationError) -> None:
+        """A reading that failed: named, counted; the position is asked again up to max_retries."""
+        self.errors.append(str(err))
+        logger.warning("%s", err)
+        self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
+        self._tries[key] = self._tries.get(key, 0) + 1
+        if self._tries[key] > self.settings.max_retries:
+            self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
 
     def _parse(self, run_uid: str, event: dict, key: str) -> dict[str, list]:
         s, data = self.settings, event["data"]
@@ -355,6 +398,8 @@ class MappingAgent(StoredAgent):
             try:
                 frame = self.external.value(event, s.frame_key)
             except ExternalDataError as err:
+                if err.retry:
+                    raise _NotWritten(f"{where}: frame {s.frame_key!r}: {err}") from None
                 hint = ("set frame_key to the detector's data key" if err.cause == "missing_key"
                         else "the position will be measured again")
                 raise ObservationError(f"{where}: frame {s.frame_key!r}: {err}; {hint}") from None
@@ -401,6 +446,7 @@ class MappingAgent(StoredAgent):
         if n < 1:
             raise ValueError(f"ask(n) needs n >= 1, got {n=}")
         t0 = time.perf_counter()
+        self._retry_waiting()
         pending = self.pending()
         if pending:
             keys = [self._decisions["point_key"][i] for i in self._reachable(pending)[:n]]
@@ -579,6 +625,7 @@ class MappingAgent(StoredAgent):
             "decisions": {w: why.count(w) for w in sorted(set(why))}, "pending": len(self.pending()),
             "travel": path_length(self.path()), "stop_reason": self.stop_reason,
             "errors": list(self.errors), "duplicates_ignored": self.duplicates,
+            "frames_waiting_for_data": len(self._waiting),
             "decision_latency_ms": None if lat.size == 0 else {
                 "p50": float(1e3 * np.median(lat)), "p95": float(1e3 * np.percentile(lat, 95))},
             "kriging": None if gp is None or not gp.ready else {

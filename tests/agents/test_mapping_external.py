@@ -160,3 +160,37 @@ def test_several_images_a_point_are_counted_together(measured, tmp_path):
         total = np.asarray(event["data"][FRAME]) + np.asarray(events[(k + 1) % 6]["data"][FRAME])
         want = reduce_frame(total, 2 * event["data"][EXPOSURE], DetectorGeometry())
         assert got["peak_q"][k] == want.values["peak_q"] and got["intensity"][k] == want.values["intensity"]
+
+
+def test_a_frame_written_after_its_event_is_waited_for_not_measured_again(measured, tmp_path):
+    film, docs = measured
+    _, inline = _observations(film, docs, tmp_path)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "late.h5"
+    rewritten = _as_ad_hdf5(docs, path, str(tmp_path / "data"))
+    frames = _frames(docs)
+    with h5py.File(path, "a") as f:  # the writer is two frames behind when the events arrive
+        del f["/entry/data/data"]
+        f.create_dataset("/entry/data/data", data=np.stack(frames[:4]), maxshape=(None, *frames[0].shape))
+    agent = MappingAgent({"extent": list(film.extent), "max_points": 16, "grid": [20, 20]}, tmp_path / "late.zarr")
+    events = [i for i, (n, _) in enumerate(rewritten) if n == "event"]
+    for name, doc in rewritten[: events[-1] + 1]:  # every event; not yet the stop
+        agent.tell(name, doc)
+    assert agent.n_observations == 4 and agent.report()["frames_waiting_for_data"] == 2
+    assert agent.report()["errors"] == []  # waiting is not a failed reading
+    with h5py.File(path, "a") as f:  # the writer catches up
+        ds = f["/entry/data/data"]
+        ds.resize(6, axis=0)
+        ds[4:] = np.stack(frames[4:])
+    agent.tell(*rewritten[-1])  # the stop: the waiting frames are read
+    table = agent.store.read("observations")
+    assert agent.n_observations == 6 and agent.report()["frames_waiting_for_data"] == 0
+    np.testing.assert_array_equal(np.asarray(table["peak_q"]), inline["peak_q"])
+
+    never = MappingAgent({"extent": list(film.extent), "max_points": 16, "grid": [20, 20]}, tmp_path / "never.zarr")
+    with h5py.File(path, "a") as f:
+        f["/entry/data/data"].resize(5, axis=0)  # the last frame never comes
+    for name, doc in rewritten:
+        never.tell(name, doc)
+    assert never.n_observations == 5 and len(never.report()["errors"]) == 1
+    assert "not written yet" in never.report()["errors"][0] and "measured again" in never.report()["errors"][0]
