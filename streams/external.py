@@ -5,7 +5,8 @@ Beamline detectors rarely put their frames in the events. Two conventions name t
 * **resource / datum** (ophyd's area detectors): a ``resource`` document names a file by ``spec``
   and the event holds a ``datum_id`` per frame; the ``datum`` says where in the file
   (:data:`FRAME_HANDLERS`: ``NPY``; ``AD_HDF5`` and ``AD_HDF5_SWMR``, the areaDetector HDF5
-  plugin's files, frames in ``/entry/data/data``, ``frame_per_point`` per ``point_number``);
+  plugin's files, frames in ``/entry/data/data``, ``frame_per_point`` per ``point_number``;
+  ``AD_TIFF``, the TIFF plugin's one file a frame, named by ``template % (path, filename, n)``);
 * **stream_resource / stream_datum** (ophyd-async detectors): the descriptor marks the key
   ``external: "STREAM:"``, the events leave it out, a ``stream_resource`` names a file by
   ``mimetype`` and ``uri``, and each ``stream_datum`` maps a range of the events' ``seq_num`` to a
@@ -156,9 +157,41 @@ def _stream_hdf5_handler(resource: Mapping[str, Any], index: int, declared: Sequ
     return read_hdf5_rows(Path(unquote(parsed.path)), dataset, index, what, declared=declared)
 
 
+def _ad_tiff_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
+    """An areaDetector TIFF plugin's files (ophyd's ``AD_TIFF`` resources): one file a frame, frame
+    ``j`` named ``template % (directory + "/", filename, j)``, ``frame_per_point`` frames per
+    ``point_number``. The plugin writes each file after its frame is taken, so a file not there
+    yet (or not readable yet) is not ready; the message says to check ``root_map`` too."""
+    from PIL import Image, UnidentifiedImageError
+
+    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
+    directory = str(Path(resource.get("root") or "") / resource["resource_path"])
+    try:
+        template, filename = str(kwargs["template"]), str(kwargs["filename"])
+        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
+        names = [template % (directory.rstrip("/") + "/", filename, j)
+                 for j in range(point * per_point, (point + 1) * per_point)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExternalDataError("external_read", f"resource {resource.get('uid')} (AD_TIFF): needs template, "
+                                f"filename and an integer point_number; got {dict(kwargs)} ({err})") from None
+    frames = []
+    for name in names:
+        if not Path(name).is_file():
+            raise ExternalDataError("not_ready", f"resource {resource.get('uid')} point {point}: TIFF {name} is not "
+                                    "there yet (if it never comes, check the path, and root_map)", retry=True)
+        try:
+            with Image.open(name) as image:
+                frames.append(np.asarray(image))
+        except (OSError, UnidentifiedImageError) as err:  # a file still being written
+            raise ExternalDataError("not_ready", f"resource {resource.get('uid')} point {point}: cannot read TIFF "
+                                    f"{name} yet ({err})", retry=True) from None
+    return np.stack(frames)
+
+
 register_frame_handler("NPY", _npy_handler)
 register_frame_handler("AD_HDF5", _ad_hdf5_handler)
 register_frame_handler("AD_HDF5_SWMR", _ad_hdf5_handler)
+register_frame_handler("AD_TIFF", _ad_tiff_handler)
 register_stream_handler("application/x-hdf5", _stream_hdf5_handler)
 
 

@@ -78,3 +78,33 @@ def test_a_file_held_by_a_writer_without_swmr_is_not_ready_until_it_is_closed(tm
     finally:
         writer.communicate("\n", timeout=30)
     np.testing.assert_array_equal(read_hdf5_rows(path, "/entry/data/data", 0, "probe"), [[7, 8]])
+
+
+def test_ad_tiff_frames_are_read_per_point_and_wait_for_their_files(tmp_path):
+    """ophyd's AD_TIFF resource: one file a frame, template % (path, filename, n), 2 frames a point."""
+    from PIL import Image
+
+    frames = [np.full((4, 5), 1000 * k, dtype=np.int32) + np.arange(20, dtype=np.int32).reshape(4, 5) for k in range(4)]
+    run = event_model.compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "img": {"dtype": "array", "shape": [2, 4, 5], "source": "PV:TIFF", "external": "FILESTORE:"}})
+    res = run.compose_resource(spec="AD_TIFF", root=str(tmp_path), resource_path="pilatus", resource_kwargs={
+        "template": "%s%s_%6.6d.tiff", "filename": "scan7", "frame_per_point": 2})
+    (tmp_path / "pilatus").mkdir()
+    for j in range(3):  # the fourth frame is not written yet
+        Image.fromarray(frames[j]).save(tmp_path / "pilatus" / f"scan7_{j:06d}.tiff")
+    ext = ExternalData()
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc), ("resource", res.resource_doc)):
+        ext.tell(name, doc)
+    events = []
+    for point in range(2):
+        datum = res.compose_datum(datum_kwargs={"point_number": point})
+        ext.tell("datum", datum)
+        events.append(desc.compose_event(data={"img": datum["datum_id"]}, timestamps={"img": 0.0},
+                                         filled={"img": False}))
+    np.testing.assert_array_equal(ext.value(events[0], "img"), np.stack(frames[:2]))
+    with pytest.raises(ExternalDataError, match="scan7_000003.tiff is not there yet") as err:
+        ext.value(events[1], "img")
+    assert err.value.retry
+    Image.fromarray(frames[3]).save(tmp_path / "pilatus" / "scan7_000003.tiff")
+    np.testing.assert_array_equal(ext.value(events[1], "img"), np.stack(frames[2:]))
