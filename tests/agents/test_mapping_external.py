@@ -1,6 +1,7 @@
 """MappingAgent with the SAXS frames in files, as beamline detectors write them: the same
-observations as with the frames in the events, from areaDetector HDF5 (resource / datum) and
-from ophyd-async HDF5 streams (stream_resource / stream_datum, frames left out of the events)."""
+observations as with the frames in the events, from areaDetector HDF5 and TIFF (resource /
+datum) and from ophyd-async HDF5 streams (stream_resource / stream_datum, frames left out of the
+events)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,35 @@ def _as_ad_hdf5(docs, path, root):
     return out
 
 
+def _as_ad_tiff(docs, directory):
+    """The run as ophyd writes an areaDetector TIFF plugin's: one file a frame, a datum per point."""
+    from PIL import Image
+
+    frames = _frames(docs)
+    assert all(np.array_equal(f, np.rint(f)) for f in frames)  # counts: exact in a 32-bit integer TIFF
+    directory.mkdir()
+    for j, frame in enumerate(frames):
+        Image.fromarray(frame.astype(np.int32)).save(directory / f"saxs_{j:06d}.tiff")
+    out, start, resource = [], None, None
+    for name, doc in docs:
+        doc = copy.deepcopy(doc)
+        if name == "start":
+            start = doc
+        elif name == "descriptor":
+            doc["data_keys"][FRAME]["external"] = "FILESTORE:"
+            resource = event_model.compose_resource(
+                spec="AD_TIFF", root=str(directory.parent), resource_path=directory.name, start=start,
+                resource_kwargs={"template": "%s%s_%6.6d.tiff", "filename": "saxs", "frame_per_point": 1})
+            out += [(name, doc), ("resource", resource.resource_doc)]
+            continue
+        elif name == "event":
+            datum = resource.compose_datum(datum_kwargs={"point_number": doc["seq_num"] - 1})
+            out.append(("datum", datum))
+            doc["data"][FRAME], doc["filled"] = datum["datum_id"], {FRAME: False}
+        out.append((name, doc))
+    return out
+
+
 def _as_stream(docs, path, *, exposure_in_configuration=False):
     """The run as an ophyd-async detector writes it: the frames in an HDF5 stream, out of the events."""
     frames = _frames(docs)
@@ -113,6 +143,7 @@ def test_frames_in_files_give_the_same_map_as_frames_in_events(measured, tmp_pat
     (tmp_path / "data").mkdir()
     layouts = {
         "AD_HDF5": _as_ad_hdf5(docs, tmp_path / "data" / "ad.h5", str(tmp_path / "data")),
+        "AD_TIFF": _as_ad_tiff(docs, tmp_path / "data" / "pilatus"),
         "stream": _as_stream(docs, tmp_path / "data" / "s.h5"),
         "stream, exposure in configuration": _as_stream(docs, tmp_path / "data" / "c.h5", exposure_in_configuration=True),
     }
