@@ -257,12 +257,12 @@ def test_bad_frames_are_counted_by_cause_and_the_stream_goes_on(bragg_weights, f
     # external data: a missing file, an unsupported spec; the good frame after them comes out
     run, desc = _raw_run(external=True)
     missing = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="gone.npy", resource_kwargs={})
-    tiff = run.compose_resource(spec="AD_TIFF", root=str(tmp_path), resource_path="f", resource_kwargs={})
+    cbf = run.compose_resource(spec="AD_CBF", root=str(tmp_path), resource_path="f", resource_kwargs={})
     np.save(tmp_path / "ok.npy", frames[6])
     ok = run.compose_resource(spec="NPY", root=str(tmp_path), resource_path="ok.npy", resource_kwargs={})
     agent.tell("start", run.start_doc)
     agent.tell("descriptor", desc.descriptor_doc)
-    for res in (missing, tiff, ok):
+    for res in (missing, cbf, ok):
         agent.tell("resource", res.resource_doc)
         datum = res.compose_datum(datum_kwargs={})
         agent.tell("datum", datum)
@@ -271,7 +271,7 @@ def test_bad_frames_are_counted_by_cause_and_the_stream_goes_on(bragg_weights, f
     agent.tell("stop", run.compose_stop())
     failed = agent.report()["failed_frames"]
     assert failed["missing_file"] == 1 and failed["unsupported_spec"] == 1 and failed["unknown_datum"] == 1
-    assert "gone.npy" in caplog.text and "'AD_TIFF' has no handler" in caplog.text
+    assert "gone.npy" in caplog.text and "'AD_CBF' has no handler" in caplog.text
     assert sink.events("bragg")[-1]["data"]["raw_seq_num"] == 3
     for name, doc in sink.docs:
         validate_document(name, doc)
