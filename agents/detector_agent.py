@@ -295,7 +295,11 @@ class DetectorAnalysisAgent:
     def frames_waiting(self) -> int:
         """Frames told and not analysed yet (a daemon does not checkpoint past them): waiting for
         a batch, for their external data to be written, or for their other documents."""
-        return len(self._pending) + sum(len(q) for q in self._incoming.values()) + len(self._assembling)
+        return len(self._pending) + self._waiting_for_data()
+
+    def _waiting_for_data(self) -> int:
+        """Frames told whose file is not written yet, or whose other documents are not all here."""
+        return sum(len(q) for q in self._incoming.values()) + len(self._assembling)
 
     def poll(self) -> int:
         """Read frames whose external data has been written since; run the pending batch if its
@@ -321,8 +325,7 @@ class DetectorAnalysisAgent:
         return {"agent": self.name, "kind": type(self).__name__, "analysis": self.settings.analysis,
                 "open_runs": len(self._runs), "frames_in": self.frames_in, "frames_out": self.frames_out,
                 "frames_pending": len(self._pending), "failed_frames": dict(self.failed),
-                # told, but their file not written yet (or their other documents not all here)
-                "frames_waiting_for_data": sum(len(q) for q in self._incoming.values()) + len(self._assembling),
+                "frames_waiting_for_data": self._waiting_for_data(),
                 "batches": self.batches, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "latency_s": {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99)},
                 "inference": self._note, "fallbacks": self._fallbacks,
@@ -413,8 +416,7 @@ class DetectorAnalysisAgent:
         """Admit the frame once every document it needs has arrived."""
         event = self._assembling[(descriptor, seq_num)]
         streamed, in_event = self._needed(descriptor)
-        datums = [self.external.locate(descriptor, k, seq_num) for k in sorted(streamed)]
-        if None in datums or (in_event and event is None):
+        if any(self.external.locate(descriptor, k, seq_num) is None for k in streamed) or (in_event and event is None):
             return
         del self._assembling[(descriptor, seq_num)]
         event = event or {}
