@@ -31,7 +31,7 @@ shape ``[n, ny, nx]``, each image analysed as a frame):
 
 External frames (resource / datum documents, as ophyd's area detectors write them; stream_resource
 / stream_datum documents, as ophyd-async detectors do, their frames left out of the events) are
-read by :class:`streams.external.ExternalData` (NPY, areaDetector HDF5, HDF5 streams; ``root_map``
+read by :class:`streams.external.ExternalData` (NPY, areaDetector HDF5 and TIFF, HDF5 streams; ``root_map``
 maps the paths in the documents to where the files are mounted here). A frame is read once every
 document it needs has arrived (its stream_datum; its event too when ``mask_key`` is an ordinary
 event key), so step scans and fly scans (stream_datum documents only) go the same way. A frame

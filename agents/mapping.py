@@ -5,11 +5,11 @@ position and either a detector frame (reduced here to the mapped quantities: SAX
 position, intensity, orientation components, by :func:`models.saxs2d.reduce_frame`) or the
 quantities themselves (``reduction: none``). The frame may be in the event, or in a file the
 run's documents name (:class:`streams.external.ExternalData`: resource / datum as ophyd's area
-detectors write them, NPY or areaDetector HDF5; stream_resource / stream_datum as ophyd-async
-detectors do, HDF5; ``root_map`` maps the paths to where the files are mounted here); the
-exposure is read from the event or, failing that, from the descriptor's configuration. Several
-images a point (a frame of shape ``[n, ny, nx]``) are summed, with ``n`` times the exposure. Asked for ``n`` points it returns one ``measure``
-request that moves the stage's axes to ``n`` positions chosen by :mod:`models.mapping` on the
+detectors write them, NPY or areaDetector HDF5 and TIFF; stream_resource / stream_datum as
+ophyd-async detectors do, HDF5; ``root_map`` maps the paths to where the files are mounted here);
+the exposure is read from the event or, failing that, from the descriptor's configuration.
+Several images a point (a frame of shape ``[n, ny, nx]``) are summed, with ``n`` times the
+exposure. Asked for ``n`` points it returns one ``measure`` request that moves the stage's axes to ``n`` positions chosen by :mod:`models.mapping` on the
 posterior of a :class:`models.kriging.MappingGP`, ordered along a short path; the safety gate
 checks them against the stage limits and maximum step like any other request.
 
