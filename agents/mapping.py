@@ -372,15 +372,6 @@ class MappingAgent(StoredAgent):
         self._event_uids.add(event["uid"])
         self._publish(row, event)
 
-    def _failed_reading(self, key: str, err: ObservationError) -> None:
-        """A reading that failed: named, counted; the position is asked again up to max_retries."""
-        self.errors.append(str(err))
-        logger.warning("%s", err)
-        self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
-        self._tries[key] = self._tries.get(key, 0) + 1
-        if self._tries[key] > self.settings.max_retries:
-            self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
-
     def _parse(self, run_uid: str, event: dict, key: str) -> dict[str, list]:
         s, data = self.settings, event["data"]
         where = f"run {run_uid}, event seq_num {event.get('seq_num')}"

@@ -156,13 +156,7 @@ class QSamplingAgent(StoredAgent):
         try:
             rows = self._parse(run_uid, event)
         except ObservationError as err:
-            key = event["data"].get(POINT_KEY, "")
-            self.errors.append(str(err))
-            logger.warning("%s", err)
-            self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
-            self._tries[key] = self._tries.get(key, 0) + 1
-            if self._tries[key] > self.settings.max_retries:
-                self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
+            self._failed_reading(event["data"].get(POINT_KEY, ""), err)
             return
         if rows is not None:
             self._append("observations", rows)

@@ -317,14 +317,11 @@ class TuningAgent(StoredAgent):
         try:
             row = self._parse(run_uid, event, key)
         except ObservationError as err:
-            self.errors.append(str(err))
-            logger.warning("%s", err)
-            if key not in self._index:
-                return  # not one of ours: nothing to retry
-            self.store.append("outcomes", {"point_key": [key], "outcome": ["error"], "reason": [str(err)]})
-            self._tries[key] = self._tries.get(key, 0) + 1
-            if self._tries[key] > self.settings.max_retries:
-                self._close(key, "failed", f"gave up after {self._tries[key]} failed readings: {err}")
+            if key in self._index:
+                self._failed_reading(key, err)
+            else:  # not one of ours: named, nothing to retry
+                self.errors.append(str(err))
+                logger.warning("%s", err)
             return
         if row is not None:
             self.store.append("observations", row)  # persist first, then mirror in memory
