@@ -48,11 +48,9 @@ def _frames(docs) -> list[np.ndarray]:
     return [np.asarray(d["data"][FRAME]) for n, d in docs if n == "event"]
 
 
-def _as_ad_hdf5(docs, path, root):
-    """The run as ophyd writes an areaDetector HDF5 plugin's: a resource, a datum per point."""
-    frames = _frames(docs)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("/entry/data/data", data=np.stack(frames))
+def _with_resource(docs, spec, root, resource_path, resource_kwargs):
+    """The run's frames replaced by datums of one resource (point ``n``: the ``n``-th event), as
+    ophyd writes an area detector's file plugin's."""
     out, start, resource = [], None, None
     for name, doc in docs:
         doc = copy.deepcopy(doc)
@@ -60,8 +58,8 @@ def _as_ad_hdf5(docs, path, root):
             start = doc
         elif name == "descriptor":
             doc["data_keys"][FRAME]["external"] = "FILESTORE:"
-            resource = event_model.compose_resource(spec="AD_HDF5", root=root, resource_path=path.name,
-                                                    resource_kwargs={"frame_per_point": 1}, start=start)
+            resource = event_model.compose_resource(spec=spec, root=root, resource_path=resource_path,
+                                                    resource_kwargs=resource_kwargs, start=start)
             out += [(name, doc), ("resource", resource.resource_doc)]
             continue
         elif name == "event":
@@ -70,6 +68,13 @@ def _as_ad_hdf5(docs, path, root):
             doc["data"][FRAME], doc["filled"] = datum["datum_id"], {FRAME: False}
         out.append((name, doc))
     return out
+
+
+def _as_ad_hdf5(docs, path, root):
+    """The run as ophyd writes an areaDetector HDF5 plugin's: one file, a datum per point."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", data=np.stack(_frames(docs)))
+    return _with_resource(docs, "AD_HDF5", root, path.name, {"frame_per_point": 1})
 
 
 def _as_ad_tiff(docs, directory):
@@ -81,24 +86,8 @@ def _as_ad_tiff(docs, directory):
     directory.mkdir()
     for j, frame in enumerate(frames):
         Image.fromarray(frame.astype(np.int32)).save(directory / f"saxs_{j:06d}.tiff")
-    out, start, resource = [], None, None
-    for name, doc in docs:
-        doc = copy.deepcopy(doc)
-        if name == "start":
-            start = doc
-        elif name == "descriptor":
-            doc["data_keys"][FRAME]["external"] = "FILESTORE:"
-            resource = event_model.compose_resource(
-                spec="AD_TIFF", root=str(directory.parent), resource_path=directory.name, start=start,
-                resource_kwargs={"template": "%s%s_%6.6d.tiff", "filename": "saxs", "frame_per_point": 1})
-            out += [(name, doc), ("resource", resource.resource_doc)]
-            continue
-        elif name == "event":
-            datum = resource.compose_datum(datum_kwargs={"point_number": doc["seq_num"] - 1})
-            out.append(("datum", datum))
-            doc["data"][FRAME], doc["filled"] = datum["datum_id"], {FRAME: False}
-        out.append((name, doc))
-    return out
+    return _with_resource(docs, "AD_TIFF", str(directory.parent), directory.name,
+                          {"template": "%s%s_%6.6d.tiff", "filename": "saxs", "frame_per_point": 1})
 
 
 def _as_stream(docs, path, *, exposure_in_configuration=False):
