@@ -177,7 +177,9 @@ class DetectorSettings(_Strict):
     symmetric_average: bool | None = None
     # external data: how long a frame whose file is still being written (locked by a writer without
     # SWMR, or not yet as long as the frame needs) is waited for before it is counted failed
-    # ("not_ready"); the frames of its run behind it wait with it, so they stay in raw order
+    # ("not_ready"); the frames of its run behind it wait with it, so they stay in raw order. For a
+    # writer without SWMR, whose file stays locked until the run ends, set it longer than a run:
+    # the frames are then read at the run's stop, when the file is closed
     external_wait_s: float = Field(default=30.0, ge=0)
     # where the detector's files are mounted here, as databroker's root_map: {"/nsls2/data":
     # "/mnt/data"} replaces that leading part of a resource's root (or a stream resource's uri path)

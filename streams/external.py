@@ -105,7 +105,8 @@ def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
             raise ExternalDataError("external_read", f"{what}: {path} is not an HDF5 file") from None
         raise ExternalDataError("not_ready", f"{what}: cannot open {path} yet ({err}); a writer without SWMR keeps "
                                 "its file locked until it closes it (at the run's end): for live analysis, turn "
-                                "SWMR on in the detector's HDF5 writer", retry=True) from None
+                                "SWMR on in the detector's HDF5 writer (or wait for the run's end: a longer "
+                                "external_wait_s)", retry=True) from None
     with f:
         ds = f.get(dataset)
         if ds is None:

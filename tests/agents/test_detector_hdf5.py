@@ -262,3 +262,36 @@ def test_several_images_a_point_are_each_analysed_and_named(denoiser, tmp_path, 
         np.testing.assert_allclose(e["data"]["denoised"], want[i + 1], rtol=1e-5)
     for name, doc in sink.docs:
         validate_document(name, doc)
+
+
+def test_a_writer_without_swmr_is_read_at_the_runs_stop_with_a_long_wait(denoiser, tmp_path):
+    """A detector writing HDF5 without SWMR (here another process) locks its file until the run
+    ends; with external_wait_s longer than the run, the frames are read at the stop, in order."""
+    import subprocess
+    import sys
+
+    frames = np.stack([bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(3)])
+    path, run, desc, res = _ad_run(tmp_path, frames)  # the documents; the file is written again below
+    np.save(tmp_path / "frames.npy", frames)
+    script = (f"import h5py, numpy, sys; f = h5py.File({str(path)!r}, 'w'); "
+              f"f.create_dataset('/entry/data/data', data=numpy.load({str(tmp_path / 'frames.npy')!r})); "
+              "f.flush(); print('open', flush=True); sys.stdin.readline(); f.close()")
+    writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], max_batch=1, external_wait_s=1e9)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                          ("resource", res.resource_doc)):
+            agent.tell(name, doc)
+        for point in range(3):
+            _tell_point(agent, desc, res, point)
+        agent.poll()
+        assert sink.frames() == {} and agent.report()["frames_waiting_for_data"] == 3  # locked
+    finally:
+        writer.communicate("\n", timeout=30)  # the run ends: the detector closes its file
+    agent.tell("stop", run.compose_stop())
+    assert sorted(sink.frames()) == [1, 2, 3] and agent.report()["failed_frames"] == {}
+    want = _inline(denoiser, list(frames)).frames()
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(sink.frames()[k], want[k])
