@@ -64,10 +64,28 @@ def register_stream_handler(mimetype: str, handler: StreamHandler) -> None:
     STREAM_HANDLERS[mimetype] = handler
 
 
+def _located_file(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """A resource's path (``root`` / ``resource_path``) and its kwargs merged with the datum's."""
+    return (Path(resource.get("root") or "") / resource["resource_path"],
+            {**(resource.get("resource_kwargs") or {}), **datum_kwargs})
+
+
+def _point_frames(resource: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[int, range]:
+    """An area detector's ``point_number`` and the indices of its ``frame_per_point`` frames."""
+    try:
+        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
+    except (KeyError, TypeError, ValueError):
+        raise ExternalDataError("external_read", f"resource {resource.get('uid')} ({resource.get('spec')}): its datum "
+                                f"needs an integer point_number (and frame_per_point); got {dict(kwargs)}") from None
+    if per_point < 1 or point < 0:
+        raise ExternalDataError("external_read", f"resource {resource.get('uid')}: frame_per_point={per_point} and "
+                                f"point_number={point} must be >= 1 and >= 0")
+    return point, range(point * per_point, (point + 1) * per_point)
+
+
 def _npy_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
     """One ``.npy`` per resource: the whole array, or ``array[frame]`` when a ``frame`` kwarg is given."""
-    path = Path(resource.get("root") or "") / resource["resource_path"]
-    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
+    path, kwargs = _located_file(resource, datum_kwargs)
     if not path.is_file():
         raise ExternalDataError("missing_file", f"external file {path} (resource {resource.get('uid')}) does not "
                                 "exist; if the detector writes it elsewhere, map the path with root_map")
@@ -129,17 +147,9 @@ def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
 def _ad_hdf5_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any]) -> np.ndarray:
     """An areaDetector HDF5 plugin's file (ophyd's ``AD_HDF5`` / ``AD_HDF5_SWMR`` resources):
     frames in ``/entry/data/data``, ``frame_per_point`` of them per ``point_number``."""
-    path = Path(resource.get("root") or "") / resource["resource_path"]
-    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
-    try:
-        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
-    except (KeyError, TypeError, ValueError):
-        raise ExternalDataError("external_read", f"resource {resource.get('uid')} ({resource.get('spec')}): its datum "
-                                f"needs an integer point_number (and frame_per_point); got {dict(kwargs)}") from None
-    if per_point < 1 or point < 0:
-        raise ExternalDataError("external_read", f"resource {resource.get('uid')}: frame_per_point={per_point} and "
-                                f"point_number={point} must be >= 1 and >= 0")
-    return read_hdf5_rows(path, "/entry/data/data", slice(point * per_point, (point + 1) * per_point),
+    path, kwargs = _located_file(resource, datum_kwargs)
+    point, frames = _point_frames(resource, kwargs)
+    return read_hdf5_rows(path, "/entry/data/data", slice(frames.start, frames.stop),
                           f"resource {resource.get('uid')} point {point}")
 
 
@@ -165,16 +175,14 @@ def _ad_tiff_handler(resource: Mapping[str, Any], datum_kwargs: Mapping[str, Any
     yet (or not readable yet) is not ready; the message says to check ``root_map`` too."""
     from PIL import Image, UnidentifiedImageError
 
-    kwargs = {**(resource.get("resource_kwargs") or {}), **datum_kwargs}
-    directory = str(Path(resource.get("root") or "") / resource["resource_path"])
+    directory, kwargs = _located_file(resource, datum_kwargs)
+    point, indices = _point_frames(resource, kwargs)
     try:
         template, filename = str(kwargs["template"]), str(kwargs["filename"])
-        per_point, point = int(kwargs.get("frame_per_point", 1)), int(kwargs["point_number"])
-        names = [template % (directory.rstrip("/") + "/", filename, j)
-                 for j in range(point * per_point, (point + 1) * per_point)]
+        names = [template % (str(directory).rstrip("/") + "/", filename, j) for j in indices]
     except (KeyError, TypeError, ValueError) as err:
-        raise ExternalDataError("external_read", f"resource {resource.get('uid')} (AD_TIFF): needs template, "
-                                f"filename and an integer point_number; got {dict(kwargs)} ({err})") from None
+        raise ExternalDataError("external_read", f"resource {resource.get('uid')} (AD_TIFF): needs a template and a "
+                                f"filename that name its files; got {dict(kwargs)} ({err})") from None
     frames = []
     for name in names:
         if not Path(name).is_file():
@@ -260,10 +268,8 @@ class ExternalData:
 
     def locate(self, descriptor: str, key: str, seq_num: int) -> str | None:
         """The uid of the stream_datum that says where event ``seq_num``'s ``key`` is, or None."""
-        for start, stop, _, _, uid in reversed(self._rows.get((descriptor, key), [])):
-            if start <= seq_num < stop:
-                return uid
-        return None
+        row = self._row(descriptor, key, seq_num)
+        return None if row is None else row[2]
 
     def stream_resource(self, uid: str) -> dict[str, Any] | None:
         """The stream resource ``uid``, if it was received (and its run has not stopped)."""
@@ -292,7 +298,7 @@ class ExternalData:
             if row is None:
                 raise ExternalDataError("unknown_datum", f"no stream_datum has located {key!r} of seq_num "
                                         f"{event['seq_num']} yet", retry=True)
-            resource_uid, index = row
+            resource_uid, index, _ = row
             stream = self._stream_resources[resource_uid]
             reader = STREAM_HANDLERS.get(stream.get("mimetype", ""))
             if reader is None:
@@ -336,10 +342,11 @@ class ExternalData:
                                                resource["uid"], str(doc.get("uid"))))
         return [(doc["descriptor"], resource["data_key"], range(int(seq["start"]), int(seq["stop"])))]
 
-    def _row(self, descriptor: str, key: str, seq_num: int) -> tuple[str, int] | None:
-        for start, stop, index, resource, _ in reversed(self._rows.get((descriptor, key), [])):
+    def _row(self, descriptor: str, key: str, seq_num: int) -> tuple[str, int, str] | None:
+        """(stream resource uid, row index, stream_datum uid) of event ``seq_num``'s ``key``, or None."""
+        for start, stop, index, resource, uid in reversed(self._rows.get((descriptor, key), [])):
             if start <= seq_num < stop:
-                return resource, index + seq_num - start
+                return resource, index + seq_num - start, uid
         return None
 
     def _forget(self, run_uid: str) -> None:

@@ -108,3 +108,7 @@ def test_ad_tiff_frames_are_read_per_point_and_wait_for_their_files(tmp_path):
     assert err.value.retry
     Image.fromarray(frames[3]).save(tmp_path / "pilatus" / "scan7_000003.tiff")
     np.testing.assert_array_equal(ext.value(events[1], "img"), np.stack(frames[2:]))
+    bad = res.compose_datum(datum_kwargs={"point_number": -1})  # the same check as AD_HDF5's
+    ext.tell("datum", bad)
+    with pytest.raises(ExternalDataError, match="point_number=-1 must be >= 1 and >= 0"):
+        ext.value(desc.compose_event(data={"img": bad["datum_id"]}, timestamps={"img": 0.0}, filled={"img": False}), "img")
