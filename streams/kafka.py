@@ -40,7 +40,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "(read|open)_text is deprecated", DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import KafkaAdminClient
-    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
     from kafka.partitioner.default import murmur2
     from kafka.structs import OffsetAndMetadata
 
@@ -59,6 +59,7 @@ __all__ = [
     "KafkaDocumentSink",
     "KafkaDocumentSource",
     "KafkaSettings",
+    "OffsetReset",
     "Record",
     "check_topic_name",
     "document_topic",
@@ -661,6 +662,42 @@ def _connect_error(settings: KafkaSettings, err: KafkaError) -> StreamError:
 
 
 @dataclass(frozen=True, slots=True)
+class OffsetReset:
+    """A partition whose next offset to read was no longer on the broker, and where reading went on.
+
+    ``cause`` is ``"retention"`` when the broker had deleted the messages from ``offset`` up to
+    ``first`` (its retention, or a ``delete-records``) before they were read: ``lost`` of them,
+    whose runs are incomplete; or ``"recreated"`` when the partition's log ends before
+    ``offset``: the topic was deleted and created again, or the broker lost its data, so the
+    new log is read from its start and nothing in it is skipped.
+    """
+
+    key: str
+    offset: int
+    first: int
+    end: int
+    cause: Literal["retention", "recreated"]
+    lost: int
+    message: str
+
+    @classmethod
+    def explain(cls, key: str, offset: int, first: int, end: int) -> OffsetReset:
+        """Why ``offset`` of ``key`` is out of the log's range ``[first, end)``."""
+        if offset < first:
+            lost = first - offset
+            return cls(key, offset, first, end, "retention", lost, (
+                f"{key}: {lost} message(s) at offsets {offset}..{first - 1} were deleted by the broker "
+                f"(its retention) before they were read; the runs they belonged to are incomplete. "
+                f"Reading on from offset {first}. Keep the reader running, or raise the topic's "
+                f"retention.ms above the longest time it may be stopped."))
+        return cls(key, offset, first, end, "recreated", 0, (
+            f"{key}: the next offset to read, {offset}, is past the end of the partition's log "
+            f"({end}): the topic was deleted and created again, or the broker lost its data. "
+            f"Reading the new log from its start (offset {first}); documents of runs open before "
+            f"are gone with the old log."))
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One Kafka message of a document topic, decoded.
 
@@ -743,6 +780,15 @@ class KafkaDocumentSource(ClosesOnExit):
     the real end whenever a batch holds more than one record. For the same reason
     ``from_beginning=False`` starts at the highwater of a first fetch, not at ``seek_to_end``.
 
+    A position the broker no longer has is never moved silently (kafka-python's
+    ``auto_offset_reset`` is ``"none"``): when a fetch is out of range, or a fetch response's
+    highwater is below the next offset to read (tansu answers a fetch past the end with nothing),
+    the partition is read on from its log's start, and an :class:`OffsetReset` joins
+    :attr:`resets` saying why: messages deleted by retention before they were read (counted in
+    :attr:`lost`), or a log that ends before the position (a recreated topic, a broker that lost
+    its data). Before, the client reset by itself and the source then dropped every message
+    below its old position as already delivered.
+
     Examples
     --------
     >>> source = KafkaDocumentSource(topic, settings)  # doctest: +SKIP
@@ -801,6 +847,8 @@ class KafkaDocumentSource(ClosesOnExit):
         self._next_discovery = 0.0
         self.received = 0
         self.malformed = 0
+        self.lost = 0
+        self.resets: list[OffsetReset] = []
         try:
             self._discover()
         except KafkaError as err:
@@ -814,7 +862,9 @@ class KafkaDocumentSource(ClosesOnExit):
         kwargs: dict[str, Any] = {
             "group_id": self.group_id,
             "enable_auto_commit": False,
-            "auto_offset_reset": "earliest" if self.from_beginning else "latest",
+            # never let the client move a position by itself: an out-of-range position is
+            # handled (and reported) by _out_of_range. Every start position is set explicitly.
+            "auto_offset_reset": "none",
             # a missing topic must not be created here: tansu would make it with 4 partitions
             "allow_auto_create_topics": False,
             "fetch_max_wait_ms": fetch_max_wait_ms,
@@ -1010,6 +1060,9 @@ class KafkaDocumentSource(ClosesOnExit):
             batches = self._consumer.poll(
                 timeout_ms=int(timeout_s * 1000), max_records=self.max_buffered
             )
+        except OffsetOutOfRangeError as err:
+            self._out_of_range(err.args[0] if err.args and isinstance(err.args[0], dict) else {})
+            return []
         except (KafkaError, OSError) as err:
             self._failed(f"{type(err).__name__}: {err}")
             return []
@@ -1053,6 +1106,24 @@ class KafkaDocumentSource(ClosesOnExit):
         self.malformed += bad
         return out
 
+    def _out_of_range(self, partitions: Mapping[TopicPartition, int]) -> None:
+        """Partitions whose next offset the broker no longer has: say why, read on from the log's start."""
+        if not partitions:  # the client did not say which: every assigned partition is checked
+            partitions = {tp: self._next[key] for tp, key in self._tps.items()}
+        firsts = self._consumer.beginning_offsets(list(partitions), timeout_ms=self._timeout_ms)
+        ends = self._consumer.end_offsets(list(partitions), timeout_ms=self._timeout_ms)
+        for tp, offset in partitions.items():
+            key = self._tps[tp]
+            first, end = int(firsts[tp]), max(int(ends[tp]), self._consumer.highwater(tp) or 0)
+            if first <= offset < end:  # in range after all (a stale answer): read on
+                continue
+            reset = OffsetReset.explain(key, offset, first, end)
+            self._consumer.seek(tp, first)
+            self._next[key] = first
+            self.resets.append(reset)
+            self.lost += reset.lost
+            logger.warning("%s", reset.message)
+
     def _failed(self, reason: str) -> None:
         self._connected = False
         self._last_error = reason
@@ -1061,11 +1132,20 @@ class KafkaDocumentSource(ClosesOnExit):
         self._failures += 1
 
     def _check_health(self) -> None:
-        """After an empty poll, see whether kafka-python holds any broker connection."""
+        """After an empty poll, see whether kafka-python holds any broker connection, and
+        whether a partition's log now ends before where this source reads next (a broker
+        that answers such a fetch with nothing rather than OFFSET_OUT_OF_RANGE, as tansu does)."""
         now = time.monotonic()
         if now < self._next_health:
             return
         self._next_health = now + _HEALTH_S
+        shorter = {}
+        for tp, key in self._tps.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None and highwater < self._next[key]:
+                shorter[tp] = self._next[key]
+        if shorter:
+            self._out_of_range(shorter)
         count = self._consumer.metrics().get("consumer-metrics", {}).get("connection-count")
         if count is None:  # metrics disabled through extra
             return

@@ -29,6 +29,7 @@ from streams.kafka import (
     KafkaDocumentSink,
     KafkaDocumentSource,
     KafkaSettings,
+    OffsetReset,
     Record,
     document_topic,
     pack,
@@ -341,6 +342,40 @@ def test_offsets_seek_positions_and_lag(kafka_settings: KafkaSettings, topic: st
             source.seek({f"{topic}:5": 0})
         with pytest.raises(ValueError, match="must be 'topic:partition'"):
             source.seek({"other:0": 0})
+
+
+@pytest.mark.integration
+def test_a_position_past_the_end_of_the_log_is_said_and_the_log_read_from_its_start(
+    kafka_settings: KafkaSettings, topic: str
+) -> None:
+    # a checkpoint or a group offset from before the topic was recreated (or the broker lost its
+    # data): the new log is shorter than the position. Nothing in it may be skipped.
+    with KafkaDocumentSink(topic, kafka_settings) as sink:
+        for seq in range(5):
+            sink(*_event(seq))
+    key = f"{topic}:0"
+    with KafkaDocumentSource(topic, kafka_settings, offsets={key: 40}) as source:
+        assert [r.doc["seq_num"] for r in _drain(source, 5) if r.doc] == [0, 1, 2, 3, 4]
+        assert source.positions() == {key: 5}
+        [reset] = source.resets
+        assert (reset.key, reset.offset, reset.first, reset.end, reset.cause, reset.lost) == (
+            key, 40, 0, 5, "recreated", 0)
+        assert source.lost == 0
+        with KafkaDocumentSink(topic, kafka_settings) as sink:
+            sink(*_event(5))
+        assert [r.doc["seq_num"] for r in _drain(source, 1) if r.doc] == [5]
+        assert len(source.resets) == 1  # said once, and reading goes on normally
+
+
+def test_offset_reset_says_how_many_messages_retention_deleted() -> None:
+    # tansu cannot delete records (its answer to DeleteRecords closes the connection), so the
+    # retention case is checked on the explanation itself: the source takes the same path.
+    reset = OffsetReset.explain("t:0", 3, 10, 25)
+    assert (reset.cause, reset.lost) == ("retention", 7)
+    assert "7 message(s) at offsets 3..9 were deleted" in reset.message
+    assert "retention.ms" in reset.message and "Reading on from offset 10" in reset.message
+    assert OffsetReset.explain("t:0", 30, 10, 25).cause == "recreated"
+    assert OffsetReset.explain("t:0", 30, 10, 25).lost == 0
 
 
 @pytest.mark.integration
