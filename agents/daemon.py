@@ -102,6 +102,10 @@ class DaemonMetrics:
                                           "Plans not sent because the queue already had their key", registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
         self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
+        self.offset_resets = Counter("beampilot_kafka_offset_resets",
+                                     "Partitions whose next offset was gone from the broker", ["cause"], registry=r)
+        self.lost = Counter("beampilot_documents_lost",
+                            "Messages the broker deleted (retention) before they were read", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -258,6 +262,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.started_at = time.time()
         self.recent_errors: deque[str] = deque(maxlen=50)
+        self._resets_reported = 0  # of the source's offset resets, said in the log and the errors
         self.recent_plans: deque[dict[str, Any]] = deque(maxlen=50)
         self.last_loop = time.monotonic()
         self.stopping = threading.Event()
@@ -454,6 +459,7 @@ class Daemon:
             self._error("poll", f"poll failed: {err}")
             records = []
         self.metrics.connected.set(1 if getattr(self.source, "connected", True) else 0)
+        self._report_resets()
         if self.tiled_mirror is not None:
             mirrored = self.tiled_mirror.status()
             self.metrics.tiled_connected.set(1 if mirrored["connected"] else 0)
@@ -476,6 +482,16 @@ class Daemon:
         if not records and self.plan_sink is not None:
             self._plans()
         return len(records)
+
+    def _report_resets(self) -> None:
+        """Say each partition the source found out of range (retention, a recreated topic) once."""
+        resets = getattr(self.source, "resets", ())
+        for reset in resets[self._resets_reported:]:
+            self.metrics.offset_resets.labels(cause=reset.cause).inc()
+            if reset.lost:
+                self.metrics.lost.inc(reset.lost)
+            self._error("kafka", reset.message)
+        self._resets_reported = len(resets)
 
     def _process(self, record: Any) -> int:
         t0 = time.monotonic()

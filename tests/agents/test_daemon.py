@@ -262,6 +262,35 @@ def test_restart_from_checkpoint_reads_on_without_repeats(broker, tmp_path):
         assert stop["num_events"] == dict(sent) and sum(sent.values()) > 0
 
 
+def test_a_checkpoint_past_the_end_of_a_rebuilt_brokers_log_reads_the_new_log_and_says_so(tmp_path):
+    # 3 a.m.: the Kafka broker lost its data (here: tansu in memory, restarted) while the daemon
+    # was stopped. Its checkpoint points past the end of the new, shorter log; before, it waited
+    # silently for offsets that would come only after as many new messages, and dropped those.
+    with LocalBroker(workdir=tmp_path / "wiped") as broker:
+        cfg = load_daemon_config(_config(broker, tmp_path / "state"))
+        first_run, second_run = (list(sas_run_documents(30, seed=s)) for s in (5, 6))
+        _publish(broker, cfg.documents_topic, first_run)
+        first = Daemon(cfg)
+        _run_until(first, lambda: first.agents["rate"].events_out == 30)
+        first.close()
+        key = f"{cfg.documents_topic}:0"
+        assert Checkpoint.load(cfg.state_dir / "checkpoint.json").offsets == {key: len(first_run)}
+
+        broker.restart()  # memory storage: every topic and message is gone
+        create_topic(broker.bootstrap, cfg.documents_topic)
+        create_topic(broker.bootstrap, cfg.derived_topic)
+        _publish(broker, cfg.documents_topic, second_run[:20])  # fewer messages than the checkpoint's offset
+        second = Daemon(cfg)
+        _run_until(second, lambda: second.agents["rate"].events_out == 18)  # a new process: counts from 0
+        status = second.status()
+        second.close()
+    said = [e for e in status["errors"] if key in e]
+    assert len(said) == 1 and f"the next offset to read, {len(first_run)}, is past the end" in said[0]
+    assert "deleted and created again" in said[0]
+    assert status["counters"]["beampilot_kafka_offset_resets_total"] == 1
+    assert status["counters"].get("beampilot_documents_lost_total", 0) == 0
+
+
 def _daemon_process(config_path: Path, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen([str(BIN / "beampilot"), "run", "--config", str(config_path)],
