@@ -102,6 +102,8 @@ class TiledMirror(ClosesOnExit):
         self._below = dict(self._position)  # documents before this were written (unless rewritten)
         self.documents_written = 0
         self.runs_written = 0
+        self.offset_resets: list[str] = []  # what the source said of positions gone from the broker
+        self._resets_seen = 0
         self._unwritten = 0
         self._snapshot: dict[str, Any] = {}
         self._publish()
@@ -160,6 +162,7 @@ class TiledMirror(ClosesOnExit):
             return 0
         written = 0
         records = self._source.poll(timeout_s)
+        self._take_resets()
         for i, record in enumerate(records):
             self._unwritten = len(records) - i  # read, not yet written: behind, too
             if record.error is not None:
@@ -218,6 +221,25 @@ class TiledMirror(ClosesOnExit):
         if name in ("datum", "datum_page"):
             return self._run_of.get(doc.get("resource", ""), "")
         return ""
+
+    def _take_resets(self) -> None:
+        """Follow the source to the start of a partition's log when its position was gone from the
+        broker (:class:`streams.kafka.OffsetReset`): the new log's documents are new, never "already
+        written"; runs open in a recreated log will get no more documents and are reported failed."""
+        resets = getattr(self._source, "resets", ())
+        for reset in resets[self._resets_seen:]:
+            key = reset.key
+            self._position[key] = reset.first
+            self._below[key] = min(self._below.get(key, 0), reset.first)
+            if reset.cause == "recreated":
+                for run in [r for r, (partition, _) in self._open.items() if partition == key]:
+                    self._failed_runs[run] = f"its other documents went with the old log of {key}: {reset.message}"
+                    self._open.pop(run)
+                    self._rewrite.discard(run)
+            self.offset_resets.append(reset.message)
+            logger.warning("tiled mirror: %s", reset.message)
+            self._save()
+        self._resets_seen = len(resets)
 
     def _advance(self, partition: str, offset: int, stopped: str | None = None) -> None:
         self._position[partition] = max(self._position.get(partition, 0), offset + 1)
@@ -338,14 +360,16 @@ class TiledMirror(ClosesOnExit):
                     "at": time.monotonic(),
                     "reason": self._reason if down is not None else "",
                     "runs_written": self.runs_written, "documents_written": self.documents_written,
-                    "open_runs": sorted(self._open), "failed_runs": dict(self._failed_runs)}
+                    "open_runs": sorted(self._open), "failed_runs": dict(self._failed_runs),
+                    "offset_resets": list(self.offset_resets)}
         with self._lock:
             self._snapshot = snapshot
 
     def status(self) -> dict[str, Any]:
         """JSON-able: ``connected``, ``down_for_s``, ``reason``, ``behind`` (documents on the topic
         not yet written, when known), ``runs_written``, ``documents_written``, ``open_runs``,
-        ``failed_runs`` (uid: why tiled does not have it), as of ``age_s`` seconds ago (the
+        ``failed_runs`` (uid: why tiled does not have it), ``offset_resets`` (what the source said
+        of positions gone from the broker: retention, a recreated topic), as of ``age_s`` seconds ago (the
         mirror's last document or poll: a write tiled is slow to answer makes it grow). Cheap: it
         never waits on the mirror's consumer or on tiled."""
         with self._lock:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -55,7 +57,8 @@ def documents() -> list[Document]:
 
 @pytest.fixture
 def kafka_logs_dropped() -> Iterator[None]:
-    """Keep kafka-python from making log records during the test.
+    """Keep kafka-python from making log records during the test, and finalize the sockets its
+    clients leave behind before the test's warning filters go away.
 
     While a broker is down kafka-python logs each refused reconnect with the exception as an
     argument. pytest keeps captured records, and through that exception's frames the socket that
@@ -65,5 +68,10 @@ def kafka_logs_dropped() -> Iterator[None]:
     kafka_logger = logging.getLogger("kafka")
     level = kafka_logger.level
     kafka_logger.setLevel(logging.CRITICAL + 1)
+    before = set(threading.enumerate())
     yield
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("kafka-io-") or thread.name.endswith("-network-thread"):
+            thread.join(timeout=5)
+    gc.collect()
     kafka_logger.setLevel(level)
