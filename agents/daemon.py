@@ -1047,7 +1047,14 @@ def render_status_page(s: dict[str, Any]) -> str:
     paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
     paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
                       for n, why in s.get("stalled", {}).items())
+    resets = counters.get("beampilot_kafka_offset_resets_total", 0)
+    if resets:
+        lost = counters.get("beampilot_documents_lost_total", 0)
+        paused += (f"<p class='rejected'>{resets:.0f} time(s) the broker no longer had the next message to read "
+                   f"({lost:.0f} deleted by its retention before they were read; their runs are incomplete). "
+                   f"Where and why: errors below, and the log</p>")
     tiled = s.get("tiled")
+    paused += "".join(f"<p class='rejected'>tiled mirror: {e(said)}</p>" for said in (tiled or {}).get("offset_resets", []))
     if tiled and not tiled["connected"]:
         paused += (f"<p class='rejected'>tiled at {e(tiled['uri'])} does not answer ({e(tiled['reason'])}): "
                    f"{e(str(tiled['behind']))} derived documents wait on the topic</p>")

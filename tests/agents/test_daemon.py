@@ -289,6 +289,7 @@ def test_a_checkpoint_past_the_end_of_a_rebuilt_brokers_log_reads_the_new_log_an
     assert "deleted and created again" in said[0]
     assert status["counters"]["beampilot_kafka_offset_resets_total"] == 1
     assert status["counters"].get("beampilot_documents_lost_total", 0) == 0
+    assert "1 time(s) the broker no longer had the next message to read (0 deleted" in render_status_page(status)
 
 
 def _daemon_process(config_path: Path, log: Path) -> subprocess.Popen:
@@ -400,8 +401,10 @@ def test_status_server_serves_health_metrics_and_a_page(broker, tmp_path):
         # what the page says of a stalled agent and of tiled (their own tests make them for real)
         s = daemon.status() | {"stalled": {"map1": "2 of its plans wait in the queue, but the queue is stopped"}}
         s["tiled"] = {"uri": "http://127.0.0.1:8000", "connected": False, "reason": "Connection refused",
-                      "behind": 12, "age_s": 0.5, "failed_runs": {"u1": "tiled refused its event document"}}
+                      "behind": 12, "age_s": 0.5, "failed_runs": {"u1": "tiled refused its event document"},
+                      "offset_resets": ["t:0: the next offset to read, 9, is past the end"]}
         page = render_status_page(s)
+        assert "tiled mirror: t:0: the next offset to read, 9, is past the end" in page
         assert "agent map1 waits: 2 of its plans wait in the queue, but the queue is stopped" in page
         assert "(Connection refused): 12 derived documents wait on the topic" in page
         assert "derived run u1 is not in tiled: tiled refused its event document" in page
