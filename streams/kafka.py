@@ -787,7 +787,7 @@ class KafkaDocumentSource(ClosesOnExit):
     :attr:`resets` saying why: messages deleted by retention before they were read (counted in
     :attr:`lost`), or a log that ends before the position (a recreated topic, a broker that lost
     its data). Before, the client reset by itself and the source then dropped every message
-    below its old position as already delivered.
+    below its old position as already delivered (tansu: it waited for offsets past its end).
 
     Examples
     --------
