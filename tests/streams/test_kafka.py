@@ -56,6 +56,13 @@ def _event(seq: int) -> Document:
     }
 
 
+def _send_events(settings: KafkaSettings, topic: str, n: int) -> None:
+    """Events with seq_num 0 .. n - 1 on ``topic``, flushed."""
+    with KafkaDocumentSink(topic, settings) as sink:
+        for seq in range(n):
+            sink(*_event(seq))
+
+
 def _drain(source: KafkaDocumentSource, n: int, timeout: float = 10.0) -> list[Record]:
     records: list[Record] = []
     deadline = time.monotonic() + timeout
@@ -326,9 +333,7 @@ def test_bad_messages_come_back_as_error_records_and_reading_goes_on(
 
 @pytest.mark.integration
 def test_offsets_seek_positions_and_lag(kafka_settings: KafkaSettings, topic: str) -> None:
-    with KafkaDocumentSink(topic, kafka_settings) as sink:
-        for seq in range(10):
-            sink(*_event(seq))
+    _send_events(kafka_settings, topic, 10)
     key = f"{topic}:0"
     with KafkaDocumentSource(topic, kafka_settings, offsets={key: 6}, max_buffered=3) as source:
         first = source.poll(2.0)
@@ -349,9 +354,7 @@ def test_a_position_past_the_end_of_the_log_is_said_and_the_log_read_from_its_st
 ) -> None:
     # a checkpoint or a group offset from before the topic was recreated (or the broker lost its
     # data): the new log is shorter than the position. Nothing in it may be skipped.
-    with KafkaDocumentSink(topic, kafka_settings) as sink:
-        for seq in range(5):
-            sink(*_event(seq))
+    _send_events(kafka_settings, topic, 5)
     key = f"{topic}:0"
     with KafkaDocumentSource(topic, kafka_settings, offsets={key: 40}) as source:
         assert [r.doc["seq_num"] for r in _drain(source, 5) if r.doc] == [0, 1, 2, 3, 4]
@@ -400,9 +403,7 @@ def test_from_end_skips_old_messages_even_when_batched(
 def test_group_offsets_commit_and_resume_without_a_group_join(
     kafka_settings: KafkaSettings, topic: str
 ) -> None:
-    with KafkaDocumentSink(topic, kafka_settings) as sink:
-        for seq in range(6):
-            sink(*_event(seq))
+    _send_events(kafka_settings, topic, 6)
     group = f"g-{uuid.uuid4()}"
     started = time.monotonic()
     with KafkaDocumentSource(topic, kafka_settings, group_id=group, max_buffered=4) as source:
@@ -448,9 +449,7 @@ def test_sink_reports_what_it_cannot_send(kafka_settings: KafkaSettings, topic: 
 def test_iteration_ends_when_closed_from_another_thread(
     kafka_settings: KafkaSettings, topic: str
 ) -> None:
-    with KafkaDocumentSink(topic, kafka_settings) as sink:
-        for seq in range(3):
-            sink(*_event(seq))
+    _send_events(kafka_settings, topic, 3)
     source = KafkaDocumentSource(topic, kafka_settings)
     seen: list[Document] = []
     reader = threading.Thread(target=lambda: seen.extend(source))
