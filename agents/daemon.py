@@ -262,7 +262,6 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.started_at = time.time()
         self.recent_errors: deque[str] = deque(maxlen=50)
-        self._resets_reported = 0  # of the source's offset resets, said in the log and the errors
         self.recent_plans: deque[dict[str, Any]] = deque(maxlen=50)
         self.last_loop = time.monotonic()
         self.stopping = threading.Event()
@@ -485,13 +484,11 @@ class Daemon:
 
     def _report_resets(self) -> None:
         """Say each partition the source found out of range (retention, a recreated topic) once."""
-        resets = getattr(self.source, "resets", ())
-        for reset in resets[self._resets_reported:]:
+        for reset in self.source.take_resets() if hasattr(self.source, "take_resets") else ():
             self.metrics.offset_resets.labels(cause=reset.cause).inc()
             if reset.lost:
                 self.metrics.lost.inc(reset.lost)
             self._error("kafka", reset.message)
-        self._resets_reported = len(resets)
 
     def _process(self, record: Any) -> int:
         t0 = time.monotonic()

@@ -848,7 +848,8 @@ class KafkaDocumentSource(ClosesOnExit):
         self.received = 0
         self.malformed = 0
         self.lost = 0
-        self.resets: list[OffsetReset] = []
+        self.resets: list[OffsetReset] = []  # every one, in order; take_resets() gives the new ones
+        self._resets_taken = 0
         try:
             self._discover()
         except KafkaError as err:
@@ -1105,6 +1106,13 @@ class KafkaDocumentSource(ClosesOnExit):
         self.received += len(out)
         self.malformed += bad
         return out
+
+    def take_resets(self) -> list[OffsetReset]:
+        """The offset resets (see Notes) since the last call, for a caller to report each once."""
+        with self._lock:
+            new = self.resets[self._resets_taken:]
+            self._resets_taken = len(self.resets)
+            return new
 
     def _out_of_range(self, partitions: Mapping[TopicPartition, int]) -> None:
         """Partitions whose next offset the broker no longer has: say why, read on from the log's start."""

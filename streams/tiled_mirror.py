@@ -103,7 +103,6 @@ class TiledMirror(ClosesOnExit):
         self.documents_written = 0
         self.runs_written = 0
         self.offset_resets: list[str] = []  # what the source said of positions gone from the broker
-        self._resets_seen = 0
         self._unwritten = 0
         self._snapshot: dict[str, Any] = {}
         self._publish()
@@ -226,8 +225,7 @@ class TiledMirror(ClosesOnExit):
         """Follow the source to the start of a partition's log when its position was gone from the
         broker (:class:`streams.kafka.OffsetReset`): the new log's documents are new, never "already
         written"; runs open in a recreated log will get no more documents and are reported failed."""
-        resets = getattr(self._source, "resets", ())
-        for reset in resets[self._resets_seen:]:
+        for reset in self._source.take_resets() if hasattr(self._source, "take_resets") else ():
             key = reset.key
             self._position[key] = reset.first
             self._below[key] = min(self._below.get(key, 0), reset.first)
@@ -239,7 +237,6 @@ class TiledMirror(ClosesOnExit):
             self.offset_resets.append(reset.message)
             logger.warning("tiled mirror: %s", reset.message)
             self._save()
-        self._resets_seen = len(resets)
 
     def _advance(self, partition: str, offset: int, stopped: str | None = None) -> None:
         self._position[partition] = max(self._position.get(partition, 0), offset + 1)

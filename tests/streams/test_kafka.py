@@ -363,6 +363,7 @@ def test_a_position_past_the_end_of_the_log_is_said_and_the_log_read_from_its_st
         assert (reset.key, reset.offset, reset.first, reset.end, reset.cause, reset.lost) == (
             key, 40, 0, 5, "recreated", 0)
         assert source.lost == 0
+        assert source.take_resets() == [reset] and source.take_resets() == []  # each said once
         with KafkaDocumentSink(topic, kafka_settings) as sink:
             sink(*_event(5))
         assert [r.doc["seq_num"] for r in _drain(source, 1) if r.doc] == [5]
