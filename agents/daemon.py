@@ -117,7 +117,7 @@ class Checkpoint:
     """What the daemon needs to go on after a kill, written atomically after every batch."""
 
     offsets: dict[str, int] = field(default_factory=dict)
-    open_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {start, descriptors, resources, datums}
+    open_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> {start, descriptors, resources, datums, partition}
     outbox: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     derived_offsets: dict[str, int] = field(default_factory=dict)  # derived topic before the outbox
     open_derived: dict[str, dict[str, int]] = field(default_factory=dict)  # derived start uid -> events per stream
@@ -489,6 +489,13 @@ class Daemon:
             if reset.lost:
                 self.metrics.lost.inc(reset.lost)
             self._error("kafka", reset.message)
+            if reset.cause == "recreated":  # the rest of the runs open in the old log is gone with it
+                cut = [uid for uid, run in self.state.open_runs.items() if run.get("partition", reset.key) == reset.key]
+                for uid in cut:
+                    self._close_run(uid, f"the rest of this run went with the old log of {reset.key}",
+                                    f"its other documents went with the old log of {reset.key}")
+                if cut:
+                    self._commit()
 
     def _process(self, record: Any) -> int:
         t0 = time.monotonic()
@@ -544,7 +551,8 @@ class Daemon:
         """Keep the start and descriptors of open runs (for re-priming) and clear awaited plans."""
         runs = self.state.open_runs
         if name == "start":
-            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {}}
+            runs[doc["uid"]] = {"start": doc, "descriptors": [], "resources": [], "datums": {},
+                                "partition": self._reading[0]}
             self.state.latest_start = time.time()
         elif name == "descriptor" and doc.get("run_start") in runs:
             runs[doc["run_start"]]["descriptors"].append(doc)
@@ -606,17 +614,21 @@ class Daemon:
                  if run["last_seen"] < self.state.latest_start and now - run["last_seen"] > limit]
         for uid in stale:
             quiet = now - self.state.open_runs[uid]["last_seen"]
-            stop = {"uid": str(uuid.uuid4()), "time": now, "run_start": uid, "exit_status": "fail",
-                    "reason": f"beampilot: no stop document; nothing of this run for {quiet:.0f} s while a later run "
-                              "started, so its RunEngine most likely died (abandon_runs_after_s)"}
-            validate_document("stop", stop)
-            self.sequence.check("stop", stop)
-            self._track("stop", stop)
-            self._tell_all("stop", stop)
-            self._error("run", f"run {uid} closed for the agents: no document for {quiet:.0f} s and no stop, "
-                        "while a later run started")
+            self._close_run(uid, f"no stop document; nothing of this run for {quiet:.0f} s while a later run "
+                                 "started, so its RunEngine most likely died (abandon_runs_after_s)",
+                            f"no document for {quiet:.0f} s and no stop, while a later run started")
         if stale:
             self._commit()
+
+    def _close_run(self, uid: str, reason: str, said: str) -> None:
+        """Close an open run for the agents with a stop of ours (``fail``, ``reason``), and say so."""
+        stop = {"uid": str(uuid.uuid4()), "time": time.time(), "run_start": uid, "exit_status": "fail",
+                "reason": f"beampilot: {reason}"}
+        validate_document("stop", stop)
+        self.sequence.check("stop", stop)
+        self._track("stop", stop)
+        self._tell_all("stop", stop)
+        self._error("run", f"run {uid} closed for the agents: {said}")
 
     def _tell_all(self, name: str, doc: dict[str, Any]) -> None:
         self._each_agent(f"{name} {doc.get('uid')}", lambda agent: agent.tell(name, doc))

@@ -269,12 +269,13 @@ def test_a_checkpoint_past_the_end_of_a_rebuilt_brokers_log_reads_the_new_log_an
     with LocalBroker(workdir=tmp_path / "wiped") as broker:
         cfg = load_daemon_config(_config(broker, tmp_path / "state"))
         first_run, second_run = (list(sas_run_documents(30, seed=s)) for s in (5, 6))
-        _publish(broker, cfg.documents_topic, first_run)
+        _publish(broker, cfg.documents_topic, first_run[:-1])  # its stop never comes: it is cut by the rebuild
         first = Daemon(cfg)
         _run_until(first, lambda: first.agents["rate"].events_out == 30)
         first.close()
         key = f"{cfg.documents_topic}:0"
-        assert Checkpoint.load(cfg.state_dir / "checkpoint.json").offsets == {key: len(first_run)}
+        saved = Checkpoint.load(cfg.state_dir / "checkpoint.json")
+        assert saved.offsets == {key: len(first_run) - 1} and list(saved.open_runs) == [first_run[0][1]["uid"]]
 
         broker.restart()  # memory storage: every topic and message is gone
         create_topic(broker.bootstrap, cfg.documents_topic)
@@ -284,9 +285,16 @@ def test_a_checkpoint_past_the_end_of_a_rebuilt_brokers_log_reads_the_new_log_an
         _run_until(second, lambda: second.agents["rate"].events_out == 18)  # a new process: counts from 0
         status = second.status()
         second.close()
+        assert list(Checkpoint.load(cfg.state_dir / "checkpoint.json").open_runs) == [second_run[0][1]["uid"]]
+        out = _read_all(broker, cfg.derived_topic)
     said = [e for e in status["errors"] if key in e]
-    assert len(said) == 1 and f"the next offset to read, {len(first_run)}, is past the end" in said[0]
+    assert len(said) == 2 and f"the next offset to read, {len(first_run) - 1}, is past the end" in said[0]
     assert "deleted and created again" in said[0]
+    assert f"run {first_run[0][1]['uid']} closed for the agents: its other documents went with the old log" in said[1]
+    # the cut run's derived run (opened again at the restart) ends, failed, with the reason
+    cut_derived = {r.doc["uid"] for r in out if r.name == "start" and r.doc["raw_run_uid"] == first_run[0][1]["uid"]}
+    stops = [r.doc for r in out if r.name == "stop" and r.doc["run_start"] in cut_derived]
+    assert "fail" in [s["exit_status"] for s in stops]
     assert status["counters"]["beampilot_kafka_offset_resets_total"] == 1
     assert status["counters"].get("beampilot_documents_lost_total", 0) == 0
     assert "1 time(s) the broker no longer had the next message to read (0 deleted" in render_status_page(status)
