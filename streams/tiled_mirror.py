@@ -230,8 +230,11 @@ class TiledMirror(ClosesOnExit):
             self._position[key] = reset.first
             self._below[key] = min(self._below.get(key, 0), reset.first)
             if reset.cause == "recreated":
+                # unlike a refused run (_refused), its partial copy in tiled stays: the rest of its
+                # documents is nowhere now, so that copy is all there is of it
                 for run in [r for r, (partition, _) in self._open.items() if partition == key]:
-                    self._failed_runs[run] = f"its other documents went with the old log of {key}: {reset.message}"
+                    self._failed_runs[run] = (f"its other documents went with the old log of {key}; the part "
+                                              f"written is kept in tiled, without a stop: {reset.message}")
                     self._open.pop(run)
                     self._rewrite.discard(run)
             self.offset_resets.append(reset.message)
