@@ -21,7 +21,9 @@ resource / datum that the writer turns into stream resources) are registered by 
 external array nodes, which the server reads from the files when it may (``tiled serve -r DIR``,
 :class:`~streams.tiled_launch.TiledServer` ``readable``). They come back *filled*: each event
 holds its frame inline, and the descriptor's data key no longer says ``external``, so agents read
-a replayed run as one whose frames were in its events.
+a replayed run as one whose frames were in its events. A fly scan's stream has no events at all
+(its frames are named by stream datums alone) and so no event table: each of its frames comes
+back as an event with ``seq_num`` 1, 2, ... and the descriptor's time (tiled keeps none per frame).
 """
 
 from __future__ import annotations
@@ -319,16 +321,25 @@ def _stream_documents(
     if unexpected := sorted(names - set(data_keys) - {_TABLE}):
         raise StreamError(f"{where} has nodes {unexpected} that are neither data keys nor "
                           f"the {_TABLE!r} event table; it was not written by TiledWriter")
-    if _TABLE not in names:
-        return docs  # no events were written
-    rows = parts[_TABLE].read().to_dict(orient="records")
     arrays = {key: parts[key].read() for key in names - {_TABLE}}
+    if _TABLE in names:
+        rows = parts[_TABLE].read().to_dict(orient="records")
+        table = "the event table has"
+    else:
+        # No event was written. A fly scan (ophyd-async detectors collected while they fly) sends
+        # no events at all: its frames are named by stream_datum documents alone, and the writer
+        # keeps them as array nodes with no table. Each row is then an event; tiled keeps no
+        # time of it, so the descriptor's stands in (replayed, a fly scan's frames come at once).
+        lengths = {len(values) for values in arrays.values()}
+        rows = [{"time": descriptors[0]["time"], "seq_num": i + 1} for i in range(max(lengths, default=0))]
+        data_keys = {k: data_keys[k] for k in arrays}
+        table = "another array node has"
     for key, values in arrays.items():
         if len(values) != len(rows):
-            raise StreamError(f"{where}: array node {key!r} has {len(values)} rows but the "
-                              f"event table has {len(rows)}; the run is damaged")
+            raise StreamError(f"{where}: array node {key!r} has {len(values)} rows but "
+                              f"{table} {len(rows)}; the run is damaged")
     columns = set(rows[0]) if rows else set()
-    if rows and (missing := sorted(
+    if _TABLE in names and rows and (missing := sorted(
         k for k in data_keys
         if (k not in arrays and k not in columns) or (f"ts_{k}" not in columns and k not in external)
     )):

@@ -21,7 +21,7 @@ from streams.errors import DocumentError, StreamError
 from streams.replay import open_store, replay_runs
 from streams.tiled_io import TiledDocumentSink, TiledRunSource, check_reachable
 from streams.tiled_launch import TiledServer
-from tests.ophyd_async_run import blob_scan
+from tests.ophyd_async_run import blob_scan, fly_scan
 
 pytestmark = pytest.mark.integration
 
@@ -190,6 +190,30 @@ def test_an_ophyd_async_detectors_frames_come_back_filled_from_its_file(
         np.testing.assert_array_equal(event["data"]["det"], frame[None])
         assert event["data"]["stage-x"] == next(
             d["data"]["stage-x"] for n, d in sent if n == "event" and d["seq_num"] == event["seq_num"])
+
+
+def test_a_fly_scans_frames_come_back_as_events(server: TiledServer, detector_dir: Path) -> None:
+    """A fly scan sends no events, only stream datums: tiled keeps its frames as array nodes with
+    no event table, and each frame comes back as an event (the descriptor's time, seq_num 1..n)
+    rather than not at all."""
+    import h5py
+
+    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
+        uid, _ = fly_scan(detector_dir, 4, [sink])
+    with TiledRunSource(server.uri, api_key=server.api_key) as src:
+        docs = list(src.documents(uid))
+    for name, doc in docs:
+        validate_document(name, doc)
+    assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "event", "stop"]
+    descriptor, events = docs[1][1], [d for n, d in docs if n == "event"]
+    with h5py.File(detector_dir / "fly.h5", "r") as f:
+        written = np.asarray(f["/entry/data/data"])
+    assert len(written) == 4 and written.any()  # the stage stands still: four frames of one blob
+    assert [e["seq_num"] for e in events] == [1, 2, 3, 4]
+    for event, frame in zip(events, written, strict=True):
+        assert event["descriptor"] == descriptor["uid"] and event["time"] == descriptor["time"]
+        np.testing.assert_array_equal(event["data"]["det"], frame[None])
+        assert set(event["data"]) == set(event["timestamps"]) == {"det", "det-sum"}
 
 
 def test_sink_rejects_invalid_and_late_documents(server: TiledServer) -> None:
