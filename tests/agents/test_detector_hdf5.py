@@ -16,7 +16,7 @@ from models.registry import WeightsRecord, save_weights
 from simulators.detector import BraggRecipe, bragg_frame_2d
 from streams.derived import validate_document
 from tests.agents.test_detector_agent import FakeClock
-from tests.ophyd_async_run import blob_scan
+from tests.ophyd_async_run import blob_scan, fly_scan
 
 SHAPE = (32, 32)
 
@@ -87,6 +87,21 @@ def test_an_ophyd_async_detector_is_analysed_from_the_file_it_writes(denoiser, t
         np.testing.assert_array_equal(got[k], want[k])
     start = next(d for n, d in sink.docs if n == "start")
     assert start["raw_run_uid"] == raw[0][1]["uid"]
+
+
+def test_an_ophyd_async_fly_scan_is_analysed_from_its_stream_datums_alone(denoiser, tmp_path):
+    """A real fly scan sends no events: each frame is analysed once its stream_datum has come."""
+    sink = Recorder()
+    agent = _agent(denoiser, [sink], frame_key="det", max_batch=3)
+    fly_scan(tmp_path, 4, [agent.tell])
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 4 and report["failed_frames"] == {}
+    with h5py.File(tmp_path / "fly.h5", "r") as f:
+        written = np.asarray(f["/entry/data/data"])
+    got, want = sink.frames(), _inline(denoiser, list(written)).frames()
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def _ad_run(tmp_path, frames_written: np.ndarray, *, root: str | None = None, fpp: int = 1):
