@@ -40,7 +40,10 @@ whose file is still being written waits, with the frames of its run behind it, f
 
 A bad frame (wrong shape or dtype, NaN/inf, negative counts, a missing external file, ...) raises
 nothing out of :meth:`~DetectorAnalysisAgent.tell`: it is logged with the run uid, seq_num and
-cause, counted in ``report()["failed_frames"]`` by cause, and the stream goes on.
+cause, counted in ``report()["failed_frames"]`` by cause, and the stream goes on. Frames that never
+arrive are counted too: at a run's stop, those its ``num_events`` counts in the analysed stream
+(a fly scan's included) that no event or stream_datum ever named, from the first one that did
+(``"missing"``; a missing event counts as one frame).
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class _Run:
     stacked: bool | None = None  # events hold several images each (fixed by the first good event)
     streams: set[str] = field(default_factory=set)  # derived streams declared so far
     waited: bool = False  # a frame of this run has waited for its data (said once in the log)
+    seen: set[int] = field(default_factory=set)  # seq_nums of the analysed stream told so far
 
 
 @dataclass
@@ -212,6 +216,17 @@ class _Frame:
     mask: np.ndarray | None  # bool, True = left out
     arrived: float  # agent clock
     index: int | None = None  # which image of the event, when it holds several
+
+
+def _spans(numbers: Sequence[int]) -> str:
+    """Sorted integers as runs, for a log line: ``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -365,12 +380,32 @@ class DetectorAnalysisAgent:
         if run is None:
             self.external.tell("stop", doc)
             return
+        self._count_missing(doc["run_start"], run, doc)
         self._give_up(doc["run_start"], "its run stopped")
         self.flush()
         del self._runs[doc["run_start"]]
         self.external.tell("stop", doc)
         self._descriptors = {uid: d for uid, d in self._descriptors.items() if d[0] != doc["run_start"]}
         run.writer.close(exit_status=doc.get("exit_status", "success"))
+
+    def _count_missing(self, run_uid: str, run: _Run, stop: dict[str, Any]) -> None:
+        """Frames the stop document counts that were never told: failed ``"missing"``.
+
+        ``num_events`` counts the stream's events, a fly scan's too (its frames come by stream
+        datums alone, so a lost stream_datum would otherwise lose its frames without a word). Only
+        seq_nums from the first one told are counted: after a daemon restart the agent is told a
+        run's frames from where its checkpoint stood, and the earlier ones were analysed before."""
+        total = (stop.get("num_events") or {}).get(self.settings.stream)
+        if not run.seen or not isinstance(total, int) or isinstance(total, bool):
+            return
+        missing = sorted(set(range(min(run.seen), total + 1)) - run.seen)
+        if not missing:
+            return
+        self.frames_in += len(missing)
+        self.failed["missing"] += len(missing)
+        logger.error("agent %s: run %s stopped with %d events in stream %r, but frames seq_num %s (%d) never "
+                     "arrived: their event or stream_datum documents were lost upstream", self.name, run_uid, total,
+                     self.settings.stream, _spans(missing), len(missing))
 
     def _needed(self, descriptor: str) -> tuple[set[str], set[str]]:
         """The data keys a frame of ``descriptor`` needs: (written as streams, carried by its event)."""
@@ -382,6 +417,7 @@ class DetectorAnalysisAgent:
         descriptor = event["descriptor"]
         if descriptor not in self._descriptors:
             return
+        self._runs[self._descriptors[descriptor][0]].seen.add(int(event["seq_num"]))
         streamed, in_event = self._needed(descriptor)
         if not streamed:
             self._admit(event)
@@ -399,6 +435,7 @@ class DetectorAnalysisAgent:
             resource = self.external.stream_resource(doc.get("stream_resource", "")) or {}
             if descriptor in self._descriptors and resource.get("data_key") in self._needed(descriptor)[0]:
                 for seq_num in range(int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])):
+                    self._runs[self._descriptors[descriptor][0]].seen.add(seq_num)
                     self.frames_in += 1
                     self._fail(self._descriptors[descriptor][0], {"seq_num": seq_num, "uid": doc.get("uid")},
                                err.cause, str(err))
@@ -410,6 +447,7 @@ class DetectorAnalysisAgent:
                          "stay incomplete", self.name, doc.get("uid"), doc.get("stream_resource"))
         for _, key, seq_nums in located:
             if key in self._needed(descriptor)[0]:
+                self._runs[self._descriptors[descriptor][0]].seen.update(seq_nums)
                 for seq_num in seq_nums:
                     self._assembling.setdefault((descriptor, seq_num), None)
                     self._assemble(descriptor, seq_num)

@@ -255,6 +255,41 @@ def test_a_frame_in_a_stream_with_its_mask_in_the_event_waits_for_both(denoiser,
     assert "'application/x-tiff', which has no handler" in caplog.text
 
 
+def _fly(agent, run, desc, res, ranges, total):
+    """Tell ``agent`` a fly scan: stream datums for ``ranges`` of seq_nums (no events), then a
+    stop document that counts ``total`` events in the stream, as the RunEngine's does."""
+    for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
+                      ("stream_resource", res.stream_resource_doc)):
+        agent.tell(name, doc)
+    for a, b in ranges:
+        agent.tell("stream_datum", res.compose_stream_datum(indices={"start": a - 1, "stop": b - 1},
+                                                            seq_nums={"start": a, "stop": b}, descriptor=desc.descriptor_doc))
+    agent.tell("stop", {**run.compose_stop(), "num_events": {"primary": total}})
+
+
+def test_frames_the_stop_document_counts_that_never_came_are_counted_missing(denoiser, tmp_path, caplog):
+    """A fly scan's frames come by stream datums alone: one lost upstream, and the stop document's
+    num_events is what says its frames existed."""
+    frames = np.stack([bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(6)])
+    agent = _agent(denoiser, [Recorder()], frame_key="det", max_batch=2)
+    _fly(agent, *_stream_run(tmp_path, frames), [(1, 3), (5, 6)], 6)  # the datum of 3-4 is lost, and 6's
+    report = agent.report()
+    assert report["frames_out"] == 3 and report["failed_frames"] == {"missing": 3}
+    assert report["frames_in"] == report["frames_out"] + 3
+    assert "frames seq_num 3-4, 6 (3) never arrived" in caplog.text
+
+
+def test_after_a_restart_the_frames_before_the_first_told_are_not_counted_missing(denoiser, tmp_path, caplog):
+    """Re-primed after a restart, the agent is told the run from where the checkpoint stood:
+    the frames before it were analysed before the restart, not lost."""
+    frames = np.stack([bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(6)])
+    agent = _agent(denoiser, [Recorder()], frame_key="det", max_batch=2)
+    _fly(agent, *_stream_run(tmp_path, frames), [(4, 7)], 6)
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 3 and report["failed_frames"] == {}
+    assert "never arrived" not in caplog.text
+
+
 def test_several_images_a_point_are_each_analysed_and_named(denoiser, tmp_path, caplog):
     """An area detector taking 2 images a point (frame_per_point 2): 2 derived frames an event."""
     frames = [bragg_frame_2d(seed, BraggRecipe(shape=SHAPE)).counts for seed in range(6)]
