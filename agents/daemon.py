@@ -100,6 +100,9 @@ class DaemonMetrics:
                                      registry=r)
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
                                           "Plans not sent because the queue already had their key", registry=r)
+        self.plans_taken_back = Counter("beampilot_plans_taken_back",
+                                        "Plans removed from the queue that a manager restart had put back after "
+                                        "their run was cut short", ["agent"], registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
         self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
         self.offset_resets = Counter("beampilot_kafka_offset_resets",
@@ -776,6 +779,7 @@ class Daemon:
 
     def _plan_round(self, name: str, steering: _Steering) -> None:
         waiting = self.state.awaiting.setdefault(name, {})
+        self._take_back_reruns(name)
         for key in list(waiting):
             found = self.plan_sink.find(key)
             if found is None or found.get("where") == "history":
@@ -812,6 +816,19 @@ class Daemon:
             steering.rejected_rounds = 0
         if self.outbox.docs:  # a decision may publish a fit
             self._commit()
+
+    def _take_back_reruns(self, name: str) -> None:
+        """Plans the manager put back in its queue after a restart cut them short are removed,
+        not run again from their first point (QueueServerPlanSink.take_back_reruns); the agent
+        plans again from what it has measured."""
+        for key, ran in self.plan_sink.take_back_reruns(name):
+            status = (ran.get("result") or {}).get("exit_status")
+            self.metrics.plans_taken_back.labels(agent=name).inc()
+            self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
+                                      "reason": f"put back in the queue after its run ended {status!r}"})
+            self._error(f"agent:{name}", f"agent {name}: plan {key} was put back in the queue after its run ended "
+                        f"{status!r} (a restarted RE Manager does this); removed it rather than repeat its moves "
+                        "from wherever the interruption left the axes. The agent plans again from what it measured")
 
     def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
         """Gate, de-duplicate, send. True unless the gate or the queue server refused it."""

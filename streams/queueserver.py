@@ -341,6 +341,44 @@ class QueueServerPlanSink(ClosesOnExit):
                     "exit_status": result.get("exit_status")}
         return None
 
+    def take_back_reruns(self, agent: str) -> list[tuple[str, dict[str, Any]]]:
+        """Remove from the queue the items of ``agent`` that have run already.
+
+        An RE Manager restarted while it ran an item puts that item back in its queue, and its
+        history holds the cut-short run (``failed``). Started again, the item would repeat its
+        plan from the first point, wherever the interruption left the axes: moves no safety gate
+        has checked from there. Such items are removed instead, so the agent asks again from what
+        it has measured (and its request, found in the history, is never queued again).
+
+        Returns
+        -------
+        list of (str, dict)
+            The request key and the earlier run's history item of each item removed.
+
+        Raises
+        ------
+        StreamError
+            The manager refused a removal (the item started in the meantime, say).
+        """
+        with self._lock:
+            queued = [i for i in self._send("queue_get")["items"] if _item_agent(i) == agent]
+            if not queued:
+                return []
+            history = self._history_index()
+            taken: list[tuple[str, dict[str, Any]]] = []
+            for item in queued:
+                key = _item_key(item)
+                if key is None or key not in history:
+                    continue
+                try:
+                    self._call("item_remove", uid=item["item_uid"])
+                except self._api.RequestFailedError as ex:
+                    raise StreamError(f"queue server at {self.address} would not remove item {item['item_uid']} "
+                                      f"(request {key!r}, put back in the queue after its run was cut short): "
+                                      f"{_reason(str(ex))}; remove it before starting the queue") from ex
+                taken.append((key, history[key]))
+            return taken
+
     def submit(self, request: PlanRequest) -> str:
         """Queue ``request`` unless an item with its key is already queued, running or done.
 

@@ -144,11 +144,12 @@ def _step_until(daemon, done, seconds, what):
         daemon.step()
 
 
-def _errors_while_down(daemon, part, seconds):
-    """Stop ``part`` of the stack once the agent has 8 points, step the daemon for ``seconds``,
-    and return the errors it recorded meanwhile."""
+def _errors_while_down(daemon, part, seconds, *, mid_plan=False):
+    """Stop ``part`` of the stack once the agent has 8 points (``mid_plan``: and a plan is
+    running), step the daemon for ``seconds``, and return the errors it recorded meanwhile."""
     agent = daemon.agents["qsampling"]
-    _step_until(daemon, lambda: agent.n_observations >= 8, 60, "8 points")
+    _step_until(daemon, lambda: agent.n_observations >= 8 and (
+        not mid_plan or daemon.plan_sink.status()["manager_state"] == "executing_queue"), 60, "8 points")
     before = len(daemon.recent_errors)
     part.stop()
     t0 = time.monotonic()
@@ -198,14 +199,16 @@ def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_eac
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_operator(tmp_path):
-    """The RE Manager stops mid-loop and comes back without an RE environment (as a restarted
-    manager does): the daemon says once that no plans go out and retries with a growing wait; once
-    the manager answers it says what the queued plan waits for, and says it again when that
-    changes; it neither opens the environment nor starts the queue; started by the operator, the
-    loop reaches its goal, every point reaching the agent once."""
+    """The RE Manager stops mid-plan and comes back without an RE environment (as a restarted
+    manager does), the cut plan back in its queue: the daemon says once that no plans go out and
+    retries with a growing wait; once the manager answers it takes the cut plan back (it would
+    repeat its moves from wherever the stop left the axes) and says what its next plan waits for,
+    and again when that changes; it neither opens the environment nor starts the queue; started by
+    the operator, the loop reaches its goal, every point reaching the agent once and no plan run
+    twice."""
     with _stack_loop(tmp_path, queueserver={"stall_report_s": 1.0}) as (stack, daemon):
         agent = daemon.agents["qsampling"]
-        outage = _errors_while_down(daemon, stack.manager, 10)
+        outage = _errors_while_down(daemon, stack.manager, 10, mid_plan=True)
         assert len(outage) == 1 and "no plans go out" in outage[0] and "did not answer" in outage[0], outage
         ok, why = daemon.healthy()
         assert not ok and why.startswith("queue server unreachable")
@@ -229,14 +232,16 @@ def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_oper
                     180, "goal")
         assert daemon.status()["stalled"] == {}
         history, keys, points = _history(daemon)
+        taken_back = [p for p in daemon.recent_plans if p["status"] == "taken back"]
+        errors = list(daemon.recent_errors)
     assert agent.stop_reason.startswith("target precision")
-    # the queue server put the plan the stop cut short back in the queue, so that plan's key is
-    # twice in the history (failed, then completed); the daemon sent every key once
-    twice = {k for k, n in keys.items() if n > 1}
-    assert len(twice) <= 1 and max(keys.values()) <= 2
-    for key in twice:
-        assert sorted(i["result"]["exit_status"] for i in history
-                      if i["meta"]["beampilot_request_key"] == key) == ["completed", "failed"]
+    # the queue server put the plan the stop cut short back in the queue; the daemon took it back
+    # rather than let it repeat its moves, so every key ran once, the cut one ending failed
+    assert max(keys.values()) == 1
+    cut = [i["meta"]["beampilot_request_key"] for i in history if i["result"]["exit_status"] != "completed"]
+    assert [i["result"]["exit_status"] for i in history if i["meta"]["beampilot_request_key"] in cut] == ["failed"] * len(cut)
+    assert [p["key"] for p in taken_back] == cut
+    assert len([e for e in errors if "was put back in the queue after its run ended 'failed'" in e]) == len(cut)
     assert agent.n_observations == len(points)  # every point reached the agent once
 
 

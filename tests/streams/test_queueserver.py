@@ -85,6 +85,28 @@ def test_a_started_queue_runs_the_plan_and_history_says_completed(sink, operator
     assert sink.start_queue() is False  # nothing queued
 
 
+def test_an_item_that_ran_and_is_queued_again_is_taken_back_and_never_queued_again(sink, operator):
+    """What a restarted RE Manager does with the item it was running (back in the queue, its cut
+    run in the history), done here by hand: the sink removes that agent's item, leaves another
+    agent's and a new one alone, and does not queue the request again."""
+    first = _measure("ran-once", 0.03)
+    sink.submit(first)
+    assert sink.start_queue() is True
+    sink.wait_for_idle(timeout=30)
+    again = {"item_type": "plan", "name": "measure", "args": [], "kwargs": first.to_dict()["kwargs"],
+             "meta": {REQUEST_META_KEY: "ran-once", AGENT_META_KEY: "qsampling"}}
+    operator.item_add(again)
+    operator.item_add({**again, "meta": {REQUEST_META_KEY: "ran-once", AGENT_META_KEY: "other"}})
+    sink.submit(_measure("not-run-yet", 0.04))
+    assert sink.take_back_reruns("qsampling") == [("ran-once", operator.history_get()["items"][-1])]
+    assert _keys_in_queue(operator) == ["ran-once", "not-run-yet"]  # the other agent's item stays
+    assert [i["meta"][AGENT_META_KEY] for i in operator.queue_get()["items"]] == ["other", "qsampling"]
+    assert sink.take_back_reruns("qsampling") == []
+    sink.submit(first)  # found in the history: not queued again
+    assert _keys_in_queue(operator) == ["ran-once", "not-run-yet"]
+    operator.queue_clear()
+
+
 def _documents_of_run(bootstrap, run_uid, timeout_s=10.0):
     """The run's documents from the manager's Kafka topic, in order, through its stop document.
 
