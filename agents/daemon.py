@@ -57,7 +57,12 @@ from agents.protocol import PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
 from streams.errors import StreamError
-from streams.queueserver import QueueItemRejectedError, QueueServerUnreachableError
+from streams.queueserver import (
+    AGENT_META_KEY,
+    REQUEST_META_KEY,
+    QueueItemRejectedError,
+    QueueServerUnreachableError,
+)
 from streams.sequence import DocumentSequence
 
 __all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent"]
@@ -126,6 +131,10 @@ class Checkpoint:
     open_derived: dict[str, dict[str, int]] = field(default_factory=dict)  # derived start uid -> events per stream
     awaiting: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {request key: sent at}
     gate_positions: dict[str, dict[str, float]] = field(default_factory=dict)  # agent -> {axis: value}
+    # agent -> {axis: [low, high]}: where plans cut short may have left axes (SafetyGate.interrupted)
+    gate_spans: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # agent -> {request key: {"before": positions, "points": [...]}}: awaited plans, to judge a cut
+    gate_plans: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     latest_start: float = 0.0  # wall time the newest run's start arrived
     written_at: float = 0.0
 
@@ -265,6 +274,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.started_at = time.time()
         self.recent_errors: deque[str] = deque(maxlen=50)
+        self._cut: deque[str] = deque(maxlen=1000)  # request keys of plans judged cut short
         self.recent_plans: deque[dict[str, Any]] = deque(maxlen=50)
         self.last_loop = time.monotonic()
         self.stopping = threading.Event()
@@ -287,7 +297,10 @@ class Daemon:
             self.agents[entry.name] = build_agent(entry, self.state_dir, [self.outbox])
             if entry.safety is not None:
                 gate = SafetyGate(entry.safety.to_config())
-                gate.restore_positions(self.state.gate_positions.get(entry.name, {}))
+                gate.restore_positions(self.state.gate_positions.get(entry.name, {}),
+                                       {a: (lo, hi) for a, (lo, hi) in self.state.gate_spans.get(entry.name, {}).items()})
+                for key, plan in self.state.gate_plans.get(entry.name, {}).items():
+                    gate.keep_plan(key, plan["before"], plan["points"])
                 self.steering[entry.name] = _Steering(entry, gate)
         self._queue = _QueueServerLink()
         self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
@@ -568,7 +581,9 @@ class Daemon:
             for run in runs.values():
                 if any(r["uid"] == doc.get("resource") for r in run.get("resources", [])):
                     run.setdefault("datums", {}).update((d["datum_id"], d) for d in datums)
-        elif name in ("event", "event_page") and any(run.get("datums") for run in runs.values()):
+        if name in ("event", "event_page"):
+            self._note_point(doc if name == "event" else _last_event(doc))
+        if name in ("event", "event_page") and any(run.get("datums") for run in runs.values()):
             values = doc.get("data", {}).values()
             if name == "event_page":
                 values = [v for column in values for v in column]
@@ -581,6 +596,8 @@ class Daemon:
             for descriptor in (run or {}).get("descriptors", []):
                 self._run_of_descriptor.pop(descriptor["uid"], None)
             key = _request_key(run["start"]) if run else None
+            if run and key is not None and doc.get("exit_status") != "success":
+                self._plan_cut(run, str(doc.get("exit_status")))
             if key is not None:
                 for waiting in self.state.awaiting.values():
                     waiting.pop(key, None)
@@ -589,6 +606,52 @@ class Daemon:
             doc.get("descriptor", ""), "")
         if uid in runs:
             runs[uid]["last_seen"] = time.time()
+
+    def _note_point(self, event: dict[str, Any] | None) -> None:
+        """For a run of one of our plans: how many points it has measured (its primary stream's
+        ``seq_num``) and the axes' readings there, for :meth:`_plan_cut`."""
+        run = self.state.open_runs.get(self._run_of_descriptor.get((event or {}).get("descriptor", ""), ""))
+        if event is None or run is None or _request_key(run["start"]) is None:
+            return
+        primary = {d["uid"] for d in run["descriptors"] if d.get("name", "primary") == "primary"}
+        steering = self.steering.get(str(run["start"].get(AGENT_META_KEY)))
+        if event.get("descriptor") not in primary or steering is None:
+            return
+        data = event.get("data") or {}
+        run["last_point"] = {"measured": int(event.get("seq_num", 0)),
+                             "readings": {axis: float(data[axis]) for axis in steering.gate.config.limits
+                                          if is_finite_number(data.get(axis))}}
+
+    def _plan_cut(self, run: dict[str, Any], status: str) -> None:
+        """One of our plans ended before its last point (a stop, an abort, a RunEngine or manager
+        that died): its gate takes the axes to be anywhere between its last measured point and
+        the next, and checks the next step from all of that (SafetyGate.interrupted)."""
+        key, name = _request_key(run["start"]), str(run["start"].get(AGENT_META_KEY))
+        steering = self.steering.get(name)
+        if steering is None or key is None or key in self._cut:
+            return  # judged once: from its stop, or from the queue server's history, whichever is first
+        self._cut.append(key)
+        point = run.get("last_point") or {}
+        # a run never read (the daemon behind, or no start sent): how far it got is not known
+        measured = int(point.get("measured", 0)) if run.get("descriptors") is not None else None
+        spans = steering.gate.interrupted(key, measured, point.get("readings"))
+        self._save_gate(name)
+        where = ("; the gate did not know the plan, so it takes the axes to be where they were last read"
+                 if spans is None else
+                 f"; the axes may be anywhere in {({a: list(v) for a, v in spans.items()})}, and the next "
+                 "step of each is checked from all of it" if spans else "")
+        after = "an unknown number of points" if measured is None else f"{measured} point(s)"
+        self.recent_plans.append({"agent": name, "key": key, "status": "cut short", "time": time.time(),
+                                  "reason": f"its run ended {status!r} after {after}"})
+        logger.warning("agent %s: plan %s ended %r after %s%s", name, key, status, after, where)
+
+    def _save_gate(self, name: str) -> None:
+        """The gate's state into the checkpoint: positions, spans, and the plans still awaited."""
+        gate, st = self.steering[name].gate, self.state
+        st.gate_positions[name] = gate.positions
+        st.gate_spans[name] = {a: list(v) for a, v in gate.spans.items()}
+        plans = {k: gate.admitted_plan(k) for k in st.awaiting.get(name, {})}
+        st.gate_plans[name] = {k: {"before": p[0], "points": p[1]} for k, p in plans.items() if p is not None}
 
     def _each_agent(self, what: str, call: Callable[[Any], Any], only: Callable[[Any], Any] | None = None) -> None:
         """``call(agent)`` for every agent (that ``only`` accepts); an agent that raises is logged
@@ -823,6 +886,8 @@ class Daemon:
         plans again from what it has measured."""
         for key, ran in self.plan_sink.take_back_reruns(name):
             status = (ran.get("result") or {}).get("exit_status")
+            cut = [r for r in self.state.open_runs.values() if _request_key(r["start"]) == key]
+            self._plan_cut(cut[0] if cut else {"start": {REQUEST_META_KEY: key, AGENT_META_KEY: name}}, str(status))
             self.metrics.plans_taken_back.labels(agent=name).inc()
             self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
                                       "reason": f"put back in the queue after its run ended {status!r}"})
@@ -832,7 +897,7 @@ class Daemon:
 
     def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
         """Gate, de-duplicate, send. True unless the gate or the queue server refused it."""
-        before = steering.gate.positions
+        before, spans_before = steering.gate.positions, steering.gate.spans
         verdict = steering.gate.admit(request)
         if not verdict.accepted:
             return self._rejected(name, agent, request, verdict.reason)
@@ -840,15 +905,15 @@ class Daemon:
             self.metrics.plans_deduplicated.inc()
             return True
         self.state.awaiting[name][request.key] = time.time()
-        self.state.gate_positions[name] = steering.gate.positions
+        self._save_gate(name)
         self._save()  # the key is on disk before it is on the queue
         try:
             self.plan_sink.submit(request)
         except QueueItemRejectedError as err:  # a refusal, as the gate's: reported, never retried as is
             reason = f"queue server: {err.reason}"
-            steering.gate.retract(verdict, reason, before)
+            steering.gate.retract(verdict, reason, before, spans_before)
             self.state.awaiting[name].pop(request.key, None)
-            self.state.gate_positions[name] = before
+            self._save_gate(name)
             self._save()
             self._error(f"agent:{name}", f"agent {name}: {err}")
             return self._rejected(name, agent, request, reason)
@@ -989,7 +1054,16 @@ def _labelled_sum(counter: Counter) -> float:
 
 
 def _request_key(start: dict[str, Any]) -> str | None:
-    return start.get("beampilot_request_key")
+    return start.get(REQUEST_META_KEY)
+
+
+def _last_event(page: dict[str, Any]) -> dict[str, Any] | None:
+    """The last event of an event page (only the fields :meth:`Daemon._note_point` reads)."""
+    seq = page.get("seq_num") or []
+    if not seq:
+        return None
+    return {"descriptor": page.get("descriptor"), "seq_num": seq[-1],
+            "data": {k: v[-1] for k, v in (page.get("data") or {}).items() if isinstance(v, list) and v}}
 
 
 # -- HTTP ------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Four checks, each of which rejects (never clamps):
 * every axis value is a finite number inside that axis's limits, and every axis a request moves
   has limits (an axis nobody bounded is refused, not trusted);
 * no move is larger than the axis's maximum step, from the last admitted position of that axis
-  and between consecutive points of one request;
+  and between consecutive points of one request; after a plan that was cut short
+  (:meth:`SafetyGate.interrupted`), from every position the cut may have left the axis in;
 * no more requests per minute than allowed, and no more points per request than allowed.
 
 Axis values are read from a request's ``kwargs``: either a ``points`` list of ``{axis: value}``
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: keys of a point that are bookkeeping, not axes
 NON_AXIS_KEYS = frozenset({"key"})
+#: admitted plans whose points the gate keeps, for :meth:`SafetyGate.interrupted`
+KEEP_PLANS = 256
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class SafetyGate:
         self._clock = clock
         self._admitted_at: deque[float] = deque()
         self._position: dict[str, float] = {}
+        # where a plan cut short may have left an axis: (low, high), until a request moves it
+        self._span: dict[str, tuple[float, float]] = {}
+        # key -> (positions before it, its points): what an interruption is judged from
+        self._plans: OrderedDict[str, tuple[dict[str, float], list[dict[str, float]]]] = OrderedDict()
         self.verdicts: list[Verdict] = []
 
     @property
@@ -120,11 +127,73 @@ class SafetyGate:
         """The last admitted value of each axis (what the next step is measured from)."""
         return dict(self._position)
 
-    def restore_positions(self, positions: Mapping[str, float]) -> None:
+    @property
+    def spans(self) -> dict[str, tuple[float, float]]:
+        """Axes a plan cut short left somewhere in ``(low, high)`` (see :meth:`interrupted`)."""
+        return dict(self._span)
+
+    def restore_positions(self, positions: Mapping[str, float],
+                          spans: Mapping[str, tuple[float, float]] | None = None) -> None:
         """Take up ``positions`` as where the axes are: :attr:`positions` saved before a restart, or
         the devices' readings at the start of a :func:`~agents.plans.steered_scan`, so the first step
-        is checked against ``max_step`` too."""
+        is checked against ``max_step`` too; with ``spans`` (:attr:`spans` saved before a restart),
+        the axes a cut plan left somewhere in a span."""
         self._position.update({axis: float(v) for axis, v in positions.items()})
+        for axis in positions:
+            self._span.pop(axis, None)
+        self._span.update({axis: (float(lo), float(hi)) for axis, (lo, hi) in (spans or {}).items()})
+
+    def admitted_plan(self, key: str) -> tuple[dict[str, float], list[dict[str, float]]] | None:
+        """An admitted request's positions before it and its points, while the gate keeps them."""
+        return self._plans.get(key)
+
+    def keep_plan(self, key: str, before: Mapping[str, float], points: list[dict[str, float]]) -> None:
+        """Keep an admitted request's points (:meth:`admitted_plan` saved before a restart)."""
+        self._plans[key] = (dict(before), [dict(p) for p in points])
+        while len(self._plans) > KEEP_PLANS:
+            self._plans.popitem(last=False)
+
+    def interrupted(self, key: str, measured: int | None, readings: Mapping[str, float] | None = None
+                    ) -> dict[str, tuple[float, float]] | None:
+        """Plan ``key`` was cut short after measuring ``measured`` of its points (a stop, an abort,
+        a RunEngine or manager that died); ``readings``: its last event's readings of the axes.
+
+        Its axes were last read at the ``measured``-th point (or stood where they were before the
+        plan, if it measured none) and may have gone on towards the next point; so each is taken
+        to be anywhere between the two, and the next request's first move of it must be within
+        ``max_step`` from every position in between. ``measured=None`` (not known: the run's
+        documents were never read) spans every point of the plan and where the axes stood
+        before it. Positions are not guessed: a span that makes the next request fail is reported
+        by the gate's usual rejection.
+
+        Returns
+        -------
+        dict | None
+            The spans set (axis: (low, high)); ``None`` if the gate does not know the plan (not
+            admitted here, or long ago): the positions are then the readings, if any.
+        """
+        plan = self._plans.pop(key, None)
+        reads = {a: float(v) for a, v in (readings or {}).items() if is_finite_number(v)}
+        if plan is None:
+            self._position.update(reads)
+            for axis in reads:
+                self._span.pop(axis, None)
+            return None
+        before, points = plan
+        if measured is None:
+            last, passed = {**before, **reads}, points
+        else:
+            measured = max(0, min(int(measured), len(points)))
+            last = {**(points[measured - 1] if measured else before), **reads}
+            passed = points[measured:measured + 1]
+        spans: dict[str, tuple[float, float]] = {}
+        for axis in set(last).union(*passed):
+            values = [v for v in (last.get(axis), *(p.get(axis) for p in passed)) if v is not None]
+            self._position[axis] = float(values[0])
+            self._span.pop(axis, None)
+            if max(values) > min(values):
+                spans[axis] = self._span[axis] = (float(min(values)), float(max(values)))
+        return spans
 
     def check(self, request: PlanRequest) -> Verdict:
         """Judge ``request`` without changing the gate's state."""
@@ -137,19 +206,28 @@ class SafetyGate:
         self.verdicts.append(verdict)
         if verdict.accepted:
             self._admitted_at.append(verdict.at)
-            for _, axis, value in _axis_values(request):
+            before = dict(self._position)
+            points: dict[int | None, dict[str, float]] = {}
+            for i, axis, value in _axis_values(request):
                 self._position[axis] = float(value)
+                self._span.pop(axis, None)
+                points.setdefault(i, {})[axis] = float(value)
+            self.keep_plan(request.key, before, list(points.values()))
         else:
             logger.warning("safety gate rejected %s (key %s): %s", request.plan, request.key, verdict.reason)
         return verdict
 
-    def retract(self, admitted: Verdict, reason: str, positions: Mapping[str, float]) -> Verdict:
+    def retract(self, admitted: Verdict, reason: str, positions: Mapping[str, float],
+                spans: Mapping[str, tuple[float, float]] | None = None) -> Verdict:
         """Take back an admitted request that will never run (its plan sink refused it): the axes
-        are where they were before it (``positions``, :attr:`positions` read before :meth:`admit`),
-        its slot in the rate window is freed, and it is recorded as rejected for ``reason``."""
+        are where they were before it (``positions`` and ``spans``, :attr:`positions` and
+        :attr:`spans` read before :meth:`admit`), its slot in the rate window is freed, and it is
+        recorded as rejected for ``reason``."""
         if not admitted.accepted:
             raise ValueError(f"only an admitted request can be retracted; {admitted.request.key!r} was rejected")
         self._position = {axis: float(v) for axis, v in positions.items()}
+        self._span = {axis: (float(lo), float(hi)) for axis, (lo, hi) in (spans or {}).items()}
+        self._plans.pop(admitted.request.key, None)
         with contextlib.suppress(ValueError):
             self._admitted_at.remove(admitted.at)
         with contextlib.suppress(ValueError):
@@ -179,6 +257,7 @@ class SafetyGate:
     def _check_axes(self, request: PlanRequest) -> list[str]:
         reasons: list[str] = []
         last = dict(self._position)
+        span = dict(self._span)  # for each axis's first move in this request only
         for i, axis, value in _axis_values(request):
             where = f"{axis}={value!r}" + ("" if i is None else f" (point {i})")
             limits = self.config.limits.get(axis)
@@ -191,11 +270,18 @@ class SafetyGate:
             if not limits.low <= value <= limits.high:
                 reasons.append(f"{where}: outside limits [{limits.low}, {limits.high}]")
             previous = last.get(axis)
-            if limits.max_step is not None and previous is not None:
-                if abs(value - previous) > limits.max_step:
+            where_from = span.pop(axis, None)
+            if limits.max_step is not None and where_from is not None:
+                lo, hi = where_from
+                if max(abs(value - lo), abs(value - hi)) > limits.max_step:
                     reasons.append(
-                        f"{where}: step {abs(value - previous):g} from {previous:g} exceeds max_step {limits.max_step:g}"
+                        f"{where}: step up to {max(abs(value - lo), abs(value - hi)):g} from anywhere in [{lo:g}, "
+                        f"{hi:g}], where a plan cut short may have left the axis, exceeds max_step {limits.max_step:g}"
                     )
+            elif limits.max_step is not None and previous is not None and abs(value - previous) > limits.max_step:
+                reasons.append(
+                    f"{where}: step {abs(value - previous):g} from {previous:g} exceeds max_step {limits.max_step:g}"
+                )
             last[axis] = float(value)
         return reasons
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -114,12 +115,12 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
 
 
 @contextmanager
-def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True):
+def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, sim_speed=1000):
     """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument, and tiled if
     asked) and a daemon whose Q-sampling agent steers it; ``queueserver``: more of the daemon's
-    queueserver settings."""
+    queueserver settings; ``sim_speed``: how many times faster than real time the instrument runs."""
     cfg = StackConfig(state_dir=tmp_path / "stack", beamline="loop", kafka_port=0, redis_port=0,
-                      zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=1000)
+                      zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=sim_speed)
     stack = start_stack(cfg, tiled=tiled, http=False)
     try:
         setup = DemoSetup.draw(cfg.sim_sample, cfg.sim_seed)
@@ -233,6 +234,7 @@ def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_oper
         assert daemon.status()["stalled"] == {}
         history, keys, points = _history(daemon)
         taken_back = [p for p in daemon.recent_plans if p["status"] == "taken back"]
+        cut_short = [p["key"] for p in daemon.recent_plans if p["status"] == "cut short"]
         errors = list(daemon.recent_errors)
     assert agent.stop_reason.startswith("target precision")
     # the queue server put the plan the stop cut short back in the queue; the daemon took it back
@@ -240,9 +242,58 @@ def test_a_restarted_re_manager_is_waited_for_reported_once_and_left_to_the_oper
     assert max(keys.values()) == 1
     cut = [i["meta"]["beampilot_request_key"] for i in history if i["result"]["exit_status"] != "completed"]
     assert [i["result"]["exit_status"] for i in history if i["meta"]["beampilot_request_key"] in cut] == ["failed"] * len(cut)
-    assert [p["key"] for p in taken_back] == cut
+    assert [p["key"] for p in taken_back] == cut == cut_short  # and its gate judged the cut
     assert len([e for e in errors if "was put back in the queue after its run ended 'failed'" in e]) == len(cut)
     assert agent.n_observations == len(points)  # every point reached the agent once
+
+
+def _paused(api):
+    """Pause the plan the RunEngine runs now, if one runs long enough to be paused: True once the
+    manager says paused (plans are short: most looks find none, or one that ends first)."""
+    if api.status(reload=True)["re_state"] != "running":
+        return False
+    try:
+        api.re_pause(option="immediate")
+    except api.RequestFailedError:  # it ended between the look and the pause
+        return False
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        state = api.status(reload=True)["manager_state"]
+        if state != "executing_queue":
+            return state == "paused"
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_plan_the_operator_aborts_is_taken_as_cut_short_and_the_loop_goes_on(tmp_path):
+    """The operator pauses a running plan and aborts it: its run stops 'abort' part-way, so the
+    axes are not where the gate had them (the plan's last point). The daemon takes the run's last
+    measured point and the plan's next one as where they may be, says so, takes back the plan the
+    queue server put back in the queue, and the loop goes on with no plan run twice. The
+    instrument runs at 2x real time, so a plan lasts long enough to be paused."""
+    with _stack_loop(tmp_path, sim_speed=2) as (_, daemon):
+        agent = daemon.agents["qsampling"]
+        api = daemon.plan_sink._api
+        _step_until(daemon, lambda: agent.n_observations >= 4, 120, "4 points")
+        _step_until(daemon, lambda: _paused(api), 120, "a plan paused")  # the operator
+        api.re_abort()
+        _step_until(daemon, lambda: any(p["status"] == "cut short" for p in daemon.recent_plans), 30, "the cut")
+        cut = next(p for p in daemon.recent_plans if p["status"] == "cut short")
+        assert re.fullmatch(r"its run ended 'abort' after \d+ point\(s\)", cut["reason"])
+        assert daemon.steering["qsampling"].gate.admitted_plan(cut["key"]) is None  # judged once
+        # the queue server put the aborted plan back at the head of its (stopped) queue: taken back
+        _step_until(daemon, lambda: [p["key"] for p in daemon.recent_plans if p["status"] == "taken back"]
+                    == [cut["key"]], 30, "the take-back")
+        # its next plan, queued, starts the queue again (queueserver.start_queue)
+        _step_until(daemon, lambda: agent.stop_reason is not None and not daemon.state.awaiting.get("qsampling"),
+                    180, "goal")
+        history, keys, _ = _history(daemon)
+    assert [i["result"]["exit_status"] for i in history].count("aborted") == 1
+    assert max(keys.values()) == 1
+    assert [p["status"] for p in daemon.recent_plans if p["key"] == cut["key"]] == ["sent", "cut short", "taken back"]
 
 
 @pytest.mark.integration

@@ -112,3 +112,53 @@ def test_config_itself_is_validated():
         AxisLimits(1.0, 0.0)
     with pytest.raises(ValueError, match="allowed_plans is empty"):
         SafetyConfig(allowed_plans=frozenset(), limits={})
+
+
+def test_after_a_plan_cut_short_the_next_step_is_checked_from_everywhere_it_may_have_left_the_axis():
+    """The gate had the axis at the cut plan's last point (4.5); it was read last at the first
+    point and may have gone on towards the second. From 4.5, 3.4 is a step of 1.1; from where the
+    axis may be, [0.02, 1.5], it is up to 3.38 and is refused. The plan's next point is allowed."""
+    gate = _gate()
+    assert gate.admit(_measure({"x": 0.0}, {"x": 1.5}, {"x": 3.0}, {"x": 4.5}, key="cut")).accepted
+    assert gate.positions == {"x": 4.5}
+    assert gate.interrupted("cut", 1, {"x": 0.02}) == {"x": (0.02, 1.5)}
+    assert gate.positions == {"x": 0.02} and gate.spans == {"x": (0.02, 1.5)}
+    v = gate.admit(_measure({"x": 3.4}))
+    assert not v.accepted and "step up to 3.38 from anywhere in [0.02, 1.5], where a plan cut short" in v.reason
+    assert not gate.admit(_measure({"x": -0.6})).accepted  # 0.62 from 0.02, but 2.1 from 1.5
+    assert gate.admit(_measure({"x": 1.5}, {"x": 3.0}, key="again")).accepted  # 1.48 at most, then 1.5
+    assert gate.spans == {} and gate.positions == {"x": 3.0}
+
+
+def test_a_plan_cut_before_its_first_point_spans_from_where_the_axis_stood():
+    gate = _gate()
+    assert gate.admit(_measure({"x": 1.0})).accepted
+    assert gate.admit(_measure({"x": 2.5, "q": 0.1}, {"x": 4.0, "q": 0.2}, key="cut")).accepted
+    assert gate.interrupted("cut", 0) == {"x": (1.0, 2.5)}  # q had no known place: its first point
+    assert gate.positions == {"x": 1.0, "q": 0.1}
+    assert not gate.admit(_measure({"x": 3.1})).accepted and gate.admit(_measure({"x": 2.9})).accepted
+    # how far it got not known: anywhere from where the axis stood to any of its points
+    assert gate.admit(_measure({"x": 4.0}, {"x": 5.5}, key="unread")).accepted
+    assert gate.interrupted("unread", None) == {"x": (2.9, 5.5)}
+    assert not gate.admit(_measure({"x": 5.0})).accepted and gate.admit(_measure({"x": 4.2})).accepted
+    # a plan the gate never admitted (or forgot): the readings are all there is
+    assert gate.interrupted("unknown", 3, {"x": 2.0, "q": math.nan}) is None
+    assert gate.positions == {"x": 2.0, "q": 0.1} and gate.spans == {}
+    assert gate.interrupted("unread", None) is None  # judged once: the gate forgot it then
+
+
+def test_spans_and_kept_plans_survive_a_restart_and_a_retraction_gives_the_span_back():
+    gate = _gate()
+    assert gate.admit(_measure({"x": 0.0}, {"x": 1.5}, key="cut")).accepted
+    restarted = _gate()
+    restarted.keep_plan("cut", *gate.admitted_plan("cut"))
+    restarted.restore_positions(gate.positions)
+    restarted.interrupted("cut", 1, {"x": 0.1})
+    fresh = _gate()
+    fresh.restore_positions(restarted.positions, restarted.spans)
+    assert fresh.spans == {"x": (0.1, 1.5)}
+    before, spans = fresh.positions, fresh.spans
+    admitted = fresh.admit(_measure({"x": 1.0}, key="refused"))
+    assert admitted.accepted and fresh.spans == {}
+    fresh.retract(admitted, "the queue server refused it", before, spans)
+    assert fresh.spans == {"x": (0.1, 1.5)} and fresh.admitted_plan("refused") is None
