@@ -261,8 +261,10 @@ class Daemon:
     config
         The validated configuration.
     source, derived_sink, plan_sink
-        Built from ``config`` when not given (tests and the benchmark pass their own). Tiled,
-        when configured, follows the derived topic on its own (:mod:`streams.tiled_mirror`).
+        Built from ``config`` when not given (tests and the benchmark pass their own; a plan sink
+        has :class:`~streams.queueserver.QueueServerPlanSink`'s ``find``, ``outstanding``,
+        ``take_back_reruns``, ``submit``, ``start_queue`` and ``close``). Tiled, when configured,
+        follows the derived topic on its own (:mod:`streams.tiled_mirror`).
     """
 
     def __init__(self, config: DaemonConfig, *, source: Any = None, derived_sink: Any = None,
