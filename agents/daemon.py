@@ -624,6 +624,12 @@ class Daemon:
                              "readings": {axis: float(data[axis]) for axis in steering.gate.config.limits
                                           if is_finite_number(data.get(axis))}}
 
+    def _run_of_request(self, name: str, key: str) -> dict[str, Any]:
+        """The open run of agent ``name``'s request ``key``, or a stand-in with only its start's keys
+        (no descriptors: how far it got is not known) when no run of it is open."""
+        runs = [r for r in self.state.open_runs.values() if _request_key(r["start"]) == key]
+        return runs[0] if runs else {"start": {REQUEST_META_KEY: key, AGENT_META_KEY: name}}
+
     def _plan_cut(self, run: dict[str, Any], status: str) -> None:
         """One of our plans ended before its last point (a stop, an abort, a RunEngine or manager
         that died): its gate takes the axes to be anywhere between its last measured point and
@@ -851,6 +857,10 @@ class Daemon:
                 # finished (or vanished) without its run's stop reaching us: give the stream time
                 first = self._history_seen.setdefault(key, time.monotonic())
                 if time.monotonic() - first > self.config.settle_s:
+                    if found is not None and found.get("exit_status") != "completed":
+                        # cut short, its stop never read (a RunEngine that died): judged from the
+                        # events read by now, before the agent is asked for its next plan
+                        self._plan_cut(self._run_of_request(name, key), str(found.get("exit_status")))
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
         assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
@@ -888,8 +898,7 @@ class Daemon:
         plans again from what it has measured."""
         for key, ran in self.plan_sink.take_back_reruns(name):
             status = (ran.get("result") or {}).get("exit_status")
-            cut = [r for r in self.state.open_runs.values() if _request_key(r["start"]) == key]
-            self._plan_cut(cut[0] if cut else {"start": {REQUEST_META_KEY: key, AGENT_META_KEY: name}}, str(status))
+            self._plan_cut(self._run_of_request(name, key), str(status))
             self.metrics.plans_taken_back.labels(agent=name).inc()
             self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
                                       "reason": f"put back in the queue after its run ended {status!r}"})

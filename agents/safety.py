@@ -150,6 +150,7 @@ class SafetyGate:
     def keep_plan(self, key: str, before: Mapping[str, float], points: list[dict[str, float]]) -> None:
         """Keep an admitted request's points (:meth:`admitted_plan` saved before a restart)."""
         self._plans[key] = (dict(before), [dict(p) for p in points])
+        self._plans.move_to_end(key)  # the newest last: see interrupted
         while len(self._plans) > KEEP_PLANS:
             self._plans.popitem(last=False)
 
@@ -170,10 +171,16 @@ class SafetyGate:
         -------
         dict | None
             The spans set (axis: (low, high)); ``None`` if the gate does not know the plan (not
-            admitted here, or long ago): the positions are then the readings, if any.
+            admitted here, or long ago: the positions are then the readings, if any), or has
+            admitted another plan since (nothing changes: that plan's moves stand).
         """
+        later = bool(self._plans) and key in self._plans and next(reversed(self._plans)) != key
         plan = self._plans.pop(key, None)
         reads = {a: float(v) for a, v in (readings or {}).items() if is_finite_number(v)}
+        if later:  # a plan admitted since moves the axes on: where this one left them no longer counts
+            logger.warning("plan %s was cut short, but later plans were admitted since; the gate keeps "
+                           "their positions", key)
+            return None
         if plan is None:
             self._position.update(reads)
             for axis in reads:

@@ -162,3 +162,13 @@ def test_spans_and_kept_plans_survive_a_restart_and_a_retraction_gives_the_span_
     assert admitted.accepted and fresh.spans == {}
     fresh.retract(admitted, "the queue server refused it", before, spans)
     assert fresh.spans == {"x": (0.1, 1.5)} and fresh.admitted_plan("refused") is None
+
+
+def test_a_cut_reported_after_a_later_plan_was_admitted_changes_nothing():
+    """The later plan's moves are where the axes go: a late word of the earlier cut must not
+    move the gate back to the earlier plan's readings."""
+    gate = _gate()
+    assert gate.admit(_measure({"x": 0.0}, {"x": 1.5}, key="cut")).accepted
+    assert gate.admit(_measure({"x": 3.0}, key="later")).accepted
+    assert gate.interrupted("cut", 1, {"x": 0.0}) is None
+    assert gate.positions == {"x": 3.0} and gate.spans == {}
