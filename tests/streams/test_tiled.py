@@ -166,24 +166,31 @@ def test_replay_from_a_tiled_url(recorded: dict[str, Docs], server: TiledServer)
     _assert_same_run(got, recorded["count"])
 
 
+def _through_tiled(server: TiledServer, scan: Any, directory: Path, n: int, filename: str
+                   ) -> tuple[Docs, Docs, np.ndarray]:
+    """Run ``scan`` (an ophyd-async run of ``tests.ophyd_async_run``) of ``n`` frames into tiled and
+    read it back: the documents sent, those read back (each validated) and the file's frames."""
+    import h5py
+
+    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
+        uid, sent = scan(directory, n, [sink])
+    with TiledRunSource(server.uri, api_key=server.api_key) as src:
+        docs = list(src.documents(uid))
+    for name, doc in docs:
+        validate_document(name, doc)
+    with h5py.File(directory / filename, "r") as f:
+        return sent, docs, np.asarray(f["/entry/data/data"])
+
+
 def test_an_ophyd_async_detectors_frames_come_back_filled_from_its_file(
     server: TiledServer, detector_dir: Path
 ) -> None:
     """ophyd-async's simulated detector writes HDF5 and stream documents; tiled registers the
     file; the run read back holds every frame in its events, as the file has them."""
-    import h5py
-
-    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
-        uid, sent = blob_scan(detector_dir, 3, [sink])
-    with TiledRunSource(server.uri, api_key=server.api_key) as src:
-        docs = list(src.documents(uid))
-    for name, doc in docs:
-        validate_document(name, doc)
+    sent, docs, written = _through_tiled(server, blob_scan, detector_dir, 3, "blobs.h5")
     assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "stop"]
     keys = docs[1][1]["data_keys"]
     assert "external" not in keys["det"] and "external" not in keys["det-sum"]
-    with h5py.File(detector_dir / "blobs.h5", "r") as f:
-        written = np.asarray(f["/entry/data/data"])
     events = [d for n, d in docs if n == "event"]
     assert len({int(w.sum()) for w in written}) == 3  # the stage moved the blob: three different frames
     for event, frame in zip(events, written, strict=True):
@@ -196,18 +203,9 @@ def test_a_fly_scans_frames_come_back_as_events(server: TiledServer, detector_di
     """A fly scan sends no events, only stream datums: tiled keeps its frames as array nodes with
     no event table, and each frame comes back as an event (the descriptor's time, seq_num 1..n)
     rather than not at all."""
-    import h5py
-
-    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
-        uid, _ = fly_scan(detector_dir, 4, [sink])
-    with TiledRunSource(server.uri, api_key=server.api_key) as src:
-        docs = list(src.documents(uid))
-    for name, doc in docs:
-        validate_document(name, doc)
+    _, docs, written = _through_tiled(server, fly_scan, detector_dir, 4, "fly.h5")
     assert [n for n, _ in docs] == ["start", "descriptor", "event", "event", "event", "event", "stop"]
     descriptor, events = docs[1][1], [d for n, d in docs if n == "event"]
-    with h5py.File(detector_dir / "fly.h5", "r") as f:
-        written = np.asarray(f["/entry/data/data"])
     assert len(written) == 4 and written.any()  # the stage stands still: four frames of one blob
     assert [e["seq_num"] for e in events] == [1, 2, 3, 4]
     for event, frame in zip(events, written, strict=True):
