@@ -63,7 +63,7 @@ from streams.queueserver import (
     QueueItemRejectedError,
     QueueServerUnreachableError,
 )
-from streams.sequence import DocumentSequence
+from streams.sequence import DocumentSequence, events_of
 
 __all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent"]
 
@@ -106,8 +106,8 @@ class DaemonMetrics:
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
                                           "Plans not sent because the queue already had their key", registry=r)
         self.plans_taken_back = Counter("beampilot_plans_taken_back",
-                                        "Plans removed from the queue that a manager restart had put back after "
-                                        "their run was cut short", ["agent"], registry=r)
+                                        "Plans removed from the queue that the queue server had put back after "
+                                        "their run was cut short (a manager restart, an abort)", ["agent"], registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
         self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
         self.offset_resets = Counter("beampilot_kafka_offset_resets",
@@ -584,7 +584,8 @@ class Daemon:
                 if any(r["uid"] == doc.get("resource") for r in run.get("resources", [])):
                     run.setdefault("datums", {}).update((d["datum_id"], d) for d in datums)
         if name in ("event", "event_page"):
-            self._note_point(doc if name == "event" else _last_event(doc))
+            for event in events_of(name, doc):
+                self._note_point(event)
         if name in ("event", "event_page") and any(run.get("datums") for run in runs.values()):
             values = doc.get("data", {}).values()
             if name == "event_page":
@@ -609,11 +610,11 @@ class Daemon:
         if uid in runs:
             runs[uid]["last_seen"] = time.time()
 
-    def _note_point(self, event: dict[str, Any] | None) -> None:
+    def _note_point(self, event: dict[str, Any]) -> None:
         """For a run of one of our plans: how many points it has measured (its primary stream's
         ``seq_num``) and the axes' readings there, for :meth:`_plan_cut`."""
-        run = self.state.open_runs.get(self._run_of_descriptor.get((event or {}).get("descriptor", ""), ""))
-        if event is None or run is None or _request_key(run["start"]) is None:
+        run = self.state.open_runs.get(self._run_of_descriptor.get(event.get("descriptor", ""), ""))
+        if run is None or _request_key(run["start"]) is None:
             return
         primary = {d["uid"] for d in run["descriptors"] if d.get("name", "primary") == "primary"}
         steering = self.steering.get(str(run["start"].get(AGENT_META_KEY)))
@@ -893,9 +894,9 @@ class Daemon:
             self._commit()
 
     def _take_back_reruns(self, name: str) -> None:
-        """Plans the manager put back in its queue after a restart cut them short are removed,
-        not run again from their first point (QueueServerPlanSink.take_back_reruns); the agent
-        plans again from what it has measured."""
+        """Plans the manager put back in its queue after their run was cut short (a manager
+        restart, an abort) are removed, not run again from their first point
+        (QueueServerPlanSink.take_back_reruns); the agent plans again from what it has measured."""
         for key, ran in self.plan_sink.take_back_reruns(name):
             status = (ran.get("result") or {}).get("exit_status")
             self._plan_cut(self._run_of_request(name, key), str(status))
@@ -903,7 +904,7 @@ class Daemon:
             self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
                                       "reason": f"put back in the queue after its run ended {status!r}"})
             self._error(f"agent:{name}", f"agent {name}: plan {key} was put back in the queue after its run ended "
-                        f"{status!r} (a restarted RE Manager does this); removed it rather than repeat its moves "
+                        f"{status!r} (as a restarted RE Manager, or an abort, does); removed it rather than repeat its moves "
                         "from wherever the interruption left the axes. The agent plans again from what it measured")
 
     def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
@@ -1066,15 +1067,6 @@ def _labelled_sum(counter: Counter) -> float:
 
 def _request_key(start: dict[str, Any]) -> str | None:
     return start.get(REQUEST_META_KEY)
-
-
-def _last_event(page: dict[str, Any]) -> dict[str, Any] | None:
-    """The last event of an event page (only the fields :meth:`Daemon._note_point` reads)."""
-    seq = page.get("seq_num") or []
-    if not seq:
-        return None
-    return {"descriptor": page.get("descriptor"), "seq_num": seq[-1],
-            "data": {k: v[-1] for k, v in (page.get("data") or {}).items() if isinstance(v, list) and v}}
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
