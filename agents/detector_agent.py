@@ -407,6 +407,10 @@ class DetectorAnalysisAgent:
                      "arrived: their event or stream_datum documents were lost upstream", self.name, run_uid, total,
                      self.settings.stream, _spans(missing), len(missing))
 
+    def _run_of(self, descriptor: str) -> _Run:
+        """The open run of one of the analysed stream's descriptors."""
+        return self._runs[self._descriptors[descriptor][0]]
+
     def _needed(self, descriptor: str) -> tuple[set[str], set[str]]:
         """The data keys a frame of ``descriptor`` needs: (written as streams, carried by its event)."""
         keys = {self.settings.frame_key} | ({self.settings.mask_key} if self.settings.mask_key else set())
@@ -417,7 +421,7 @@ class DetectorAnalysisAgent:
         descriptor = event["descriptor"]
         if descriptor not in self._descriptors:
             return
-        self._runs[self._descriptors[descriptor][0]].seen.add(int(event["seq_num"]))
+        self._run_of(descriptor).seen.add(int(event["seq_num"]))
         streamed, in_event = self._needed(descriptor)
         if not streamed:
             self._admit(event)
@@ -435,7 +439,7 @@ class DetectorAnalysisAgent:
             resource = self.external.stream_resource(doc.get("stream_resource", "")) or {}
             if descriptor in self._descriptors and resource.get("data_key") in self._needed(descriptor)[0]:
                 for seq_num in range(int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])):
-                    self._runs[self._descriptors[descriptor][0]].seen.add(seq_num)
+                    self._run_of(descriptor).seen.add(seq_num)
                     self.frames_in += 1
                     self._fail(self._descriptors[descriptor][0], {"seq_num": seq_num, "uid": doc.get("uid")},
                                err.cause, str(err))
@@ -447,7 +451,7 @@ class DetectorAnalysisAgent:
                          "stay incomplete", self.name, doc.get("uid"), doc.get("stream_resource"))
         for _, key, seq_nums in located:
             if key in self._needed(descriptor)[0]:
-                self._runs[self._descriptors[descriptor][0]].seen.update(seq_nums)
+                self._run_of(descriptor).seen.update(seq_nums)
                 for seq_num in seq_nums:
                     self._assembling.setdefault((descriptor, seq_num), None)
                     self._assemble(descriptor, seq_num)
