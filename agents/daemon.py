@@ -262,8 +262,8 @@ class Daemon:
         The validated configuration.
     source, derived_sink, plan_sink
         Built from ``config`` when not given (tests and the benchmark pass their own; a plan sink
-        has :class:`~streams.queueserver.QueueServerPlanSink`'s ``find``, ``outstanding``,
-        ``take_back_reruns``, ``submit``, ``start_queue`` and ``close``). Tiled, when configured,
+        has :class:`~streams.queueserver.QueueServerPlanSink`'s ``one_look``, ``find``,
+        ``outstanding``, ``take_back_reruns``, ``submit``, ``start_queue`` and ``close``). Tiled, when configured,
         follows the derived topic on its own (:mod:`streams.tiled_mirror`).
     """
 
@@ -802,14 +802,15 @@ class Daemon:
         if now - self._last_check < 0.25 or now < self._queue.next_try:
             return
         self._last_check = now
-        for name, steering in self.steering.items():
-            try:
-                self._plan_round(name, steering)
-            except QueueServerUnreachableError as err:
-                self._queue_server_lost(err)
-                return
-            except StreamError as err:
-                self._queue_server_error(name, err)
+        with self.plan_sink.one_look():  # one look at the manager for every agent, not one a read
+            for name, steering in self.steering.items():
+                try:
+                    self._plan_round(name, steering)
+                except QueueServerUnreachableError as err:
+                    self._queue_server_lost(err)
+                    return
+                except StreamError as err:
+                    self._queue_server_error(name, err)
         self._queue_server_answers()
 
     def _queue_server_error(self, name: str, err: StreamError) -> None:

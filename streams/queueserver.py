@@ -21,7 +21,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from streams.errors import StreamError
@@ -175,6 +176,9 @@ class QueueServerPlanSink(ClosesOnExit):
         self._sent: dict[str, str] = {}  # key -> item uid, of items this process added or found
         self._history_uid: str | None = None
         self._history: dict[str, dict[str, Any]] = {}  # key -> last history item with it
+        self._queue: dict[str, Any] | None = None  # the last queue_get answer
+        self._round = False  # inside one_look(): reads share one look at the server
+        self._look: tuple[dict[str, Any], dict[str, Any]] | None = None  # that look: (status, queue)
         self._lock = threading.Lock()
 
     def _make_api(self, zmq_addr: str | None, http_uri: str | None, api_key: str | None,
@@ -283,10 +287,11 @@ class QueueServerPlanSink(ClosesOnExit):
         bool
             Whether this call started it (``False``: already running, paused, or nothing queued).
         """
-        status = self.status()
+        status, _ = self._view()
         if status["manager_state"] != "idle" or status["items_in_queue"] == 0:
             return False
         try:
+            self._changed()
             self._call("queue_start")
         except self._api.RequestFailedError as ex:
             raise StreamError(f"queue server at {self.address} would not start the queue: "
@@ -300,9 +305,47 @@ class QueueServerPlanSink(ClosesOnExit):
 
     # -- plan requests -----------------------------------------------------------------------
 
-    def _history_index(self) -> dict[str, dict[str, Any]]:
-        """Key -> last history item, rebuilt only when the history changed (it can be long)."""
-        if self.status()["plan_history_uid"] != self._history_uid:
+    @contextmanager
+    def one_look(self) -> Iterator[None]:
+        """Answer the reads made inside (:meth:`find`, :meth:`outstanding`,
+        :meth:`take_back_reruns`, :meth:`start_queue`) from one look at the server.
+
+        A look is one ``status`` request; the queue and the history are fetched again only when
+        the status says they changed since they were last fetched. Outside this block each read
+        takes a look of its own. A change this sink makes (an item added or removed, the queue
+        started) ends the look, so the next read looks again. A caller that reads several times
+        in a row (the daemon, every quarter second, for each of its agents) asks the manager
+        once instead of once a read: it is shared by the beamline's operators and their GUIs.
+        """
+        self._round, self._look = True, None
+        try:
+            yield
+        finally:
+            self._round, self._look = False, None
+
+    def _view(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(status, queue)``: the open look's, else a new look (the queue fetched only when the
+        status names another queue or running item than the last ``queue_get`` answer held)."""
+        if self._look is not None:
+            return self._look
+        status = self.status()
+        queue = self._queue
+        held = None if queue is None else (queue.get("plan_queue_uid"), (queue.get("running_item") or {}).get("item_uid"))
+        if queue is None or held is None or held[0] is None or held != (status.get("plan_queue_uid"),
+                                                                       status.get("running_item_uid")):
+            queue = self._queue = self._send("queue_get")
+        if self._round:
+            self._look = (status, queue)
+        return status, queue
+
+    def _changed(self) -> None:
+        """This sink changed the queue: the open look is out of date."""
+        self._look = None
+
+    def _history_index(self, status: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Key -> last history item, fetched again only when ``status`` names another history
+        than the one held (it can be long)."""
+        if status.get("plan_history_uid") != self._history_uid or self._history_uid is None:
             response = self._send("history_get")
             self._history = {}
             for item in response["items"]:
@@ -326,7 +369,7 @@ class QueueServerPlanSink(ClosesOnExit):
             ``"stopped"``, ``"aborted"``, ... for a finished item, else ``None``); ``None`` if
             no item carries ``key``.
         """
-        queue = self._send("queue_get")
+        status, queue = self._view()
         for item in queue["items"]:
             if _item_key(item) == key:
                 return {"where": "queue", "item_uid": item["item_uid"], "item": item, "exit_status": None}
@@ -334,7 +377,7 @@ class QueueServerPlanSink(ClosesOnExit):
         if _item_key(running) == key:
             return {"where": "running", "item_uid": running["item_uid"], "item": running,
                     "exit_status": None}
-        done = self._history_index().get(key)
+        done = self._history_index(status).get(key)
         if done is not None:
             result = done.get("result") or {}
             return {"where": "history", "item_uid": done["item_uid"], "item": done,
@@ -361,16 +404,18 @@ class QueueServerPlanSink(ClosesOnExit):
             The manager refused a removal (the item started in the meantime, say).
         """
         with self._lock:
-            queued = [i for i in self._send("queue_get")["items"] if _item_agent(i) == agent]
+            status, queue = self._view()
+            queued = [i for i in queue["items"] if _item_agent(i) == agent]
             if not queued:
                 return []
-            history = self._history_index()
+            history = self._history_index(status)
             taken: list[tuple[str, dict[str, Any]]] = []
             for item in queued:
                 key = _item_key(item)
                 if key is None or key not in history:
                     continue
                 try:
+                    self._changed()
                     self._call("item_remove", uid=item["item_uid"])
                 except self._api.RequestFailedError as ex:
                     raise StreamError(f"queue server at {self.address} would not remove item {item['item_uid']} "
@@ -412,6 +457,7 @@ class QueueServerPlanSink(ClosesOnExit):
                 "meta": {REQUEST_META_KEY: request.key, AGENT_META_KEY: request.agent},
             }
             try:
+                self._changed()
                 response = self._call("item_add", item)
             except self._api.RequestFailedError as ex:
                 raise QueueItemRejectedError(self.address, request, _reason(str(ex)),
@@ -437,7 +483,7 @@ class QueueServerPlanSink(ClosesOnExit):
 
     def outstanding(self, agent: str) -> int:
         """How many items of ``agent`` are queued or running now."""
-        queue = self._send("queue_get")
+        _, queue = self._view()
         items = [*queue["items"], *([queue["running_item"]] if queue.get("running_item") else [])]
         return sum(_item_agent(item) == agent for item in items)
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import numpy as np
@@ -227,12 +228,15 @@ def test_the_design_starts_where_the_stage_is_and_every_step_passes_the_gate(fil
 
 
 class _PlanQueue:
-    """The RE Manager's queue as the daemon sees it (find, outstanding, take back, submit, start),
-    held in memory: this test is of the daemon's own gate, not of the queue server
-    (test_replay_and_stack)."""
+    """The RE Manager's queue as the daemon sees it (one look, find, outstanding, take back,
+    submit, start), held in memory: this test is of the daemon's own gate, not of the queue
+    server (test_replay_and_stack)."""
 
     def __init__(self) -> None:
         self.submitted = []
+
+    def one_look(self):
+        return contextlib.nullcontext()
 
     def find(self, key):
         return None

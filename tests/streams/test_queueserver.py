@@ -159,6 +159,48 @@ def test_outstanding_counts_queued_items_of_that_agent_only(sink):
     assert (sink.outstanding("a1"), sink.outstanding("a2"), sink.outstanding("nobody")) == (2, 1, 0)
 
 
+def _counting(sink):
+    """The requests ``sink`` sends its manager, by method, from now on."""
+    sent, send = [], sink._api.send_request
+
+    def counted(*args, **kwargs):
+        sent.append(kwargs.get("method", args[0] if args else None))
+        return send(*args, **kwargs)
+
+    sink._api.send_request = counted
+    return sent
+
+
+def test_reads_in_one_look_ask_the_manager_once_and_see_what_changed_since(sink, operator):
+    """The daemon reads the queue several times a round for each agent; inside ``one_look`` the
+    reads share one status request, and the queue and history are fetched only when the status
+    says they changed. Nothing read is older than the look: another client's item shows in the
+    next look, and the sink's own change ends the look."""
+    sink.submit(_measure("look-1", 0.01))
+    sent = _counting(sink)
+    with sink.one_look():
+        assert sink.find("look-1")["where"] == "queue"
+        assert sink.outstanding("qsampling") == 1 and sink.take_back_reruns("qsampling") == []
+        assert sink.find("never-sent") is None
+    # the queue was fetched after the submit; the history not since before this test's item
+    assert sent.count("status") == 1 and sent.count("queue_get") == 1 and set(sent) <= {"status", "queue_get", "history_get"}
+    operator.item_add({"item_type": "plan", "name": "measure", "args": [], "meta": {REQUEST_META_KEY: "by-hand",
+                       AGENT_META_KEY: "qsampling"}, "kwargs": _measure("by-hand", 0.02).to_dict()["kwargs"]})
+    sent.clear()
+    with sink.one_look():
+        assert sink.outstanding("qsampling") == 2  # the operator's item, seen in the next look
+        assert sink.find("by-hand")["where"] == "queue"
+        sink.submit(_measure("look-2", 0.03))  # the sink's own change: the next read looks again
+        assert sink.outstanding("qsampling") == 3
+    assert sent.count("status") == 2 and sent.count("queue_get") == 2 and sent.count("queue_item_add") == 1
+    sent.clear()
+    with sink.one_look():  # nothing changed: one status request, nothing else
+        assert sink.outstanding("qsampling") == 3 and sink.find("look-2")["where"] == "queue"
+    assert sent == ["status"]
+    assert sink.outstanding("qsampling") == 3 and sent == ["status", "status"]  # outside: a look a read
+    operator.queue_clear()
+
+
 def test_a_plan_the_profile_does_not_allow_is_refused_clearly(sink, operator):
     with pytest.raises(QueueItemRejectedError, match=r"'scan' is not in the list of allowed plans") as err:
         sink.submit(PlanRequest("scan", args=(["sas"], "sas_q", 0.0, 1.0, 5), key="bad-plan"))
