@@ -1052,7 +1052,9 @@ class Daemon:
         except Exception as err:  # closing must not hide the reason we are closing
             logger.error("final checkpoint failed: %s", err)
         mirror = self.tiled_mirror
-        if mirror is not None and not mirror.drain(self.config.tiled.drain_s if self.config.tiled else 0):
+        # caught up with what this daemon published (its sink knows the offsets the broker gave)
+        until = self.derived_sink.delivered() if hasattr(self.derived_sink, "delivered") else None
+        if mirror is not None and not mirror.drain(self.config.tiled.drain_s if self.config.tiled else 0, until):
             logger.warning("tiled is %s derived documents behind; the mirror writes them at the next start",
                            mirror.status().get("behind"))
         for thing in (self.source, self.derived_sink, *([mirror] if mirror else [])):

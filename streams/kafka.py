@@ -550,9 +550,22 @@ class KafkaDocumentSink(ClosesOnExit):
         self.failed = 0
         self._error: str | None = None
         self._closed = False
+        self._delivered: dict[str, int] = {}  # "topic:partition" -> offset after the last acknowledged
 
     def __repr__(self) -> str:
         return f"KafkaDocumentSink(topic={self.topic!r}, key={self.key!r}, sent={self.sent})"
+
+    def _on_delivered(self, metadata: Any) -> None:
+        key = f"{metadata.topic}:{metadata.partition}"
+        self._delivered[key] = max(self._delivered.get(key, 0), metadata.offset + 1)
+
+    def delivered(self) -> dict[str, int]:
+        """``{"topic:partition": offset after the last document the broker acknowledged}``.
+
+        After :meth:`flush`, where a reader of the topic is caught up with everything published
+        here (:meth:`streams.tiled_mirror.TiledMirror.drain`'s ``until``).
+        """
+        return dict(self._delivered)
 
     def _key_partition(self) -> int:
         """The partition of this sink's key, chosen once as kafka-python's partitioner would
@@ -612,6 +625,7 @@ class KafkaDocumentSink(ClosesOnExit):
                 f"cannot publish {name!r} to {self.topic!r} at "
                 f"{self._settings.bootstrap_servers}: {type(err).__name__}: {err}"
             ) from err
+        future.add_callback(self._on_delivered)
         future.add_errback(self._on_error)
         self.sent += 1
         if self._flush_on_stop and name == "stop":
