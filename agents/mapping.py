@@ -258,7 +258,8 @@ class MappingAgent(StoredAgent):
         self._waiting: dict[str, tuple[str, dict, float]] = {}
         self._last_retry = 0.0
         self._router = stream_router(s.stream, self._observe_event,
-                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
+                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
+                                     agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._stage_at: np.ndarray | None = None  # where the stage was read to be, before any measurement
         self._load()

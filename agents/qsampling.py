@@ -82,7 +82,7 @@ class QSamplingAgent(StoredAgent):
         self.duplicates = 0
         self.stop_reason: str | None = None
         self._router = stream_router(settings.keys.stream, self._observe_event, self._run_stopped,
-                                     on_descriptor=self._configure_from)
+                                     on_descriptor=self._configure_from, agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._load()
 

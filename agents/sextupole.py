@@ -314,7 +314,8 @@ class SextupoleAgent(StoredAgent):
         self.duplicates = 0
         self.stop_reason: str | None = None
         self._router = stream_router(settings.stream, self._observe_event,
-                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")))
+                                     lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
+                                     agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._load()
 

@@ -149,3 +149,23 @@ def test_the_first_step_is_measured_from_where_the_axes_are(RE, instrument, cloc
     assert [k for k, _ in agent.rejections] == ["far"]
     assert "step 0.29 from 0.3 exceeds max_step 0.02" in agent.rejections[0][1]
     assert [d["data"]["sas_q"] for n, d in docs if n == "event"] == [0.31, 0.32]
+
+
+@pytest.mark.parametrize(("asked_by", "read"), [("me", True), (None, True), ("another", False)])
+def test_a_steering_agent_reads_its_own_runs_and_the_operators_but_not_another_agents(asked_by, read):
+    """A daemon tells every agent every run; one that another agent asked for (its start names
+    that agent, as the queue server's runs of a request do) is left to that agent."""
+    from event_model import compose_run
+
+    from agents.runs import stream_router
+    from streams.queueserver import AGENT_META_KEY
+
+    events, stops = [], []
+    router = stream_router("primary", lambda uid, e: events.append(e), lambda uid, s: stops.append(s), agent="me")
+    run = compose_run(metadata={} if asked_by is None else {AGENT_META_KEY: asked_by})
+    router("start", run.start_doc)
+    desc = run.compose_descriptor(name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}})
+    router("descriptor", desc.descriptor_doc)
+    router("event", desc.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}, seq_num=1))
+    router("stop", run.compose_stop())
+    assert (len(events), len(stops)) == ((1, 1) if read else (0, 0))
