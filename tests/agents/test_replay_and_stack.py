@@ -7,6 +7,7 @@ import re
 import time
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from streams.derived import validate_document
 from streams.zarr_writer import ZarrRunWriter
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _store_with_runs(path, n_runs=2, n_events=6):
@@ -115,10 +117,11 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
 
 
 @contextmanager
-def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, sim_speed=1000):
-    """A real dev stack (broker, Redis, RE Manager with the simulated SAS instrument, and tiled if
+def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, sim_speed=1000, agents=None):
+    """A real dev stack (broker, Redis, RE Manager with the simulated instruments, and tiled if
     asked) and a daemon whose Q-sampling agent steers it; ``queueserver``: more of the daemon's
-    queueserver settings; ``sim_speed``: how many times faster than real time the instrument runs."""
+    queueserver settings; ``sim_speed``: how many times faster than real time the instruments
+    run; ``agents``: the daemon's agents instead."""
     cfg = StackConfig(state_dir=tmp_path / "stack", beamline="loop", kafka_port=0, redis_port=0,
                       zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=sim_speed)
     stack = start_stack(cfg, tiled=tiled, http=False)
@@ -127,6 +130,8 @@ def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, 
         config = stack_daemon_config(stack.addresses(cfg), setup, tmp_path / "state",
                                      overrides={"target_rel_sigma": 0.05})
         config["queueserver"].update(queueserver or {})
+        if agents is not None:
+            config["agents"] = agents
         daemon = Daemon(load_daemon_config(config))
         try:
             if open_environment:
@@ -366,3 +371,38 @@ def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out
         stalled = daemon.status()["stalled"].get("qsampling", "")
     assert 1 <= len(outage) <= 3, outage  # one per distinct message; 20 rounds ran
     assert agent.stop_reason is not None or "runs no plan" in stalled, stalled
+
+
+def _example_agents(kind, **settings):
+    """The deploy example's entry of ``kind`` (deploy/agents.example.yaml), its settings updated."""
+    entries = yaml.safe_load((REPO / "deploy" / "agents.example.yaml").read_text())["agents"]
+    [entry] = [e for e in entries if e["kind"] == kind]
+    entry["settings"].update(settings)
+    return entry
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_queue_server(tmp_path):
+    """The deploy example's two steering agents in one daemon, each plan a queue item that the RE
+    Manager's RunEngine runs on the dev stack's simulated stage (SAXS frames reduced as they come
+    back over Kafka) or optics; every point measured once, reaching its agent, inside the limits."""
+    agents = [_example_agents("mapping", max_points=12, grid=[20, 20]),
+              _example_agents("tuning", budget=6, n_initial=4)]
+    with _stack_loop(tmp_path, agents=agents) as (_, daemon):
+        mapper, tuner = daemon.agents["film-map"], daemon.agents["focus"]
+        _step_until(daemon, lambda: all(a.stop_reason and not daemon.state.awaiting.get(n)
+                                        for n, a in (("film-map", mapper), ("focus", tuner))), 180, "both budgets")
+        history, keys, points = _history(daemon)
+        status = daemon.status()
+        positions = mapper.path()
+    assert max(keys.values()) == 1 and max(points.values()) == 1
+    assert {item["result"]["exit_status"] for item in history} == {"completed"}
+    by_agent = Counter(item["meta"]["beampilot_agent"] for item in history)
+    assert by_agent == {"film-map": 3, "focus": 6}, by_agent  # batches of 4 positions; of 1 setting
+    assert mapper.n_observations == 12 and tuner.n_observations == 6
+    assert not mapper.report()["errors"] and not tuner.report()["errors"]
+    assert ((positions >= 0) & (positions <= 10)).all()
+    assert status["errors"] == [] and not status["stalled"]
+

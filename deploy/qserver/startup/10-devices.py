@@ -1,7 +1,15 @@
-"""RE Manager startup, step 2: the simulated SAS instrument ``sas`` and the point-key signal.
+"""RE Manager startup, step 2: the simulated instruments and the point-key signal.
 
-The hidden sample is that of ``beampilot demo sas-qscan`` (:class:`agents.demo_sas.DemoSetup`),
-drawn from a sample kind and a seed; exposures take real time, sped up.
+* ``sas``: the SAS instrument of ``beampilot demo sas-qscan``, whose hidden sample
+  (:class:`agents.demo_sas.DemoSetup`) is drawn from a sample kind and a seed; axes ``q`` and
+  ``exposure``.
+* ``stage``: the sample stage of ``beampilot demo mapping`` over a hidden film
+  (:class:`simulators.maps.FilmMap` of the seed, 10 x 10 mm), moving at 2 mm/s, with its SAXS
+  detector ``stage.saxs`` (0.5 s a frame); axes ``stage_x`` and ``stage_y``.
+* ``optics``: the beamline optics of ``beampilot demo tune``, with its beam monitor (2% flux, 1%
+  beam-size noise); axes ``mirror_pitch``, ``mirror_bender``, ``slit_h``, ``slit_v``, ``focus``.
+
+Moves and exposures take real time, sped up by the same factor.
 
 Environment
 -----------
@@ -20,7 +28,10 @@ from ophyd import Signal as _Signal
 from agents.demo_sas import DemoSetup as _DemoSetup
 from agents.demo_sas import make_instrument as _make_instrument
 from agents.plans import POINT_KEY as _POINT_KEY
+from simulators.maps import FilmMap as _FilmMap
+from simulators.optics import SimBeamlineOptics as _SimBeamlineOptics
 from simulators.sas import WallClock as _WallClock
+from simulators.stage import SimSampleStage as _SimSampleStage
 
 
 def _env(name, default, convert):
@@ -34,7 +45,11 @@ def _env(name, default, convert):
 _setup = _DemoSetup.draw(
     _env("BEAMPILOT_SIM_SAMPLE", "polydisperse_sphere", str), _env("BEAMPILOT_SIM_SEED", "0", int)
 )
-sas = _make_instrument(_setup, _WallClock(speed=_env("BEAMPILOT_SIM_SPEED", "100", float)), seed=_setup.seed)
+_clock = _WallClock(speed=_env("BEAMPILOT_SIM_SPEED", "100", float))
+sas = _make_instrument(_setup, _clock, seed=_setup.seed)
+stage = _SimSampleStage("stage", truth=_FilmMap(seed=_setup.seed), speed=2.0, seed=_setup.seed, clock=_clock)
+stage.saxs.exposure.put(0.5)
+optics = _SimBeamlineOptics("optics", seed=_setup.seed, clock=_clock, flux_noise=0.02, size_noise=0.01)
 # Each measurement's idempotency key, read into its event. Only ``measure`` uses it, so it is
 # private: no queued plan may take it as an argument.
 _point_key = _Signal(name=_POINT_KEY, value="")
