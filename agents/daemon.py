@@ -600,7 +600,7 @@ class Daemon:
                 self._run_of_descriptor.pop(descriptor["uid"], None)
             key = _request_key(run["start"]) if run else None
             if run and key is not None and doc.get("exit_status") != "success":
-                self._plan_cut(run, str(doc.get("exit_status")))
+                self._plan_cut(run, str(doc.get("exit_status")), str(doc.get("reason") or ""))
             if key is not None:
                 for waiting in self.state.awaiting.values():
                     waiting.pop(key, None)
@@ -631,10 +631,11 @@ class Daemon:
         runs = [r for r in self.state.open_runs.values() if _request_key(r["start"]) == key]
         return runs[0] if runs else {"start": {REQUEST_META_KEY: key, AGENT_META_KEY: name}}
 
-    def _plan_cut(self, run: dict[str, Any], status: str) -> None:
-        """One of our plans ended before its last point (a stop, an abort, a RunEngine or manager
-        that died): its gate takes the axes to be anywhere between its last measured point and
-        the next, and checks the next step from all of that (SafetyGate.interrupted)."""
+    def _plan_cut(self, run: dict[str, Any], status: str, why: str = "") -> None:
+        """One of our plans ended before its last point (a stop, an abort, a plan that raised, a
+        RunEngine or manager that died): its gate takes the axes to be anywhere between its last
+        measured point and the next, and checks the next step from all of that
+        (SafetyGate.interrupted). ``why``: the stop document's or the queue server's reason."""
         key, name = _request_key(run["start"]), str(run["start"].get(AGENT_META_KEY))
         steering = self.steering.get(name)
         if steering is None or key is None or key in self._cut:
@@ -650,9 +651,10 @@ class Daemon:
                  f"; the axes may be anywhere in {({a: list(v) for a, v in spans.items()})}, and the next "
                  "step of each is checked from all of it" if spans else "")
         after = "an unknown number of points" if measured is None else f"{measured} point(s)"
+        because = f": {why}" if why else ""
         self.recent_plans.append({"agent": name, "key": key, "status": "cut short", "time": time.time(),
-                                  "reason": f"its run ended {status!r} after {after}"})
-        logger.warning("agent %s: plan %s ended %r after %s%s", name, key, status, after, where)
+                                  "reason": f"its run ended {status!r} after {after}{because}"})
+        logger.warning("agent %s: plan %s ended %r after %s%s%s", name, key, status, after, because, where)
 
     def _save_gate(self, name: str) -> None:
         """The gate's state into the checkpoint: positions, spans, and the plans still awaited."""
@@ -862,7 +864,8 @@ class Daemon:
                     if found is not None and found.get("exit_status") != "completed":
                         # cut short, its stop never read (a RunEngine that died): judged from the
                         # events read by now, before the agent is asked for its next plan
-                        self._plan_cut(self._run_of_request(name, key), str(found.get("exit_status")))
+                        self._plan_cut(self._run_of_request(name, key), str(found.get("exit_status")),
+                                       _history_reason(found["item"]))
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
         assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
@@ -896,16 +899,16 @@ class Daemon:
 
     def _take_back_reruns(self, name: str) -> None:
         """Plans the manager put back in its queue after their run was cut short (a manager
-        restart, an abort) are removed, not run again from their first point
+        restart, an abort, a plan that raised) are removed, not run again from their first point
         (QueueServerPlanSink.take_back_reruns); the agent plans again from what it has measured."""
         for key, ran in self.plan_sink.take_back_reruns(name):
             status = (ran.get("result") or {}).get("exit_status")
-            self._plan_cut(self._run_of_request(name, key), str(status))
+            self._plan_cut(self._run_of_request(name, key), str(status), _history_reason(ran))
             self.metrics.plans_taken_back.labels(agent=name).inc()
             self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
                                       "reason": f"put back in the queue after its run ended {status!r}"})
             self._error(f"agent:{name}", f"agent {name}: plan {key} was put back in the queue after its run ended "
-                        f"{status!r} (as a restarted RE Manager, or an abort, does); removed it rather than repeat its moves "
+                        f"{status!r} (as a restarted RE Manager, an abort or a plan that raised does); removed it rather than repeat its moves "
                         "from wherever the interruption left the axes. The agent plans again from what it measured")
 
     def _submit(self, name: str, agent: Any, steering: _Steering, request: PlanRequest) -> bool:
@@ -1066,6 +1069,11 @@ class Daemon:
 
 def _labelled_sum(counter: Counter) -> float:
     return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def _history_reason(item: dict[str, Any]) -> str:
+    """Why a queue item ended as it did, as the queue server's history says (its ``msg``)."""
+    return str((item.get("result") or {}).get("msg") or "").strip()
 
 
 def _request_key(start: dict[str, Any]) -> str | None:

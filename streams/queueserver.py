@@ -388,7 +388,7 @@ class QueueServerPlanSink(ClosesOnExit):
         """Remove from the queue the items of ``agent`` that have run already.
 
         An RE Manager restarted while it ran an item puts that item back in its queue, and its
-        history holds the cut-short run (``failed``). Started again, the item would repeat its
+        history holds the cut-short run (``failed``); so does an abort, and a plan that raised. Started again, the item would repeat its
         plan from the first point, wherever the interruption left the axes: moves no safety gate
         has checked from there. Such items are removed instead, so the agent asks again from what
         it has measured (and its request, found in the history, is never queued again).

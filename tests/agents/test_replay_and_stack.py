@@ -406,3 +406,24 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
     assert ((positions >= 0) & (positions <= 10)).all()
     assert status["errors"] == [] and not status["stalled"]
 
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_plan_the_device_refuses_is_reported_with_its_reason_and_never_run_again(tmp_path):
+    """An agent whose limits reach past the device's: the move raises in the RE Manager, the run
+    ends 'fail', and the queue server puts the item back at the head of its queue. The daemon
+    says why (the device's own message), and takes the item back rather than run it again."""
+    tuning = _example_agents("tuning", budget=4, n_initial=2, start={
+        "mirror_pitch": 0.5, "mirror_bender": 0.7, "slit_h": 1.0, "slit_v": 0.2, "focus": 0.0})
+    tuning["settings"]["axes"]["mirror_pitch"]["low"] = 0.0  # the hardware's is 1.0
+    tuning["safety"]["limits"]["mirror_pitch"]["low"] = 0.0
+    with _stack_loop(tmp_path, agents=[tuning]) as (_, daemon):
+        _step_until(daemon, lambda: any(p["status"] == "taken back" for p in daemon.recent_plans), 60, "a take-back")
+        plans = list(daemon.recent_plans)
+        history, keys, _ = _history(daemon)
+    [cut, *_] = [p for p in plans if p["status"] == "cut short"]
+    assert "its run ended 'fail' after 0 point(s)" in cut["reason"]
+    assert "optics.mirror_pitch = " in cut["reason"] and "outside its hardware limits [1.0, 6.0]" in cut["reason"]
+    taken = [p for p in plans if p["status"] == "taken back"]
+    assert taken[0]["key"] == cut["key"] and keys[cut["key"]] == 1  # ran once, never again
