@@ -4,7 +4,11 @@
 or external data referenced by resource / datum documents), checks each frame at the edge, batches
 good frames within a latency budget, runs the network (:func:`models.nets.infer`: CUDA when present,
 smaller batches then the CPU on out-of-memory) and publishes one derived run per raw run, linked to
-it by ``raw_run_uid`` (:class:`streams.derived.DerivedRunWriter`).
+it by ``raw_run_uid`` (:class:`streams.derived.DerivedRunWriter`). Only raw runs with frames count:
+a run whose analysed stream declares no ``frame_key`` (a motor or diode scan of the same
+RunEngine, on the same topic) gets no derived run and no failed frames; ``report()`` counts such
+runs (``runs_without_frame_key``) and names the last one's data keys, for a ``frame_key`` that is
+set wrong.
 
 Derived streams, one event per good raw frame, in raw order; every event of every stream carries
 ``raw_seq_num``, ``raw_uid`` and ``raw_time`` of the raw event, and ``raw_image`` (0, 1, ...) where
@@ -272,6 +276,11 @@ class DetectorAnalysisAgent:
         if settings.symmetric_average is not None:
             self.model.symmetric_average = settings.symmetric_average
         self._runs: dict[str, _Run] = {}
+        # runs started whose analysed stream has not (yet) declared the frame key: run uid -> the
+        # data keys its descriptors of that stream declared instead
+        self._keyless: dict[str, list[str]] = {}
+        self.runs_without_frame_key = 0
+        self._last_keyless: dict[str, Any] | None = None
         self._descriptors: dict[str, tuple[str, list[int | None]]] = {}  # uid -> (run uid, declared shape)
         self.external = ExternalData(settings.root_map)
         # frames written as streams, waiting for their other documents: (descriptor, seq_num) -> its
@@ -340,7 +349,9 @@ class DetectorAnalysisAgent:
     def report(self) -> dict[str, Any]:
         lat = list(self._latencies)
         return {"agent": self.name, "kind": type(self).__name__, "analysis": self.settings.analysis,
-                "open_runs": len(self._runs), "frames_in": self.frames_in, "frames_out": self.frames_out,
+                "open_runs": len(self._runs), "runs_without_frame_key": self.runs_without_frame_key,
+                "last_run_without_frame_key": self._last_keyless,
+                "frames_in": self.frames_in, "frames_out": self.frames_out,
                 "frames_pending": len(self._pending), "failed_frames": dict(self.failed),
                 "frames_waiting_for_data": self._waiting_for_data(),
                 "batches": self.batches, "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -359,25 +370,44 @@ class DetectorAnalysisAgent:
         for run in self._runs.values():
             run.writer.close(exit_status="abort", reason="agent closed before the raw run stopped")
         self._runs.clear()
+        self._keyless.clear()
 
     # -- documents ---------------------------------------------------------------------------------
     def _start(self, doc: dict[str, Any]) -> None:
         if doc["uid"] in self._runs or doc.get("raw_run_uid"):  # a repeat, or a derived run
             return
-        md = {"agent": self.name, "analysis": self.settings.analysis, "frame_key": self.settings.frame_key,
-              "weights": {"name": self.record.name, "architecture": self.record.architecture,
-                          "sha256": self.record.sha256}}
-        self._runs[doc["uid"]] = _Run(DerivedRunWriter(self.sinks, raw_run_uid=doc["uid"], metadata=md))
+        self._keyless[doc["uid"]] = []  # its derived run starts with its first descriptor of frames
 
     def _descriptor(self, doc: dict[str, Any]) -> None:
-        if doc["run_start"] not in self._runs or doc.get("name", "primary") != self.settings.stream:
+        """A descriptor of the analysed stream that declares the frame key is this detector's;
+        one that does not is another instrument's (a diode scan, a motor alignment on the same
+        RunEngine and topic): its events are not frames to analyse, nor failures."""
+        run_uid = doc["run_start"]
+        if doc.get("name", "primary") != self.settings.stream or not (run_uid in self._runs or run_uid in self._keyless):
             return
-        declared = list(doc.get("data_keys", {}).get(self.settings.frame_key, {}).get("shape") or [])
-        self._descriptors[doc["uid"]] = (doc["run_start"], declared)
+        keys = doc.get("data_keys", {})
+        if self.settings.frame_key not in keys:
+            if run_uid in self._keyless:
+                self._keyless[run_uid] = sorted(set(self._keyless[run_uid]) | set(keys))
+            return
+        if run_uid in self._keyless:
+            del self._keyless[run_uid]
+            md = {"agent": self.name, "analysis": self.settings.analysis, "frame_key": self.settings.frame_key,
+                  "weights": {"name": self.record.name, "architecture": self.record.architecture,
+                              "sha256": self.record.sha256}}
+            self._runs[run_uid] = _Run(DerivedRunWriter(self.sinks, raw_run_uid=run_uid, metadata=md))
+        declared = list(keys[self.settings.frame_key].get("shape") or [])
+        self._descriptors[doc["uid"]] = (run_uid, declared)
 
     def _stop(self, doc: dict[str, Any]) -> None:
         run = self._runs.get(doc["run_start"])
         if run is None:
+            keys = self._keyless.pop(doc["run_start"], None)
+            if keys:  # its analysed stream had events, none with frames: said once, in case frame_key is wrong
+                self.runs_without_frame_key += 1
+                self._last_keyless = {"run": doc["run_start"], "data_keys": keys}
+                logger.info("agent %s: run %s has no data key %r in its %r stream (it has %s); not analysed",
+                            self.name, doc["run_start"], self.settings.frame_key, self.settings.stream, keys)
             self.external.tell("stop", doc)
             return
         self._count_missing(doc["run_start"], run, doc)

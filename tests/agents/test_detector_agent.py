@@ -145,6 +145,35 @@ def test_inline_bragg_frames_make_a_valid_linked_derived_run(bragg_weights, fram
     assert report["inference"]["device"] == "cpu"
 
 
+def test_runs_of_other_instruments_on_the_topic_are_neither_analysed_nor_failed(bragg_weights, frames, caplog):
+    """One RunEngine's topic also carries its motor and diode scans. A run whose analysed stream
+    declares no frame key is not this detector's: no derived run, no failed frames, no error
+    line; the report counts it and names its keys, in case ``frame_key`` is what is wrong."""
+    _, weights = bragg_weights
+    sink = Recorder()
+    agent = _agent(weights, [sink])
+    diode = event_model.compose_run(metadata={"plan_name": "scan"})
+    diode_desc = diode.compose_descriptor(name="primary", data_keys={
+        "diode": {"dtype": "number", "shape": [], "source": "sim"}, "mtr": {"dtype": "number", "shape": [], "source": "sim"}})
+    agent.tell("start", diode.start_doc)
+    agent.tell("descriptor", diode_desc.descriptor_doc)
+    run, desc = _opened_run(agent)  # a detector run, interleaved with the scan
+    with caplog.at_level(logging.WARNING):
+        for i, counts in enumerate(frames[:2]):
+            agent.tell("event", diode_desc.compose_event(data={"diode": 1.0, "mtr": float(i)},
+                                                         timestamps={"diode": 1.0, "mtr": 1.0}, seq_num=i + 1))
+            agent.tell("event", _event(desc, counts))
+        agent.tell("stop", diode.compose_stop())
+        agent.tell("stop", run.compose_stop())
+    report = agent.report()
+    assert report["frames_in"] == report["frames_out"] == 2 and report["failed_frames"] == {}
+    assert report["runs_without_frame_key"] == 1
+    assert report["last_run_without_frame_key"] == {"run": diode.start_doc["uid"], "data_keys": ["diode", "mtr"]}
+    starts = [d for n, d in sink.docs if n == "start"]
+    assert [d["raw_run_uid"] for d in starts] == [run.start_doc["uid"]]  # no derived run of the scan
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_the_peaks_stream_lands_in_a_zarr_store_as_one_row_per_peak(bragg_weights, frames, tmp_path):
     model, weights = bragg_weights
     with torch.inference_mode():

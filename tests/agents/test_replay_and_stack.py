@@ -374,21 +374,25 @@ def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out
 
 
 def _example_agents(kind, **settings):
-    """The deploy example's entry of ``kind`` (deploy/agents.example.yaml), its settings updated."""
+    """The deploy example's entries of ``kind`` (deploy/agents.example.yaml), their settings
+    updated; the only one when there is one."""
     entries = yaml.safe_load((REPO / "deploy" / "agents.example.yaml").read_text())["agents"]
-    [entry] = [e for e in entries if e["kind"] == kind]
-    entry["settings"].update(settings)
-    return entry
+    chosen = [e for e in entries if e["kind"] == kind]
+    for entry in chosen:
+        entry["settings"].update(settings)
+    return chosen[0] if len(chosen) == 1 else chosen
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
 def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_queue_server(tmp_path):
-    """The deploy example's two steering agents in one daemon, each plan a queue item that the RE
-    Manager's RunEngine runs on the dev stack's simulated stage (SAXS frames reduced as they come
-    back over Kafka) or optics; every point measured once, reaching its agent, inside the limits."""
-    agents = [_example_agents("mapping", max_points=12, grid=[20, 20]),
+    """The deploy example's agents in one daemon: the two steering agents' plans are queue items
+    that the RE Manager's RunEngine runs on the dev stack's simulated stage (SAXS frames reduced
+    as they come back over Kafka) or optics; every point measured once, reaching its agent, inside
+    the limits. The example's detector agents (for a detector the stack does not have) see runs
+    without their frame key: not analysed, nothing failed."""
+    agents = [*_example_agents("detector"), _example_agents("mapping", max_points=12, grid=[20, 20]),
               _example_agents("tuning", budget=6, n_initial=4)]
     with _stack_loop(tmp_path, agents=agents) as (_, daemon):
         mapper, tuner = daemon.agents["film-map"], daemon.agents["focus"]
@@ -397,6 +401,7 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
         history, keys, points = _history(daemon)
         status = daemon.status()
         positions = mapper.path()
+        detectors = [daemon.agents[name].report() for name in ("denoise", "peaks")]
     assert max(keys.values()) == 1 and max(points.values()) == 1
     assert {item["result"]["exit_status"] for item in history} == {"completed"}
     by_agent = Counter(item["meta"]["beampilot_agent"] for item in history)
@@ -405,6 +410,7 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
     assert not mapper.report()["errors"] and not tuner.report()["errors"]
     assert ((positions >= 0) & (positions <= 10)).all()
     assert status["errors"] == [] and not status["stalled"]
+    assert [(d["runs_without_frame_key"], d["frames_in"], d["failed_frames"]) for d in detectors] == [(9, 0, {})] * 2
 
 
 @pytest.mark.integration
@@ -421,7 +427,7 @@ def test_a_plan_the_device_refuses_is_reported_with_its_reason_and_never_run_aga
     with _stack_loop(tmp_path, agents=[tuning]) as (_, daemon):
         _step_until(daemon, lambda: any(p["status"] == "taken back" for p in daemon.recent_plans), 60, "a take-back")
         plans = list(daemon.recent_plans)
-        history, keys, _ = _history(daemon)
+        _, keys, _ = _history(daemon)
     [cut, *_] = [p for p in plans if p["status"] == "cut short"]
     assert "its run ended 'fail' after 0 point(s)" in cut["reason"]
     assert "optics.mirror_pitch = " in cut["reason"] and "outside its hardware limits [1.0, 6.0]" in cut["reason"]
