@@ -35,6 +35,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -108,6 +109,9 @@ class DaemonMetrics:
         self.plans_taken_back = Counter("beampilot_plans_taken_back",
                                         "Plans removed from the queue that the queue server had put back after "
                                         "their run was cut short (a manager restart, an abort)", ["agent"], registry=r)
+        self.rate_waits = Counter("beampilot_rate_limit_waits",
+                                  "Times an agent was not asked for a plan until its safety gate's rate limit "
+                                  "would admit one", ["agent"], registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
         self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
         self.offset_resets = Counter("beampilot_kafka_offset_resets",
@@ -226,6 +230,7 @@ class _Steering:
     stalled: str | None = None  # why they wait, once reported
     stall_checked: float = 0.0  # monotonic time of the last look at whether the queue runs
     queue_seen: tuple[Any, ...] = ()  # the queue's, the history's and the running item's uids then
+    rate_until: float | None = None  # monotonic time its gate's rate limit admits a plan again
 
 
 @dataclass
@@ -875,6 +880,8 @@ class Daemon:
             self._check_stall(name, steering, self.plan_sink.outstanding(name))
         if steering.paused or waiting or self.plan_sink.outstanding(name) >= steering.entry.max_outstanding:
             return
+        if self._rate_limited(name, steering):
+            return
         agent = self.agents[name]
         with self._lock:
             requests = agent.ask(steering.entry.batch_size)
@@ -896,6 +903,22 @@ class Daemon:
             steering.rejected_rounds = 0
         if self.outbox.docs:  # a decision may publish a fit
             self._commit()
+
+    def _rate_limited(self, name: str, steering: _Steering) -> bool:
+        """Whether the gate's rate limit would reject a plan now: then the agent is not asked until
+        it would not. Asked anyway, its plan would be rejected and its points given up (a mapping
+        agent closes those positions), and three such rounds would pause it: a fast instrument
+        would end up stopped by the limit meant to pace it."""
+        wait, now = steering.gate.rate_wait(), time.monotonic()
+        if not 0 < wait < math.inf:  # an infinite wait (a limit under one a minute) is rejected, and says so
+            steering.rate_until = None
+            return False
+        if steering.rate_until is None:
+            self.metrics.rate_waits.labels(agent=name).inc()
+            logger.info("agent %s: its next plan waits %.1f s for the rate limit (max_requests_per_minute=%g)",
+                        name, wait, steering.gate.config.max_requests_per_minute)
+        steering.rate_until = now + wait
+        return True
 
     def _take_back_reruns(self, name: str) -> None:
         """Plans the manager put back in its queue after their run was cut short (a manager
@@ -1035,6 +1058,8 @@ class Daemon:
             "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
             "paused": {n: st.paused for n, st in self.steering.items() if st.paused},
             "stalled": {n: st.stalled for n, st in self.steering.items() if st.stalled},
+            "rate_limited_s": {n: st.rate_until - time.monotonic() for n, st in self.steering.items()
+                               if st.rate_until is not None and st.rate_until > time.monotonic()},
             "tiled": self.tiled_mirror.status() if self.tiled_mirror is not None else None,
         }
 
@@ -1161,6 +1186,8 @@ def render_status_page(s: dict[str, Any]) -> str:
     paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
     paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
                       for n, why in s.get("stalled", {}).items())
+    paused += "".join(f"<p>agent {e(n)} waits {left:.0f} s for its safety gate's rate limit "
+                      "(max_requests_per_minute)</p>" for n, left in s.get("rate_limited_s", {}).items())
     resets = counters.get("beampilot_kafka_offset_resets_total", 0)
     if resets:
         lost = counters.get("beampilot_documents_lost_total", 0)

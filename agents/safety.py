@@ -303,6 +303,21 @@ class SafetyGate:
             return [f"rate limit: {len(self._admitted_at)} requests in the last 60 s, max_requests_per_minute={limit:g}"]
         return []
 
+    def rate_wait(self) -> float:
+        """Seconds until the rate limit admits one more request (0: it would now).
+
+        A caller that waits this long before it asks its agent for a plan never has a plan
+        rejected for the rate (a rejected plan's points are given up by the agent that asked);
+        nothing is admitted any faster.
+        """
+        if not self._check_rate():
+            return 0.0
+        room = math.floor(self.config.max_requests_per_minute or 0)  # requests the window holds
+        if room < 1:
+            return math.inf  # under one a minute: nothing is ever admitted
+        # the oldest admissions leave the 60 s window first; one more fits once all but room - 1 have
+        return max(0.0, self._admitted_at[len(self._admitted_at) - room] + 60.0 - self._clock())
+
     def report(self) -> dict[str, Any]:
         """Counts and the rejections with their reasons (JSON-able)."""
         rejected = [v for v in self.verdicts if not v.accepted]

@@ -316,3 +316,37 @@ def test_past_its_exact_limit_the_agent_maps_on_and_resumes(film, clock, tmp_pat
     keys = resumed.store.read("observations")["point_key"].tolist()
     assert len(keys) == len(set(keys)) == 24
     resumed.close()
+
+
+def test_an_agent_at_its_rate_limit_is_not_asked_until_the_gate_would_admit_its_plan(tmp_path):
+    """Asked anyway, its plan would be rejected for the rate, its positions given up, and three
+    such rounds would pause it until a restart: a fast instrument stopped by the limit meant to
+    pace it. The daemon waits instead, and says so."""
+    import time
+
+    from agents.daemon import Daemon, render_status_page
+    from agents.daemon_config import load_daemon_config
+    from tests.agents.test_detector_agent import _ListSink, _ListSource
+
+    limits = {axis: {"low": 0, "high": 10, "max_step": 4.0} for axis in ("stage_x", "stage_y")}
+    config = load_daemon_config({
+        "agents": [{"kind": "mapping", "name": "map1", "batch_size": 4,
+                    "settings": {"extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"],
+                                 "max_step": 4.0, "max_points": 40},
+                    "safety": {"allowed_plans": ["measure"], "limits": limits, "max_requests_per_minute": 2}}],
+        "queueserver": {"zmq_control_addr": "tcp://127.0.0.1:1"},  # never dialled: the queue is given
+        "settle_s": 0.0, "state_dir": str(tmp_path / "state"), "fsync": False})
+    queue = _PlanQueue()  # every plan is gone from it at once: the agent is asked again each round
+    daemon = Daemon(config, source=_ListSource([]), derived_sink=_ListSink(), plan_sink=queue)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:  # 8 plan rounds
+            daemon.step()
+        status = daemon.status()
+        page = render_status_page(status)
+    finally:
+        daemon.close()
+    assert len(queue.submitted) == 2 and daemon.steering["map1"].gate.report()["rejected"] == 0
+    assert status["paused"] == {} and 55 < status["rate_limited_s"]["map1"] <= 60
+    assert "map1 waits 5" in page and "rate limit" in page
+    assert status["counters"]["beampilot_rate_limit_waits_total"] == 1  # one wait, said once

@@ -79,6 +79,24 @@ def test_rate_limit_uses_the_injected_clock():
     assert gate.admit(_measure({"q": 0.1})).accepted
 
 
+@pytest.mark.parametrize("limit", [3, 3.5])
+def test_rate_wait_says_when_the_window_admits_one_more(limit):
+    clock = Clock()
+    gate = _gate(clock, max_requests_per_minute=limit)
+    for t in (0.0, 10.0, 25.0):
+        assert gate.rate_wait() == 0.0
+        clock.t = t
+        assert gate.admit(_measure({"q": 0.1})).accepted
+    clock.t = 30.0
+    assert gate.rate_wait() == pytest.approx(30.0)  # when the one admitted at 0 leaves the window
+    clock.t = 59.9
+    assert not gate.admit(_measure({"q": 0.1})).accepted and gate.rate_wait() == pytest.approx(0.1)
+    clock.t = 60.0
+    assert gate.rate_wait() == 0.0 and gate.admit(_measure({"q": 0.1})).accepted
+    assert gate.rate_wait() == pytest.approx(10.0)  # now the one admitted at 10
+    assert _gate(clock, max_requests_per_minute=0.5).rate_wait() == math.inf  # never admits
+
+
 def test_a_retracted_request_gives_back_its_moves_and_its_rate_slot():
     """A plan the queue server refused never ran: the axes are where they were, the rate window
     has room again, and the request counts as rejected, with the reason."""
