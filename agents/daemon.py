@@ -108,7 +108,8 @@ class DaemonMetrics:
                                           "Plans not sent because the queue already had their key", registry=r)
         self.plans_taken_back = Counter("beampilot_plans_taken_back",
                                         "Plans removed from the queue that the queue server had put back after "
-                                        "their run was cut short (a manager restart, an abort)", ["agent"], registry=r)
+                                        "their run was cut short (a manager restart, an abort, a plan that raised)", ["agent"],
+                                        registry=r)
         self.rate_waits = Counter("beampilot_rate_limit_waits",
                                   "Times an agent was not asked for a plan until its safety gate's rate limit "
                                   "would admit one", ["agent"], registry=r)
@@ -913,7 +914,7 @@ class Daemon:
         if not 0 < wait < math.inf:  # an infinite wait (a limit under one a minute) is rejected, and says so
             steering.rate_until = None
             return False
-        if steering.rate_until is None:
+        if steering.rate_until is None or steering.rate_until <= now:  # a new wait
             self.metrics.rate_waits.labels(agent=name).inc()
             logger.info("agent %s: its next plan waits %.1f s for the rate limit (max_requests_per_minute=%g)",
                         name, wait, steering.gate.config.max_requests_per_minute)
