@@ -65,6 +65,9 @@ class TiledMirror(ClosesOnExit):
         when it exists.
     sink_factory
         Makes the writer, ``TiledDocumentSink(uri, api_key=api_key)`` by default.
+    retry_s
+        The first and the longest wait (s) between tries while tiled does not answer (each wait
+        twice the last).
 
     Examples
     --------
@@ -76,8 +79,12 @@ class TiledMirror(ClosesOnExit):
 
     def __init__(self, source_factory: Callable[[dict[str, int]], Any], uri: str, *,
                  api_key: str | None = None, state_path: str | os.PathLike[str],
-                 sink_factory: Callable[[], Any] | None = None) -> None:
+                 sink_factory: Callable[[], Any] | None = None,
+                 retry_s: tuple[float, float] = RETRY_S) -> None:
+        if not 0 < retry_s[0] <= retry_s[1]:
+            raise ValueError(f"retry_s={retry_s} must be (first, longest) with 0 < first <= longest")
         self.uri = uri
+        self._retry_s = (float(retry_s[0]), float(retry_s[1]))
         self._api_key = api_key
         self.state_path = Path(state_path)
         self._sink_factory = sink_factory or (lambda: TiledDocumentSink(uri, api_key=api_key))
@@ -92,7 +99,7 @@ class TiledMirror(ClosesOnExit):
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
         self._reason = ""
-        self._wait, self._next_try = RETRY_S[0], 0.0
+        self._wait, self._next_try = self._retry_s[0], 0.0
         self._failed_runs: dict[str, str] = {}  # run uid -> why tiled does not have it
         self._tries: dict[str, int] = {}
         self._skipping: set[str] = set()  # runs given up on: their remaining documents are skipped
@@ -310,10 +317,10 @@ class TiledMirror(ClosesOnExit):
     def _lost(self, err: Exception) -> None:
         now = time.monotonic()
         if self._down_since is None:
-            self._down_since, self._wait = now, RETRY_S[0]
+            self._down_since, self._wait = now, self._retry_s[0]
             logger.warning("tiled mirror: tiled at %s does not answer (%s); the documents wait on the Kafka "
                            "topic and are written when it is back (trying every %.0f-%.0f s)",
-                           self.uri, err, *RETRY_S)
+                           self.uri, err, *self._retry_s)
         self._reason, self._next_try = str(err), now + self._wait
         self._reopen()
         self._publish()
@@ -325,7 +332,7 @@ class TiledMirror(ClosesOnExit):
             self._stop.wait(min(self._next_try - now, 0.5))
             return False
         if not self._answers():
-            self._wait = min(2 * self._wait, RETRY_S[1])
+            self._wait = min(2 * self._wait, self._retry_s[1])
             self._next_try = now + self._wait
             return False
         logger.warning("tiled mirror: tiled at %s answers again after %.0f s; writing on",

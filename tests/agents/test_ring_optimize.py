@@ -25,6 +25,7 @@ from agents.ring_optimize import (
     make_optimizer,
     optimize,
 )
+from models.mobo import MOBOConfig
 from simulators.ring import TrackingConfig
 
 TINY = dataclasses.replace(TrackingConfig.cheap(), n_turns=8, n_angles=3, n_amplitudes=4, n_delta=4)
@@ -67,21 +68,24 @@ def test_an_interrupted_optimization_resumes_at_the_last_generation(tmp_path, ki
     problem = RingProblem(tracking=TINY)
     evaluate = SerialEvaluator(TINY)
     pop = 8
+    # MOBO's acquisition optimised with little effort: resuming is what is tested, not its choices
+    mobo = MOBOConfig(n_initial=pop, q=2, num_restarts=1, raw_samples=32, mc_samples=16, maxiter=25)
+
+    def make(seed=4):
+        return make_optimizer(kind, problem, seed=seed, pop_size=pop, mobo=mobo)
+
     # uninterrupted: four generations (MOBO: the 8-point design, then batches of 2)
-    _whole, hist_whole = optimize(make_optimizer(kind, problem, seed=4, pop_size=pop), evaluate, problem,
-                                 max_evaluations=32 if kind == "ml_moga" else 14)
+    _whole, hist_whole = optimize(make(), evaluate, problem, max_evaluations=32 if kind == "ml_moga" else 14)
     # interrupted after two, then resumed from the store by a fresh optimizer
     store = OptimizationStore(tmp_path / "run.zarr")
-    optimize(make_optimizer(kind, problem, seed=4, pop_size=pop), evaluate, problem,
-             max_evaluations=16 if kind == "ml_moga" else 10, store=store)
+    optimize(make(), evaluate, problem, max_evaluations=16 if kind == "ml_moga" else 10, store=store)
     calls = []
 
     def counting(X):
         calls.append(len(X))
         return evaluate(X)
 
-    _resumed, hist = optimize(make_optimizer(kind, problem, seed=4, pop_size=pop), counting,
-                             problem, max_evaluations=32 if kind == "ml_moga" else 14,
+    _resumed, hist = optimize(make(), counting, problem, max_evaluations=32 if kind == "ml_moga" else 14,
                              store=OptimizationStore(tmp_path / "run.zarr", create=False))
     assert sum(calls) == (16 if kind == "ml_moga" else 4)  # nothing evaluated twice
     assert hist.evaluations == hist_whole.evaluations
@@ -90,7 +94,7 @@ def test_an_interrupted_optimization_resumes_at_the_last_generation(tmp_path, ki
     assert len(ev["status"]) == (32 if kind == "ml_moga" else 14)
     # a store of another run is refused, with what to do
     with pytest.raises(AgentStoreError, match="same settings"):
-        optimize(make_optimizer(kind, problem, seed=5, pop_size=pop), evaluate, problem, max_evaluations=40,
+        optimize(make(seed=5), evaluate, problem, max_evaluations=40,
                  store=OptimizationStore(tmp_path / "run.zarr", create=False))
 
 

@@ -36,8 +36,9 @@ def _publish(settings: KafkaSettings, topic: str, docs: list[Document]) -> None:
 
 
 def _mirror(settings: KafkaSettings, topic: str, tiled: TiledServer, state: Path) -> TiledMirror:
+    # tried again every 0.25-1 s while tiled is down (2-60 s by default): the test waits less
     return TiledMirror(lambda offsets: KafkaDocumentSource(topic, settings, offsets=offsets),
-                       tiled.uri, api_key=tiled.api_key, state_path=state)
+                       tiled.uri, api_key=tiled.api_key, state_path=state, retry_s=(0.25, 1.0))
 
 
 def _runs(tiled: TiledServer) -> dict[str, list[Document]]:
