@@ -58,6 +58,7 @@ class StackConfig(_Strict):
     sim_sample: str = "polydisperse_sphere"
     sim_seed: int = 0
     sim_speed: float = Field(default=100.0, gt=0)
+    sim_ring: bool = False  # also the simulated storage ring (pyAT: seconds more to open the environment)
     startup_dir: Path = ROOT / "deploy" / "qserver" / "startup"
 
     @property
@@ -112,7 +113,7 @@ def start_stack(cfg: StackConfig, *, tiled: bool = True, http: bool = True) -> S
         redis = RedisServer(cfg.redis_port or None, workdir=state / "redis").start()
         started.append(redis)
         env = {"BEAMPILOT_SIM_SAMPLE": cfg.sim_sample, "BEAMPILOT_SIM_SEED": str(cfg.sim_seed),
-               "BEAMPILOT_SIM_SPEED": str(cfg.sim_speed)}
+               "BEAMPILOT_SIM_SPEED": str(cfg.sim_speed), "BEAMPILOT_SIM_RING": "1" if cfg.sim_ring else ""}
         manager = REManager(redis.port, startup_dir=cfg.startup_dir, zmq_port=cfg.zmq_control_port or None,
                             info_port=cfg.zmq_info_port or None, kafka_server=broker.bootstrap,
                             kafka_topic=cfg.documents_topic, workdir=state / "manager",

@@ -117,13 +117,15 @@ def test_rerun_on_sim_measures_the_recorded_points_again():
 
 
 @contextmanager
-def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, sim_speed=1000, agents=None):
+def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, sim_speed=1000, agents=None,
+                sim_ring=False):
     """A real dev stack (broker, Redis, RE Manager with the simulated instruments, and tiled if
     asked) and a daemon whose Q-sampling agent steers it; ``queueserver``: more of the daemon's
     queueserver settings; ``sim_speed``: how many times faster than real time the instruments
-    run; ``agents``: the daemon's agents instead."""
+    run; ``agents``: the daemon's agents instead; ``sim_ring``: the storage ring too."""
     cfg = StackConfig(state_dir=tmp_path / "stack", beamline="loop", kafka_port=0, redis_port=0,
-                      zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=sim_speed)
+                      zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=sim_speed,
+                      sim_ring=sim_ring)
     stack = start_stack(cfg, tiled=tiled, http=False)
     try:
         setup = DemoSetup.draw(cfg.sim_sample, cfg.sim_seed)
@@ -433,3 +435,31 @@ def test_a_plan_the_device_refuses_is_reported_with_its_reason_and_never_run_aga
     assert "optics.mirror_pitch = " in cut["reason"] and "outside its hardware limits [1.0, 6.0]" in cut["reason"]
     taken = [p for p in plans if p["status"] == "taken back"]
     assert taken[0]["key"] == cut["key"] and keys[cut["key"]] == 1  # ran once, never again
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_the_sextupole_agent_steers_the_simulated_ring_through_the_queue_server(tmp_path):
+    """The deploy example's sextupole settings as a daemon agent: each plan sets the families
+    through the ring's ophyd signals in the RE Manager (ramped within the largest step) and
+    reads lifetime and injection efficiency; a whole generation comes back and the next opens."""
+    settings = yaml.safe_load((REPO / "deploy" / "sextupole.example.yaml").read_text())
+    settings.update(pop_size=6, generations=2)
+    limits = {f"ring_{f}": v for f, v in settings["families"].items()}
+    agent = {"kind": "sextupole", "name": "sext", "batch_size": 3, "settings": settings,
+             "safety": {"allowed_plans": ["measure"], "limits": limits, "max_points_per_request": 40}}
+    with _stack_loop(tmp_path, agents=[agent], sim_ring=True) as (_, daemon):
+        sext = daemon.agents["sext"]
+        _step_until(daemon, lambda: sext.stop_reason and not daemon.state.awaiting.get("sext"), 180, "2 generations")
+        history, keys, points = _history(daemon)
+        status = daemon.status()
+        report = sext.report()
+    assert sext.stop_reason.startswith("budget spent: 2 generations")
+    assert max(keys.values()) == 1 and max(points.values()) == 1
+    assert {item["result"]["exit_status"] for item in history} == {"completed"}
+    assert status["errors"] == [] and status["paused"] == {} and report["errors"] == []
+    assert sext.optimizer.generation == 2 and len(sext.pareto_front()) >= 1
+    steps = [abs(b[a] - c[a]) for item in history for b, c in zip(item["kwargs"]["points"][:-1],
+             item["kwargs"]["points"][1:], strict=True) for a in b]
+    assert steps and max(steps) <= 20.0 + 1e-9  # every move within the largest step (SF, SD: 10)

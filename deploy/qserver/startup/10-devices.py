@@ -8,6 +8,9 @@
   detector ``stage.saxs`` (0.5 s a frame); axes ``stage_x`` and ``stage_y``.
 * ``optics``: the beamline optics of ``beampilot demo tune``, with its beam monitor (2% flux, 1%
   beam-size noise); axes ``mirror_pitch``, ``mirror_bender``, ``slit_h``, ``slit_v``, ``focus``.
+* ``ring`` (only with ``BEAMPILOT_SIM_RING`` set: pyAT takes seconds to load): the storage ring
+  of ``beampilot demo ring`` (cheap tracking), lifetime and injection efficiency read each point;
+  axes ``ring_SH1`` ... ``ring_SD``, its sextupole families.
 
 Moves and exposures take real time, sped up by the same factor.
 
@@ -19,6 +22,8 @@ BEAMPILOT_SIM_SEED
     Seed of the sample's hidden parameters and of the counting noise (default 0).
 BEAMPILOT_SIM_SPEED
     Instrument seconds per wall second (default 100: a 1 s exposure takes 10 ms).
+BEAMPILOT_SIM_RING
+    Non-empty: also the simulated storage ring ``ring``.
 """
 
 import os as _os
@@ -50,6 +55,10 @@ sas = _make_instrument(_setup, _clock, seed=_setup.seed)
 stage = _SimSampleStage("stage", truth=_FilmMap(seed=_setup.seed), speed=2.0, seed=_setup.seed, clock=_clock)
 stage.saxs.exposure.put(0.5)
 optics = _SimBeamlineOptics("optics", seed=_setup.seed, clock=_clock, flux_noise=0.02, size_noise=0.01)
+if _os.environ.get("BEAMPILOT_SIM_RING"):
+    from simulators.ring import SimStorageRing as _SimStorageRing
+
+    ring = _SimStorageRing("ring", seed=_setup.seed, clock=_clock)
 # Each measurement's idempotency key, read into its event. Only ``measure`` uses it, so it is
 # private: no queued plan may take it as an argument.
 _point_key = _Signal(name=_POINT_KEY, value="")

@@ -12,11 +12,16 @@ from simulators.optics import AXES as _OPTICS_AXES
 
 def _instruments():
     """Each instrument's detectors and settable axes, by name (defined by 10-devices.py)."""
-    return {
+    instruments = {
         "sas": ([sas], {"q": sas.q, "exposure": sas.exposure}),  # noqa: F821
         "stage": ([stage.saxs], {"stage_x": stage.x, "stage_y": stage.y}),  # noqa: F821
         "optics": ([optics], {a: getattr(optics, a) for a in _OPTICS_AXES}),  # noqa: F821
     }
+    if "ring" in globals():  # BEAMPILOT_SIM_RING (its module, with pyAT, is loaded then only)
+        from simulators.ring import FAMILIES
+
+        instruments["ring"] = ([ring], {f"ring_{f}": getattr(ring, f) for f in FAMILIES})  # noqa: F821
+    return instruments
 
 
 def measure(points: list[dict[str, float]], point_keys: list[str], *, md: dict | None = None):
@@ -24,7 +29,8 @@ def measure(points: list[dict[str, float]], point_keys: list[str], *, md: dict |
 
     ``sas`` (I(Q)): ``{"q": 1/Å, "exposure": s}``; ``stage`` (a SAXS frame of the film):
     ``{"stage_x": mm, "stage_y": mm}``; ``optics`` (flux and beam size): any of
-    ``mirror_pitch``, ``mirror_bender``, ``slit_h``, ``slit_v``, ``focus``. Each event records
+    ``mirror_pitch``, ``mirror_bender``, ``slit_h``, ``slit_v``, ``focus``; ``ring`` (lifetime and
+    injection efficiency, when the stack has it): any of ``ring_SH1`` ... ``ring_SD``. Each event records
     ``point_keys[i]`` under ``beampilot_point_key``, so the agent that asked knows which request
     it answers; ``md`` goes to the start document.
 
