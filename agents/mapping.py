@@ -259,7 +259,7 @@ class MappingAgent(StoredAgent):
         self._last_retry = 0.0
         self._router = stream_router(s.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
-                                     agent=self.name)
+                                     on_start=self._open_derived, agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._stage_at: np.ndarray | None = None  # where the stage was read to be, before any measurement
         self._load()
@@ -315,8 +315,6 @@ class MappingAgent(StoredAgent):
 
     # -- tell ---------------------------------------------------------------------------------
     def tell(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "start":
-            self._open_derived(doc)
         if name != "stop":  # a stopped run's documents are forgotten after its last event
             self._tell_external(name, doc)
         self._retry_waiting()

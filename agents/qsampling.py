@@ -82,7 +82,8 @@ class QSamplingAgent(StoredAgent):
         self.duplicates = 0
         self.stop_reason: str | None = None
         self._router = stream_router(settings.keys.stream, self._observe_event, self._run_stopped,
-                                     on_descriptor=self._configure_from, agent=self.name)
+                                     on_descriptor=self._configure_from, on_start=self._open_derived,
+                                     agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._load()
 
@@ -124,8 +125,6 @@ class QSamplingAgent(StoredAgent):
 
     # -- tell ---------------------------------------------------------------------------------
     def tell(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "start":
-            self._open_derived(doc)
         self._router(name, doc)
 
     def _configure_from(self, descriptor: dict) -> None:

@@ -52,16 +52,20 @@ def stream_router(
     on_stop: Callable[[str, dict], Any],
     on_descriptor: Callable[[dict], Any] | None = None,
     *,
+    on_start: Callable[[dict], Any] | None = None,
     agent: str | None = None,
 ) -> RunRouter:
-    """A ``RunRouter`` calling ``on_event(run_uid, event)`` for each event of ``stream``,
-    ``on_descriptor(descriptor)`` for each of its descriptors and ``on_stop(run_uid, stop)``;
-    with ``agent``, not for runs whose start names another agent (see the module docs)."""
+    """A ``RunRouter`` calling ``on_start(start)`` for each run it reads, ``on_event(run_uid,
+    event)`` for each event of ``stream``, ``on_descriptor(descriptor)`` for each of its
+    descriptors and ``on_stop(run_uid, stop)``; with ``agent``, none of them for runs whose start
+    names another agent (see the module docs)."""
 
     def factory(name: str, start: dict) -> tuple[list[Any], list[Any]]:
         asked = start.get(AGENT_META_KEY)
         if agent is not None and asked is not None and asked != agent:
             return [], []
+        if on_start is not None:
+            on_start(start)
         return [_StreamParser(start, stream, on_event, on_stop, on_descriptor)], []
 
     return RunRouter([factory])

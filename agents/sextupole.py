@@ -315,7 +315,7 @@ class SextupoleAgent(StoredAgent):
         self.stop_reason: str | None = None
         self._router = stream_router(settings.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
-                                     agent=self.name)
+                                     on_start=self._open_derived, agent=self.name)
         self._derived: DerivedRunWriter | None = None
         self._load()
 
@@ -417,8 +417,6 @@ class SextupoleAgent(StoredAgent):
 
     # -- tell ---------------------------------------------------------------------------------
     def tell(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "start":
-            self._open_derived(doc)
         self._router(name, doc)
 
     def _observe_event(self, run_uid: str, event: dict) -> None:

@@ -160,12 +160,13 @@ def test_a_steering_agent_reads_its_own_runs_and_the_operators_but_not_another_a
     from agents.runs import stream_router
     from streams.queueserver import AGENT_META_KEY
 
-    events, stops = [], []
-    router = stream_router("primary", lambda uid, e: events.append(e), lambda uid, s: stops.append(s), agent="me")
+    starts, events, stops = [], [], []
+    router = stream_router("primary", lambda uid, e: events.append(e), lambda uid, s: stops.append(s),
+                           on_start=starts.append, agent="me")
     run = compose_run(metadata={} if asked_by is None else {AGENT_META_KEY: asked_by})
     router("start", run.start_doc)
     desc = run.compose_descriptor(name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}})
     router("descriptor", desc.descriptor_doc)
     router("event", desc.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}, seq_num=1))
     router("stop", run.compose_stop())
-    assert (len(events), len(stops)) == ((1, 1) if read else (0, 0))
+    assert (len(starts), len(events), len(stops)) == ((1, 1, 1) if read else (0, 0, 0))  # no derived run either

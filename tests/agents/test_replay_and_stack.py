@@ -375,6 +375,25 @@ def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out
     assert agent.stop_reason is not None or "runs no plan" in stalled, stalled
 
 
+def _derived_runs(daemon):
+    """Each run on the daemon's derived topic, by uid: its start, and its documents' names."""
+    from streams.kafka import KafkaDocumentSource
+
+    runs, run_of = {}, {}
+    with KafkaDocumentSource(daemon.config.derived_topic, daemon.kafka_settings) as topic:
+        while batch := topic.poll(1.0):
+            for r in batch:
+                if r.name == "start":
+                    runs[r.doc["uid"]] = (r.doc, [])
+                    uid = r.doc["uid"]
+                elif r.name in ("descriptor", "stop"):
+                    uid = run_of.setdefault(r.doc["uid"], r.doc["run_start"])
+                else:
+                    uid = run_of[r.doc["descriptor"]]
+                runs[uid][1].append(r.name)
+    return runs
+
+
 def _example_agents(kind, **settings):
     """The deploy example's entries of ``kind`` (deploy/agents.example.yaml), their settings
     updated; the only one when there is one."""
@@ -404,6 +423,8 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
         status = daemon.status()
         positions = mapper.path()
         detectors = [daemon.agents[name].report() for name in ("denoise", "peaks")]
+        daemon.close()
+        derived = _derived_runs(daemon)
     assert max(keys.values()) == 1 and max(points.values()) == 1
     assert {item["result"]["exit_status"] for item in history} == {"completed"}
     by_agent = Counter(item["meta"]["beampilot_agent"] for item in history)
@@ -413,6 +434,12 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
     assert ((positions >= 0) & (positions <= 10)).all()
     assert status["errors"] == [] and not status["stalled"]
     assert [(d["runs_without_frame_key"], d["frames_in"], d["failed_frames"]) for d in detectors] == [(9, 0, {})] * 2
+    # each agent's derived runs (the mapping agent's reductions, the tuning agent's recommendations):
+    # one for each of its own runs, none for the other's, each whole
+    asked_by = {uid: item["meta"]["beampilot_agent"] for item in history for uid in item["result"]["run_uids"]}
+    assert sorted((start["agent"], asked_by[start["raw_run_uid"]]) for start, _ in derived.values()) == \
+        [("film-map", "film-map")] * 3 + [("focus", "focus")] * 6
+    assert all(names[0] == "start" and names[-1] == "stop" for _, names in derived.values())
 
 
 @pytest.mark.integration
