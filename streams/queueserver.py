@@ -328,11 +328,10 @@ class QueueServerPlanSink(ClosesOnExit):
         status names another queue or running item than the last ``queue_get`` answer held)."""
         if self._look is not None:
             return self._look
-        status = self.status()
-        queue = self._queue
-        held = None if queue is None else (queue.get("plan_queue_uid"), (queue.get("running_item") or {}).get("item_uid"))
-        if queue is None or held is None or held[0] is None or held != (status.get("plan_queue_uid"),
-                                                                       status.get("running_item_uid")):
+        status, queue = self.status(), self._queue
+        marks = (status.get("plan_queue_uid"), status.get("running_item_uid"))  # None: a server that has none
+        if queue is None or marks[0] is None or marks != (queue.get("plan_queue_uid"),
+                                                          (queue.get("running_item") or {}).get("item_uid")):
             queue = self._queue = self._send("queue_get")
         if self._round:
             self._look = (status, queue)
@@ -388,9 +387,9 @@ class QueueServerPlanSink(ClosesOnExit):
         """Remove from the queue the items of ``agent`` that have run already.
 
         An RE Manager restarted while it ran an item puts that item back in its queue, and its
-        history holds the cut-short run (``failed``); so does an abort, and a plan that raised. Started again, the item would repeat its
-        plan from the first point, wherever the interruption left the axes: moves no safety gate
-        has checked from there. Such items are removed instead, so the agent asks again from what
+        history holds the cut-short run (``failed``); so does an abort, and a plan that raised.
+        Started again, the item would repeat its plan from the first point, wherever the
+        interruption left the axes: moves no safety gate has checked from there. Such items are removed instead, so the agent asks again from what
         it has measured (and its request, found in the history, is never queued again).
 
         Returns
