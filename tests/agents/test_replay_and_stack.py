@@ -178,7 +178,6 @@ def _history(daemon):
 def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_each_plan_once(tmp_path):
     """The RunEngine in a real RE Manager publishes to a real broker; the daemon steers it, and
     every derived run it publishes reaches tiled whole."""
-    from streams.kafka import KafkaDocumentSource
     from streams.tiled_io import TiledRunSource
 
     with _stack_loop(tmp_path, tiled=True) as (stack, daemon):
@@ -187,10 +186,7 @@ def test_closed_loop_through_broker_and_queueserver_reaches_the_goal_sending_eac
                     180, "goal")
         history, keys, points = _history(daemon)
         daemon.close()  # lets the tiled mirror catch up
-        derived = []
-        with KafkaDocumentSource(daemon.config.derived_topic, daemon.kafka_settings) as topic:
-            while batch := topic.poll(1.0):
-                derived += [(r.name, r.doc) for r in batch]
+        derived = _derived_documents(daemon)
         with TiledRunSource(stack.tiled.uri, api_key=stack.tiled.api_key) as tiled:
             in_tiled = {uid: [name for name, _ in tiled.documents(uid)] for uid in tiled.runs()}
     assert agent.stop_reason.startswith("target precision")
@@ -375,33 +371,37 @@ def test_a_redis_outage_under_the_re_manager_is_logged_once_and_never_waited_out
     assert agent.stop_reason is not None or "runs no plan" in stalled, stalled
 
 
-def _derived_runs(daemon):
-    """Each run on the daemon's derived topic, by uid: its start, and its documents' names."""
+def _derived_documents(daemon):
+    """Every ``(name, doc)`` on the daemon's derived topic, in order."""
     from streams.kafka import KafkaDocumentSource
 
-    runs, run_of = {}, {}
+    documents = []
     with KafkaDocumentSource(daemon.config.derived_topic, daemon.kafka_settings) as topic:
         while batch := topic.poll(1.0):
-            for r in batch:
-                if r.name == "start":
-                    runs[r.doc["uid"]] = (r.doc, [])
-                    uid = r.doc["uid"]
-                elif r.name in ("descriptor", "stop"):
-                    uid = run_of.setdefault(r.doc["uid"], r.doc["run_start"])
-                else:
-                    uid = run_of[r.doc["descriptor"]]
-                runs[uid][1].append(r.name)
+            documents += [(r.name, r.doc) for r in batch]
+    return documents
+
+
+def _derived_runs(daemon):
+    """Each run on the daemon's derived topic, by uid: its start, and its documents' names."""
+    runs, run_of_descriptor = {}, {}
+    for name, doc in _derived_documents(daemon):
+        if name == "start":
+            runs[doc["uid"]] = (doc, [])
+        if name == "descriptor":
+            run_of_descriptor[doc["uid"]] = doc["run_start"]
+        uid = doc["uid"] if name == "start" else doc.get("run_start") or run_of_descriptor[doc["descriptor"]]
+        runs[uid][1].append(name)
     return runs
 
 
 def _example_agents(kind, **settings):
-    """The deploy example's entries of ``kind`` (deploy/agents.example.yaml), their settings
-    updated; the only one when there is one."""
+    """The deploy example's entries of ``kind`` (deploy/agents.example.yaml), their settings updated."""
     entries = yaml.safe_load((REPO / "deploy" / "agents.example.yaml").read_text())["agents"]
     chosen = [e for e in entries if e["kind"] == kind]
     for entry in chosen:
         entry["settings"].update(settings)
-    return chosen[0] if len(chosen) == 1 else chosen
+    return chosen
 
 
 @pytest.mark.integration
@@ -413,8 +413,8 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
     as they come back over Kafka) or optics; every point measured once, reaching its agent, inside
     the limits. The example's detector agents (for a detector the stack does not have) see runs
     without their frame key: not analysed, nothing failed."""
-    agents = [*_example_agents("detector"), _example_agents("mapping", max_points=12, grid=[20, 20]),
-              _example_agents("tuning", budget=6, n_initial=4)]
+    agents = [*_example_agents("detector"), *_example_agents("mapping", max_points=12, grid=[20, 20]),
+              *_example_agents("tuning", budget=6, n_initial=4)]
     with _stack_loop(tmp_path, agents=agents) as (_, daemon):
         mapper, tuner = daemon.agents["film-map"], daemon.agents["focus"]
         _step_until(daemon, lambda: all(a.stop_reason and not daemon.state.awaiting.get(n)
@@ -449,7 +449,7 @@ def test_a_plan_the_device_refuses_is_reported_with_its_reason_and_never_run_aga
     """An agent whose limits reach past the device's: the move raises in the RE Manager, the run
     ends 'fail', and the queue server puts the item back at the head of its queue. The daemon
     says why (the device's own message), and takes the item back rather than run it again."""
-    tuning = _example_agents("tuning", budget=4, n_initial=2, start={
+    [tuning] = _example_agents("tuning", budget=4, n_initial=2, start={
         "mirror_pitch": 0.5, "mirror_bender": 0.7, "slit_h": 1.0, "slit_v": 0.2, "focus": 0.0})
     tuning["settings"]["axes"]["mirror_pitch"]["low"] = 0.0  # the hardware's is 1.0
     tuning["safety"]["limits"]["mirror_pitch"]["low"] = 0.0
