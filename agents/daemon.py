@@ -1086,7 +1086,8 @@ class Daemon:
         if mirror is not None and not mirror.drain(self.config.tiled.drain_s if self.config.tiled else 0, until):
             logger.warning("tiled is %s derived documents behind; the mirror writes them at the next start",
                            mirror.status().get("behind"))
-        for thing in (self.source, self.derived_sink, *([mirror] if mirror else [])):
+        plans = [self.plan_sink] if self.plan_sink is not None else []  # its API's threads and sockets
+        for thing in (self.source, self.derived_sink, *plans, *([mirror] if mirror else [])):
             try:
                 thing.close()
             except Exception as err:

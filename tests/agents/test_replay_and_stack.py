@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -134,6 +135,7 @@ def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, 
         config["queueserver"].update(queueserver or {})
         if agents is not None:
             config["agents"] = agents
+        before = set(threading.enumerate())
         daemon = Daemon(load_daemon_config(config))
         try:
             if open_environment:
@@ -141,8 +143,18 @@ def _stack_loop(tmp_path, queueserver=None, tiled=False, open_environment=True, 
             yield stack, daemon
         finally:
             daemon.close()
+        _assert_api_threads_end(before)  # the daemon closed its plan sink's queue-server API
     finally:
         stack.stop()
+
+
+def _assert_api_threads_end(before):
+    """The bluesky-queueserver-api threads started since ``before`` end (each looks every 0.1 s)."""
+    names = ("RE API: status poll", "RM API: status get", "QServer ZMQ API")
+    deadline = time.monotonic() + 5.0
+    while left := [t.name for t in set(threading.enumerate()) - before if t.name in names]:
+        assert time.monotonic() < deadline, f"queue-server API threads still running: {left}"
+        time.sleep(0.05)
 
 
 def _step_until(daemon, done, seconds, what):
