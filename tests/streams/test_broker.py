@@ -47,8 +47,9 @@ def test_start_times_out_quoting_the_log(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(streams.broker, "kafka_metadata_ok", lambda *a, **k: False)
-    broker = LocalBroker(workdir=tmp_path, start_timeout=0.5)
-    with pytest.raises(StreamError, match=r"within 0.5 s(.|\n)*tansu broker"):
+    # long enough for a loaded machine's broker to have logged its first line (0.5 s was not)
+    broker = LocalBroker(workdir=tmp_path, start_timeout=2.0)
+    with pytest.raises(StreamError, match=r"within 2.0 s(.|\n)*tansu broker"):
         broker.start()
     assert not broker.running
 
