@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/beampilot demo sas-qscan --out $(OUT)
 
+# two workers (pytest-xdist): the integration tests mostly wait on their servers, so two share
+# 2 cores well (~5 min instead of ~9). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # the benchmarks also need what they compare against (gpCAM, Xopt): the [bench] extra
 BENCH_STAMP := $(VENV)/.beampilot-bench-installed
