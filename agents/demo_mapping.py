@@ -102,7 +102,7 @@ def run_mapping_demo(
     for _ in range(max_runs):
         try:
             RE(steered_scan(agent, [stage.saxs], {"stage_x": stage.x, "stage_y": stage.y}, gate=gate,
-                            batch_size=batch, md={"sample": f"film seed {seed}"}))
+                            batch_size=batch, sleep=clock.sleep, md={"sample": f"film seed {seed}"}))
         except Exception as err:  # a refused move or a detector fault ends this run, not the session
             failures.append(f"{type(err).__name__}: {err}")
             logger.warning("run failed (%s); continuing with the next run", err)

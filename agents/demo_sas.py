@@ -145,7 +145,7 @@ def closed_loop(
     for subscriber in subscribers:
         RE.subscribe(subscriber)
     axes = {"q": instrument.q, "exposure": instrument.exposure}
-    RE(steered_scan(agent, [instrument], axes, gate=gate, batch_size=batch_size, max_rounds=max_rounds,
+    RE(steered_scan(agent, [instrument], axes, gate=gate, batch_size=batch_size, max_rounds=max_rounds, sleep=clock.sleep,
                     md={"sample_kind": setup.sample_kind, **(md or {})}))
     return gate
 

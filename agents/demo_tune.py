@@ -122,7 +122,7 @@ def closed_loop(
         RE.subscribe(subscriber)
     axes = {a: getattr(optics, a) for a in agent.axes}
     RE(steered_scan(agent, [optics], axes, gate=safety, batch_size=setup.batch_size, max_rounds=max_rounds,
-                    md={"demo": "tune", "required_beam_size": setup.required_beam_size}))
+                    sleep=clock.sleep, md={"demo": "tune", "required_beam_size": setup.required_beam_size}))
     return safety
 
 

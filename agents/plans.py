@@ -14,6 +14,7 @@ pending in the agent, which asks for them again (with the same keys) in its next
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -126,6 +127,7 @@ def steered_scan(
     max_rejected_rounds: int = 3,
     queue_size: int = 10_000,
     md: Mapping[str, Any] | None = None,
+    sleep: Callable[[float], None] | None = None,
 ) -> MsgGenerator:
     """One run steered by ``agent``: ask, check, measure, tell, until the agent says stop.
 
@@ -150,6 +152,13 @@ def steered_scan(
         Bound of the in-process document queue between the RunEngine and the agent.
     md
         Extra metadata for the start document.
+    sleep
+        How to wait when the gate's rate limit (``max_requests_per_minute``) would reject the
+        next plan: ``None`` waits in the RunEngine (``bps.sleep``, so a pause still pauses), the
+        wait for a gate on real time; a simulation whose gate runs on its virtual clock passes
+        that clock's ``sleep``. The agent is asked, and each plan put to the gate, only once
+        the rate admits it, so no plan is rejected for the rate (a limit under one request a
+        minute admits nothing: those plans are rejected, as every rejection, and end the scan).
 
     Examples
     --------
@@ -175,26 +184,47 @@ def steered_scan(
             agent.observe_positions(here)
         done, rejected_in_a_row = 0, 0
         while max_rounds is None or done < max_rounds:
+            yield from _wait_for_rate(gate, sleep, _md["agent"])
             feed()
             requests = agent.ask(batch_size)
             if not requests:
                 logger.info("agent %s says stop", _md["agent"])
                 return
-            admitted = [r for r in requests if _admit(gate, agent, r)]
+            admitted = 0
+            for request in requests:  # one at a time: a later request of the batch may wait for the rate
+                yield from _wait_for_rate(gate, sleep, _md["agent"])
+                if _admit(gate, agent, request):
+                    admitted += 1
+                    yield from STEP_PLANS[request.plan](request, detectors, axes, key_signal)
             rejected_in_a_row = 0 if admitted else rejected_in_a_row + 1
             if rejected_in_a_row >= max_rejected_rounds:
                 raise SafetyRejectedError(
                     f"every request was rejected {rejected_in_a_row} rounds in a row; last: "
                     f"{gate.verdicts[-1].reason}. Check the agent's limits against the safety config"
                 )
-            for request in admitted:
-                yield from STEP_PLANS[request.plan](request, detectors, axes, key_signal)
             done += 1
 
     plan = bpp.run_wrapper(rounds(), md=_md)
     plan = bpp.stage_wrapper(plan, [*detectors, *axes.values()])
     plan = bpp.subs_wrapper(plan, {"all": [source]})
     return (yield from bpp.finalize_wrapper(plan, _final_feed(feed)))
+
+
+def _wait_for_rate(gate: SafetyGate, sleep: Callable[[float], None] | None, agent: str) -> MsgGenerator:
+    """Wait until the gate's rate limit admits one more request (see :func:`steered_scan`)."""
+    wait = gate.rate_wait()
+    if wait == 0.0 or math.isinf(wait):  # inf: nothing is ever admitted; the gate says so
+        return
+    logger.info("agent %s: its next plan waits %.1f s for the rate limit (max_requests_per_minute=%g)",
+                agent, wait, gate.config.max_requests_per_minute)
+    if sleep is None:
+        yield from bps.sleep(wait)
+    else:
+        sleep(wait)
+    if gate.rate_wait() >= wait:  # the gate's clock did not move while we waited
+        raise RuntimeError(
+            f"waited {wait:.3g} s for the safety gate's rate limit, but the gate's clock did not advance: "
+            "a gate on a simulation's virtual clock needs steered_scan(sleep=<that clock>.sleep)")
 
 
 def _read_positions(axes: Mapping[str, Any]) -> MsgGenerator:

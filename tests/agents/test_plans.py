@@ -129,6 +129,49 @@ def test_pause_and_resume_record_each_point_once(RE, instrument, gate):
     assert Counter(n for n, _ in agent.told)["event"] == 5
 
 
+def _rate_gate(clock, per_minute):
+    return SafetyGate(SafetyConfig(frozenset({"measure"}), {"q": AxisLimits(0.001, 0.5),
+                                                                "exposure": AxisLimits(0.1, 10.0)},
+                                   max_requests_per_minute=per_minute), clock=clock.time)
+
+
+def test_a_plan_over_the_rate_limit_waits_on_the_gates_clock_and_is_never_rejected(RE, instrument, clock):
+    gate = _rate_gate(clock, 2)
+    agent = ScriptedAgent([_measure(k, q) for k, q in zip("abcde", (0.01, 0.02, 0.03, 0.04, 0.05))])
+    asked_at, admitted_at = [], []
+    ask, admit = agent.ask, gate.admit
+    agent.ask = lambda n: asked_at.append(clock.time()) or ask(n)
+    gate.admit = lambda request: admitted_at.append(clock.time()) or admit(request)
+    docs = []
+    RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    RE(steered_scan(agent, [instrument], {"q": instrument.q, "exposure": instrument.exposure}, gate=gate,
+                    sleep=clock.sleep, max_rejected_rounds=1))
+    assert gate.report()["rejected"] == 0 and agent.rejections == []
+    assert [e["data"][POINT_KEY] for n, e in docs if n == "event"] == ["a:0", "b:0", "c:0", "d:0", "e:0"]
+    assert all(later - first >= 60.0 for first, later in zip(admitted_at, admitted_at[2:]))  # 2 a minute
+    assert asked_at[2] - asked_at[0] >= 60.0 and asked_at[4] - asked_at[2] >= 60.0  # asked only once it admits
+
+
+def test_the_rate_wait_sleeps_in_the_runengine_and_a_clock_that_stands_still_is_named(clock):
+    from agents.plans import _wait_for_rate
+
+    gate = _rate_gate(clock, 1)
+    assert list(_wait_for_rate(gate, None, "a")) == []  # room: no wait
+    gate.admit(_measure("a", 0.01))
+    clock.sleep(15.0)
+    waiting = _wait_for_rate(gate, None, "a")
+    msg = next(waiting)  # a pausable sleep of the RunEngine's, as long as the limit needs
+    assert msg.command == "sleep" and msg.args == (45.0,)
+    clock.sleep(45.0)
+    assert list(waiting) == []
+    gate.admit(_measure("b", 0.01))
+    with pytest.raises(RuntimeError, match="clock did not advance.*sleep=<that clock>.sleep"):
+        list(_wait_for_rate(gate, lambda dt: None, "a"))  # a sleep that is not the gate's clock's
+    never = _rate_gate(clock, 0.5)  # under one a minute: not waited for, the gate rejects
+    never.admit(_measure("c", 0.01))
+    assert list(_wait_for_rate(never, None, "a")) == []
+
+
 class PositionAwareAgent(ScriptedAgent):
     def observe_positions(self, positions):
         self.positions = dict(positions)
