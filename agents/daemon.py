@@ -1178,7 +1178,7 @@ def render_status_page(s: dict[str, Any]) -> str:
     plan_rows = "".join(
         f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(p['time']))}</td><td>{e(p['agent'])}</td>"
         f"<td>{e(p['plan'])}</td><td class='{p['status']}'>{e(p['status'])}</td>"
-        f"<td>{e(p.get('reason', str(p.get('points', '')) + ' points'))}</td><td><code>{e(p['key'][:18])}</code></td></tr>"
+        f"<td>{e(p.get('reason', _points(p.get('points'))))}</td><td><code>{e(p['key'][:18])}</code></td></tr>"
         for p in reversed(s["plans"][-15:])) or "<tr><td colspan=6>none yet</td></tr>"
     agent_blocks = "".join(
         f"<div class='agent'><h3>{e(name)} <small>{e(str(r.get('kind', '')))}</small></h3>"
@@ -1236,14 +1236,28 @@ up {s['uptime_s']:.0f} s · last checkpoint {time.strftime('%H:%M:%S', time.loca
 </body></html>"""
 
 
+def _points(n: Any) -> str:
+    return "" if n is None else f"{n} point" if n == 1 else f"{n} points"
+
+
 def _agent_summary(r: dict[str, Any]) -> str:
     e = html.escape
     parts = []
-    for key in ("n_observations", "exposure_total_s", "events_in", "events_out", "pending", "stop_reason", "skipped",
-                "frames_in", "frames_out", "frames_waiting_for_data"):
+    for key in ("n_observations", "budget", "exposure_total_s", "travel", "events_in", "events_out", "pending",
+                "stop_reason", "skipped", "frames_in", "frames_out", "frames_waiting_for_data"):
         if r.get(key) is not None:
             value = r[key]
             parts.append(f"{e(key)}: <b>{value:.1f}</b>" if isinstance(value, float) else f"{e(key)}: <b>{e(str(value))}</b>")
+    p95 = (r.get("decision_latency_ms") or {}).get("p95")
+    if p95 is not None:
+        parts.append(f"decision p95: <b>{p95:.0f} ms</b>")
+    if "best_observed_feasible" in r:  # a tuning agent's best reading that met its requirement
+        best = r["best_observed_feasible"] or {}
+        parts += [f"best {e(k)} = <b>{v:.4g}</b>" for k, v in best.items() if isinstance(v, (int, float))] or [
+            "best: <b>no setting has met the requirement yet</b>"]
+    if r.get("runs_without_frame_key"):  # said, so a wrong frame_key is seen before frames_in 0 puzzles
+        keys = ", ".join((r.get("last_run_without_frame_key") or {}).get("data_keys", []))
+        parts.append(f"runs without its frame key: <b>{r['runs_without_frame_key']}</b> (the last had {e(keys)})")
     if r.get("failed_frames"):  # a detector agent's failures by cause
         failed = ", ".join(f"{e(cause)} {n}" for cause, n in sorted(r["failed_frames"].items()))
         parts.append(f"<span class='rejected'>failed frames: {failed}</span>")

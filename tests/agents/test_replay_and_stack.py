@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from agents.cli import app
-from agents.daemon import Daemon
+from agents.daemon import Daemon, render_status_page
 from agents.daemon_config import load_daemon_config
 from agents.demo_sas import DemoSetup
 from agents.demo_stack import stack_daemon_config
@@ -446,6 +446,14 @@ def test_the_mapping_and_tuning_agents_steer_the_stage_and_optics_through_the_qu
     assert ((positions >= 0) & (positions <= 10)).all()
     assert status["errors"] == [] and not status["stalled"]
     assert [(d["runs_without_frame_key"], d["frames_in"], d["failed_frames"]) for d in detectors] == [(9, 0, {})] * 2
+    page = render_status_page(status)  # what the operator sees of each: why no frames, where each agent is
+    assert page.count("runs without its frame key: <b>9</b> (the last had ") == 2
+    assert "n_observations: <b>12</b>" in page and "travel: <b>" in page and "decision p95: <b>" in page
+    assert "budget: <b>6</b>" in page and "best: <b>no setting has met the requirement yet</b>" in page  # 6 is few
+    status["agents"]["focus"]["best_observed_feasible"] = {"settings": {"slit_h": 0.8}, "optics_flux": 6.46e11,
+                                                           "optics_beam_size": 11.76}
+    assert "best optics_flux = <b>6.46e+11</b> · best optics_beam_size = <b>11.76</b>" in render_status_page(status)
+    assert "<td>4 points</td>" in page and "<td>1 point</td>" in page
     # each agent's derived runs (the mapping agent's reductions, the tuning agent's recommendations):
     # one for each of its own runs, none for the other's, each whole
     asked_by = {uid: item["meta"]["beampilot_agent"] for item in history for uid in item["result"]["run_uids"]}
