@@ -332,6 +332,9 @@ class Daemon:
                     logger.debug("closing %s after a failed start: %s", type(thing).__name__, err)
             raise
         self.source, self.derived_sink, self.plan_sink = source, derived_sink, plan_sink
+        if not self.state.offsets and self.config.start_at == "end":
+            # where "from now on" began: a restart before the first document reads on from here
+            self.state.offsets = dict(self.source.positions())
         # where each batching agent last had nothing waiting: the checkpoint goes no further
         self._consumed: dict[str, int] = dict(self.state.offsets)
         self._reading: tuple[str, int] = ("", -1)  # the record being processed (topic:partition, offset)
@@ -358,9 +361,18 @@ class Daemon:
         self.kafka_settings.check_reachable(timeout=5.0)
         # The checkpoint, not the group, says where to start: it moves with the agents' state.
         # The group only mirrors it, so a facility's lag monitor sees this consumer.
+        if not self.state.offsets:  # a first start: say where it reads from, and what that means
+            logger.warning("no checkpoint in %s: reading %s from %s%s", self.config.state_dir,
+                           self.config.documents_topic,
+                           "its first retained message (every run the topic holds reaches the agents; "
+                           "start_at: end reads only what is published from now on)"
+                           if self.config.start_at == "beginning" else "what is published from now on (start_at: end)",
+                           f", unless consumer group {self.config.kafka.group_id!r} has a position"
+                           if self.config.kafka.group_id else "")
         return KafkaDocumentSource([self.config.documents_topic], self.kafka_settings,
                                    group_id=self.config.kafka.group_id,
-                                   offsets=self.state.offsets or None, from_beginning=True,
+                                   offsets=self.state.offsets or None,
+                                   from_beginning=self.config.start_at == "beginning",
                                    max_message_bytes=self.config.max_message_bytes)
 
     def _make_derived_sink(self) -> Any:

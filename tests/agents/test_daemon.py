@@ -229,6 +229,25 @@ def test_bad_messages_are_counted_logged_with_offset_and_skipped(broker, tmp_pat
     assert total == 4
 
 
+def test_a_first_start_at_the_end_reads_what_comes_after_it_even_across_a_restart(broker, tmp_path, caplog):
+    """``start_at: end``: last night's runs still on the topic are not read; documents published
+    after the first start are, although the daemon was killed before it read any."""
+    cfg = load_daemon_config(_config(broker, tmp_path / "state", start_at="end"))
+    old, new = (list(sas_run_documents(12, seed=s)) for s in (7, 8))
+    _publish(broker, cfg.documents_topic, old)
+    with caplog.at_level(logging.WARNING, logger="agents.daemon"):
+        first = Daemon(cfg)
+    first.source.close()  # killed (no close: no final checkpoint) before anything was published
+    first.derived_sink.close()
+    assert f"reading {cfg.documents_topic} from what is published from now on (start_at: end)" in caplog.text
+    _publish(broker, cfg.documents_topic, new)  # while it was down
+    again = Daemon(cfg)
+    _run_until(again, lambda: again.agents["rate"].events_out == 12)
+    again.close()
+    per_raw = _derived_per_raw(_read_all(broker, cfg.derived_topic))
+    assert set(per_raw) == _raw_events(new) and set(per_raw.values()) == {1}  # none of the old run
+
+
 def test_restart_from_checkpoint_reads_on_without_repeats(broker, tmp_path):
     group = f"g-{uuid.uuid4().hex[:8]}"  # positions are mirrored to a consumer group too
     cfg = load_daemon_config(_config(broker, tmp_path / "state",
