@@ -9,19 +9,25 @@ A daemon tells every agent every run on its topic. A run another agent asked for
 names that agent under ``beampilot_agent``, as a queued request's runs do) is that agent's, so
 the router given ``agent`` leaves it alone: the tuning agent has nothing to learn from the mapping
 agent's frames, and would only report each of its events as one it never asked for. Runs that
-name no agent (an operator's own scan) are read by all.
+name no agent (an operator's own scan) are read by all. A run that names this agent but a request
+it has no record of (``asked``) was an earlier agent's of the same name, with another store (a
+daemon started afresh on a topic that still holds the last session's runs): it is not read
+either, and the log says so once per run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from event_model import DocumentRouter, RunRouter
 
-from streams.queueserver import AGENT_META_KEY
+from streams.queueserver import AGENT_META_KEY, REQUEST_META_KEY
 
 __all__ = ["stream_router"]
+
+logger = logging.getLogger(__name__)
 
 
 class _StreamParser(DocumentRouter):
@@ -54,15 +60,21 @@ def stream_router(
     *,
     on_start: Callable[[dict], Any] | None = None,
     agent: str | None = None,
+    asked: Callable[[str], bool] | None = None,
 ) -> RunRouter:
     """A ``RunRouter`` calling ``on_start(start)`` for each run it reads, ``on_event(run_uid,
     event)`` for each event of ``stream``, ``on_descriptor(descriptor)`` for each of its
     descriptors and ``on_stop(run_uid, stop)``; with ``agent``, none of them for runs whose start
-    names another agent (see the module docs)."""
+    names another agent, nor, with ``asked`` (a request key -> whether this agent made that
+    request), for runs naming ``agent`` and a request it did not make (see the module docs)."""
 
     def factory(name: str, start: dict) -> tuple[list[Any], list[Any]]:
-        asked = start.get(AGENT_META_KEY)
-        if agent is not None and asked is not None and asked != agent:
+        asked_by, key = start.get(AGENT_META_KEY), start.get(REQUEST_META_KEY)
+        if agent is not None and asked_by is not None and asked_by != agent:
+            return [], []
+        if agent is not None and asked_by == agent and asked is not None and isinstance(key, str) and not asked(key):
+            logger.info("agent %s: run %s was asked for by an earlier agent %r (request %s is not in this "
+                        "agent's store); not read", agent, start.get("uid"), agent, key)
             return [], []
         if on_start is not None:
             on_start(start)

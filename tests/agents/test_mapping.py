@@ -350,3 +350,34 @@ def test_an_agent_at_its_rate_limit_is_not_asked_until_the_gate_would_admit_its_
     assert status["paused"] == {} and 55 < status["rate_limited_s"]["map1"] <= 60
     assert "map1 waits 5" in page and "rate limit" in page
     assert status["counters"]["beampilot_rate_limit_waits_total"] == 1  # one wait, said once
+
+
+def test_a_run_an_earlier_agent_of_the_same_name_asked_for_is_not_taken_as_a_measurement(tmp_path):
+    """A fresh agent on a topic that still holds the last session's runs: those naming its name,
+    but a request its store never made, are not measurements of its sample; its own are."""
+    from event_model import compose_run
+
+    from streams.queueserver import AGENT_META_KEY, REQUEST_META_KEY
+
+    agent = MappingAgent({"name": "map1", "extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"],
+                          "max_points": 8}, tmp_path / "s.zarr")
+
+    def tell(request_key, points, keys):
+        run = compose_run(metadata={AGENT_META_KEY: "map1", REQUEST_META_KEY: request_key})
+        num = {"dtype": "number", "shape": [], "source": "sim"}
+        desc = run.compose_descriptor(name="primary", data_keys={
+            "stage_x": num, "stage_y": num, "value": num, "beampilot_point_key": {"dtype": "string", "shape": [], "source": "sim"}})
+        agent.tell("start", run.start_doc)
+        agent.tell("descriptor", desc.descriptor_doc)
+        for p, key in zip(points, keys, strict=True):
+            data = {"stage_x": p["stage_x"], "stage_y": p["stage_y"], "value": 1.0, "beampilot_point_key": key}
+            agent.tell("event", desc.compose_event(data=data, timestamps={k: 0.0 for k in data}))
+        agent.tell("stop", run.compose_stop())
+
+    old = [{"stage_x": 1.0 + i, "stage_y": 2.0} for i in range(3)]
+    tell("0f" * 16, old, [f"{'0f' * 16}:{i}" for i in range(3)])  # last session's agent of the same name
+    assert agent.n_observations == 0
+    request = agent.ask(4)[0]
+    tell(request.key, request.kwargs["points"], request.kwargs["point_keys"])
+    assert agent.n_observations == len(request.kwargs["points"]) == 4
+    agent.close()

@@ -194,19 +194,21 @@ def test_the_first_step_is_measured_from_where_the_axes_are(RE, instrument, cloc
     assert [d["data"]["sas_q"] for n, d in docs if n == "event"] == [0.31, 0.32]
 
 
-@pytest.mark.parametrize(("asked_by", "read"), [("me", True), (None, True), ("another", False)])
-def test_a_steering_agent_reads_its_own_runs_and_the_operators_but_not_another_agents(asked_by, read):
+@pytest.mark.parametrize(("asked_by", "request_key", "read"), [
+    ("me", "k1", True), ("me", "k1:retry7", True), ("me", "k0", False), (None, None, True), ("another", "k1", False)])
+def test_a_steering_agent_reads_its_own_runs_and_the_operators_but_not_another_agents(asked_by, request_key, read):
     """A daemon tells every agent every run; one that another agent asked for (its start names
-    that agent, as the queue server's runs of a request do) is left to that agent."""
+    that agent, as the queue server's runs of a request do) is left to that agent, and so is one
+    naming this agent's name but a request it never made (an earlier agent's, with another store)."""
     from event_model import compose_run
 
     from agents.runs import stream_router
-    from streams.queueserver import AGENT_META_KEY
+    from streams.queueserver import AGENT_META_KEY, REQUEST_META_KEY
 
     starts, events, stops = [], [], []
     router = stream_router("primary", lambda uid, e: events.append(e), lambda uid, s: stops.append(s),
-                           on_start=starts.append, agent="me")
-    run = compose_run(metadata={} if asked_by is None else {AGENT_META_KEY: asked_by})
+                           on_start=starts.append, agent="me", asked=lambda key: key.split(":")[0] == "k1")
+    run = compose_run(metadata={} if asked_by is None else {AGENT_META_KEY: asked_by, REQUEST_META_KEY: request_key})
     router("start", run.start_doc)
     desc = run.compose_descriptor(name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}})
     router("descriptor", desc.descriptor_doc)
