@@ -110,9 +110,9 @@ class DaemonConfig(_Strict):
     state_dir: Path = Path("beampilot-state")
     #: where a first start (no checkpoint in state_dir, no position of kafka.group_id) reads the
     #: documents topic from: its first retained message ('beginning': a run already under way is
-    #: read whole, but so is every earlier run the topic still holds, which the agents then analyse
-    #: and, steering agents, take as measurements of their sample), or what is published after
-    #: the start ('end')
+    #: read whole, but so is every earlier run the topic still holds, which the analysis agents
+    #: then analyse, and whose operator scans steering agents take as measurements of their
+    #: sample), or what is published after the start ('end')
     start_at: Literal["beginning", "end"] = "beginning"
     http: HttpSettings = Field(default_factory=HttpSettings)
     agents: list[AgentEntry] = Field(min_length=1)
