@@ -260,7 +260,7 @@ class MappingAgent(StoredAgent):
         self._router = stream_router(s.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
                                      on_start=self._open_derived, agent=self.name,
-                                     asked=lambda key: key.split(":")[0] in self._decisions["request_key"])
+                                     asked=lambda key: key in self._decisions["request_key"])
         self._derived: DerivedRunWriter | None = None
         self._stage_at: np.ndarray | None = None  # where the stage was read to be, before any measurement
         self._load()

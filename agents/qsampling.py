@@ -84,7 +84,7 @@ class QSamplingAgent(StoredAgent):
         self._router = stream_router(settings.keys.stream, self._observe_event, self._run_stopped,
                                      on_descriptor=self._configure_from, on_start=self._open_derived,
                                      agent=self.name,
-                                     asked=lambda key: key.split(":")[0] in self._decisions["request_key"])
+                                     asked=lambda key: key in self._decisions["request_key"])
         self._derived: DerivedRunWriter | None = None
         self._load()
 

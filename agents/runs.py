@@ -66,13 +66,15 @@ def stream_router(
     event)`` for each event of ``stream``, ``on_descriptor(descriptor)`` for each of its
     descriptors and ``on_stop(run_uid, stop)``; with ``agent``, none of them for runs whose start
     names another agent, nor, with ``asked`` (a request key -> whether this agent made that
-    request), for runs naming ``agent`` and a request it did not make (see the module docs)."""
+    request; a retry's key ``<key>:retry<n>`` is asked about as ``<key>``), for runs naming
+    ``agent`` and a request it did not make (see the module docs)."""
 
     def factory(name: str, start: dict) -> tuple[list[Any], list[Any]]:
         asked_by, key = start.get(AGENT_META_KEY), start.get(REQUEST_META_KEY)
         if agent is not None and asked_by is not None and asked_by != agent:
             return [], []
-        if agent is not None and asked_by == agent and asked is not None and isinstance(key, str) and not asked(key):
+        if agent is not None and asked_by == agent and asked is not None and isinstance(key, str) \
+                and not asked(key.split(":")[0]):
             logger.info("agent %s: run %s was asked for by an earlier agent %r (request %s is not in this "
                         "agent's store); not read", agent, start.get("uid"), agent, key)
             return [], []

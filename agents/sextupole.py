@@ -316,8 +316,7 @@ class SextupoleAgent(StoredAgent):
         self._router = stream_router(settings.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
                                      on_start=self._open_derived, agent=self.name,
-                                     asked=lambda key: any(p["request_key"] == key.split(":")[0]
-                                                           for p in self._points.values()))
+                                     asked=lambda key: any(p["request_key"] == key for p in self._points.values()))
         self._derived: DerivedRunWriter | None = None
         self._load()
 

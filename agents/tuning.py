@@ -253,7 +253,7 @@ class TuningAgent(StoredAgent):
         self._router = stream_router(settings.keys.stream, self._observe_event,
                                      lambda _uid, stop: self._close_derived(stop.get("exit_status", "success")),
                                      on_start=self._open_derived, agent=self.name,
-                                     asked=lambda key: key.split(":")[0] in self._dec["request_key"])
+                                     asked=lambda key: key in self._dec["request_key"])
         self._derived: DerivedRunWriter | None = None
         self._load()
 

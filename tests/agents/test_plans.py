@@ -207,7 +207,7 @@ def test_a_steering_agent_reads_its_own_runs_and_the_operators_but_not_another_a
 
     starts, events, stops = [], [], []
     router = stream_router("primary", lambda uid, e: events.append(e), lambda uid, s: stops.append(s),
-                           on_start=starts.append, agent="me", asked=lambda key: key.split(":")[0] == "k1")
+                           on_start=starts.append, agent="me", asked=lambda key: key == "k1")
     run = compose_run(metadata={} if asked_by is None else {AGENT_META_KEY: asked_by, REQUEST_META_KEY: request_key})
     router("start", run.start_doc)
     desc = run.compose_descriptor(name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}})
