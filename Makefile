@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/beampilot demo sas-qscan --out $(OUT)
 
 # two workers (pytest-xdist): the integration tests mostly wait on their servers, so two share
-# 2 cores well (~5 min instead of ~9). TEST_WORKERS=0 runs them in one process.
+# 2 cores well (5-7 min instead of ~9). TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
