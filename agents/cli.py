@@ -31,13 +31,14 @@ class SampleKind(StrEnum):
 
 
 def _out_dir(out: Path | None) -> Path | None:
-    """``--out``: made now and checked writable, so a long run does not fail at its end."""
+    """``--out``: checked writable now, so a long run does not fail at its end; made by the
+    command when it runs (not here: a command refused for another option leaves nothing)."""
     from agents.config import writable_dir
 
     if out is None:
         return out
     try:
-        return writable_dir(out, option="")  # click names the option
+        return writable_dir(out, option="", create=False)  # click names the option
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
 

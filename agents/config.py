@@ -185,19 +185,31 @@ def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str,
         raise ConfigError(_explain(err, label)) from None
 
 
-def writable_dir(path: Path, option: str = "--out") -> Path:
+def writable_dir(path: Path, option: str = "--out", *, create: bool = True) -> Path:
     """Make the output directory ``path`` and check that files can be written in it, so a long
     job does not fail at its end; raises :class:`ValueError` naming ``option`` (when given),
-    the path and the cause."""
+    the path and the cause.
+
+    ``create=False`` checks the same without making anything: ``path`` must be a writable
+    directory, or not exist below a writable one (the command makes it when it runs). A command
+    line's check uses it, so a command refused for another of its options leaves nothing behind.
+    """
     import tempfile
 
     path = Path(path)
     name = f"{option} {path}".strip()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} is a file: name a directory")
+    probe = path
+    if not create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ValueError(f"{name} cannot be made: {probe} is a file; name a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-check-"):
             pass
     except OSError as err:
         raise ValueError(f"{name} cannot be written ({err.strerror or err}): "

@@ -66,6 +66,31 @@ def test_an_out_that_is_a_file_is_refused_before_the_command_runs(tmp_path, path
     assert "Traceback" not in result.output and a_file.read_text() == "{}"
 
 
+@pytest.mark.parametrize("path", _with_out())
+def test_a_command_refused_for_another_option_leaves_no_out_behind(tmp_path, monkeypatch, path):
+    """``--out`` is checked when the command line is read, but made only when the command runs:
+    neither the named directory nor the default one (in the working directory) is left behind."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "report"
+    task = ["denoise"] if path == ("train",) else []
+    for args in ([*path, *task, "--out", str(out), "--seed", "not-a-number"], [*path, *task, "--seed", "x"]):
+        result = runner.invoke(app, args)
+        said = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and "Invalid value for '--seed'" in said, said
+    assert sorted(tmp_path.iterdir()) == [], sorted(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", _with_out())
+def test_an_out_below_a_file_is_refused_before_the_command_runs(tmp_path, path):
+    a_file = tmp_path / "report.json"
+    a_file.write_text("{}")
+    args = [*path, "--out", str(a_file / "below")] + (["denoise"] if path == ("train",) else [])
+    result = runner.invoke(app, args)
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "Invalid value for '--out'" in said and "is a file" in said, said
+    assert a_file.read_text() == "{}"
+
+
 def test_the_commands_with_an_out_are_the_demos_and_train():
     assert sorted(_with_out()) == sorted([("train",), *[("demo", d) for d in
                                           ("sas-qscan", "mapping", "tune", "ring", "bragg", "sans-sr")]])
