@@ -173,8 +173,7 @@ def tune(
     from agents.demo_tune import run_tune_demo
 
     summary = run_tune_demo(out, seed=seed, budget=budget, progress=not quiet)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}, indent=2, default=str))
-    typer.echo(f"report: {out}")
+    _print_tune_summary(summary, out)
 
 
 @demo_app.command(
@@ -492,6 +491,30 @@ def _replay(source: str, runs, speed, sink, on_sim: bool, sample: str, seed: int
 
     reruns = [rerun_on_sim(store.documents(uid), sink, sample_kind=sample, seed=seed) for uid in uids]
     return {"source": source, "runs": len(uids), "reruns": reruns}
+
+
+def _print_tune_summary(summary: dict, out: Path) -> None:
+    """What ``demo tune`` found, against the simulator's true optimum (known only to a demo)."""
+    setup, opt, final = summary["setup"], summary["true_optimum"], summary.get("final")
+    required = setup["required_beam_size"]
+    typer.echo(f"stopped: {summary['stop_reason']}")
+    if final is None:
+        typer.echo(f"  no setting is known to meet beam size <= {required:g} µm yet: no recommendation")
+    else:
+        met = "meets" if final["meets_requirement"] else "MISSES"
+        typer.echo(f"  recommended: flux {final['true_flux']:.3g} /s, {100 * final['fraction_of_optimum']:.1f}% of the "
+                   f"optimum {opt['flux']:.3g} /s; beam size {final['true_beam_size']:.2f} µm ({met} <= {required:g} µm)")
+        for axis, value in final["settings"].items():
+            typer.echo(f"  {axis:>14} = {value:8.4g}   (optimum {opt['settings'][axis]:.4g})")
+    within = summary["evals_to_within_5pct"]
+    typer.echo(f"  within 5% of the optimum after {within} evaluations" if within is not None else
+               f"  not within 5% of the optimum in {summary['n_evaluations']} evaluations")
+    decisions = ", ".join(f"{n} {kind}" for kind, n in summary["decisions"].items())
+    safety = summary["safety"]
+    typer.echo(f"  evaluations: {summary['n_evaluations']} ({decisions}); safety gate: {safety['admitted']} "
+               f"admitted, {safety['rejected']} rejected; errors: {len(summary['errors'])}; "
+               f"wall time {summary['wall_time_s']:.1f} s")
+    typer.echo(f"report: {out}/summary.json, {', '.join(summary.get('figures', []))}; store: {summary['store']}")
 
 
 def _print_summary(summary: dict, out: Path) -> None:

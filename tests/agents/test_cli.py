@@ -142,6 +142,23 @@ def test_replay_into_agents_goes_on_past_an_agent_that_fails_as_the_daemon_does(
     assert stats["counts"]["event"] == 4 and "agent qsampling failed on descriptor" in result.stderr
 
 
+def test_demo_tune_says_what_it_found_against_the_true_optimum(tmp_path):
+    out = tmp_path / "tune"
+    result = runner.invoke(app, ["demo", "tune", "--out", str(out), "--budget", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    final, lines = summary["final"], result.stdout.splitlines()
+    assert lines[0] == "stopped: budget spent: 4 evaluations of a budget of 4"
+    pct = f"{100 * final['fraction_of_optimum']:.1f}% of the optimum"
+    verdict = "meets" if final["meets_requirement"] else "MISSES"
+    assert pct in lines[1] and f"({verdict} <= 12 µm)" in lines[1], lines[1]
+    for axis, value in final["settings"].items():
+        assert any(line.split() == [axis, "=", f"{value:.4g}", "(optimum", f"{summary['true_optimum']['settings'][axis]:.4g})"]
+                   for line in lines), (axis, lines)
+    assert "  not within 5% of the optimum in 4 evaluations" in lines
+    assert any(line.startswith("  evaluations: 4 (") and "4 admitted, 0 rejected" in line for line in lines), lines
+
+
 def test_demo_writes_the_report(tmp_path):
     config = tmp_path / "fast.yaml"
     config.write_text(FAST)
