@@ -11,9 +11,10 @@ The loop, one thread::
 
 Delivery. The broker delivers at least once; the daemon makes that effectively exactly once:
 
-* the checkpoint (one JSON file, replaced atomically) holds the consumer positions, the start,
-  descriptors and (stream) resources of every open run (and its datums no event has used yet), and the
-  derived documents of the batch (the *outbox*), written **before** the outbox is sent. After a
+* the checkpoint (a JSON file, replaced atomically) holds the consumer positions, the start,
+  descriptors and (stream) resources of every open run (and its datums no event has used yet), and
+  names a binary file beside it with the derived documents of the batch (the *outbox*, packed as
+  they go to Kafka: a derived frame is megabytes as JSON), both written **before** the outbox is sent. After a
   kill, the daemon re-sends only those outbox documents whose uids are not already on the derived
   topic, re-primes each agent with the open runs, and reads on from the saved positions;
 * agents that batch (detector analysis: frames wait up to a latency budget for a full batch)
@@ -70,7 +71,8 @@ __all__ = ["Checkpoint", "Daemon", "DaemonMetrics", "StatusServer", "build_agent
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the outbox in a binary file beside the JSON
+READABLE_CHECKPOINT_VERSIONS = (1, 2)  # 1 held the outbox in the JSON
 #: a steering agent whose every request is rejected this many rounds in a row is paused, as in steered_scan
 MAX_REJECTED_ROUNDS = 3
 #: while the queue server does not answer, the first and the longest wait (s) between tries; each
@@ -152,23 +154,69 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as err:
             raise AgentError(f"checkpoint {path} is unreadable ({err}); move it away to start fresh "
                              "(documents already processed would then be processed again)") from err
-        if raw.get("version") != CHECKPOINT_VERSION:
+        if raw.get("version") not in READABLE_CHECKPOINT_VERSIONS:
             raise AgentError(f"checkpoint {path} has version {raw.get('version')!r}, this beampilot "
                              f"writes {CHECKPOINT_VERSION}; move it away to start fresh")
         raw.pop("version")
-        raw["outbox"] = [tuple(pair) for pair in raw.get("outbox", [])]
+        outbox_file = raw.pop("outbox_file", None)
+        if outbox_file is not None:
+            raw["outbox"] = _read_outbox(path.parent / outbox_file, path)
+        raw["outbox"] = [tuple(pair) for pair in raw.get("outbox", [])]  # version 1 kept it in the JSON
         return cls(**raw)
 
     def save(self, path: Path, *, fsync: bool) -> None:
+        """Write the checkpoint: the outbox's documents (derived frames can be megabytes each) to
+        a binary file beside it, packed as they go to Kafka; then the rest as JSON, naming that
+        file, replacing the checkpoint atomically; then the outbox files it no longer names go."""
         self.written_at = time.time()
-        data = json.dumps({"version": CHECKPOINT_VERSION, **self.__dict__}, default=_jsonable)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        state = {k: v for k, v in self.__dict__.items() if k != "outbox"}
+        outbox_file = None
+        if self.outbox:
+            outbox_file = f"{OUTBOX_PREFIX}{time.time_ns()}.msgpack"
+            _write(path.parent / outbox_file, _pack_outbox(self.outbox), fsync=fsync)
+        data = json.dumps({"version": CHECKPOINT_VERSION, **state, "outbox_file": outbox_file}, default=_jsonable)
+        _write(path, data.encode(), fsync=fsync)
+        for old in path.parent.glob(f"{OUTBOX_PREFIX}*.msgpack"):
+            if old.name != outbox_file:
+                old.unlink(missing_ok=True)
+
+
+#: checkpoint.json's sidecar files of derived documents not yet confirmed on the broker
+OUTBOX_PREFIX = "outbox-"
+
+
+def _write(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Replace ``path`` by ``data`` atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pack_outbox(docs: list[tuple[str, dict[str, Any]]]) -> bytes:
+    import msgpack
+
+    from streams.kafka import pack
+
+    return msgpack.packb([pack(name, doc) for name, doc in docs])
+
+
+def _read_outbox(path: Path, checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
+    import msgpack
+
+    from streams.errors import DocumentError
+    from streams.kafka import unpack
+
+    try:
+        return [unpack(value) for value in msgpack.unpackb(path.read_bytes())]
+    except (OSError, TypeError, ValueError, DocumentError, msgpack.UnpackException) as err:
+        raise AgentError(f"checkpoint {checkpoint} names the derived documents of its last batch in {path}, "
+                         f"which cannot be read ({err}); move both away to start fresh (those documents "
+                         "would then not be published, and documents already processed would be processed "
+                         "again)") from err
 
 
 def _jsonable(value: Any) -> Any:

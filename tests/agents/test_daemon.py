@@ -18,12 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import yaml
 
 from agents.daemon import Checkpoint, Daemon, StatusServer, render_status_page
 from agents.daemon_config import load_daemon_config
-from agents.errors import ConfigError
+from agents.errors import AgentError, ConfigError
 from simulators.sas_documents import sas_run_documents
 from streams.broker import LocalBroker, create_topic
 from streams.derived import validate_document
@@ -246,6 +247,77 @@ def test_a_first_start_at_the_end_reads_what_comes_after_it_even_across_a_restar
     again.close()
     per_raw = _derived_per_raw(_read_all(broker, cfg.derived_topic))
     assert set(per_raw) == _raw_events(new) and set(per_raw.values()) == {1}  # none of the old run
+
+
+def _frame_event(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"uid": str(uuid.uuid4()), "time": 1.0, "descriptor": "d", "seq_num": seed, "filled": {},
+            "data": {"frame": rng.random((256, 256), dtype=np.float32)}, "timestamps": {"frame": 1.0}}
+
+
+def test_a_checkpoint_keeps_its_outbox_of_frames_beside_it_in_binary(tmp_path):
+    """Derived frames wait in the outbox until they are on the broker. As JSON a 256 x 256 frame
+    was ~1.3 MB to write at every batch (the daemon spent a third of its time there); they are
+    kept packed as for Kafka, in a file the JSON names, and come back as the arrays they were."""
+    path = tmp_path / "checkpoint.json"
+    events = [_frame_event(i) for i in range(4)]
+    Checkpoint(offsets={"t:0": 7}, outbox=[("event", e) for e in events]).save(path, fsync=True)
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert path.stat().st_size < 2_000 and len(first) == 2 and first[1].startswith("outbox-"), first
+    assert (tmp_path / first[1]).stat().st_size < 1.01 * 4 * 256 * 256 * 4
+    loaded = Checkpoint.load(path)
+    assert loaded.offsets == {"t:0": 7} and [n for n, _ in loaded.outbox] == ["event"] * 4
+    for (_, got), sent in zip(loaded.outbox, events, strict=True):
+        frame = got["data"]["frame"]
+        assert frame.dtype == np.float32 and np.array_equal(frame, sent["data"]["frame"]) and got["uid"] == sent["uid"]
+    Checkpoint(offsets={"t:0": 9}).save(path, fsync=False)  # sent: the outbox is empty, its file goes
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"] and Checkpoint.load(path).outbox == []
+
+
+def test_a_version_1_checkpoint_with_its_outbox_in_the_json_still_loads(tmp_path):
+    path = tmp_path / "checkpoint.json"
+    doc = {"uid": "u1", "time": 1.0, "descriptor": "d", "seq_num": 1, "data": {"rate": 2.5}, "timestamps": {"rate": 1.0}}
+    path.write_text(json.dumps({"version": 1, "offsets": {"t:0": 3}, "outbox": [["event", doc]]}))
+    loaded = Checkpoint.load(path)
+    assert loaded.offsets == {"t:0": 3} and loaded.outbox == [("event", doc)]
+
+
+def test_an_unreadable_outbox_file_is_named_with_what_to_do(tmp_path):
+    path = tmp_path / "checkpoint.json"
+    Checkpoint(outbox=[("event", _frame_event(1))]).save(path, fsync=False)
+    (sidecar,) = tmp_path.glob("outbox-*")
+    sidecar.write_bytes(sidecar.read_bytes()[:1000])  # cut short
+    with pytest.raises(AgentError, match=rf"{sidecar.name}, which cannot be read .*move both away to start fresh"):
+        Checkpoint.load(path)
+    sidecar.unlink()
+    with pytest.raises(AgentError, match=r"cannot be read \(\[Errno 2\]"):
+        Checkpoint.load(path)
+
+
+def test_derived_documents_checkpointed_but_not_sent_before_a_kill_are_sent_once_at_restart(broker, tmp_path):
+    cfg = load_daemon_config(_config(broker, tmp_path / "state"))
+    docs = list(sas_run_documents(12, seed=6))
+    _publish(broker, cfg.documents_topic, docs)
+    first = Daemon(cfg)
+    sent: list = []
+
+    def killed(batch):  # the process dies after the checkpoint, before the outbox reaches the broker
+        sent.append(batch)
+        raise KeyboardInterrupt
+
+    first._send = killed
+    with pytest.raises(KeyboardInterrupt):
+        _run_until(first, lambda: False)
+    first.source.close()
+    first.derived_sink.close()
+    assert sent and any(name == "event" for name, _ in sent[0])
+    assert list((tmp_path / "state").glob("outbox-*.msgpack"))  # the batch waits beside the checkpoint
+    again = Daemon(cfg)
+    _run_until(again, lambda: again.agents["rate"].events_out + sum(n == "event" for n, _ in sent[0]) >= 12)
+    again.close()
+    per_raw = _derived_per_raw(_read_all(broker, cfg.derived_topic))
+    assert set(per_raw) == _raw_events(docs) and set(per_raw.values()) == {1}
+    assert not list((tmp_path / "state").glob("outbox-*"))
 
 
 def test_restart_from_checkpoint_reads_on_without_repeats(broker, tmp_path):
