@@ -58,7 +58,7 @@ from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
-from streams.errors import StreamError
+from streams.errors import DocumentError, StreamError
 from streams.queueserver import (
     AGENT_META_KEY,
     REQUEST_META_KEY,
@@ -117,6 +117,8 @@ class DaemonMetrics:
                                   "would admit one", ["agent"], registry=r)
         self.errors = Counter("beampilot_errors", "Errors caught and survived", ["where"], registry=r)
         self.checkpoints = Counter("beampilot_checkpoints", "Checkpoints written", registry=r)
+        self.refused = Counter("beampilot_derived_refused",
+                               "Derived documents the sink refused (too large), kept in state_dir/refused", registry=r)
         self.offset_resets = Counter("beampilot_kafka_offset_resets",
                                      "Partitions whose next offset was gone from the broker", ["cause"], registry=r)
         self.lost = Counter("beampilot_documents_lost",
@@ -207,7 +209,6 @@ def _pack_outbox(docs: list[tuple[str, dict[str, Any]]]) -> bytes:
 def _read_outbox(path: Path, checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     import msgpack
 
-    from streams.errors import DocumentError
     from streams.kafka import unpack
 
     try:
@@ -429,7 +430,8 @@ class Daemon:
         # Each batch ends in a flush, so the producer need not wake its sender for every document:
         # a linger lets one request carry the batch (the user's extra settings still win).
         settings = self.kafka_settings.model_copy(update={"extra": {"linger_ms": 5, **self.kafka_settings.extra}})
-        return KafkaDocumentSink(self.config.derived_topic, settings, key=f"beampilot.{self.config.beamline}")
+        return KafkaDocumentSink(self.config.derived_topic, settings, key=f"beampilot.{self.config.beamline}",
+                                 max_message_bytes=self.config.max_message_bytes)
 
     def _make_tiled_mirror(self) -> Any:
         """Derived runs reach tiled from the derived topic, by a mirror in its own thread: a tiled
@@ -859,10 +861,39 @@ class Daemon:
     def _send(self, docs: list[tuple[str, dict[str, Any]]]) -> None:
         if not docs:
             return
+        sent = 0
         for name, doc in docs:
-            self.derived_sink(name, doc)
+            try:
+                self.derived_sink(name, doc)
+                sent += 1
+            except DocumentError as err:  # this document can never go (too large): the rest can
+                self._refuse(name, doc, err)
         self.derived_sink.flush()
-        self.metrics.docs_out.labels(sink="kafka").inc(len(docs))
+        self.metrics.docs_out.labels(sink="kafka").inc(sent)
+
+    def _refuse(self, name: str, doc: dict[str, Any], err: DocumentError) -> None:
+        """A derived document the sink refuses for what it is (over ``max_message_bytes``): kept in
+        ``state_dir/refused/``, named, counted. Raising instead stopped the daemon, and each restart
+        sent the same checkpointed outbox again: a loop no restart could end."""
+        from streams.kafka import pack
+
+        self.metrics.refused.inc()
+        kept = "it could not be kept either (not serializable)"
+        try:
+            packed = pack(name, doc)
+        except DocumentError:
+            packed = None
+        if packed is not None:
+            path = self.state_dir / "refused" / f"{name}-{doc.get('uid', uuid.uuid4())}.msgpack"
+            try:
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(packed)
+                kept = f"kept in {path} (streams.kafka.unpack reads it)"
+            except OSError as oserr:
+                kept = f"it could not be kept either ({oserr})"
+        self._error("derived", f"derived {name} {doc.get('uid')} was not published: {err.reason}; {kept} "
+                               "(the daemon's max_message_bytes and the broker's message.max.bytes must "
+                               "both allow documents this large)")
 
     # -- plans -------------------------------------------------------------------------------------
     def _plans(self) -> None:

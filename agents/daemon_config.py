@@ -117,6 +117,9 @@ class DaemonConfig(_Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     agents: list[AgentEntry] = Field(min_length=1)
     poll_timeout_s: float = Field(default=0.02, gt=0, le=5)
+    #: the largest document read from the documents topic or published to the derived topic (a
+    #: derived frame is 4 bytes a pixel); the broker's message.max.bytes must allow it too. A
+    #: derived document over it is kept in state_dir/refused/, named, and the daemon goes on
     max_message_bytes: int = Field(default=16 * 2**20, ge=1024)
     fsync: bool = True
     settle_s: float = Field(default=2.0, ge=0)

@@ -320,6 +320,43 @@ def test_derived_documents_checkpointed_but_not_sent_before_a_kill_are_sent_once
     assert not list((tmp_path / "state").glob("outbox-*"))
 
 
+def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_goes_on(broker, tmp_path):
+    """Before, the sink's DocumentError stopped the daemon after the outbox was checkpointed, and
+    every restart sent the same outbox again: a crash loop no restart could end."""
+    from event_model import compose_run
+
+    from streams.kafka import unpack
+
+    cfg = load_daemon_config(_config(broker, tmp_path / "state", agents=[{"kind": "detector", "name": "denoise", "settings": {
+        "analysis": "denoise", "weights": "denoise", "frame_key": "det_image"}}]))
+    run = compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={"det_image": {"dtype": "array", "shape": [64, 64], "source": "sim"}})
+    frames = [np.full((64, 64), i + 1, np.uint32) for i in range(3)]
+    _publish(broker, cfg.documents_topic, [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
+             + [("event", desc.compose_event(data={"det_image": f}, timestamps={"det_image": 1.0})) for f in frames]
+             + [("stop", run.compose_stop())])
+    settings = KafkaSettings(bootstrap_servers=broker.bootstrap)
+    # a 64 x 64 float32 frame packs to ~16 kB: over this sink's limit, as a 2k x 2k one is over the default's
+    daemon = Daemon(cfg, derived_sink=KafkaDocumentSink(cfg.derived_topic, settings, max_message_bytes=4096))
+    _run_until(daemon, lambda: daemon.agents["denoise"].frames_out == 3)
+    for _ in range(5):
+        daemon.step()
+    status = daemon.status()
+    daemon.close()
+    kept = sorted((tmp_path / "state" / "refused").iterdir())
+    events = [unpack(path.read_bytes()) for path in kept]
+    assert [name for name, _ in events] == ["event"] * 3
+    assert sorted(float(doc["data"]["denoised"].mean()) > 0 for _, doc in events) == [True] * 3
+    refused = [e for e in status["errors"] if "was not published" in e]
+    assert len(refused) == 3 and all("over max_message_bytes=4096" in e and "kept in" in e for e in refused)
+    assert status["counters"]["beampilot_derived_refused_total"] == 3
+    on_topic = Counter(r.name for r in _read_all(broker, cfg.derived_topic))
+    assert on_topic == Counter({"start": 1, "descriptor": 1, "stop": 1}), on_topic  # the run itself went out
+    again = Daemon(cfg)  # a restart runs too (it once met the same outbox again, and stopped)
+    again.step()
+    again.close()
+
+
 def test_restart_from_checkpoint_reads_on_without_repeats(broker, tmp_path):
     group = f"g-{uuid.uuid4().hex[:8]}"  # positions are mirrored to a consumer group too
     cfg = load_daemon_config(_config(broker, tmp_path / "state",
