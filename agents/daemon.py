@@ -37,7 +37,6 @@ import html
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -59,6 +58,7 @@ from agents.protocol import PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
 from streams.errors import DocumentError, StreamError
+from streams.files import replace_file
 from streams.queueserver import (
     AGENT_META_KEY,
     REQUEST_META_KEY,
@@ -175,27 +175,16 @@ class Checkpoint:
         outbox_file = None
         if self.outbox:
             outbox_file = f"{OUTBOX_PREFIX}{time.time_ns()}.msgpack"
-            _write(path.parent / outbox_file, _pack_outbox(self.outbox), fsync=fsync)
+            replace_file(path.parent / outbox_file, _pack_outbox(self.outbox), fsync=fsync)
         data = json.dumps({"version": CHECKPOINT_VERSION, **state, "outbox_file": outbox_file}, default=_jsonable)
-        _write(path, data.encode(), fsync=fsync)
-        for old in path.parent.glob(f"{OUTBOX_PREFIX}*.msgpack"):
+        replace_file(path, data.encode(), fsync=fsync)
+        for old in path.parent.glob(f"{OUTBOX_PREFIX}*"):  # earlier ones, and a write a crash cut short
             if old.name != outbox_file:
                 old.unlink(missing_ok=True)
 
 
 #: checkpoint.json's sidecar files of derived documents not yet confirmed on the broker
 OUTBOX_PREFIX = "outbox-"
-
-
-def _write(path: Path, data: bytes, *, fsync: bool) -> None:
-    """Replace ``path`` by ``data`` atomically (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pack_outbox(docs: list[tuple[str, dict[str, Any]]]) -> bytes:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.errors import DocumentError, StreamError
+from streams.files import replace_file
 from streams.lifecycle import ClosesOnExit
 from streams.tiled_io import TiledDocumentSink, TiledUnreachableError, check_reachable
 
@@ -131,9 +132,8 @@ class TiledMirror(ClosesOnExit):
     def _save(self) -> None:
         # the mirror's thread saves after each run, close() once more: never both into one .tmp
         with self._save_lock:
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"position": dict(self._position), "open": dict(self._open)}))
-            os.replace(tmp, self.state_path)
+            state = json.dumps({"position": dict(self._position), "open": dict(self._open)})
+            replace_file(self.state_path, state.encode(), fsync=False)
 
     def _start_offsets(self) -> dict[str, int]:
         """Where to read from: the position, or the start of the earliest run open in tiled."""

@@ -270,6 +270,7 @@ def test_a_checkpoint_keeps_its_outbox_of_frames_beside_it_in_binary(tmp_path):
     for (_, got), sent in zip(loaded.outbox, events, strict=True):
         frame = got["data"]["frame"]
         assert frame.dtype == np.float32 and np.array_equal(frame, sent["data"]["frame"]) and got["uid"] == sent["uid"]
+    (tmp_path / "outbox-1.msgpack.tmp").write_bytes(b"cut short")  # a write a crash cut short
     Checkpoint(offsets={"t:0": 9}).save(path, fsync=False)  # sent: the outbox is empty, its file goes
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"] and Checkpoint.load(path).outbox == []
 
