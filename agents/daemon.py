@@ -188,11 +188,20 @@ OUTBOX_PREFIX = "outbox-"
 
 
 def _pack_outbox(docs: list[tuple[str, dict[str, Any]]]) -> bytes:
+    """The outbox as it will go to Kafka. A document that cannot be packed (an agent's value msgpack
+    cannot serialize) is left out: it can never be sent either, and the send names it
+    (:meth:`Daemon._refuse`); stopping here would meet it again at every restart."""
     import msgpack
 
     from streams.kafka import pack
 
-    return msgpack.packb([pack(name, doc) for name, doc in docs])
+    packed = []
+    for name, doc in docs:
+        try:
+            packed.append(pack(name, doc))
+        except DocumentError:
+            continue
+    return msgpack.packb(packed)
 
 
 def _read_outbox(path: Path, checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -275,6 +275,21 @@ def test_a_checkpoint_keeps_its_outbox_of_frames_beside_it_in_binary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"] and Checkpoint.load(path).outbox == []
 
 
+def test_a_derived_document_that_cannot_be_packed_is_named_and_neither_stops_the_daemon_nor_its_checkpoint(broker, tmp_path):
+    cfg = load_daemon_config(_config(broker, tmp_path / "state"))
+    daemon = Daemon(cfg)
+    good = {"uid": "g1", "time": 1.0, "run_start": "r1", "exit_status": "success", "num_events": {}}
+    bad = {**good, "uid": "b1", "reason": object()}  # an agent's bug: a value msgpack cannot write
+    daemon.outbox("stop", bad)
+    daemon.outbox("stop", good)
+    daemon._commit()  # checkpoint, then send: neither raises
+    status = daemon.status()
+    daemon.close()
+    (said,) = [e for e in status["errors"] if "b1 was not published" in e]
+    assert "cannot serialize with msgpack" in said and "could not be kept either (not serializable)" in said
+    assert [r.doc["uid"] for r in _read_all(broker, cfg.derived_topic)] == ["g1"]
+
+
 def test_a_version_1_checkpoint_with_its_outbox_in_the_json_still_loads(tmp_path):
     path = tmp_path / "checkpoint.json"
     doc = {"uid": "u1", "time": 1.0, "descriptor": "d", "seq_num": 1, "data": {"rate": 2.5}, "timestamps": {"rate": 1.0}}
