@@ -60,7 +60,9 @@ def dask_client(scheduler: str | None, n_workers: int = 2, *, connect_timeout: f
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines drown the progress bars
     if scheduler:
         try:
-            client = Client(scheduler, timeout=f"{connect_timeout}s")
+            # not set as dask's default: a Client whose address fails to parse stays the default
+            # (distributed 2025), and every later dask computation in the process waits on it
+            client = Client(scheduler, timeout=f"{connect_timeout}s", set_as_default=False)
         except ValueError as err:  # distributed's parse of the address
             raise AgentError(f"{scheduler!r} is not a Dask scheduler address ({err}); give host:port, "
                              "e.g. 127.0.0.1:8786, or tcp://host:port") from None
@@ -71,7 +73,7 @@ def dask_client(scheduler: str | None, n_workers: int = 2, *, connect_timeout: f
             yield client
         return
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=logging.ERROR) as cluster, Client(cluster, set_as_default=False) as client:
         yield client
 
 

@@ -137,6 +137,20 @@ def test_a_scheduler_that_does_not_answer_is_named():
     with (pytest.raises(AgentError, match=r"'notanaddress' is not a Dask scheduler address .*give host:port"),
           dask_client("notanaddress")):
         pass
+    # neither refused client became dask's default: one did, and later dask computations in the
+    # process (tiled's DataFrameClient.read, in the tests that ran after it) waited on it for ever
+    from distributed.client import _get_global_client
+
+    assert _get_global_client() is None
+
+
+def test_the_demo_leaves_dask_s_default_scheduler_alone(tmp_path):
+    import dask
+    from distributed.client import _get_global_client
+
+    with dask_client(None, n_workers=1) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert _get_global_client() is None and dask.config.get("scheduler", None) is None
 
 
 def test_cli_ring_demo_help_and_bad_input():
