@@ -144,7 +144,7 @@ def test_a_scheduler_that_does_not_answer_is_named():
     assert _get_global_client() is None
 
 
-def test_the_demo_leaves_dask_s_default_scheduler_alone(tmp_path):
+def test_the_demo_leaves_dask_s_default_scheduler_alone():
     import dask
     from distributed.client import _get_global_client
 
