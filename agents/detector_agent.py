@@ -66,7 +66,7 @@ import torch
 from pydantic import Field, field_validator
 from torch.nn import functional as F
 
-from agents.config import _Strict
+from agents.config import _Strict, writable_dir
 from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest
 from models.classical import integrate_in_mask, neighbour_noise_rms
@@ -191,6 +191,19 @@ class DetectorSettings(_Strict):
     # where the detector's files are mounted here, as databroker's root_map: {"/nsls2/data":
     # "/mnt/data"} replaces that leading part of a resource's root (or a stream resource's uri path)
     root_map: dict[str, str] = Field(default_factory=dict)
+    # a directory: the derived frames (denoised, peak_mask, super_resolved) go to HDF5 files there,
+    # one a derived stream, named by stream_resource / stream_datum documents as ophyd-async
+    # detectors name theirs (streams.frame_files), so the documents stay small (a Kafka broker's
+    # default message.max.bytes, about 1 MB, is under one denoised 512 x 512 frame) and tiled
+    # registers the files rather than copying each frame. None: the frames are inline in the events
+    files: str | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _writable_files(cls, value: str | None) -> str | None:
+        if value is not None:
+            writable_dir(Path(value).expanduser(), "files", create=False)
+        return value
 
     @field_validator("beam_center")
     @classmethod
@@ -395,7 +408,8 @@ class DetectorAnalysisAgent:
             md = {"agent": self.name, "analysis": self.settings.analysis, "frame_key": self.settings.frame_key,
                   "weights": {"name": self.record.name, "architecture": self.record.architecture,
                               "sha256": self.record.sha256}}
-            self._runs[run_uid] = _Run(DerivedRunWriter(self.sinks, raw_run_uid=run_uid, metadata=md))
+            self._runs[run_uid] = _Run(DerivedRunWriter(self.sinks, raw_run_uid=run_uid, metadata=md,
+                                                        files=self.settings.files))
         declared = list(keys[self.settings.frame_key].get("shape") or [])
         self._descriptors[doc["uid"]] = (run_uid, declared)
 
@@ -716,7 +730,10 @@ class DetectorAnalysisAgent:
         """One event of ``stream``, or one event page of a list of rows."""
         first = data[0] if isinstance(data, list) else data
         if stream not in run.streams:  # declared at its first event, when the output shapes are known
-            run.writer.add_stream(stream, {k: self._data_key(v) for k, v in first.items()})
+            # frames (2D or 3D arrays) go to files when there is a directory; vectors (centroids) stay
+            external = [k for k, v in first.items() if isinstance(v, np.ndarray) and v.ndim >= 2] \
+                if self.settings.files else []
+            run.writer.add_stream(stream, {k: self._data_key(v) for k, v in first.items()}, external=external)
             run.streams.add(stream)
         if isinstance(data, list):
             run.writer.emit_page(stream, data)
@@ -726,7 +743,7 @@ class DetectorAnalysisAgent:
     def _data_key(self, value: Any) -> dict[str, Any]:
         source = f"{self.name}:{self.record.name}"
         if isinstance(value, np.ndarray):
-            return {"dtype": "array", "shape": list(value.shape), "source": source}
+            return {"dtype": "array", "shape": list(value.shape), "dtype_numpy": value.dtype.str, "source": source}
         if isinstance(value, str):
             return {"dtype": "string", "shape": [], "source": source}
         kind = "integer" if isinstance(value, int) else "number"

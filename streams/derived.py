@@ -14,6 +14,7 @@ writers in ``streams`` apply the same rules.
 
 from __future__ import annotations
 
+import os
 import time as ttime
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -23,6 +24,7 @@ import event_model
 import numpy as np
 
 from streams.errors import DocumentError, StreamError
+from streams.frame_files import FrameFiles
 from streams.protocols import DocumentSink
 
 __all__ = ["DerivedRunWriter", "check_event_data", "validate_document"]
@@ -154,6 +156,10 @@ class DerivedRunWriter:
         Uid of the raw run the derived data came from; ``None`` for a run with no raw parent.
     metadata : Mapping, optional
         Extra start-document fields. Must not contain ``uid`` or ``time``.
+    files : path, optional
+        Directory for the arrays of data keys a stream declares ``external``
+        (:meth:`add_stream`): they go to HDF5 files there (:class:`streams.frame_files.FrameFiles`),
+        named by ``stream_resource`` and ``stream_datum`` documents, and leave the events light.
 
     Examples
     --------
@@ -173,6 +179,7 @@ class DerivedRunWriter:
         *,
         raw_run_uid: str | None,
         metadata: Mapping[str, Any] | None = None,
+        files: str | os.PathLike[str] | None = None,
     ) -> None:
         self._sinks = tuple(sinks)
         for sink in self._sinks:
@@ -195,6 +202,9 @@ class DerivedRunWriter:
         self._descriptors: dict[str, Any] = {}
         self._schema_checked: set[tuple[str, str]] = set()  # (document name, stream)
         self._stopped = False
+        self._files = None if files is None else FrameFiles(files, self._bundle.start_doc["uid"])
+        # stream -> data key -> the compose_stream_datum of its stream resource
+        self._resources: dict[str, dict[str, Any]] = {}
         # event-model types its documents as TypedDicts, which mypy will not widen to
         # dict[str, Any]; at runtime they are plain dicts, and sinks get the very object.
         start_doc = cast(dict[str, Any], self._bundle.start_doc)
@@ -217,16 +227,27 @@ class DerivedRunWriter:
         data_keys: dict[str, dict[str, Any]],
         configuration: dict[str, Any] | None = None,
         hints: dict[str, Any] | None = None,
+        external: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Declare stream ``name`` with its ``data_keys``; send and return its descriptor.
 
         Each stream has one descriptor; declaring the same name twice raises ``ValueError``.
+        The ``external`` data keys (arrays of fixed ``shape`` with a numeric ``dtype_numpy``) are
+        written to the run's files, not put in the events: the descriptor marks them
+        ``external: "STREAM:"`` and a ``stream_resource`` for each follows it.
         """
         self._require_open("descriptor")
         if not isinstance(name, str) or not name:
             raise ValueError(f"stream {name=} must be a non-empty string")
         if name in self._descriptors:
             raise ValueError(f"stream {name!r} was already added to run {self.start_uid!r}")
+        if external and self._files is None:
+            raise ValueError(f"stream {name!r} declares external keys {list(external)} but the writer has no "
+                             "files directory; pass files=DIR")
+        unknown = sorted(set(external) - set(data_keys))
+        if unknown:
+            raise ValueError(f"external keys {unknown} of stream {name!r} are not among its data keys {sorted(data_keys)}")
+        data_keys = {k: ({**dk, "external": "STREAM:"} if k in external else dk) for k, dk in data_keys.items()}
         compose = self._bundle.compose_descriptor
         bundle = compose(name=name, data_keys=data_keys, configuration=configuration,
                          hints=hints, validate=False)
@@ -237,9 +258,25 @@ class DerivedRunWriter:
             compose.streams.pop(name, None)
             compose.event_counters.pop(name, None)
             raise
+        resources = {}
+        if external:
+            assert self._files is not None
+            try:
+                where = self._files.open_stream(name, {k: data_keys[k] for k in external})
+            except StreamError:
+                compose.streams.pop(name, None)
+                compose.event_counters.pop(name, None)
+                raise
+            resources = {k: self._bundle.compose_stream_resource(data_key=k, validate=False, **where[k])
+                         for k in external}
         self._descriptors[name] = bundle
         descriptor_doc = cast(dict[str, Any], bundle.descriptor_doc)  # a TypedDict: see __init__
         self._publish("descriptor", descriptor_doc)
+        for res in resources.values():
+            doc = cast(dict[str, Any], res.stream_resource_doc)
+            validate_document("stream_resource", doc)
+            self._publish("stream_resource", doc)
+        self._resources[name] = {k: res.compose_stream_datum for k, res in resources.items()}
         return descriptor_doc
 
     def emit(
@@ -259,16 +296,55 @@ class DerivedRunWriter:
         """
         bundle = self._open_stream("event", stream)
         data = dict(data)
+        rows = self._take_external(stream, bundle.descriptor_doc, [data], "event")
         if timestamps is None:
             now = ttime.time()
             timestamps = {key: now for key in data}
-        timestamps = dict(timestamps)
+        timestamps = {k: v for k, v in timestamps.items() if k not in rows}
         check_event_data(bundle.descriptor_doc, data, timestamps)
         seq_num = self._bundle.compose_descriptor.event_counters[stream]
         doc = cast(dict[str, Any], bundle.compose_event(data=data, timestamps=timestamps, validate=False))
         self._schema_check_once("event", stream, doc, seq_num)
+        self._write_external(stream, bundle.descriptor_doc, rows, seq_num)
         self._publish("event", doc)
         return doc
+
+    def _take_external(self, stream: str, descriptor: Mapping[str, Any], rows: Sequence[dict[str, Any]],
+                       name: str) -> dict[str, np.ndarray]:
+        """Remove the stream's external values from ``rows`` (each checked against its data key)
+        and return them stacked, one array per key; empty for a stream with none."""
+        keys = self._resources.get(stream) or {}
+        out = {}
+        for key in keys:
+            values = []
+            for i, row in enumerate(rows):
+                if key not in row:
+                    where = f"row {i} of {len(rows)}: " if name == "event_page" else ""
+                    raise DocumentError(name, None, f"{where}data key {key!r} (written to a file) is missing")
+                value = row.pop(key)
+                _check_value(key, {**descriptor["data_keys"][key], "dtype": "array"}, value, name=name, uid=None)
+                values.append(np.asarray(value))
+            out[key] = np.stack(values)
+        return out
+
+    def _write_external(self, stream: str, descriptor: Mapping[str, Any], rows: Mapping[str, np.ndarray],
+                        seq_num: int) -> None:
+        """Append the external rows to the files and send a ``stream_datum`` per key naming them
+        (events ``seq_num`` on); a failed write gives the seq_nums back to the stream."""
+        if not rows:
+            return
+        assert self._files is not None
+        n = len(next(iter(rows.values())))
+        try:
+            start, stop = self._files.append(stream, rows)
+        except StreamError:
+            self._bundle.compose_descriptor.event_counters[stream] = seq_num
+            raise
+        for compose_datum in self._resources[stream].values():
+            datum = compose_datum(indices={"start": start, "stop": stop},
+                                  seq_nums={"start": seq_num, "stop": seq_num + n},
+                                  descriptor=descriptor, validate=False)
+            self._publish("stream_datum", cast(dict[str, Any], datum))
 
     def emit_page(
         self,
@@ -298,18 +374,22 @@ class DerivedRunWriter:
         if timestamps is not None and len(timestamps) != len(rows):
             raise ValueError(f"{len(timestamps)} timestamps for {len(rows)} rows; give one mapping per row")
         now = ttime.time()
-        stamps = [dict(t) for t in timestamps] if timestamps is not None else [{k: now for k in r} for r in rows]
-        for i, (row, stamp) in enumerate(zip(rows, stamps, strict=True)):
+        plain = [dict(r) for r in rows]
+        external = self._take_external(stream, bundle.descriptor_doc, plain, "event_page")
+        stamps = [{k: v for k, v in t.items() if k not in external} for t in timestamps] if timestamps is not None \
+            else [{k: now for k in r} for r in plain]
+        for i, (row, stamp) in enumerate(zip(plain, stamps, strict=True)):
             try:
                 check_event_data(bundle.descriptor_doc, row, stamp, name="event_page")
             except DocumentError as err:
                 raise DocumentError("event_page", None, f"row {i} of {len(rows)}: {err.reason}") from None
-        keys = list(rows[0])
+        keys = list(plain[0])
         seq_num = self._bundle.compose_descriptor.event_counters[stream]
-        doc = bundle.compose_event_page(data={k: [r[k] for r in rows] for k in keys},
+        doc = bundle.compose_event_page(data={k: [r[k] for r in plain] for k in keys},
                                         timestamps={k: [t[k] for t in stamps] for k in keys}, validate=False)
         page = cast(dict[str, Any], doc)  # a TypedDict: see __init__
         self._schema_check_once("event_page", stream, page, seq_num)
+        self._write_external(stream, bundle.descriptor_doc, external, seq_num)
         self._publish("event_page", page)
         return page
 
@@ -355,6 +435,8 @@ class DerivedRunWriter:
         if not _is_exit_status(exit_status):
             raise ValueError(f"{exit_status=} must be one of {_EXIT_STATUSES}")
         self._stopped = True
+        if self._files is not None:
+            self._files.close()  # complete before the stop says so
         stop = self._bundle.compose_stop(exit_status=exit_status, reason=reason, validate=False)
         doc = cast(dict[str, Any], stop)  # a TypedDict: see __init__
         validate_document("stop", doc)

@@ -845,3 +845,52 @@ def test_a_read_noise_setting_larger_than_the_frames_whole_noise_is_refused_by_n
     agent.tell("event", _event(desc, photon_counting))
     agent.tell("stop", run.compose_stop())
     assert len(sink.events("bragg")) == 1 and not agent.report()["failed_frames"]
+
+
+def test_derived_frames_go_to_files_when_the_agent_has_a_directory(tmp_path, bragg_weights, frames):
+    """With ``files`` the frames leave the events for HDF5 files that stream documents name; read
+    back, they are what the same agent publishes inline. Vectors (the peaks' centroids) stay."""
+    from streams.external import ExternalData
+
+    torch.manual_seed(0)
+    den = _save(tmp_path, PoissonDenoiser(width=4, depth=2), "poisson-denoiser-unet", "tiny-den",
+                {"width": 4, "depth": 2})
+    with torch.inference_mode():  # a threshold that leaves a few peaks with background around them
+        p = torch.sigmoid(bragg_weights[0](torch.from_numpy(frames[0].astype(np.float32))[None, None]))
+    threshold = float(torch.quantile(p, 0.97))
+    for analysis, weights, key, extra in (("denoise", den, "denoised", {}),
+                                          ("bragg", bragg_weights[1], "peak_mask", {"peak_threshold": threshold})):
+        published = {}
+        for files in (None, tmp_path / analysis):
+            sink = Recorder()
+            agent = _agent(weights, [sink], analysis=analysis, max_batch=2, files=files and str(files), **extra)
+            run, desc = _opened_run(agent)
+            for f in frames[:3]:
+                agent.tell("event", _event(desc, f))
+            agent.tell("stop", run.compose_stop())
+            for name, doc in sink.docs:
+                validate_document(name, doc)
+            published[files is not None] = sink
+        inline, filed = published[False], published[True]
+        (descriptor,) = [d for n, d in filed.docs if n == "descriptor" and d["name"] == analysis]
+        assert descriptor["data_keys"][key]["external"] == "STREAM:"
+        assert all(key not in e["data"] for e in filed.events(analysis))
+        assert filed.docs[0][1]["raw_run_uid"] == run.start_doc["uid"] and filed.docs[-1][0] == "stop"
+        external = ExternalData()
+        for name, doc in filed.docs:
+            if name not in ("event", "event_page", "stop"):  # at a stop it forgets the run's files
+                external.tell(name, doc)
+        for event, want in zip(filed.events(analysis), inline.events(analysis), strict=True):
+            got = external.value(event, key)
+            assert got.dtype == want["data"][key].dtype
+            np.testing.assert_array_equal(got, want["data"][key])
+        if analysis == "bragg":
+            peaks = filed.events("peaks")
+            assert peaks and all(e["data"]["centroid"].shape == (2,) for e in peaks)
+            intensities = [e["data"]["intensity"] for e in peaks]
+            assert np.isfinite(intensities).all()
+            assert intensities == [e["data"]["intensity"] for e in inline.events("peaks")]
+    # the directory is checked with the other settings, before any frame comes
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="files .*a-file.* is a file: name a directory"):
+        DetectorSettings(analysis="bragg", weights="x", files=str(tmp_path / "a-file"))

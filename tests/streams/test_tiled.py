@@ -269,3 +269,25 @@ def test_server_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
         with pytest.raises(StreamError, match=r"exited with status \d+(.|\n)*address already"):
             server.start()
     assert not server.running
+
+
+def test_derived_frames_in_files_are_registered_and_come_back_filled(server: TiledServer, detector_dir: Path) -> None:
+    """A derived run whose frames went to files (DerivedRunWriter(files=...)): tiled registers the
+    file named by its stream_resource and gives the frames back in the events, as written."""
+    from streams.derived import DerivedRunWriter
+
+    frames = [np.arange(12, dtype=np.float32).reshape(3, 4) * (i + 1) for i in range(3)]
+    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
+        run = DerivedRunWriter([sink], raw_run_uid="raw-uid", files=detector_dir / "derived")
+        run.add_stream("denoise", {"denoised": {"dtype": "array", "shape": [3, 4], "dtype_numpy": "<f4", "source": "t"},
+                                   "raw_seq_num": {"dtype": "integer", "shape": [], "source": "t"}},
+                       external=["denoised"])
+        for i, frame in enumerate(frames):
+            run.emit("denoise", {"denoised": frame, "raw_seq_num": i + 1})
+        run.close()
+    with TiledRunSource(server.uri, api_key=server.api_key) as src:
+        docs = list(src.documents(run.start_uid))
+    events = [d for n, d in docs if n == "event"]
+    assert [e["data"]["raw_seq_num"] for e in events] == [1, 2, 3]
+    for event, frame in zip(events, frames, strict=True):
+        np.testing.assert_array_equal(event["data"]["denoised"], frame)

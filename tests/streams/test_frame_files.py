@@ -1,0 +1,100 @@
+"""Derived arrays in HDF5 files named by stream_resource / stream_datum (DerivedRunWriter(files=...))."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from streams.derived import DerivedRunWriter, validate_document
+from streams.errors import DocumentError, StreamError
+from streams.external import ExternalData
+
+FRAME = {"dtype": "array", "shape": [4, 5], "dtype_numpy": "<f4", "source": "test"}
+SEQ = {"dtype": "integer", "shape": [], "source": "test"}
+
+
+def _writer(tmp_path, docs):
+    run = DerivedRunWriter([lambda n, d: docs.append((n, d))], raw_run_uid="raw", files=tmp_path / "frames")
+    run.add_stream("denoise", {"denoised": FRAME, "raw_seq_num": SEQ}, external=["denoised"])
+    return run
+
+
+def _frame(i):
+    return np.arange(20, dtype=np.float32).reshape(4, 5) + 100 * i
+
+
+def test_frames_go_to_a_file_and_the_documents_name_their_rows(tmp_path):
+    docs = []
+    run = _writer(tmp_path, docs)
+    for i in range(3):
+        run.emit("denoise", {"denoised": _frame(i), "raw_seq_num": i})
+    run.emit_page("denoise", [{"denoised": _frame(i), "raw_seq_num": i} for i in (3, 4)])
+    # the reader reads each row while the writer still holds the file open (SWMR)
+    external = ExternalData()
+    for name, doc in docs:
+        validate_document(name, doc)
+        if name not in ("event", "event_page"):
+            external.tell(name, doc)
+    descriptor = next(d for n, d in docs if n == "descriptor")
+    assert descriptor["data_keys"]["denoised"]["external"] == "STREAM:"
+    assert "external" not in descriptor["data_keys"]["raw_seq_num"]
+    for seq_num in range(1, 6):
+        got = external.value({"descriptor": descriptor["uid"], "seq_num": seq_num, "data": {}}, "denoised")
+        np.testing.assert_array_equal(got, _frame(seq_num - 1))
+    # the events are light; each stream_datum comes before the event(s) it names
+    names = [n for n, _ in docs]
+    assert names == ["start", "descriptor", "stream_resource"] + ["stream_datum", "event"] * 3 + \
+        ["stream_datum", "event_page"]
+    assert all("denoised" not in d["data"] for n, d in docs if n in ("event", "event_page"))
+    assert docs[-2][1]["seq_nums"] == {"start": 4, "stop": 6} and docs[-2][1]["indices"] == {"start": 3, "stop": 5}
+    run.close()
+    resource = next(d for n, d in docs if n == "stream_resource")
+    path = tmp_path / "frames" / run.start_uid / "denoise.h5"
+    assert resource["uri"] == f"file://localhost{path}" and resource["run_start"] == run.start_uid
+    with h5py.File(path, "r") as f:  # closed at the stop: an ordinary reader opens it
+        assert f["/entry/denoised"].shape == (5, 4, 5) and f["/entry/denoised"].dtype == np.float32
+
+
+def test_a_frame_of_the_wrong_shape_sends_nothing_and_keeps_the_seq_num(tmp_path):
+    docs = []
+    run = _writer(tmp_path, docs)
+    sent = len(docs)
+    with pytest.raises(DocumentError, match=r"'denoised' is declared shape=\[4, 5\] but received shape=\[5, 4\]"):
+        run.emit("denoise", {"denoised": np.zeros((5, 4), np.float32), "raw_seq_num": 0})
+    with pytest.raises(DocumentError, match="row 1 of 2: data key 'denoised' .* is missing"):
+        run.emit_page("denoise", [{"denoised": _frame(0), "raw_seq_num": 0}, {"raw_seq_num": 1}])
+    assert len(docs) == sent
+    event = run.emit("denoise", {"denoised": _frame(7), "raw_seq_num": 0})
+    assert event["seq_num"] == 1 and docs[-2][1]["indices"] == {"start": 0, "stop": 1}
+
+
+def test_a_failed_write_is_an_error_naming_the_file_and_gives_the_seq_num_back(tmp_path):
+    docs = []
+    run = _writer(tmp_path, docs)
+    run._files._streams["denoise"].close()  # as a full disk or a vanished mount would fail it
+    sent = len(docs)
+    with pytest.raises(StreamError, match=r"cannot append to .*denoise\.h5 \(stream 'denoise'\)"):
+        run.emit("denoise", {"denoised": _frame(0), "raw_seq_num": 0})
+    assert len(docs) == sent and run._bundle.compose_descriptor.event_counters["denoise"] == 1
+
+
+def test_external_keys_need_a_directory_and_a_numeric_fixed_shape(tmp_path):
+    inline = DerivedRunWriter([lambda n, d: None], raw_run_uid="raw")
+    with pytest.raises(ValueError, match="no files directory; pass files=DIR"):
+        inline.add_stream("denoise", {"denoised": FRAME}, external=["denoised"])
+    run = DerivedRunWriter([lambda n, d: None], raw_run_uid="raw", files=tmp_path)
+    with pytest.raises(ValueError, match=r"external keys \['frame'\] .* not among its data keys"):
+        run.add_stream("a", {"denoised": FRAME}, external=["frame"])
+    with pytest.raises(StreamError, match="'denoised' of stream 'b': a file needs a numeric dtype_numpy"):
+        run.add_stream("b", {"denoised": {**FRAME, "dtype_numpy": "<U4"}}, external=["denoised"])
+    with pytest.raises(StreamError, match=r"'denoised' of stream 'c': a file needs a fixed shape, got \[4, None\]"):
+        run.add_stream("c", {"denoised": {**FRAME, "shape": [4, None]}}, external=["denoised"])
+    run.add_stream("b", {"denoised": FRAME}, external=["denoised"])  # a refused stream can be declared again
+
+
+def test_a_directory_that_cannot_be_written_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    run = DerivedRunWriter([lambda n, d: None], raw_run_uid="raw", files=tmp_path / "file")
+    with pytest.raises(StreamError, match=r"cannot write the HDF5 file .*file/.*/denoise\.h5 of derived stream"):
+        run.add_stream("denoise", {"denoised": FRAME}, external=["denoised"])
