@@ -13,7 +13,8 @@ One run, one JSON object on stdout (progress on stderr):
   the daemon with a denoising and a Bragg-masking agent: read from the broker, analysed,
   checkpointed, derived frames and peak tables published and acknowledged. Frames per second,
   against the same two agents told the same documents in this process (no broker, no
-  checkpoint), measured in the same run.
+  checkpoint), measured in the same run; then again with the agents' ``files`` set, the derived
+  frames written to HDF5 files and named by stream_resource / stream_datum documents.
 * **latency at 1 kHz** — the daemon runs as ``beampilot run`` in its own process; events are
   published at ``--rate`` Hz for ``--seconds``; a consumer of the derived topic takes
   ``receive time - raw event time`` for every event (p50, p99). Beside it, in the same run,
@@ -158,14 +159,13 @@ def frames(broker: LocalBroker, n_runs: int, tmp: Path, side: int = 512) -> dict
     """Detector frames through the daemon: denoised and masked, derived frames and peak tables
     published, against the same two agents told the same documents in this process (no broker,
     no checkpoint): the price of delivery, on the frames the detector target is set for."""
-    from bluesky_kafka import Publisher
-
     from agents.detector_agent import DetectorAnalysisAgent, DetectorSettings
 
     docs = _frame_runs(side, n_runs + 1)
     cut = docs.index(next(p for p in docs if p[0] == "stop")) + 1
     warm, docs = docs[:cut], docs[cut:]  # one run first, not timed
     n_frames = sum(name == "event" for name, _ in docs)
+    warm_frames = sum(name == "event" for name, _ in warm)
     agents = [DetectorAnalysisAgent(DetectorSettings(name=a["name"], **a["settings"]), sinks=[lambda n, d: None])
               for a in FRAME_AGENTS]
     for agent in agents:  # the first batch pays for torch's start-up; the daemon's agents get one too
@@ -180,8 +180,32 @@ def frames(broker: LocalBroker, n_runs: int, tmp: Path, side: int = 512) -> dict
     in_process = n_frames / (time.perf_counter() - t)
     log(f"agents in process: {n_frames} frames of {side}x{side} at {in_process:.1f} frames/s")
 
-    beamline = "frames"
-    cfg = load_daemon_config({**_daemon_config(broker.bootstrap, tmp / "frames", beamline), "agents": FRAME_AGENTS})
+    through = _frames_through_daemon(broker, FRAME_AGENTS, warm, docs, "frames", tmp, side)
+    log(f"through the daemon (broker in, checkpoint, derived frames and peaks out): {through:.1f} frames/s")
+    files_dir = tmp / "derived-files"
+    files_agents = [{**a, "settings": {**a["settings"], "files": str(files_dir)}} for a in FRAME_AGENTS]
+    through_files = _frames_through_daemon(broker, files_agents, warm, docs, "frames-files", tmp, side)
+    log(f"the same with the derived frames in HDF5 files (files: DIR): {through_files:.1f} frames/s")
+    file_bytes = sum(f.stat().st_size for f in files_dir.rglob("*.h5"))
+    return {"frames": {"side": side, "frames": n_frames, "agents": [a["name"] for a in FRAME_AGENTS],
+                       "frames_per_s_daemon": through, "frames_per_s_agents_in_process": in_process,
+                       "ratio_daemon_over_in_process": through / in_process,
+                       "frames_per_s_daemon_files": through_files,
+                       "ratio_daemon_files_over_in_process": through_files / in_process,
+                       "derived_file_bytes_per_frame": file_bytes / (warm_frames + n_frames),
+                       "note": "denoise + Bragg masking of each frame; the daemon's time includes reading "
+                               "from the broker, the checkpoint with its outbox, and publishing the derived "
+                               "frames and peak tables, each acknowledged; '_files': the derived frames "
+                               "written to HDF5 files (SWMR, flushed a frame) and named by stream_resource / "
+                               "stream_datum documents instead of inline in the events"}}
+
+
+def _frames_through_daemon(broker: LocalBroker, agents: list, warm: list, docs: list, beamline: str, tmp: Path,
+                           side: int) -> float:
+    """Frames per second of a daemon with ``agents`` on ``docs`` (after ``warm``, not timed)."""
+    from bluesky_kafka import Publisher
+
+    cfg = load_daemon_config({**_daemon_config(broker.bootstrap, tmp / beamline, beamline), "agents": agents})
     publisher = Publisher(topic=cfg.documents_topic, bootstrap_servers=broker.bootstrap, key="bench",
                           producer_config={"acks": 1, "message.max.bytes": 4 * side * side + 65536})
     for name, doc in warm + docs:
@@ -189,7 +213,8 @@ def frames(broker: LocalBroker, n_runs: int, tmp: Path, side: int = 512) -> dict
     publisher.flush()
     daemon = Daemon(cfg)
     warm_frames = sum(name == "event" for name, _ in warm)
-    daemon_agents = [daemon.agents[a["name"]] for a in FRAME_AGENTS]
+    n_frames = sum(name == "event" for name, _ in docs)
+    daemon_agents = [daemon.agents[a["name"]] for a in agents]
     while min(a.frames_out for a in daemon_agents) < warm_frames:
         daemon.step()
     t = time.perf_counter()
@@ -198,13 +223,7 @@ def frames(broker: LocalBroker, n_runs: int, tmp: Path, side: int = 512) -> dict
     # (the round that analyses a batch also checkpoints and sends what it derived, acknowledged)
     through = n_frames / (time.perf_counter() - t)
     daemon.close()
-    log(f"through the daemon (broker in, checkpoint, derived frames and peaks out): {through:.1f} frames/s")
-    return {"frames": {"side": side, "frames": n_frames, "agents": [a["name"] for a in FRAME_AGENTS],
-                       "frames_per_s_daemon": through, "frames_per_s_agents_in_process": in_process,
-                       "ratio_daemon_over_in_process": through / in_process,
-                       "note": "denoise + Bragg masking of each frame; the daemon's time includes reading "
-                               "from the broker, the checkpoint with its outbox, and publishing the derived "
-                               "frames and peak tables, each acknowledged"}}
+    return through
 
 
 # -- latency -------------------------------------------------------------------------------------

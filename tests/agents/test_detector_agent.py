@@ -611,6 +611,44 @@ def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frame
     assert daemon.agents["peaks"].report()["batch_sizes"] == {"1": 1, "2": 2}
 
 
+def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path, bragg_weights, frames):
+    from streams.external import ExternalData
+
+    model, weights = bragg_weights
+    with torch.inference_mode():  # a threshold that leaves a few peaks with background around them
+        p = torch.sigmoid(model(torch.from_numpy(frames[0].astype(np.float32))[None, None]))
+    threshold = float(torch.quantile(p, 0.97))
+    daemon, sink, run = _daemon(tmp_path, weights, frames[:3], stop=True, max_batch=2, peak_threshold=threshold,
+                                files=str(tmp_path / "derived"))
+    try:
+        while daemon.step():
+            pass
+    finally:
+        daemon.close()
+    names = [n for n, _ in sink.docs]
+    assert names.count("stream_resource") == 1 and names.count("stream_datum") == 3
+    external = ExternalData()
+    for name, doc in sink.docs:
+        validate_document(name, doc)
+        if name not in ("event", "event_page", "stop"):
+            external.tell(name, doc)
+    events = sink.events("bragg")
+    assert [e["data"]["raw_seq_num"] for e in events] == [1, 2, 3]
+    masks = [external.value(e, "peak_mask") for e in events]
+    assert all(m.shape == SHAPE and m.dtype == np.uint8 for m in masks)
+    inline = Recorder()  # the same agent in process, frames inline: the same masks
+    agent = _agent(weights, [inline], max_batch=2, peak_threshold=threshold)
+    raw, desc = _opened_run(agent)
+    for f in frames[:3]:
+        agent.tell("event", _event(desc, f))
+    agent.tell("stop", raw.compose_stop())
+    want = [e["data"]["peak_mask"] for e in inline.events("bragg")]
+    assert 0 < sum(int(m.sum()) for m in want) < 0.5 * 3 * SHAPE[0] * SHAPE[1]
+    for got, w in zip(masks, want, strict=True):
+        np.testing.assert_array_equal(got, w)
+    assert list((tmp_path / "derived").glob("*/bragg.h5"))
+
+
 def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budget(tmp_path, bragg_weights, frames):
     import time
 
