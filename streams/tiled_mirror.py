@@ -220,9 +220,9 @@ class TiledMirror(ClosesOnExit):
         if name in ("descriptor", "resource"):
             self._run_of[doc["uid"]] = doc.get("run_start", "")
             return str(doc.get("run_start", ""))
-        if name == "stop":
+        if name in ("stop", "stream_resource"):
             return str(doc.get("run_start", ""))
-        if name in ("event", "event_page"):
+        if name in ("event", "event_page", "stream_datum"):
             return self._run_of.get(doc.get("descriptor", ""), "")
         if name in ("datum", "datum_page"):
             return self._run_of.get(doc.get("resource", ""), "")

@@ -193,3 +193,44 @@ def test_a_drain_until_the_publishers_offsets_has_every_document_it_published_in
     runs = _runs(tiled)
     for run in published:
         _assert_same_run(runs[run[0][1]["uid"]], run)
+
+
+def _derived_with_files(directory: Path, n: int) -> list[Document]:
+    """A derived run of ``n`` small frames written to files (DerivedRunWriter(files=...))."""
+    import numpy as np
+
+    from streams.derived import DerivedRunWriter
+
+    docs: list[Document] = []
+    run = DerivedRunWriter([lambda name, doc: docs.append((name, doc))], raw_run_uid="raw", files=directory)
+    run.add_stream("denoise", {"denoised": {"dtype": "array", "shape": [3, 4], "dtype_numpy": "<f4", "source": "t"},
+                               "raw_seq_num": {"dtype": "integer", "shape": [], "source": "t"}}, external=["denoised"])
+    for i in range(n):
+        run.emit("denoise", {"denoised": np.full((3, 4), i + 1, np.float32), "raw_seq_num": i + 1})
+    run.close()
+    return docs
+
+
+def test_frames_in_files_reach_tiled_and_a_refused_runs_stream_documents_are_skipped(kafka_settings, topic,
+                                                                                     tmp_path):
+    """Derived runs whose frames are in files: the mirror gives tiled the stream documents, and
+    tiled serves the frames; a run tiled refuses is dropped with its stream documents, which
+    belong to it (they name its descriptor, not the run)."""
+    directory = tmp_path / "derived"
+    bad, good = _derived_with_files(directory, 3), _derived_with_files(directory, 2)
+    broken = copy.deepcopy(bad)
+    first = next(i for i, (name, _) in enumerate(broken) if name == "event")
+    del broken[first][1]["timestamps"]  # the first event: not a valid event document
+    _publish(kafka_settings, topic, broken + good)
+    with TiledServer(workdir=tmp_path / "tiled", readable=[directory]) as tiled:
+        mirror = _mirror(kafka_settings, topic, tiled, tmp_path / "mirror.json")
+        try:
+            assert mirror.drain(60)
+            status = mirror.status()
+        finally:
+            mirror.close()
+        assert list(status["failed_runs"]) == [bad[0][1]["uid"]]
+        runs = _runs(tiled)
+    assert list(runs) == [good[0][1]["uid"]]
+    events = [doc for name, doc in runs[good[0][1]["uid"]] if name == "event"]
+    assert [e["data"]["denoised"].tolist() for e in events] == [[[1.0] * 4] * 3, [[2.0] * 4] * 3]
