@@ -33,6 +33,11 @@ shape ``[n, ny, nx]``, each image analysed as a frame):
   over the frame's mirror images (``symmetric_average``; for the other analyses it is off by
   default: 4-8 forward passes a frame).
 
+With ``files`` (a directory) the derived frames (``denoised``, ``peak_mask``, ``super_resolved``)
+leave the events: each derived stream's go to an HDF5 file there, named by stream_resource /
+stream_datum documents as ophyd-async detectors name theirs (:mod:`streams.frame_files`), which
+keeps Kafka messages small and lets tiled register the files rather than copy every frame.
+
 External frames (resource / datum documents, as ophyd's area detectors write them; stream_resource
 / stream_datum documents, as ophyd-async detectors do, their frames left out of the events) are
 read by :class:`streams.external.ExternalData` (NPY, areaDetector HDF5 and TIFF, HDF5 streams; ``root_map``
