@@ -170,6 +170,9 @@ class TiledDocumentSink(ClosesOnExit):
         self._writer = TiledWriter(self._client, batch_size=batch_size, max_array_size=0)
         self._open: set[str] = set()
         self._closed = False
+        self._batch_size = batch_size
+        self._streams: dict[str, tuple[str, str]] = {}  # descriptor uid -> (run uid, stream name)
+        self._unread: dict[str, dict[str, Any]] = {}  # stream resources tiled has not served a row of yet
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         """Write one document.
@@ -197,6 +200,34 @@ class TiledDocumentSink(ClosesOnExit):
             self._open.add(doc["uid"])
         elif name == "stop":
             self._open.discard(doc["run_start"])
+            self._streams = {k: v for k, v in self._streams.items() if v[0] != doc["run_start"]}
+            self._unread = {k: v for k, v in self._unread.items() if v.get("run_start") != doc["run_start"]}
+        elif name == "descriptor":
+            self._streams[doc["uid"]] = (doc["run_start"], doc.get("name", "primary"))
+        elif name == "stream_resource":
+            self._unread[doc["uid"]] = doc
+        elif name == "stream_datum" and self._batch_size == 1 and doc["stream_resource"] in self._unread:
+            self._check_served(doc)
+
+    def _check_served(self, datum: dict[str, Any]) -> None:
+        """Read back the first row a stream resource registered: tiled registers a file it is not
+        allowed to read without a word, and refuses only when the data are asked for, later."""
+        resource = self._unread[datum["stream_resource"]]
+        run, stream = self._streams.get(datum["descriptor"], (resource.get("run_start", ""), ""))
+        try:
+            node = self._client[run][stream][resource["data_key"]]
+        except KeyError:  # a layout this check does not know: nothing to read back
+            del self._unread[datum["stream_resource"]]
+            return
+        try:
+            node[int(datum["indices"]["start"])]
+        except Exception as err:  # the server's reason is in its log; the likely one is said here
+            raise StreamError(
+                f"tiled at {self.uri} registered {resource.get('uri')} ({stream!r} {resource['data_key']!r} of run "
+                f"{run}) but cannot read it back ({type(err).__name__}: {' '.join(str(err).split())}). A file outside the server's "
+                "readable storage is refused only when read: serve its directory (tiled serve ... -r DIR; the dev "
+                "stack's tiled_readable), or write the files where it may read them") from err
+        del self._unread[datum["stream_resource"]]
 
     def close(self) -> None:
         """Close the connection. Runs without a stop document stay open on the server."""

@@ -291,3 +291,18 @@ def test_derived_frames_in_files_are_registered_and_come_back_filled(server: Til
     assert [e["data"]["raw_seq_num"] for e in events] == [1, 2, 3]
     for event, frame in zip(events, frames, strict=True):
         np.testing.assert_array_equal(event["data"]["denoised"], frame)
+
+
+def test_frames_in_a_directory_tiled_may_not_read_are_refused_when_written(server: TiledServer,
+                                                                          tmp_path: Path) -> None:
+    """tiled registers a file outside its readable storage without a word and fails only when
+    the frames are read; the sink reads the first row back, so the write itself says so."""
+    from streams.derived import DerivedRunWriter
+
+    with TiledDocumentSink(server.uri, api_key=server.api_key) as sink:
+        run = DerivedRunWriter([sink], raw_run_uid="raw-uid", files=tmp_path / "not-served")
+        run.add_stream("denoise", {"denoised": {"dtype": "array", "shape": [3, 4], "dtype_numpy": "<f4", "source": "t"}},
+                       external=["denoised"])
+        with pytest.raises(StreamError, match=r"registered file://localhost/.*not-served/.*denoise\.h5 \('denoise' "
+                                              r"'denoised' of run .*\) but cannot read it back .*readable storage"):
+            run.emit("denoise", {"denoised": np.ones((3, 4), np.float32)})
