@@ -41,6 +41,16 @@ def _mirror(settings: KafkaSettings, topic: str, tiled: TiledServer, state: Path
                        tiled.uri, api_key=tiled.api_key, state_path=state, retry_s=(0.25, 1.0))
 
 
+def _drained_status(settings: KafkaSettings, topic: str, tiled: TiledServer, state: Path) -> dict:
+    """A mirror's status once it has written the whole topic."""
+    mirror = _mirror(settings, topic, tiled, state)
+    try:
+        assert mirror.drain(60)
+        return mirror.status()
+    finally:
+        mirror.close()
+
+
 def _runs(tiled: TiledServer) -> dict[str, list[Document]]:
     with TiledRunSource(tiled.uri, api_key=tiled.api_key) as source:
         return {uid: list(source.documents(uid)) for uid in source.runs()}
@@ -146,12 +156,7 @@ def test_a_run_tiled_refuses_is_reported_and_not_left_half_written(kafka_setting
     broken = copy.deepcopy(bad)
     del broken[3][1]["timestamps"]  # the second event: not a valid event document
     _publish(kafka_settings, topic, broken + good)
-    mirror = _mirror(kafka_settings, topic, tiled, tmp_path / "mirror.json")
-    try:
-        assert mirror.drain(60)
-        status = mirror.status()
-    finally:
-        mirror.close()
+    status = _drained_status(kafka_settings, topic, tiled, tmp_path / "mirror.json")
     uid = bad[0][1]["uid"]
     assert list(status["failed_runs"]) == [uid] and "timestamps" in status["failed_runs"][uid]
     runs = _runs(tiled)
@@ -223,12 +228,7 @@ def test_frames_in_files_reach_tiled_and_a_refused_runs_stream_documents_are_ski
     del broken[first][1]["timestamps"]  # the first event: not a valid event document
     _publish(kafka_settings, topic, broken + good)
     with TiledServer(workdir=tmp_path / "tiled", readable=[directory]) as tiled:
-        mirror = _mirror(kafka_settings, topic, tiled, tmp_path / "mirror.json")
-        try:
-            assert mirror.drain(60)
-            status = mirror.status()
-        finally:
-            mirror.close()
+        status = _drained_status(kafka_settings, topic, tiled, tmp_path / "mirror.json")
         assert list(status["failed_runs"]) == [bad[0][1]["uid"]]
         runs = _runs(tiled)
     assert list(runs) == [good[0][1]["uid"]]
