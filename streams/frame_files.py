@@ -19,6 +19,7 @@ is flushed to the file before any document naming it is sent, so a reader never 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ import numpy as np
 from streams.errors import StreamError
 
 __all__ = ["MIMETYPE", "FrameFiles"]
+
+logger = logging.getLogger(__name__)
 
 #: the stream_resource mimetype of the files (tiled's and ophyd-async's name for HDF5)
 MIMETYPE = "application/x-hdf5"
@@ -147,6 +150,11 @@ class FrameFiles:
         return self._streams[stream].path
 
     def close(self) -> None:
-        """Close every file (a closed run's files are complete)."""
-        for f in self._streams.values():
-            f.close()
+        """Close every file (a closed run's files are complete). A file that cannot be closed
+        (its disk gone) is logged, and the others are closed all the same."""
+        for stream, f in self._streams.items():
+            try:
+                f.close()
+            except (OSError, RuntimeError) as err:
+                logger.error("cannot close %s (derived stream %r): %s; SWMR readers can still read what "
+                             "was flushed", f.path, stream, err)
