@@ -1350,6 +1350,11 @@ def _agent_summary(r: dict[str, Any]) -> str:
     if r.get("failed_frames"):  # a detector agent's failures by cause
         failed = ", ".join(f"{e(cause)} {n}" for cause, n in sorted(r["failed_frames"].items()))
         parts.append(f"<span class='rejected'>failed frames: {failed}</span>")
+    files = r.get("files")
+    if files:  # a detector agent writing its frames to files: the disk is what runs out at night
+        free = files.get("free_bytes")
+        parts.append(f"frames to {e(files['directory'])}: <b>{files['bytes_written'] / 1e9:.2f} GB</b> written"
+                     + ("" if free is None else f", <b>{free / 1e9:.1f} GB</b> free"))
     fit = r.get("fit") or {}
     for p, v in (fit.get("values") or {}).items():
         parts.append(f"{e(p)} = <b>{v:.4g}</b> ± {fit['sigmas'].get(p, float('nan')):.2g}")

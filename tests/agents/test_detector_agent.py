@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import event_model
 import numpy as np
@@ -612,19 +613,22 @@ def test_daemon_runs_a_detector_agent_on_a_stream(tmp_path, bragg_weights, frame
 
 
 def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path, bragg_weights, frames):
+    from agents.daemon import render_status_page
     from streams.external import ExternalData
 
     model, weights = bragg_weights
     with torch.inference_mode():  # a threshold that leaves a few peaks with background around them
         p = torch.sigmoid(model(torch.from_numpy(frames[0].astype(np.float32))[None, None]))
     threshold = float(torch.quantile(p, 0.97))
-    daemon, sink, run = _daemon(tmp_path, weights, frames[:3], stop=True, max_batch=2, peak_threshold=threshold,
-                                files=str(tmp_path / "derived"))
+    daemon, sink, _ = _daemon(tmp_path, weights, frames[:3], stop=True, max_batch=2, peak_threshold=threshold,
+                              files=str(tmp_path / "derived"))
     try:
         while daemon.step():
             pass
+        page = render_status_page(daemon.status())  # what an operator sees: where, how much, the space left
     finally:
         daemon.close()
+    assert re.search(rf"frames to {tmp_path}/derived: <b>0\.00 GB</b> written, <b>[0-9.]+ GB</b> free", page)
     names = [n for n, _ in sink.docs]
     assert names.count("stream_resource") == 1 and names.count("stream_datum") == 3
     external = ExternalData()
@@ -909,6 +913,12 @@ def test_derived_frames_go_to_files_when_the_agent_has_a_directory(tmp_path, bra
             for name, doc in sink.docs:
                 validate_document(name, doc)
             published[files is not None] = sink
+            report = agent.report()["files"]
+            if files is None:
+                assert report is None
+            else:  # three frames of 32 x 32, float32 (denoised) or uint8 (peak_mask)
+                assert report["bytes_written"] == 3 * 32 * 32 * (4 if analysis == "denoise" else 1)
+                assert report["directory"] == str(files) and report["free_bytes"] > 0
         inline, filed = published[False], published[True]
         (descriptor,) = [d for n, d in filed.docs if n == "descriptor" and d["name"] == analysis]
         assert descriptor["data_keys"][key]["external"] == "STREAM:"
