@@ -384,7 +384,7 @@ class DetectorAnalysisAgent:
 
     def _files_report(self) -> dict[str, Any] | None:
         """Where the derived frames go (``files``), how much was written, and the space left
-        there: a detector at 10 frames/s of 512 x 512 fills about 47 GB an hour."""
+        there: a denoising agent at 10 frames/s of 512 x 512 writes about 38 GB an hour."""
         if self.settings.files is None:
             return None
         where = Path(self.settings.files).expanduser()
