@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agents.errors import ConfigError
 from agents.safety import AxisLimits, SafetyConfig
 
-__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "load_settings", "read_mapping", "writable_dir"]
+__all__ = ["AxisSettings", "FitSettings", "QSamplingSettings", "SafetySettings", "existing_ancestor", "load_settings",
+           "read_mapping", "writable_dir"]
 
 
 class _Strict(BaseModel):
@@ -185,6 +186,13 @@ def load_settings(model: type[_Strict], source: _Strict | str | Path | dict[str,
         raise ConfigError(_explain(err, label)) from None
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest parent that does (where it would be made)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def writable_dir(path: Path, option: str = "--out", *, create: bool = True) -> Path:
     """Make the output directory ``path`` and check that files can be written in it, so a long
     job does not fail at its end; raises :class:`ValueError` naming ``option`` (when given),
@@ -202,8 +210,7 @@ def writable_dir(path: Path, option: str = "--out", *, create: bool = True) -> P
         raise ValueError(f"{name} is a file: name a directory")
     probe = path
     if not create:
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
+        probe = existing_ancestor(path)
         if not probe.is_dir():
             raise ValueError(f"{name} cannot be made: {probe} is a file; name a directory")
     try:

@@ -72,7 +72,7 @@ import torch
 from pydantic import Field, field_validator
 from torch.nn import functional as F
 
-from agents.config import _Strict, writable_dir
+from agents.config import _Strict, existing_ancestor, writable_dir
 from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest
 from models.classical import integrate_in_mask, neighbour_noise_rms
@@ -388,11 +388,8 @@ class DetectorAnalysisAgent:
         if self.settings.files is None:
             return None
         where = Path(self.settings.files).expanduser()
-        probe = where
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
         try:
-            free: int | None = shutil.disk_usage(probe).free
+            free: int | None = shutil.disk_usage(existing_ancestor(where)).free
         except OSError:
             free = None
         return {"directory": str(where), "bytes_written": self.file_bytes, "free_bytes": free}

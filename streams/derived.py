@@ -253,22 +253,14 @@ class DerivedRunWriter:
                          hints=hints, validate=False)
         try:
             validate_document("descriptor", bundle.descriptor_doc)
-        except DocumentError:
-            # compose_descriptor registered the stream even though it is invalid: undo that.
+            where = {} if self._files is None or not external else \
+                self._files.open_stream(name, {k: data_keys[k] for k in external})
+        except (DocumentError, StreamError):
+            # compose_descriptor registered the stream even though it is refused: undo that.
             compose.streams.pop(name, None)
             compose.event_counters.pop(name, None)
             raise
-        resources = {}
-        if external:
-            assert self._files is not None
-            try:
-                where = self._files.open_stream(name, {k: data_keys[k] for k in external})
-            except StreamError:
-                compose.streams.pop(name, None)
-                compose.event_counters.pop(name, None)
-                raise
-            resources = {k: self._bundle.compose_stream_resource(data_key=k, validate=False, **where[k])
-                         for k in external}
+        resources = {k: self._bundle.compose_stream_resource(data_key=k, validate=False, **where[k]) for k in external}
         self._descriptors[name] = bundle
         descriptor_doc = cast(dict[str, Any], bundle.descriptor_doc)  # a TypedDict: see __init__
         self._publish("descriptor", descriptor_doc)
