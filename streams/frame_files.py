@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,31 @@ def file_uri(path: Path) -> str:
     return "file://localhost" + quote(str(path.resolve()))
 
 
+#: Space a file system must keep free after a write: a write is refused, as a clear error, before
+#: the disk fills. HDF5 must not meet a full disk: a write that fails there leaves the file in a
+#: state its close cannot leave, and a failed close followed by freeing the file's objects crashes
+#: the process (segmentation fault; h5py 3.16, measured on a 3 MB tmpfs).
+MIN_FREE_BYTES = 64 * 2**20
+
+#: (file, datasets) of files whose write failed anyway (another writer filled the disk between the
+#: check and the write): never closed and never freed while the process runs, which is what keeps
+#: it alive (at its exit h5py reports them and it ends normally).
+_FAILED: list[tuple[Any, Any]] = []
+
+
+def _check_space(directory: Path, needed: int, what: str) -> None:
+    """Refuse a write of ``needed`` bytes that would leave less than :data:`MIN_FREE_BYTES` free."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as err:
+        raise StreamError(f"cannot {what}: {directory} is not reachable ({err})") from None
+    if free - needed < MIN_FREE_BYTES:
+        raise StreamError(f"cannot {what}: {free / 2**20:.0f} MiB free on the file system of {directory}, "
+                          f"{needed / 2**20:.1f} MiB needed and {MIN_FREE_BYTES / 2**20:.0f} MiB kept free; "
+                          "free space there (or set files to a larger disk): the frames after it are written "
+                          "again as soon as there is room")
+
+
 class _StreamFile:
     """One stream's HDF5 file: a dataset per key, rows appended and flushed."""
 
@@ -50,7 +76,9 @@ class _StreamFile:
         import h5py
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        _check_space(path.parent, 0, f"create {path}")
         self.path = path
+        self.failed: str | None = None  # why a write failed: the file is then left alone
         # libver "latest" is what SWMR needs; every dataset must exist before swmr_mode is turned on
         self._file = h5py.File(path, "w", libver="latest")
         self.datasets = {}
@@ -62,18 +90,38 @@ class _StreamFile:
 
     def append(self, values: Mapping[str, np.ndarray]) -> tuple[int, int]:
         """Append one row per value's first axis to every dataset; flushed; the rows' range."""
+        if self.failed is not None:
+            raise StreamError(f"{self.path} is not written any more: an earlier write failed ({self.failed}); "
+                              "the next run's frames go to a new file")
+        _check_space(self.path.parent, sum(int(np.asarray(v).nbytes) for v in values.values()),
+                     f"append to {self.path}")
         n = len(next(iter(values.values())))
         start, stop = self.rows, self.rows + n
-        for key, ds in self.datasets.items():
-            ds.resize(stop, axis=0)
-            ds[start:stop] = values[key]
-            ds.flush()
+        try:
+            for key, ds in self.datasets.items():
+                ds.resize(stop, axis=0)
+                ds[start:stop] = values[key]
+                ds.flush()
+        except (OSError, RuntimeError) as err:  # HDF5's I/O errors come as either
+            self.failed = " ".join(str(err).split())
+            _FAILED.append((self._file, self.datasets))
+            raise StreamError(f"cannot append to {self.path}: {self.failed}") from None
         self.rows = stop
         return start, stop
 
     def close(self) -> None:
-        if self._file.id.valid:
+        """Close the file, unless a write failed or the disk is full: then it is left open (and
+        kept; see :data:`_FAILED`), its flushed rows readable by SWMR readers."""
+        if self.failed is not None or not self._file.id.valid:
+            return
+        try:
+            _check_space(self.path.parent, 0, f"close {self.path}")  # a close that fails cannot be undone
             self._file.close()
+        except (OSError, RuntimeError, StreamError) as err:
+            self.failed = " ".join(str(err).split())
+            _FAILED.append((self._file, self.datasets))
+            raise StreamError(f"{self.failed}; the file is left open, its flushed rows readable by SWMR readers "
+                              "(h5clear -s clears its mark for others)") from None
 
 
 class FrameFiles:
@@ -120,7 +168,7 @@ class FrameFiles:
         path = self.directory / f"{stream}.h5"
         try:
             self._streams[stream] = _StreamFile(path, layout)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             raise StreamError(f"cannot write the HDF5 file {path} of derived stream {stream!r}: {err}; "
                               "check that the directory is writable and has space") from None
         shape_of = {key: shape for key, (shape, _) in layout.items()}
@@ -142,7 +190,7 @@ class FrameFiles:
                               f"got {sorted(values)}")
         try:
             return f.append(values)
-        except (OSError, ValueError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # values the datasets cannot take (nothing written)
             raise StreamError(f"cannot append to {f.path} (stream {stream!r}): {err}") from None
 
     def path(self, stream: str) -> Path:
@@ -151,10 +199,9 @@ class FrameFiles:
 
     def close(self) -> None:
         """Close every file (a closed run's files are complete). A file that cannot be closed
-        (its disk gone) is logged, and the others are closed all the same."""
+        (its disk full or gone) is logged, and the others are closed all the same."""
         for stream, f in self._streams.items():
             try:
                 f.close()
-            except (OSError, RuntimeError) as err:
-                logger.error("cannot close %s (derived stream %r): %s; SWMR readers can still read what "
-                             "was flushed", f.path, stream, err)
+            except StreamError as err:
+                logger.error("derived stream %r: %s", stream, err)

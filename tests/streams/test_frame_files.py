@@ -98,3 +98,60 @@ def test_a_directory_that_cannot_be_written_is_named(tmp_path):
     run = DerivedRunWriter([lambda n, d: None], raw_run_uid="raw", files=tmp_path / "file")
     with pytest.raises(StreamError, match=r"cannot write the HDF5 file .*file/.*/denoise\.h5 of derived stream"):
         run.add_stream("denoise", {"denoised": FRAME}, external=["denoised"])
+
+
+def test_a_disk_too_full_refuses_the_write_before_hdf5_meets_it(tmp_path, monkeypatch, caplog):
+    """HDF5 must not meet a full disk: a failed write, then a failed close, then freeing the file's
+    objects crashed the process (a segmentation fault, on a 3 MB tmpfs). Space is checked first:
+    a clear error, nothing sent, and the frames go on as soon as there is room."""
+    import streams.frame_files as frame_files
+
+    docs = []
+    monkeypatch.setattr(frame_files, "MIN_FREE_BYTES", 2**62)
+    run = DerivedRunWriter([lambda n, d: docs.append((n, d))], raw_run_uid="raw", files=tmp_path)
+    with pytest.raises(StreamError, match=r"cannot create .*denoise\.h5: \d+ MiB free on the file system of .* kept "
+                                          r"free; free space there"):
+        run.add_stream("denoise", {"denoised": FRAME, "raw_seq_num": SEQ}, external=["denoised"])
+    monkeypatch.setattr(frame_files, "MIN_FREE_BYTES", 0)
+    run.add_stream("denoise", {"denoised": FRAME, "raw_seq_num": SEQ}, external=["denoised"])
+    monkeypatch.setattr(frame_files, "MIN_FREE_BYTES", 2**62)
+    sent = len(docs)
+    with pytest.raises(StreamError, match=r"cannot append to .*denoise\.h5: .* MiB free .* 0\.0 MiB needed"):
+        run.emit("denoise", {"denoised": _frame(0), "raw_seq_num": 0})
+    assert len(docs) == sent
+    monkeypatch.setattr(frame_files, "MIN_FREE_BYTES", 0)
+    run.emit("denoise", {"denoised": _frame(1), "raw_seq_num": 1})
+    assert docs[-1][1]["seq_num"] == 1 and docs[-2][1]["indices"] == {"start": 0, "stop": 1}
+    monkeypatch.setattr(frame_files, "MIN_FREE_BYTES", 2**62)  # full at the stop: the file is left open
+    with caplog.at_level("ERROR", logger="streams.frame_files"):
+        run.close()
+    assert docs[-1][0] == "stop" and "left open, its flushed rows readable by SWMR readers" in caplog.text
+    external = ExternalData()
+    for name, doc in docs[:-1]:
+        if name not in ("event", "event_page"):
+            external.tell(name, doc)
+    descriptor = next(d for n, d in docs if n == "descriptor")
+    np.testing.assert_array_equal(external.value({"descriptor": descriptor["uid"], "seq_num": 1, "data": {}},
+                                                 "denoised"), _frame(1))
+
+
+def test_a_write_that_fails_anyway_leaves_the_file_alone(tmp_path, caplog):
+    """A write HDF5 fails (the disk filled between the check and the write) is an error for that
+    frame and those after it in the file; the file is neither written nor closed again (closing
+    it is what crashed), and the run's stop still goes out."""
+    docs = []
+    run = _writer(tmp_path, docs)
+    run.emit("denoise", {"denoised": _frame(0), "raw_seq_num": 0})
+    dataset = run._files._streams["denoise"].datasets["denoised"]
+
+    def no_space():
+        raise RuntimeError("Unable to flush dataset (file write failed: errno = 28, 'No space left on device')")
+    dataset.flush = no_space
+    with pytest.raises(StreamError, match=r"cannot append to .*denoise\.h5: Unable to flush dataset .*No space"):
+        run.emit("denoise", {"denoised": _frame(1), "raw_seq_num": 1})
+    with pytest.raises(StreamError, match=r"is not written any more: an earlier write failed \(Unable to flush"):
+        run.emit("denoise", {"denoised": _frame(2), "raw_seq_num": 2})
+    with caplog.at_level("ERROR", logger="streams.frame_files"):
+        run.close()
+    assert docs[-1][0] == "stop" and caplog.text == ""
+    assert run._files._streams["denoise"]._file.id.valid  # left open, not closed
