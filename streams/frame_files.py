@@ -82,10 +82,14 @@ class _StreamFile:
         # libver "latest" is what SWMR needs; every dataset must exist before swmr_mode is turned on
         self._file = h5py.File(path, "w", libver="latest")
         self.datasets = {}
-        for key, (shape, dtype) in keys.items():
-            self.datasets[key] = self._file.create_dataset(
-                f"/entry/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
-        self._file.swmr_mode = True
+        try:
+            for key, (shape, dtype) in keys.items():
+                self.datasets[key] = self._file.create_dataset(
+                    f"/entry/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
+            self._file.swmr_mode = True
+        except (OSError, RuntimeError):
+            _FAILED.append((self._file, self.datasets))  # half made: left alone, as after a failed write
+            raise
         self.rows = 0
 
     def append(self, values: Mapping[str, np.ndarray]) -> tuple[int, int]:
