@@ -338,6 +338,9 @@ class Daemon:
         self.outbox = _Outbox()
         self._derived_streams: dict[str, tuple[str, str]] = {}  # derived descriptor uid -> (start uid, stream)
         self._group_committed = 0.0
+        # checkpoint saves failing in a row (a full or read-only state disk): since when, how many,
+        # the last reason, and when it was last said (once a minute, not once a round)
+        self._save_failing: dict[str, Any] | None = None
         self.state = Checkpoint.load(self.checkpoint_path) or Checkpoint()
         self._run_of_descriptor = {d["uid"]: uid for uid, run in self.state.open_runs.items()
                                    for d in run["descriptors"]}
@@ -853,8 +856,24 @@ class Daemon:
             self.state.save(self.checkpoint_path, fsync=self.config.fsync)
             self.metrics.checkpoints.inc()
         except OSError as err:
-            # without a checkpoint a kill would repeat work: say so loudly, keep serving
-            self._error("checkpoint", f"cannot write {self.checkpoint_path}: {err}")
+            # without a checkpoint a kill would repeat work: say so loudly (once a minute: a full disk
+            # must not also fill the log), mark the daemon unhealthy, keep serving
+            now, failing = time.monotonic(), self._save_failing
+            if failing is None:
+                failing = self._save_failing = {"since": now, "wall": time.strftime("%H:%M:%S"), "n": 0, "said": -1e9}
+            failing["n"] += 1
+            failing["reason"] = f"cannot write {self.checkpoint_path}: {err}"
+            if now - failing["said"] >= 60.0:
+                failing["said"] = now
+                self._error("checkpoint", f"{failing['reason']} ({failing['n']} failed saves since {failing['wall']}; "
+                                          "a kill now repeats the work since then: free space in state_dir)")
+            else:
+                self.metrics.errors.labels(where="checkpoint").inc()
+            return
+        if self._save_failing is not None:
+            logger.warning("checkpoint written again, after %d failed saves since %s", self._save_failing["n"],
+                           self._save_failing["wall"])
+            self._save_failing = None
 
     def _send(self, docs: list[tuple[str, dict[str, Any]]]) -> None:
         if not docs:
@@ -1126,6 +1145,9 @@ class Daemon:
         if self._queue.down_since is not None:
             return False, (f"queue server unreachable for {time.monotonic() - self._queue.down_since:.0f} s, "
                            f"no plans go out: {self._queue.reason}")
+        if self._save_failing is not None:
+            return False, (f"no checkpoint for {time.monotonic() - self._save_failing['since']:.0f} s "
+                           f"({self._save_failing['n']} failed saves): {self._save_failing['reason']}")
         return True, "ok"
 
     def status(self) -> dict[str, Any]:

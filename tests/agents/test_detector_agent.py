@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import types
 
 import event_model
 import numpy as np
@@ -651,6 +653,41 @@ def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path,
     for got, w in zip(masks, want, strict=True):
         np.testing.assert_array_equal(got, w)
     assert list((tmp_path / "derived").glob("*/bragg.h5"))
+
+
+def test_a_daemon_that_cannot_checkpoint_says_so_once_a_minute_and_is_unhealthy(tmp_path, bragg_weights, frames,
+                                                                              monkeypatch, caplog):
+    """A full state disk: every save fails. The daemon goes on (availability), says so once a
+    minute rather than every round (the log is on a disk too), and /healthz says why until a save
+    succeeds again; no part-written temporary file is left to hold the space."""
+    from agents.daemon import Checkpoint
+    from streams import files
+
+    daemon, sink, _ = _daemon(tmp_path, bragg_weights[1], frames[:6], stop=True, max_batch=1)
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(files, "os", types.SimpleNamespace(replace=full, fsync=os.fsync))  # this module's only
+    try:
+        with caplog.at_level("WARNING", logger="agents.daemon"):
+            for _ in range(2):  # two rounds of three documents each, each round a failed save
+                daemon.step()
+        said = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+        assert len(said) == 1 and "No space left on device" in said[0] and "free space in state_dir" in said[0]
+        ok, why = daemon.healthy()
+        assert not ok and "no checkpoint for" in why and "failed saves" in why
+        assert not list((tmp_path / "state").glob("*.tmp"))
+        monkeypatch.setattr(files, "os", os)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="agents.daemon"):
+            while daemon.step():
+                pass
+        assert daemon.healthy()[0], daemon.healthy()
+        assert any("checkpoint written again" in r.getMessage() for r in caplog.records)
+        assert Checkpoint.load(tmp_path / "state" / "checkpoint.json").offsets == daemon.state.offsets
+    finally:
+        daemon.close()
+    assert [e["data"]["raw_seq_num"] for e in sink.events("bragg")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_quiet_stream_still_gets_its_part_filled_batch_within_the_latency_budget(tmp_path, bragg_weights, frames):
