@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -43,10 +44,23 @@ def _out_dir(out: Path | None) -> Path | None:
         raise typer.BadParameter(str(err)) from None
 
 
+#: errors of the disk a command writes to, which a user fixes there rather than in the code
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def disk_error(err: BaseException) -> OSError | None:
+    """The full, over-quota or read-only disk behind ``err`` (itself or its cause), or None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
+
+
 def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that an error a user can act on (a setting, weights, a store, a server
-    that is not there: the project's agent, stream and model errors) is one red line and exit
-    code 2, not a traceback."""
+    that is not there: the project's agent, stream and model errors; a full or read-only disk) is
+    one red line and exit code 2, not a traceback."""
 
     @functools.wraps(command)
     def reported(*args: Any, **kwargs: Any) -> Any:
@@ -58,6 +72,14 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (AgentError, StreamError, ModelError) as err:
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except Exception as err:  # a full disk, itself or as the cause of the error it raised
+            disk = disk_error(err)
+            if disk is None:
+                raise
+            where = f" writing {disk.filename}" if disk.filename else ""
+            typer.secho(f"error: {disk.strerror}{where}: free space there, or write somewhere else (--out)",
+                        fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return reported
@@ -122,6 +144,15 @@ def sas_qscan(
         typer.secho(f"error: the instrument failed: {cause}. Everything measured is in {store}; "
                     f"continue with: beampilot demo sas-qscan --resume {store}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
+    except Exception as err:  # a full disk, itself or as the cause of the error it raised
+        disk = disk_error(err)
+        if disk is None:
+            raise
+        store = resume or out / "store.zarr"
+        typer.secho(f"error: {disk.strerror} writing {disk.filename or store}. Everything stored before it is in "
+                    f"{store}; free space there, then continue with: beampilot demo sas-qscan --resume {store}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     _print_summary(summary, out if resume is None else resume.parent)
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -231,3 +232,30 @@ def test_sigkill_then_resume_loses_and_repeats_nothing(tmp_path):
     assert sorted(raw_keys) == sorted(keys)
     derived = [uid for uid in reader.runs() if "raw_run_uid" in reader.start(uid)]
     assert {reader.start(uid)["raw_run_uid"] for uid in derived} <= set(raw)
+
+
+def _disk_full(*args, **kwargs):
+    # as zarr raised it on a full tmpfs (no file name), wrapped the way bluesky's run does
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as err:
+        raise RuntimeError("Run aborted") from err
+
+
+def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
+    """Found with the demo writing to a 400 kB tmpfs: a two-screen traceback. Now one line naming
+    the store and the resume command (which, with space freed, finished the run)."""
+    import agents.demo_detector
+    import agents.demo_sas
+
+    monkeypatch.setattr(agents.demo_sas, "run_demo", _disk_full)
+    result = runner.invoke(app, ["demo", "sas-qscan", "--quiet", "--out", str(tmp_path / "out")])
+    store = tmp_path / "out" / "store.zarr"
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"error: No space left on device writing {store}. Everything stored before it is in {store}; free "
+            f"space there, then continue with: beampilot demo sas-qscan --resume {store}") in result.output
+    # any other command: the same line without a resume
+    monkeypatch.setattr(agents.demo_detector, "run_detector_demo", _disk_full)
+    result = runner.invoke(app, ["demo", "bragg", "--quiet", "--frames", "1", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: No space left on device: free space there, or write somewhere else (--out)" in result.output
