@@ -50,10 +50,12 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 def disk_error(err: BaseException) -> OSError | None:
     """The full, over-quota or read-only disk behind ``err`` (itself or its cause), or None."""
-    while err is not None:
+    for _ in range(16):  # a chain, not a cycle a hand-set __cause__ could make
         if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
             return err
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+        if (nxt := err.__cause__ or err.__context__) is None:
+            return None
+        err = nxt
     return None
 
 
