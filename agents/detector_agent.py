@@ -224,7 +224,7 @@ class _Run:
     writer: DerivedRunWriter
     frame_shape: tuple[int, ...] | None = None  # fixed by the first good frame
     stacked: bool | None = None  # events hold several images each (fixed by the first good event)
-    streams: set[str] = field(default_factory=set)  # derived streams declared so far
+    streams: dict[str, list[str]] = field(default_factory=dict)  # derived streams declared: their keys in files
     waited: bool = False  # a frame of this run has waited for its data (said once in the log)
     seen: set[int] = field(default_factory=set)  # seq_nums of the analysed stream told so far
 
@@ -754,14 +754,13 @@ class DetectorAnalysisAgent:
             external = [k for k, v in first.items() if isinstance(v, np.ndarray) and v.ndim >= 2] \
                 if self.settings.files else []
             run.writer.add_stream(stream, {k: self._data_key(v) for k, v in first.items()}, external=external)
-            run.streams.add(stream)
+            run.streams[stream] = external
         if isinstance(data, list):
             run.writer.emit_page(stream, data)
         else:
             run.writer.emit(stream, data)
-        if self.settings.files:
-            self.file_bytes += sum(v.nbytes for row in (data if isinstance(data, list) else [data])
-                                   for v in row.values() if isinstance(v, np.ndarray) and v.ndim >= 2)
+        self.file_bytes += sum(row[k].nbytes for row in (data if isinstance(data, list) else [data])
+                               for k in run.streams[stream])
 
     def _data_key(self, value: Any) -> dict[str, Any]:
         source = f"{self.name}:{self.record.name}"

@@ -87,8 +87,8 @@ class _StreamFile:
                 self.datasets[key] = self._file.create_dataset(
                     f"/entry/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(1, *shape))
             self._file.swmr_mode = True
-        except (OSError, RuntimeError):
-            _FAILED.append((self._file, self.datasets))  # half made: left alone, as after a failed write
+        except (OSError, RuntimeError) as err:
+            self._leave_alone(err)  # half made: as after a failed write
             raise
         self.rows = 0
 
@@ -107,11 +107,16 @@ class _StreamFile:
                 ds[start:stop] = values[key]
                 ds.flush()
         except (OSError, RuntimeError) as err:  # HDF5's I/O errors come as either
-            self.failed = " ".join(str(err).split())
-            _FAILED.append((self._file, self.datasets))
-            raise StreamError(f"cannot append to {self.path}: {self.failed}") from None
+            raise StreamError(f"cannot append to {self.path}: {self._leave_alone(err)}") from None
         self.rows = stop
         return start, stop
+
+    def _leave_alone(self, err: BaseException) -> str:
+        """Mark the file failed (never written or closed again) and keep its objects for the rest
+        of the process (:data:`_FAILED`); the reason, on one line."""
+        self.failed = " ".join(str(err).split())
+        _FAILED.append((self._file, self.datasets))
+        return self.failed
 
     def close(self) -> None:
         """Close the file, unless a write failed or the disk is full: then it is left open (and
@@ -122,9 +127,7 @@ class _StreamFile:
             _check_space(self.path.parent, 0, f"close {self.path}")  # a close that fails cannot be undone
             self._file.close()
         except (OSError, RuntimeError, StreamError) as err:
-            self.failed = " ".join(str(err).split())
-            _FAILED.append((self._file, self.datasets))
-            raise StreamError(f"{self.failed}; the file is left open, its flushed rows readable by SWMR readers "
+            raise StreamError(f"{self._leave_alone(err)}; the file is left open, its flushed rows readable by SWMR readers "
                               "(h5clear -s clears its mark for others)") from None
 
 
