@@ -59,6 +59,7 @@ from agents.safety import SafetyGate, is_finite_number
 from streams.derived import validate_document
 from streams.errors import DocumentError, StreamError
 from streams.files import replace_file
+from streams.frame_files import time_left_text
 from streams.queueserver import (
     AGENT_META_KEY,
     REQUEST_META_KEY,
@@ -78,6 +79,8 @@ MAX_REJECTED_ROUNDS = 3
 #: while the queue server does not answer, the first and the longest wait (s) between tries; each
 #: try can block the loop for the API's timeout, so the documents are read on in between
 QUEUE_RETRY_S = (2.0, 60.0)
+#: a detector agent's frame files disk full in less than this (seconds) is shown at the top of the status page
+LOW_SPACE_S = 3600.0
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -123,6 +126,12 @@ class DaemonMetrics:
                                      "Partitions whose next offset was gone from the broker", ["cause"], registry=r)
         self.lost = Counter("beampilot_documents_lost",
                             "Messages the broker deleted (retention) before they were read", registry=r)
+        self.files_free = Gauge("beampilot_frame_files_free_bytes",
+                                "Free bytes on the disk a detector agent writes its derived frames to (files)",
+                                ["agent"], registry=r)
+        self.files_left = Gauge("beampilot_frame_files_seconds_to_full",
+                                "Seconds until that disk is full at the rate its free space fell over the last "
+                                "5 minutes (NaN while it is not falling)", ["agent"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -1150,11 +1159,24 @@ class Daemon:
                            f"({self._save_failing['n']} failed saves): {self._save_failing['reason']}")
         return True, "ok"
 
+    def files_space(self) -> dict[str, dict[str, Any]]:
+        """Each detector agent's disk for its frame files (free, falling, time to full), also set
+        as gauges, so an alert can fire hours before the disk is full (see /metrics)."""
+        with self._lock:
+            spaces = {name: agent.files_space() for name, agent in self.agents.items() if hasattr(agent, "files_space")}
+        spaces = {name: f for name, f in spaces.items() if f is not None}
+        for name, f in spaces.items():
+            self.metrics.files_free.labels(agent=name).set(math.nan if f["free_bytes"] is None else f["free_bytes"])
+            left = f["seconds_to_full"]
+            self.metrics.files_left.labels(agent=name).set(math.nan if left is None else left)
+        return spaces
+
     def status(self) -> dict[str, Any]:
         """Everything the status page shows, JSON-able."""
         with self._lock:
             reports = {name: agent.report() for name, agent in self.agents.items()}
         ok, why = self.healthy()
+        spaces = self.files_space()
         samples: dict[str, float] = {}
         for m in self.metrics.registry.collect():
             for s in m.samples:
@@ -1173,6 +1195,7 @@ class Daemon:
             "rate_limited_s": {n: st.rate_until - time.monotonic() for n, st in self.steering.items()
                                if st.rate_until is not None and st.rate_until > time.monotonic()},
             "tiled": self.tiled_mirror.status() if self.tiled_mirror is not None else None,
+            "files_space": spaces,
         }
 
     def close(self) -> None:
@@ -1257,6 +1280,7 @@ def _handler(daemon: Daemon) -> type[BaseHTTPRequestHandler]:
                 self._reply(200 if ok else 503, json.dumps({"status": "ok" if ok else "unhealthy", "reason": why}),
                             "application/json")
             elif path == "/metrics":
+                daemon.files_space()  # its gauges, read now
                 self._reply(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
             elif path == "/status.json":
                 self._reply(200, json.dumps(daemon.status(), default=str), "application/json")
@@ -1307,6 +1331,13 @@ def render_status_page(s: dict[str, Any]) -> str:
         paused += (f"<p class='rejected'>{resets:.0f} time(s) the broker no longer had the next message to read "
                    f"({lost:.0f} deleted by its retention before they were read; their runs are incomplete). "
                    f"Where and why: errors below, and the log</p>")
+    for n, f in (s.get("files_space") or {}).items():
+        left = f.get("seconds_to_full")
+        if left is not None and left < LOW_SPACE_S:
+            paused += (f"<p class='rejected'>agent {e(n)}: the disk under {e(f['directory'])} is full in about "
+                       f"{time_left_text(left)} at the rate its free space fell over the last 5 min; free space "
+                       "there or set files to a larger disk (after that its derived frames are refused and "
+                       "counted failed)</p>")
     tiled = s.get("tiled")
     paused += "".join(f"<p class='rejected'>tiled mirror: {e(said)}</p>" for said in (tiled or {}).get("offset_resets", []))
     if tiled and not tiled["connected"]:
@@ -1374,9 +1405,12 @@ def _agent_summary(r: dict[str, Any]) -> str:
         parts.append(f"<span class='rejected'>failed frames: {failed}</span>")
     files = r.get("files")
     if files:  # a detector agent writing its frames to files: the disk is what runs out at night
-        free = files.get("free_bytes")
-        parts.append(f"frames to {e(files['directory'])}: <b>{files['bytes_written'] / 1e9:.2f} GB</b> written"
-                     + ("" if free is None else f", <b>{free / 1e9:.1f} GB</b> free"))
+        free, falling, left = files.get("free_bytes"), files.get("free_falling_bytes_per_s"), files.get("seconds_to_full")
+        text = (f"frames to {e(files['directory'])}: <b>{files['bytes_written'] / 1e9:.2f} GB</b> written"
+                + ("" if free is None else f", <b>{free / 1e9:.1f} GB</b> free"))
+        if left is not None and falling is not None:
+            text += f", falling {falling * 3600 / 1e9:.1f} GB/h: full in about <b>{time_left_text(left)}</b>"
+        parts.append(f"<span class='rejected'>{text}</span>" if left is not None and left < LOW_SPACE_S else text)
     fit = r.get("fit") or {}
     for p, v in (fit.get("values") or {}).items():
         parts.append(f"{e(p)} = <b>{v:.4g}</b> ± {fit['sigmas'].get(p, float('nan')):.2g}")

@@ -80,6 +80,7 @@ from models.nets import UNet, denoiser_input, infer, ring_consistent
 from models.registry import WeightsError, load_weights
 from streams.derived import DerivedRunWriter
 from streams.external import ExternalData, ExternalDataError
+from streams.frame_files import MIN_FREE_BYTES, SpaceForecast, time_left_text
 from streams.protocols import DocumentSink
 from streams.sequence import events_of
 
@@ -313,6 +314,10 @@ class DetectorAnalysisAgent:
         self.failed: Counter[str] = Counter()
         self.zeroed_pixels = 0
         self.file_bytes = 0  # derived frames written to files (``files``)
+        self._space: SpaceForecast | None = None  # when the disk under ``files`` fills, at its recent rate
+        if settings.files is not None:
+            where = Path(settings.files).expanduser()
+            self._space = SpaceForecast(lambda: shutil.disk_usage(existing_ancestor(where)).free)
         self._latencies: deque[float] = deque(maxlen=100_000)
         self._note: dict[str, Any] | None = None
         self._fallbacks = 0
@@ -380,19 +385,19 @@ class DetectorAnalysisAgent:
                 "negative_pixels_zeroed_for_integration": self.zeroed_pixels,
                 "weights": {"name": self.record.name, "architecture": self.record.architecture,
                             "sha256": self.record.sha256},
-                "files": self._files_report()}
+                "files": self.files_space()}
 
-    def _files_report(self) -> dict[str, Any] | None:
+    def files_space(self) -> dict[str, Any] | None:
         """Where the derived frames go (``files``), how much was written, and the space left
         there: a denoising agent at 10 frames/s of 512 x 512 writes about 38 GB an hour."""
         if self.settings.files is None:
             return None
-        where = Path(self.settings.files).expanduser()
-        try:
-            free: int | None = shutil.disk_usage(existing_ancestor(where)).free
-        except OSError:
-            free = None
-        return {"directory": str(where), "bytes_written": self.file_bytes, "free_bytes": free}
+        assert self._space is not None
+        self._say_space(self._space.poll())
+        f = self._space.forecast()
+        return {"directory": str(Path(self.settings.files).expanduser()), "bytes_written": self.file_bytes,
+                "free_bytes": f["free_bytes"], "free_falling_bytes_per_s": f["falling_bytes_per_s"],
+                "seconds_to_full": f["seconds_left"]}
 
     def close(self) -> None:
         """Read what is readable (once more), run what is pending, then end open derived runs with
@@ -761,6 +766,21 @@ class DetectorAnalysisAgent:
             run.writer.emit(stream, data)
         self.file_bytes += sum(row[k].nbytes for row in (data if isinstance(data, list) else [data])
                                for k in run.streams[stream])
+        if self._space is not None:
+            self._say_space(self._space.poll())
+
+    def _say_space(self, level: float | None) -> None:
+        """Warn, once per level, as the disk under ``files`` nears full (see :class:`SpaceForecast`)."""
+        if level is None or self._space is None:
+            return
+        f = self._space.forecast()
+        logger.warning("agent %s: the disk under files (%s) is full in about %s at the rate its free space fell "
+                       "over the last %s (%.1f GB/h; %.1f GB free): free space there, or set files to a "
+                       "larger disk and restart; once %d MiB are left every derived frame is refused and counted "
+                       "failed 'publish' (the raw frames are the detector's, not touched)", self.name,
+                       self.settings.files, time_left_text(f["seconds_left"]), time_left_text(f["span_s"]),
+                       (f["falling_bytes_per_s"] or 0) * 3600 / 1e9, (f["free_bytes"] or 0) / 1e9,
+                       MIN_FREE_BYTES // 2**20)
 
     def _data_key(self, value: Any) -> dict[str, Any]:
         source = f"{self.name}:{self.record.name}"

@@ -627,10 +627,22 @@ def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path,
     try:
         while daemon.step():
             pass
-        page = render_status_page(daemon.status())  # what an operator sees: where, how much, the space left
+        status = daemon.status()
+        page = render_status_page(status)  # what an operator sees: where, how much, the space left
+        metrics = daemon.metrics.render().decode()
     finally:
         daemon.close()
     assert re.search(rf"frames to {tmp_path}/derived: <b>0\.00 GB</b> written, <b>[0-9.]+ GB</b> free", page)
+    assert "is full in about" not in page  # no forecast from a moment's samples
+    free = status["files_space"]["peaks"]["free_bytes"]
+    assert re.search(r'beampilot_frame_files_free_bytes\{agent="peaks"\} ([0-9.e+]+)', metrics)
+    assert 'beampilot_frame_files_seconds_to_full{agent="peaks"} NaN' in metrics
+    # a disk an hour from full: said at the top of the page and on the agent's line
+    status["files_space"]["peaks"] |= {"seconds_to_full": 1800.0, "free_falling_bytes_per_s": free / 1800}
+    status["agents"]["peaks"]["files"] = status["files_space"]["peaks"]
+    page = render_status_page(status)
+    assert f"agent peaks: the disk under {tmp_path}/derived is full in about 30 min" in page
+    assert "full in about <b>30 min</b></span>" in page
     names = [n for n, _ in sink.docs]
     assert names.count("stream_resource") == 1 and names.count("stream_datum") == 3
     external = ExternalData()
@@ -924,6 +936,33 @@ def test_a_read_noise_setting_larger_than_the_frames_whole_noise_is_refused_by_n
     agent.tell("event", _event(desc, photon_counting))
     agent.tell("stop", run.compose_stop())
     assert len(sink.events("bragg")) == 1 and not agent.report()["failed_frames"]
+
+
+def test_a_disk_filling_under_the_frame_files_is_said_before_it_is_full(tmp_path, bragg_weights, frames, caplog):
+    """The agent forecasts when the disk under ``files`` is full and warns an hour, then ten
+    minutes, ahead; the report carries the forecast. (The disk is made to fall 1 GB for every 10 s
+    of a clock the test moves: a real one fills too slowly for a test.)"""
+    from streams.frame_files import SpaceForecast
+
+    agent = _agent(bragg_weights[1], [Recorder()], max_batch=1, files=str(tmp_path / "frames"))
+    disk = {"now": 0.0, "free": 30e9}
+
+    def clock():
+        disk["now"] += 10.0
+        disk["free"] -= 1e9
+        return disk["now"]
+
+    agent._space = SpaceForecast(lambda: int(disk["free"]), clock=clock, every_s=5.0)
+    run, desc = _opened_run(agent)
+    with caplog.at_level(logging.WARNING, logger="agents.detector_agent"):
+        for f in frames[:8]:
+            agent.tell("event", _event(desc, f))
+    said = [r.getMessage() for r in caplog.records if "is full in about" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "frames") in said[0] and "360.0 GB/h" in said[0]
+    report = agent.report()["files"]
+    assert report["free_falling_bytes_per_s"] == pytest.approx(1e8)
+    assert report["seconds_to_full"] == pytest.approx((report["free_bytes"] - 64 * 2**20) / 1e8)
+    agent.tell("stop", run.compose_stop())
 
 
 def test_derived_frames_go_to_files_when_the_agent_has_a_directory(tmp_path, bragg_weights, frames):

@@ -155,3 +155,83 @@ def test_a_write_that_fails_anyway_leaves_the_file_alone(tmp_path, caplog):
         run.close()
     assert docs[-1][0] == "stop" and caplog.text == ""
     assert run._files._streams["denoise"]._file.id.valid  # left open, not closed
+
+
+class _Disk:
+    """A file system's free bytes on a clock the test moves (the real one fills too slowly)."""
+
+    def __init__(self, free):
+        self.free, self.now = free, 0.0
+
+    def __call__(self):
+        if self.free is None:
+            raise OSError("Stale file handle")
+        return self.free
+
+
+def test_the_time_to_a_full_disk_is_forecast_from_how_fast_its_free_space_falls():
+    from streams.frame_files import MIN_FREE_BYTES, SpaceForecast
+
+    disk = _Disk(10 * 2**30)
+    space = SpaceForecast(disk, clock=lambda: disk.now)
+    said = []
+    for _ in range(6):  # 25 s seen: too little to say how fast it falls
+        said.append(space.poll())
+        disk.now += 5.0
+        disk.free -= 50 * 2**20
+    f = space.forecast()
+    assert f["free_bytes"] == 10 * 2**30 - 5 * 50 * 2**20 and f["seconds_left"] is None
+    assert said == [None] * 6
+    # 10 MiB/s: the 10 GiB left last about a quarter of an hour, less what is kept free
+    assert space.poll() == 3600.0  # under the hour as soon as it can be said
+    f = space.forecast()
+    assert f["falling_bytes_per_s"] == pytest.approx(10 * 2**20)
+    assert f["seconds_left"] == pytest.approx((disk.free - MIN_FREE_BYTES) / (10 * 2**20))
+    assert space.poll() is None  # within every_s: no new sample
+    levels = []
+    while disk.free > MIN_FREE_BYTES:
+        disk.now += 5.0
+        disk.free -= 50 * 2**20
+        levels.append(space.poll())
+    # the hour had passed before a forecast could be made: said once at once; ten minutes once
+    assert [x for x in levels if x is not None] == [600.0]
+    assert space.forecast()["seconds_left"] == 0.0
+    # someone frees space: the forecast follows within the window, and no longer falls
+    disk.free = 500 * 2**30
+    for _ in range(70):
+        disk.now += 5.0
+        space.poll()
+    assert space.forecast()["seconds_left"] is None
+
+
+def test_a_disk_warning_is_said_once_per_level_and_again_after_space_was_freed():
+    from streams.frame_files import SpaceForecast
+
+    disk = _Disk(100 * 2**30)
+    space = SpaceForecast(disk, clock=lambda: disk.now, window_s=60, min_span_s=30)
+
+    def run(seconds, falling):
+        out = []
+        for _ in range(int(seconds / 5)):
+            disk.now += 5.0
+            if disk.free is not None:
+                disk.free -= int(falling * 5)
+            out.append(space.poll())
+        return [x for x in out if x is not None]
+
+    assert run(120, 10 * 2**20) == []  # 100 GiB at 10 MiB/s: about 2.8 h
+    assert run(60, 40 * 2**20) == [3600.0]  # four times faster: under the hour, said once
+    assert run(60, 40 * 2**20) == []
+    assert run(120, 5 * 2**20) == []  # slower: more than two hours left again, so the levels are said anew
+    assert run(60, 40 * 2**20) == [3600.0]
+    disk.free += 90 * 2**30  # freed: the forecast rises with it
+    assert run(120, 10 * 2**20) == []
+    assert run(4400, 40 * 2**20) == [3600.0, 600.0]  # the hour, then ten minutes, each once
+    disk.free += 500 * 2**30
+    assert run(120, 0) == []
+    disk.free = 2 * 2**30  # a sudden loss past both levels says the nearer one
+    assert run(30, 0) == [600.0]
+    disk.free = None  # the mount is gone: not sampled, nothing said, the last forecast stands
+    assert run(30, 0) == [] and space.forecast()["free_bytes"] is not None
+    with pytest.raises(ValueError, match="min_span_s"):
+        SpaceForecast(disk, window_s=10, min_span_s=30)
