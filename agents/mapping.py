@@ -69,6 +69,11 @@ outputs' score (``h``, ``a`` as in :mod:`models.mapping`) gave sums of 1848 / 17
 with ``lam`` 0.1 / 0.25 / 0.5 / 1 against 1904 on seeds 117-132, and 1792 against 1832 with 0.25
 on 133-148, with per-seed differences of up to 48 points either way: not adopted. Refitting more often
 (``refit_growth`` 1.2) gave sums of 1744 / 1848 / 2072 against 1904 / 1832 / 2056 on seeds 117-132 / 133-148 / 101-116: no gain.
+Nor did choosing by integrated variance reduction (``acquisition: ivr``; measured 2026-12-06):
+on seeds 117-132 1824 (shortlist 24) and 1792 (96) against 1904 on the smooth maps, but
+1800 / 1808 against 1808 on 133-148 and 2048 / 2064 against 2008 on 101-116; on the
+discontinuous maps (117-132) 2408 / 2784 against 2408, since its variance reduction is the
+kriging posterior's, not the triangulated map's error (without the gradient factor: 1896 / 2424).
 
 It stops when the map is known well enough (the weighted mean of ``sd / prior sd`` over the
 grid falls below ``target_sd``) or after ``max_points`` measurements. Everything it learns goes
