@@ -117,7 +117,7 @@ def read_hdf5_rows(path: Path, dataset: str, rows: slice | int, what: str, *,
         raise ExternalDataError("missing_file", f"{what}: HDF5 file {path} does not exist here; if the detector "
                                 "writes it on another mount, map its path with root_map")
     try:
-        f = h5py.File(path, "r", swmr=True)
+        f = h5py.File(path, "r", swmr=True, locking="best-effort")  # locks where the file system has them
     except OSError as err:
         if path.stat().st_size >= 8 and not h5py.is_hdf5(path):
             raise ExternalDataError("external_read", f"{what}: {path} is not an HDF5 file") from None

@@ -171,7 +171,9 @@ class _StreamFile:
         self.path = path
         self.failed: str | None = None  # why a write failed: the file is then left alone
         # libver "latest" is what SWMR needs; every dataset must exist before swmr_mode is turned on
-        self._file = h5py.File(path, "w", libver="latest")
+        # locking "best-effort": file systems without locks (Lustre mounted without flock, some NFS)
+        # would otherwise refuse every file (HDF5: "unable to lock file ... Function not implemented")
+        self._file = h5py.File(path, "w", libver="latest", locking="best-effort")
         self.datasets = {}
         try:
             for key, (shape, dtype) in keys.items():
