@@ -104,10 +104,11 @@ class DaemonMetrics:
         self.plans_sent = Counter("beampilot_plans_sent", "Plans sent to the queueserver", ["agent"], registry=r)
         self.plans_rejected = Counter("beampilot_plans_rejected",
                                       "Plans the safety gate or the queue server refused", ["agent"], registry=r)
-        self.tiled_connected = Gauge("beampilot_tiled_connected", "1 while tiled answers the mirror", registry=r)
+        self.tiled_connected = Gauge("beampilot_tiled_connected", "1 while tiled answers the mirror (NaN: no tiled)",
+                                     registry=r)
         self.tiled_behind = Gauge("beampilot_tiled_behind", "Derived documents on the topic not yet mirrored to tiled",
                                   registry=r)
-        self.queue_connected = Gauge("beampilot_queueserver_connected", "1 while the queue server answers",
+        self.queue_connected = Gauge("beampilot_queueserver_connected", "1 while the queue server answers (NaN: none)",
                                      registry=r)
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
                                           "Plans not sent because the queue already had their key", registry=r)
@@ -391,6 +392,12 @@ class Daemon:
                     logger.debug("closing %s after a failed start: %s", type(thing).__name__, err)
             raise
         self.source, self.derived_sink, self.plan_sink = source, derived_sink, plan_sink
+        # NaN, not 0, for a server this daemon does not use: an alert on "== 0" fires only where it matters
+        if plan_sink is None:
+            self.metrics.queue_connected.set(math.nan)
+        if self.tiled_mirror is None:
+            self.metrics.tiled_connected.set(math.nan)
+            self.metrics.tiled_behind.set(math.nan)
         if not self.state.offsets and self.config.start_at == "end":
             # where "from now on" began: a restart before the first document reads on from here
             self.state.offsets = dict(self.source.positions())
@@ -1180,7 +1187,7 @@ class Daemon:
         samples: dict[str, float] = {}
         for m in self.metrics.registry.collect():
             for s in m.samples:
-                if s.name.endswith(("_total", "lag", "connected")):
+                if s.name.endswith(("_total", "lag", "connected")) and not math.isnan(s.value):  # NaN: not used
                     samples[s.name] = samples.get(s.name, 0.0) + s.value  # summed over labels
         return {
             "healthy": ok, "health": why, "uptime_s": time.time() - self.started_at,

@@ -32,3 +32,55 @@ def test_every_agent_of_a_deploy_example_builds_and_its_first_request_passes_its
             agent.close()
     if name == "agents.example.yaml":
         assert sorted(set(kinds)) == ["detector", "mapping", "tuning"]
+
+
+def _selectors(node):
+    """Every vector selector in a parsed PromQL expression."""
+    import promql_parser
+
+    if isinstance(node, promql_parser.VectorSelector):
+        yield node
+    for attr in ("lhs", "rhs", "expr", "vector_selector", "param"):
+        child = getattr(node, attr, None)
+        if child is not None:
+            yield from _selectors(child)
+    for arg in getattr(node, "args", None) or []:
+        yield from _selectors(arg)
+
+
+def test_every_alert_rule_parses_and_names_only_metrics_and_labels_the_daemon_exports():
+    """deploy/alerts.yaml is what a facility loads into Prometheus: a typo in a metric's name
+    would be an alert that can never fire, so every expression is parsed (a real PromQL parser)
+    and each selector checked against the daemon's own metrics, label names included."""
+    import promql_parser
+    import yaml
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from agents.daemon import DaemonMetrics
+
+    exported = {}  # the names Prometheus scrapes -> the daemon's metric
+    for metric in vars(DaemonMetrics()).values():
+        if isinstance(metric, (Counter, Gauge, Histogram)):
+            (family,) = metric.describe()
+            suffixes = {Counter: ("_total",), Gauge: ("",), Histogram: ("_bucket", "_sum", "_count")}[type(metric)]
+            exported.update({family.name + s: metric for s in suffixes})
+    rules = yaml.safe_load((DEPLOY / "alerts.yaml").read_text())["groups"][0]["rules"]
+    assert len({r["alert"] for r in rules}) == len(rules) >= 10
+    used = set()
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        expr = promql_parser.parse(rule["expr"])  # raises on a malformed expression
+        for sel in _selectors(expr):
+            if sel.name == "up":  # Prometheus's own, per scrape target
+                continue
+            assert sel.name in exported, f"{rule['alert']}: {sel.name} is not a metric the daemon exports"
+            used.add(sel.name)
+            labels = {m.name: m.value for m in sel.matchers.matchers}
+            if labels:  # the metric takes exactly these label names (prometheus_client checks them)
+                exported[sel.name].labels(**labels)
+    # the conditions a night shift must hear of, each covered
+    for name in ("beampilot_broker_connected", "beampilot_consumer_lag", "beampilot_documents_lost_total",
+                 "beampilot_frame_files_seconds_to_full", "beampilot_errors_total"):
+        assert name in used, f"no alert reads {name}"
+

@@ -637,6 +637,9 @@ def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path,
     free = status["files_space"]["peaks"]["free_bytes"]
     assert re.search(r'beampilot_frame_files_free_bytes\{agent="peaks"\} ([0-9.e+]+)', metrics)
     assert 'beampilot_frame_files_seconds_to_full{agent="peaks"} NaN' in metrics
+    # no queue server, no tiled: their gauges NaN (an alert on "== 0" does not fire), kept out of /status.json
+    assert "beampilot_queueserver_connected NaN" in metrics and "beampilot_tiled_connected NaN" in metrics
+    assert "beampilot_queueserver_connected" not in status["counters"] and "beampilot_broker_connected" in status["counters"]
     # a disk an hour from full: said at the top of the page and on the agent's line
     status["files_space"]["peaks"] |= {"seconds_to_full": 1800.0, "free_falling_bytes_per_s": free / 1800}
     status["agents"]["peaks"]["files"] = status["files_space"]["peaks"]
