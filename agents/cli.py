@@ -392,6 +392,11 @@ def run(
     config: Annotated[Path, typer.Option(help="The daemon's YAML config (see deploy/agent.example.yaml).")],
     kafka: Annotated[str | None, typer.Option(help="Broker host:port, overriding kafka.bootstrap_servers.")] = None,
     http_port: Annotated[int | None, typer.Option(help="Port of /healthz, /metrics and the status page.")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Check the config and every server it names (agents built and asked for their first "
+                        "plans, which are checked against their safety gate and the queue server's allowed "
+                        "plans; topics; tiled; state_dir; the status port), print what is wrong and what to "
+                        "do, and exit (1 if anything fails). Nothing is started, queued or written.")] = False,
 ) -> None:
     """Run the configured agents as a daemon beside a live experiment: read its Kafka document
     topic, publish derived documents, send plans to the queueserver, serve /healthz, /metrics
@@ -404,6 +409,18 @@ def run(
         cfg = cfg.model_copy(update={
             "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": kafka}) if kafka else cfg.kafka,
             "http": cfg.http.model_copy(update={"port": http_port}) if http_port is not None else cfg.http})
+    if check:
+        from agents.preflight import preflight
+
+        checks = preflight(cfg)
+        marks = {"ok": ("ok  ", "green"), "warn": ("WARN", "yellow"), "fail": ("FAIL", "red")}
+        for c in checks:
+            mark, colour = marks[c.status]
+            typer.echo(f"{typer.style(mark, fg=colour, bold=c.status != 'ok')} {c.what}: {c.detail}")
+        failed = sum(c.status == "fail" for c in checks)
+        warned = sum(c.status == "warn" for c in checks)
+        typer.echo(f"{config}: {failed} failed, {warned} warning(s), {len(checks) - failed - warned} ok")
+        raise typer.Exit(1 if failed else 0)
 
     def ready(daemon, server) -> None:
         typer.echo(f"beampilot daemon: {len(daemon.agents)} agent(s) reading {cfg.documents_topic} "

@@ -366,6 +366,32 @@ class KafkaSettings(BaseModel):
             ) from err
         consumer.close(autocommit=False)
 
+    def topic_partitions(self, topics: Sequence[str], timeout: float = 5.0) -> dict[str, int | None]:
+        """How many partitions each of ``topics`` has (``None``: it does not exist), asked
+        without creating any (a broker that auto-creates topics would make a missing one with
+        its default partition count at the first read or write).
+
+        Raises
+        ------
+        StreamError
+            No broker answered (as :meth:`check_reachable`).
+        """
+        self.check_reachable(timeout)
+        kwargs = {**self.client_kwargs(), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
+        try:
+            admin = _construct(KafkaAdminClient, kwargs)
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
+        try:
+            existing = set(admin.list_topics())  # all topics' metadata: creates nothing
+            found = [t for t in topics if t in existing]
+            described = {d["name"]: len(d["partitions"]) for d in admin.describe_topics(found)} if found else {}
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
+        finally:
+            admin.close()
+        return {t: described.get(t) for t in topics}
+
 
 def _check_tcp(servers: Sequence[str], timeout: float) -> None:
     """Raise unless some ``host:port`` of ``servers`` accepts a TCP connection.

@@ -465,6 +465,32 @@ class QueueServerPlanSink(ClosesOnExit):
             self._sent[request.key] = uid
             return uid
 
+    def check_request(self, request: PlanRequest) -> str | None:
+        """Why the manager would refuse ``request`` as a queue item: its plan not allowed for the
+        user group, or keyword arguments the plan does not take. ``None``: it would take it.
+        Nothing is queued (what a check before a beamtime needs).
+
+        Raises
+        ------
+        QueueServerUnreachableError
+            No answer.
+        """
+        try:
+            allowed = self._call("plans_allowed", user_group=self.user_group)["plans_allowed"]
+        except self._api.RequestFailedError as err:  # e.g. a user group it does not know
+            return (f"the manager refuses to list the plans of user group {self.user_group!r} ({_reason(str(err))}); "
+                    "set queueserver.user_group to one of its groups (its user_group_permissions.yaml)")
+        if request.plan not in allowed:
+            return f"plan {request.plan!r} is not allowed. {self._allowed_text(allowed)}"
+        params = allowed[request.plan].get("parameters", [])
+        if any((p.get("kind") or {}).get("name") == "VAR_KEYWORD" for p in params):
+            return None  # takes any keyword
+        names = [p["name"] for p in params]
+        extra = sorted(set(request.kwargs) - set(names))
+        if extra:
+            return f"plan {request.plan!r} takes no argument(s) {extra}; its parameters are {names}"
+        return None
+
     def _hint(self, request: PlanRequest) -> str:
         try:
             allowed = self._call("plans_allowed", user_group=self.user_group)["plans_allowed"]
@@ -473,6 +499,9 @@ class QueueServerPlanSink(ClosesOnExit):
         if request.plan in allowed:
             names = [p["name"] for p in allowed[request.plan].get("parameters", [])]
             return f"Check the arguments against the plan's parameters {names}"
+        return self._allowed_text(allowed)
+
+    def _allowed_text(self, allowed: Mapping[str, Any]) -> str:
         group = f" for group {self.user_group!r}" if self._via_zmq else ""
         if not allowed:  # a manager learns its plans from the startup code, when an environment opens
             return (f"The RE Manager allows no plans{group}: if its RE environment has never been opened, "

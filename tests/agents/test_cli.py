@@ -259,3 +259,39 @@ def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch):
     result = runner.invoke(app, ["demo", "bragg", "--quiet", "--frames", "1", "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: No space left on device: free space there, or write somewhere else (--out)" in result.output
+
+
+def test_run_check_says_what_would_fail_and_exits_1_having_started_nothing(tmp_path):
+    """``beampilot run --check`` with nothing listening: each server named with what to do, a
+    status port another program holds, and an agent whose first plan its own gate refuses
+    (the stage limits narrower than its extent). Exit 1; state_dir is not made."""
+    import socket
+
+    import yaml
+
+    from streams.qserver_launch import free_port
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "agents.example.yaml").read_text())
+    dead = free_port()
+    raw["kafka"]["bootstrap_servers"] = f"127.0.0.1:{dead}"
+    raw["queueserver"]["zmq_control_addr"] = f"tcp://127.0.0.1:{free_port()}"
+    raw["state_dir"] = str(tmp_path / "state")
+    mapping = next(a for a in raw["agents"] if a["kind"] == "mapping")
+    mapping["safety"]["limits"]["stage_x"]["high"] = 2.0
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        raw["http"] = {"port": held.getsockname()[1]}
+        path = tmp_path / "daemon.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        result = CliRunner().invoke(app, ["run", "--config", str(path), "--check"])
+    lines = {line.split(":")[0]: line for line in result.output.splitlines()}
+    assert result.exit_code == 1, result.output
+    assert lines["FAIL broker"].endswith(f"cannot reach Kafka at 127.0.0.1:{dead} (connection refused); start the "
+                                         "broker or fix kafka.bootstrap_servers")
+    assert "did not answer" in lines["FAIL queue server"]
+    assert "another daemon (or program) has it?" in lines["FAIL status port"]
+    assert "refused by its own safety gate" in lines["FAIL agent film-map"] and "stage_x" in lines["FAIL agent film-map"]
+    assert lines["ok   agent denoise"].startswith("ok   agent denoise: detector: weights denoise")
+    assert lines["ok   agent focus"] and "4 failed, 0 warning(s)" in result.output
+    assert not (tmp_path / "state").exists()

@@ -510,3 +510,60 @@ def test_the_sextupole_agent_steers_the_simulated_ring_through_the_queue_server(
     steps = [abs(b[a] - c[a]) for item in history for b, c in zip(item["kwargs"]["points"][:-1],
              item["kwargs"]["points"][1:], strict=True) for a in b]
     assert steps and max(steps) <= 20.0 + 1e-9  # every move within the largest step (SF, SD: 10)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp_path):
+    """``beampilot run --check`` on the real dev stack: a manager whose RE environment never
+    opened knows no plans, so the agent's plans would be refused (a failure, with what to do);
+    once it is open they pass; a user group the manager does not know fails again. Nothing is
+    queued, no topic is made, and state_dir is not created."""
+    from agents.preflight import preflight
+    from streams.kafka import KafkaSettings
+    from streams.queueserver import QueueServerPlanSink
+
+    cfg = StackConfig(state_dir=tmp_path / "stack", beamline="check", kafka_port=0, redis_port=0,
+                      zmq_control_port=0, zmq_info_port=0, http_port=0, tiled_port=0, sim_speed=1000)
+    stack = start_stack(cfg, tiled=True, http=False)
+    try:
+        setup = DemoSetup.draw(cfg.sim_sample, cfg.sim_seed)
+        raw = stack_daemon_config(stack.addresses(cfg), setup, tmp_path / "state", overrides={"target_rel_sigma": 0.05})
+        raw["http"] = {"port": 0}
+        config = load_daemon_config(raw)
+
+        def checked(conf):
+            return {c.what: (c.status, c.detail) for c in preflight(conf)}
+
+        before = checked(config)
+        zmq = raw["queueserver"]["zmq_control_addr"]
+        with QueueServerPlanSink(zmq_control_addr=zmq) as sink:
+            sink.ensure_environment(timeout=60)
+            after = checked(config)
+            nobody = checked(load_daemon_config({**raw, "queueserver": {**raw["queueserver"], "user_group": "nobody"}}))
+            from streams.requests import PlanRequest
+
+            bogus = sink.check_request(PlanRequest("measure", kwargs={"points": [], "bogus": 1}))
+            queued = sink.status()["items_in_queue"]
+        cli = CliRunner().invoke(app, ["run", "--config", str(_write_yaml(tmp_path / "daemon.yaml", raw)), "--check"])
+        topics = KafkaSettings(bootstrap_servers=raw["kafka"]["bootstrap_servers"]).topic_partitions(
+            [config.derived_topic])
+    finally:
+        stack.stop()
+    assert before["queue server"][0] == "warn" and "no RE environment open" in before["queue server"][1]
+    assert before["plans of qsampling"][0] == "fail" and "qserver environment open" in before["plans of qsampling"][1]
+    assert before["agent qsampling"][0] == "ok" and before["broker"][0] == "ok" and before["tiled"][0] == "ok"
+    assert after["queue server"][0] == "ok" and after["plans of qsampling"] == ("ok", "allowed for user group 'primary'")
+    assert nobody["plans of qsampling"][0] == "fail" and "user group 'nobody'" in nobody["plans of qsampling"][1]
+    assert not [w for w, (s, _) in after.items() if s == "fail"], after
+    assert bogus.startswith("plan 'measure' takes no argument(s) ['bogus']; its parameters are [")
+    made = f"{config.derived_topic} does not exist yet: the daemon makes it at start (1 partition)"
+    assert after["derived topic"] == ("ok", made)
+    assert cli.exit_code == 0 and "0 failed, 0 warning(s)" in cli.output
+    assert queued == 0 and topics == {config.derived_topic: None} and not (tmp_path / "state").exists()
+
+
+def _write_yaml(path, data):
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(data, default=str))))
+    return path
