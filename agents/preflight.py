@@ -27,6 +27,8 @@ from agents.daemon_config import DaemonConfig
 
 __all__ = ["Check", "preflight"]
 
+#: a first start from the beginning of a topic holding more documents than this is a warning
+FIRST_START_MANY = 10_000
 #: less free space than this in state_dir is a warning (checkpoints, agents' zarr stores)
 STATE_MIN_FREE_BYTES = 1 << 30
 
@@ -158,7 +160,29 @@ def _broker(config: DaemonConfig, timeout: float) -> list[Check]:
                                               "within one; use a topic of one partition"))
         else:
             checks.append(Check(role, "ok", f"{topic} (1 partition)"))
+    if found[config.documents_topic] is not None and not (Path(config.state_dir).expanduser() / "checkpoint.json").exists():
+        checks.append(_first_start(config, settings, timeout))
     return checks
+
+
+def _first_start(config: DaemonConfig, settings: Any, timeout: float) -> Check:
+    """Where a first start (no checkpoint) reads from, and how much that is."""
+    from streams.errors import StreamError
+
+    topic = config.documents_topic
+    try:
+        held = settings.retained_messages(topic, timeout)
+    except StreamError as err:
+        return Check("first start", "warn", f"cannot say how much {topic} holds: {err}")
+    group = f" (unless consumer group {config.kafka.group_id!r} has a position)" if config.kafka.group_id else ""
+    if config.start_at == "end":
+        return Check("first start", "ok", f"no checkpoint: reads what is published from now on{group}; the "
+                                          f"{held} document(s) {topic} holds are not read")
+    said = (f"no checkpoint: reads all {held} document(s) {topic} holds, from its first{group}: the agents "
+            "analyse and steer on every run in it")
+    if held > FIRST_START_MANY:
+        return Check("first start", "warn", f"{said}; set start_at: end to begin with what is published from now on")
+    return Check("first start", "ok", said)
 
 
 def _tiled(config: DaemonConfig) -> Check:

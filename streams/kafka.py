@@ -392,6 +392,34 @@ class KafkaSettings(BaseModel):
             admin.close()
         return {t: described.get(t) for t in topics}
 
+    def retained_messages(self, topic: str, timeout: float = 5.0) -> int:
+        """How many messages ``topic`` holds now (its partitions' end offsets less their first
+        retained ones): what a consumer reading it from the beginning would read. The topic must
+        exist (see :meth:`topic_partitions`); it is not created.
+
+        Raises
+        ------
+        StreamError
+            No broker answered, or it would not say.
+        """
+        from kafka import TopicPartition
+
+        kwargs = {**self.client_kwargs("consumer"), "bootstrap_timeout_ms": max(100, int(timeout * 1000)),
+                  "allow_auto_create_topics": False}
+        try:
+            consumer = _construct(KafkaConsumer, kwargs)
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} about {topic!r}: {type(err).__name__}: {err}") from err
+        try:
+            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            ms = max(100, int(timeout * 1000))
+            firsts, ends = consumer.beginning_offsets(parts, timeout_ms=ms), consumer.end_offsets(parts, timeout_ms=ms)
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} about {topic!r}: {type(err).__name__}: {err}") from err
+        finally:
+            consumer.close(autocommit=False)
+        return int(sum(ends[p] - firsts[p] for p in parts))
+
 
 def _check_tcp(servers: Sequence[str], timeout: float) -> None:
     """Raise unless some ``host:port`` of ``servers`` accepts a TCP connection.

@@ -515,7 +515,7 @@ def test_the_sextupole_agent_steers_the_simulated_ring_through_the_queue_server(
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp_path):
+def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp_path, monkeypatch):
     """``beampilot run --check`` on the real dev stack: a manager whose RE environment never
     opened knows no plans, so the agent's plans would be refused (a failure, with what to do);
     once it is open they pass; a user group the manager does not know fails again. Nothing is
@@ -547,6 +547,20 @@ def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp
             bogus = sink.check_request(PlanRequest("measure", kwargs={"points": [], "bogus": 1}))
             queued = sink.status()["items_in_queue"]
         cli = CliRunner().invoke(app, ["run", "--config", str(_write_yaml(tmp_path / "daemon.yaml", raw)), "--check"])
+        # a first start from the beginning reads what the topic holds: counted, and said when it is much
+        from streams.kafka import KafkaDocumentSink
+
+        settings = KafkaSettings(bootstrap_servers=raw["kafka"]["bootstrap_servers"])
+        empty = checked(config)["first start"]
+        with KafkaDocumentSink(config.documents_topic, settings, create_topic=False) as publish:
+            for name, doc in sas_run_documents(3, seed=1):
+                publish(name, doc)
+                # one batch each: tansu's end offset is its last batch's first offset + 1 (Kafka's
+                # is its last message's + 1), so documents batched together would be undercounted
+                publish.flush()
+        monkeypatch.setattr("agents.preflight.FIRST_START_MANY", 5)
+        held = checked(config)["first start"]
+        at_end = checked(config.model_copy(update={"start_at": "end"}))["first start"]
         topics = KafkaSettings(bootstrap_servers=raw["kafka"]["bootstrap_servers"]).topic_partitions(
             [config.derived_topic])
     finally:
@@ -562,6 +576,11 @@ def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp
     assert after["derived topic"] == ("ok", made)
     assert cli.exit_code == 0 and "0 failed, 0 warning(s)" in cli.output
     assert queued == 0 and topics == {config.derived_topic: None} and not (tmp_path / "state").exists()
+    n = len(list(sas_run_documents(3, seed=1)))
+    assert empty[0] == "ok" and "reads all 0 document(s)" in empty[1]
+    assert held[0] == "warn", held
+    assert f"reads all {n} document(s)" in held[1] and "set start_at: end" in held[1]
+    assert at_end[0] == "ok" and f"the {n} document(s) {config.documents_topic} holds are not read" in at_end[1]
 
 
 def _write_yaml(path, data):
