@@ -1342,7 +1342,7 @@ def render_status_page(s: dict[str, Any]) -> str:
         left = f.get("seconds_to_full")
         if left is not None and left < LOW_SPACE_S:
             paused += (f"<p class='rejected'>agent {e(n)}: the disk under {e(f['directory'])} is full in about "
-                       f"{time_left_text(left)} at the rate its free space fell over the last 5 min; free space "
+                       f"{time_left_text(left)} at the rate its free space has fallen lately; free space "
                        "there or set files to a larger disk (after that its derived frames are refused and "
                        "counted failed)</p>")
     tiled = s.get("tiled")

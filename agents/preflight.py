@@ -132,8 +132,10 @@ def _analysis_summary(entry: Any, agent: Any) -> str:
         said += f": weights {record.name} ({record.architecture}, sha256 {record.sha256[:12]})"
     files = getattr(getattr(agent, "settings", None), "files", None)
     if files:
-        free = shutil.disk_usage(existing_ancestor(Path(files).expanduser())).free
-        said += f"; frames to {files} ({free / 1e9:.1f} GB free)"
+        try:
+            said += f"; frames to {files} ({shutil.disk_usage(existing_ancestor(Path(files).expanduser())).free / 1e9:.1f} GB free)"
+        except OSError as err:
+            said += f"; frames to {files} (its free space unknown: {err})"
     return said
 
 
