@@ -355,7 +355,7 @@ class KafkaSettings(BaseModel):
         deadline = time.monotonic() + timeout
         _check_tcp(self.bootstrap_servers.split(","), timeout)
         remaining_ms = max(100, int((deadline - time.monotonic()) * 1000))
-        kwargs = {**self.client_kwargs("consumer"), "bootstrap_timeout_ms": remaining_ms}
+        kwargs = {**self.client_kwargs("consumer"), "bootstrap_timeout_ms": remaining_ms, "enable_auto_commit": False}
         try:
             consumer = _construct(KafkaConsumer, kwargs)
         except KafkaError as err:
@@ -405,7 +405,7 @@ class KafkaSettings(BaseModel):
         from kafka import TopicPartition
 
         kwargs = {**self.client_kwargs("consumer"), "bootstrap_timeout_ms": max(100, int(timeout * 1000)),
-                  "allow_auto_create_topics": False}
+                  "allow_auto_create_topics": False, "enable_auto_commit": False}
         try:
             consumer = _construct(KafkaConsumer, kwargs)
         except KafkaError as err:
