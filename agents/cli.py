@@ -6,6 +6,8 @@ import errno
 import functools
 import json
 import logging
+import re
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -87,10 +89,45 @@ def _reported(command: Callable[..., Any]) -> Callable[..., Any]:
     return reported
 
 
+class RepeatsQuieted(logging.Filter):
+    """Lets a message of the ``quiet`` libraries' loggers through once a ``window_s``, with how
+    many like it were held back since (numbers in it do not make it new).
+
+    kafka-python logs every failed reconnect, several lines a second while a broker is down (97 in
+    the 10 s after the dev stack's broker stopped): an hour's outage at night would bury the
+    daemon's own lines under tens of thousands of its. beampilot's own loggers are never held back.
+    """
+
+    def __init__(self, quiet: tuple[str, ...] = ("kafka",), window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.quiet, self.window_s, self._clock = quiet, window_s, clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, pattern) -> (last let through, held since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == q or record.name.startswith(q + ".") for q in self.quiet):
+            return True
+        key = (record.name, re.sub(r"\d+", "#", record.getMessage()))
+        now = self._clock()
+        last, held = self._seen.get(key, (None, 0))
+        if last is not None and now - last < self.window_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:  # patterns of the past: forget them
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} more like it in the last {now - last:.0f} s)", None
+        return True
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RepeatsQuieted) for f in handler.filters):
+            handler.addFilter(RepeatsQuieted())
 
 
 @demo_app.command(

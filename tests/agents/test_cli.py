@@ -295,3 +295,43 @@ def test_run_check_says_what_would_fail_and_exits_1_having_started_nothing(tmp_p
     assert lines["ok   agent denoise"].startswith("ok   agent denoise: detector: weights denoise")
     assert lines["ok   agent focus"] and "4 failed, 0 warning(s)" in result.output
     assert not (tmp_path / "state").exists()
+
+
+def test_a_librarys_repeated_log_lines_are_let_through_once_a_minute_with_a_count():
+    """A broker that is down makes kafka-python log each reconnect; the daemon's log keeps one a
+    minute of each (numbers aside), saying how many were held back. beampilot's own lines all pass."""
+    import logging
+
+    from agents.cli import RepeatsQuieted
+
+    now = [0.0]
+    quiet = RepeatsQuieted(clock=lambda: now[0])
+    kept = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    handler = Keep()
+    handler.addFilter(quiet)
+    kafka, ours = logging.getLogger("kafka.net.test_quiet"), logging.getLogger("agents.test_quiet")
+    for log in (kafka, ours):
+        log.addHandler(handler)
+        log.propagate = False
+    try:
+        for i in range(100):  # ten a second for 10 s, on two ports
+            now[0] = i / 10
+            kafka.error("Connection failed: 111 ECONNREFUSED to port %d", 9000 + i % 2)
+            ours.warning("broker unreachable (%d)", i)
+        now[0] = 60.5
+        kafka.error("Connection failed: 111 ECONNREFUSED to port %d", 9000)
+        kafka.error("Fetch to node 111 failed")
+    finally:
+        for log in (kafka, ours):
+            log.removeHandler(handler)
+            log.propagate = True
+    theirs = [m for m in kept if "ECONNREFUSED" in m or "Fetch" in m]
+    assert theirs == ["Connection failed: 111 ECONNREFUSED to port 9000",
+                      "Connection failed: 111 ECONNREFUSED to port 9000 (99 more like it in the last 60 s)",
+                      "Fetch to node 111 failed"]
+    assert len([m for m in kept if m.startswith("broker unreachable")]) == 100
