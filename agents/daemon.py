@@ -371,6 +371,7 @@ class Daemon:
                     gate.keep_plan(key, plan["before"], plan["points"])
                 self.steering[entry.name] = _Steering(entry, gate)
         self._queue = _QueueServerLink()
+        self._broker_down: tuple[float, float] | None = None  # a broker outage: (since, last said), monotonic
         self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
         made: list[Any] = []  # what this constructor opened: closed again if a later part fails
         try:
@@ -560,7 +561,9 @@ class Daemon:
         except Exception as err:  # the source reconnects by itself; never die on a poll
             self._error("poll", f"poll failed: {err}")
             records = []
-        self.metrics.connected.set(1 if getattr(self.source, "connected", True) else 0)
+        connected = getattr(self.source, "connected", True)
+        self.metrics.connected.set(1 if connected else 0)
+        self._say_broker(connected)
         self._report_resets()
         if self.tiled_mirror is not None:
             mirrored = self.tiled_mirror.status()
@@ -959,6 +962,26 @@ class Daemon:
         else:
             self.metrics.errors.labels(where="queueserver").inc()
             self._repeated[message] = (said, count + 1)
+
+    def _say_broker(self, connected: bool) -> None:
+        """A broker outage in the daemon's own words: when it began, once a minute while it lasts
+        (kafka-python's own lines about it are let through once a minute, see the CLI), and when
+        the broker answers again."""
+        now = time.monotonic()
+        down = self._broker_down
+        if connected:
+            if down is not None:
+                self._broker_down = None
+                logger.warning("the broker at %s answers again, after %.0f s; reading on where the daemon stopped",
+                               self.config.kafka.bootstrap_servers, now - down[0])
+            return
+        if down is None or now - down[1] >= 60.0:
+            since = now if down is None else down[0]
+            self._broker_down = (since, now)
+            during = "" if down is None else f" for {now - since:.0f} s"
+            self._error("kafka", f"the broker at {self.config.kafka.bootstrap_servers} does not answer{during} "
+                                 f"({getattr(self.source, 'last_error', None) or 'no connection'}); the experiment's "
+                                 "documents wait on its topic and are read when it is back")
 
     def _queue_server_lost(self, err: QueueServerUnreachableError) -> None:
         """Try again later, waiting longer each time; say so once, then once a minute."""

@@ -508,11 +508,11 @@ def _kill_and_restart(proc, path, log, publisher, config, runs, broker):
     assert max(per_raw.values()) == 1, f"duplicated {sum(v - 1 for v in per_raw.values())}"
 
 
-def test_broker_restart_mid_stream_loses_nothing_and_repeats_nothing(durable_broker, tmp_path):
-    _broker_restart(durable_broker, tmp_path)
+def test_broker_restart_mid_stream_loses_nothing_and_repeats_nothing(durable_broker, tmp_path, caplog):
+    _broker_restart(durable_broker, tmp_path, caplog)
 
 
-def _broker_restart(broker, tmp_path):
+def _broker_restart(broker, tmp_path, caplog):
     # tansu on S3 answers fetches with nothing when its storage read outlasts the fetch's max wait
     cfg = load_daemon_config(_config(broker, tmp_path / "state", kafka={
         "bootstrap_servers": broker.bootstrap, "extra": {"fetch_max_wait_ms": 200}}))
@@ -521,13 +521,20 @@ def _broker_restart(broker, tmp_path):
     daemon = Daemon(cfg)
     _run_until(daemon, lambda: daemon.agents["rate"].events_out >= 98)
     broker.kill()
-    for _ in range(10):  # polls while the broker is away must not raise
-        daemon.step()
-    assert daemon.healthy()[0] is False and "broker" in daemon.healthy()[1]
-    broker.restart()
-    _publish(broker, cfg.documents_topic, docs[100:])
-    _run_until(daemon, lambda: daemon.agents["rate"].events_out == 200, timeout=60)
+    with caplog.at_level(logging.WARNING, logger="agents.daemon"):
+        for _ in range(10):  # polls while the broker is away must not raise
+            daemon.step()
+        assert daemon.healthy()[0] is False and "broker" in daemon.healthy()[1]
+        broker.restart()
+        _publish(broker, cfg.documents_topic, docs[100:])
+        _run_until(daemon, lambda: daemon.agents["rate"].events_out == 200, timeout=60)
     assert daemon.healthy()[0]
+    said = [r.getMessage() for r in caplog.records if r.name == "agents.daemon"]
+    # the outage in the daemon's own words: said once as it began, and when it ended
+    (down,) = [m for m in said if "does not answer" in m]
+    (back,) = [m for m in said if "answers again, after" in m]
+    assert down.startswith(f"the broker at {broker.bootstrap} does not answer (") and "read when it is back" in down
+    assert back.startswith(f"the broker at {broker.bootstrap} answers again, after ")
     daemon.close()
     per_raw = _derived_per_raw(_read_all(broker, cfg.derived_topic))
     assert set(per_raw) == _raw_events(docs) and set(per_raw.values()) == {1}
