@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import event_model
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -127,15 +127,47 @@ class DaemonMetrics:
                                      "Partitions whose next offset was gone from the broker", ["cause"], registry=r)
         self.lost = Counter("beampilot_documents_lost",
                             "Messages the broker deleted (retention) before they were read", registry=r)
-        self.files_free = Gauge("beampilot_frame_files_free_bytes",
-                                "Free bytes on the disk a detector agent writes its derived frames to (files)",
-                                ["agent"], registry=r)
-        self.files_left = Gauge("beampilot_frame_files_seconds_to_full",
-                                "Seconds until that disk is full at the rate its free space fell over the last "
-                                "5 minutes (NaN while it is not falling)", ["agent"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class AgentMetrics:
+    """The agents' own figures, read from them at each scrape (a Prometheus custom collector, so
+    nothing has to be kept in step): a detector agent's frames in, out and failed (by cause) and
+    its frame files' disk; whether a steering agent is paused."""
+
+    #: each metric as Prometheus scrapes it -> (kind, help, label names)
+    FAMILIES: ClassVar[dict[str, tuple[str, str, tuple[str, ...]]]] = {
+        "beampilot_agent_frames_in": ("counter", "Frames an analysis agent was told", ("agent",)),
+        "beampilot_agent_frames_out": ("counter", "Frames an analysis agent published results of", ("agent",)),
+        "beampilot_agent_frames_failed": ("counter", "Frames an analysis agent could not analyse, by cause",
+                                          ("agent", "cause")),
+        "beampilot_agent_paused": ("gauge", "1 while a steering agent is paused (its plans refused round after round)",
+                                   ("agent",)),
+        "beampilot_frame_files_free_bytes": ("gauge", ("Free bytes on the disk a detector agent writes its derived "
+                                                       "frames to (files)"), ("agent",)),
+        "beampilot_frame_files_seconds_to_full": ("gauge", ("Seconds until that disk is full at the rate its free "
+                                                            "space fell lately (NaN while it is not falling)"), ("agent",)),
+    }
+
+    def __init__(self, figures: Callable[[], dict[str, list[tuple[tuple[str, ...], float]]]]) -> None:
+        self._figures = figures
+
+    def describe(self) -> list[Any]:
+        return list(self._families({}))
+
+    def collect(self) -> Any:
+        return self._families(self._figures())
+
+    def _families(self, figures: dict[str, list[tuple[tuple[str, ...], float]]]) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, (kind, doc, labels) in self.FAMILIES.items():
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=list(labels))
+            for values, value in figures.get(name, []):
+                family.add_metric(list(values), value)
+            yield family
 
 
 # -- checkpoint ------------------------------------------------------------------------------------
@@ -337,6 +369,7 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.state_dir / "checkpoint.json"
         self.metrics = DaemonMetrics()
+        self.metrics.registry.register(AgentMetrics(self._agent_figures))
         self.started_at = time.time()
         self.recent_errors: deque[str] = deque(maxlen=50)
         self._cut: deque[str] = deque(maxlen=1000)  # request keys of plans judged cut short
@@ -1190,16 +1223,28 @@ class Daemon:
         return True, "ok"
 
     def files_space(self) -> dict[str, dict[str, Any]]:
-        """Each detector agent's disk for its frame files (free, falling, time to full), also set
-        as gauges, so an alert can fire hours before the disk is full (see /metrics)."""
+        """Each detector agent's disk for its frame files (free, falling, time to full)."""
         with self._lock:
             spaces = {name: agent.files_space() for name, agent in self.agents.items() if hasattr(agent, "files_space")}
-        spaces = {name: f for name, f in spaces.items() if f is not None}
-        for name, f in spaces.items():
-            self.metrics.files_free.labels(agent=name).set(math.nan if f["free_bytes"] is None else f["free_bytes"])
+        return {name: f for name, f in spaces.items() if f is not None}
+
+    def _agent_figures(self) -> dict[str, list[tuple[tuple[str, ...], float]]]:
+        """What :class:`AgentMetrics` exports, read now."""
+        out: dict[str, list[tuple[tuple[str, ...], float]]] = {name: [] for name in AgentMetrics.FAMILIES}
+        with self._lock:
+            for name, agent in self.agents.items():
+                if hasattr(agent, "frames_in"):
+                    out["beampilot_agent_frames_in"].append(((name,), float(agent.frames_in)))
+                    out["beampilot_agent_frames_out"].append(((name,), float(agent.frames_out)))
+                    out["beampilot_agent_frames_failed"] += [((name, cause), float(n))
+                                                              for cause, n in sorted(agent.failed.items())]
+            for name, steering in self.steering.items():
+                out["beampilot_agent_paused"].append(((name,), 1.0 if steering.paused else 0.0))
+        for name, f in self.files_space().items():
+            out["beampilot_frame_files_free_bytes"].append(((name,), math.nan if f["free_bytes"] is None else f["free_bytes"]))
             left = f["seconds_to_full"]
-            self.metrics.files_left.labels(agent=name).set(math.nan if left is None else left)
-        return spaces
+            out["beampilot_frame_files_seconds_to_full"].append(((name,), math.nan if left is None else left))
+        return out
 
     def status(self) -> dict[str, Any]:
         """Everything the status page shows, JSON-able."""
@@ -1310,7 +1355,6 @@ def _handler(daemon: Daemon) -> type[BaseHTTPRequestHandler]:
                 self._reply(200 if ok else 503, json.dumps({"status": "ok" if ok else "unhealthy", "reason": why}),
                             "application/json")
             elif path == "/metrics":
-                daemon.files_space()  # its gauges, read now
                 self._reply(200, daemon.metrics.render(), CONTENT_TYPE_LATEST)
             elif path == "/status.json":
                 self._reply(200, json.dumps(daemon.status(), default=str), "application/json")

@@ -637,6 +637,8 @@ def test_a_daemons_detector_agent_writes_its_frames_to_files_when_told(tmp_path,
     free = status["files_space"]["peaks"]["free_bytes"]
     assert re.search(r'beampilot_frame_files_free_bytes\{agent="peaks"\} ([0-9.e+]+)', metrics)
     assert 'beampilot_frame_files_seconds_to_full{agent="peaks"} NaN' in metrics
+    assert 'beampilot_agent_frames_in_total{agent="peaks"} 3.0' in metrics
+    assert 'beampilot_agent_frames_out_total{agent="peaks"} 3.0' in metrics
     # no queue server, no tiled: their gauges NaN (an alert on "== 0" does not fire), kept out of /status.json
     assert "beampilot_queueserver_connected NaN" in metrics and "beampilot_tiled_connected NaN" in metrics
     assert "beampilot_queueserver_connected" not in status["counters"] and "beampilot_broker_connected" in status["counters"]

@@ -321,10 +321,12 @@ def test_plans_the_queue_server_refuses_are_reported_and_pause_the_agent(tmp_pat
     with _stack_loop(tmp_path, queueserver={"user_group": "nobody"}) as (_, daemon):
         _step_until(daemon, lambda: daemon.steering["qsampling"].paused, 60, "pause")
         paused = daemon.steering["qsampling"].paused
+        metrics = daemon.metrics.render().decode()
         plans = list(daemon.recent_plans)
         gate = daemon.steering["qsampling"].gate
         _, keys, _ = _history(daemon)
     assert "the queue server's reason" in paused and "rounds in a row" in paused
+    assert 'beampilot_agent_paused{agent="qsampling"} 1.0' in metrics  # what an alert reads
     assert gate.report()["admitted"] == 0 and gate.report()["rejected"] == 3  # taken back at the gate
     assert daemon.state.gate_positions["qsampling"] == gate.positions == {}
     assert [p["status"] for p in plans] == ["rejected"] * 3
