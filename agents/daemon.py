@@ -389,7 +389,7 @@ class Daemon:
                                    for d in run["descriptors"]}
         for run in self.state.open_runs.values():  # a checkpoint from before last_seen was kept
             run.setdefault("last_seen", time.time())
-        self.kafka_settings = self._kafka_settings()
+        self.kafka_settings = self.config.kafka.settings()
         # the agents first: a mistake in their settings or weights is reported before any server
         # (broker, tiled, queueserver) has to be up
         self.agents: dict[str, Any] = {}
@@ -450,11 +450,6 @@ class Daemon:
         self._last_abandon_check = 0.0
 
     # -- construction from config ------------------------------------------------------------------
-    def _kafka_settings(self) -> Any:
-        from streams.kafka import KafkaSettings
-
-        return KafkaSettings(**self.config.kafka.model_dump(exclude={"group_id"}))
-
     def _make_source(self) -> Any:
         from streams.kafka import KafkaDocumentSource
 
@@ -507,13 +502,9 @@ class Daemon:
     def _make_plan_sink(self) -> Any:
         if not any(a.safety for a in self.config.agents):
             return None
-        from streams.queueserver import QueueServerPlanSink
-
         q = self.config.queueserver
         assert q is not None  # the config's validator demands it for steering agents
-        sink = QueueServerPlanSink(zmq_control_addr=q.zmq_control_addr, http_server_uri=q.http_server_uri,
-                                   api_key=q.api_key.get_secret_value() if q.api_key else None,
-                                   user_group=q.user_group)
+        sink = q.plan_sink()
         try:
             sink.check_reachable()
         except QueueServerUnreachableError as err:  # down now (a restart at 3 a.m.): analysis goes on

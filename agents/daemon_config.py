@@ -14,12 +14,15 @@ Everything else has a default. Unknown keys are errors that name the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
 from agents.config import SafetySettings, _Strict, load_settings
 from streams.kafka import KafkaSettings
+
+if TYPE_CHECKING:
+    from streams.queueserver import QueueServerPlanSink
 
 __all__ = ["AgentEntry", "DaemonConfig", "HttpSettings", "KafkaConfig", "QueueServerConfig",
            "TiledConfig", "load_daemon_config"]
@@ -30,6 +33,10 @@ class KafkaConfig(KafkaSettings):
     through to kafka-python), plus the consumer group the daemon mirrors its positions to."""
 
     group_id: str | None = None  # also commit positions to this consumer group (for lag monitors)
+
+    def settings(self) -> KafkaSettings:
+        """The broker settings alone (without the daemon's consumer group)."""
+        return KafkaSettings(**self.model_dump(exclude={"group_id"}))
 
 
 class TopicsConfig(_Strict):
@@ -58,6 +65,14 @@ class QueueServerConfig(_Strict):
                              "or http_server_uri (e.g. http://127.0.0.1:60610)")
         return self
 
+
+    def plan_sink(self) -> QueueServerPlanSink:
+        """A plan sink to this RE Manager (nothing is sent until it is asked)."""
+        from streams.queueserver import QueueServerPlanSink
+
+        return QueueServerPlanSink(zmq_control_addr=self.zmq_control_addr, http_server_uri=self.http_server_uri,
+                                   api_key=self.api_key.get_secret_value() if self.api_key else None,
+                                   user_group=self.user_group)
 
 class TiledConfig(_Strict):
     """A tiled server that also receives the derived runs (mirrored from the derived topic)."""

@@ -141,9 +141,8 @@ def _analysis_summary(entry: Any, agent: Any) -> str:
 
 def _broker(config: DaemonConfig, timeout: float) -> list[Check]:
     from streams.errors import StreamError
-    from streams.kafka import KafkaSettings
 
-    settings = KafkaSettings(**config.kafka.model_dump(exclude={"group_id"}))
+    settings = config.kafka.settings()
     try:
         found = settings.topic_partitions([config.documents_topic, config.derived_topic], timeout)
     except StreamError as err:
@@ -200,13 +199,12 @@ def _tiled(config: DaemonConfig) -> Check:
 
 
 def _queue_server(config: DaemonConfig, requests: dict[str, list[Any]]) -> list[Check]:
-    from streams.queueserver import QueueServerPlanSink, QueueServerUnreachableError
+    from streams.queueserver import QueueServerUnreachableError
 
     q = config.queueserver
     assert q is not None
     try:
-        sink = QueueServerPlanSink(zmq_control_addr=q.zmq_control_addr, http_server_uri=q.http_server_uri,
-                                   api_key=q.api_key.get_secret_value() if q.api_key else None, user_group=q.user_group)
+        sink = q.plan_sink()
     except ValueError as err:
         return [Check("queue server", "fail", str(err))]
     with sink:
