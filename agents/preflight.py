@@ -76,6 +76,8 @@ def _http_port(config: DaemonConfig) -> Check:
     if port == 0:
         return Check("status port", "ok", f"{host}: any free port (http.port 0)")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the daemon's HTTP server binds: a port left in TIME_WAIT by a daemon just stopped is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:
