@@ -377,7 +377,7 @@ class KafkaSettings(BaseModel):
             No broker answered (as :meth:`check_reachable`).
         """
         self.check_reachable(timeout)
-        kwargs = {**self.client_kwargs(), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
+        kwargs = {**self.client_kwargs("admin"), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
         try:
             admin = _construct(KafkaAdminClient, kwargs)
         except KafkaError as err:

@@ -34,7 +34,7 @@ from streams.kafka import (
     pack,
     unpack,
 )
-from tests.streams.conftest import Document
+from tests.streams.conftest import Document, run_documents
 
 # bluesky-kafka's own (de)serializers: the defaults of Publisher and RemoteDispatcher, which are
 # msgpack.dumps / msgpack.loads after bluesky_kafka patched msgpack with msgpack_numpy.
@@ -500,3 +500,19 @@ def test_broker_restart_mid_stream_loses_and_repeats_nothing(tmp_path: Path) -> 
         assert [r.doc["seq_num"] for r in records if r.doc] == list(range(600))
         sink.close()
         source.close()
+
+
+def test_topics_are_counted_and_described_without_being_made(broker) -> None:
+    """What `beampilot run --check` asks the broker: partitions of each topic (None: it does not
+    exist, and asking does not make it) and the messages one holds; a consumer-only setting in
+    ``extra`` (here fetch_max_wait_ms) is not handed to the admin client, which would refuse it."""
+    topic, missing = f"t-{uuid.uuid4().hex[:8]}", f"m-{uuid.uuid4().hex[:8]}"
+    create_topic(broker.bootstrap, topic)
+    settings = KafkaSettings(bootstrap_servers=broker.bootstrap, extra={"fetch_max_wait_ms": 200})
+    with KafkaDocumentSink(topic, settings, create_topic=False) as sink:
+        for name, doc in run_documents(1):
+            sink(name, doc)
+            sink.flush()  # one batch a message: tansu's end offset counts batches' first offsets
+    assert settings.topic_partitions([topic, missing]) == {topic: 1, missing: None}
+    assert settings.topic_partitions([missing]) == {missing: None}  # still not made
+    assert settings.retained_messages(topic) == len(run_documents(1))
