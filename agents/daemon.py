@@ -1242,7 +1242,7 @@ class Daemon:
         with self._lock:
             reports = {name: agent.report() for name, agent in self.agents.items()}
         ok, why = self.healthy()
-        spaces = self.files_space()
+        spaces = {name: r["files"] for name, r in reports.items() if r.get("files")}  # detector agents' frame disks
         samples: dict[str, float] = {}
         for m in self.metrics.registry.collect():
             for s in m.samples:

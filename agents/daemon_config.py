@@ -65,7 +65,6 @@ class QueueServerConfig(_Strict):
                              "or http_server_uri (e.g. http://127.0.0.1:60610)")
         return self
 
-
     def plan_sink(self) -> QueueServerPlanSink:
         """A plan sink to this RE Manager (nothing is sent until it is asked)."""
         from streams.queueserver import QueueServerPlanSink
@@ -73,6 +72,7 @@ class QueueServerConfig(_Strict):
         return QueueServerPlanSink(zmq_control_addr=self.zmq_control_addr, http_server_uri=self.http_server_uri,
                                    api_key=self.api_key.get_secret_value() if self.api_key else None,
                                    user_group=self.user_group)
+
 
 class TiledConfig(_Strict):
     """A tiled server that also receives the derived runs (mirrored from the derived topic)."""
