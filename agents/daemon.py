@@ -1085,7 +1085,9 @@ class Daemon:
         if not 0 < wait < math.inf:  # an infinite wait (a limit under one a minute) is rejected, and says so
             steering.rate_until = None
             return False
-        if steering.rate_until is None or steering.rate_until <= now:  # a new wait
+        # a new wait once the last was seen to end (rate_until reset above) or ended a while ago: at
+        # the end of one, the gate's clock may still give it a moment more, and that is the same wait
+        if steering.rate_until is None or now - steering.rate_until > 1.0:
             self.metrics.rate_waits.labels(agent=name).inc()
             logger.info("agent %s: its next plan waits %.1f s for the rate limit (max_requests_per_minute=%g)",
                         name, wait, steering.gate.config.max_requests_per_minute)

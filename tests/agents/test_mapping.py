@@ -344,8 +344,13 @@ def test_an_agent_at_its_rate_limit_is_not_asked_until_the_gate_would_admit_its_
             daemon.step()
         status = daemon.status()
         page = render_status_page(status)
+        # the daemon's own deadline for the wait passed while the gate still gives it a moment more
+        daemon.steering["map1"].rate_until = time.monotonic() - 0.001
+        daemon.step()
+        waits_after_deadline = daemon.status()["counters"]["beampilot_rate_limit_waits_total"]
     finally:
         daemon.close()
+    assert waits_after_deadline == 1  # the same wait, not said again
     assert len(queue.submitted) == 2 and daemon.steering["map1"].gate.report()["rejected"] == 0
     assert status["paused"] == {} and 55 < status["rate_limited_s"]["map1"] <= 60
     assert "map1 waits 5" in page and "rate limit" in page
