@@ -477,7 +477,7 @@ class Daemon:
         # a linger lets one request carry the batch (the user's extra settings still win).
         settings = self.kafka_settings.model_copy(update={"extra": {"linger_ms": 5, **self.kafka_settings.extra}})
         return KafkaDocumentSink(self.config.derived_topic, settings, key=f"beampilot.{self.config.beamline}",
-                                 max_message_bytes=self.config.max_message_bytes)
+                                 max_message_bytes=self.config.max_message_bytes, keep_refused=True)
 
     def _make_tiled_mirror(self) -> Any:
         """Derived runs reach tiled from the derived topic, by a mirror in its own thread: a tiled
@@ -921,37 +921,42 @@ class Daemon:
     def _send(self, docs: list[tuple[str, dict[str, Any]]]) -> None:
         if not docs:
             return
+        from streams.kafka import pack
+
         sent = 0
         for name, doc in docs:
             try:
                 self.derived_sink(name, doc)
                 sent += 1
             except DocumentError as err:  # this document can never go (too large): the rest can
-                self._refuse(name, doc, err)
+                try:
+                    packed = pack(name, doc)
+                except DocumentError:
+                    packed = None
+                self._refuse(name, doc.get("uid"), packed, err.reason)
         self.derived_sink.flush()
+        # refused by the broker itself (its max.message.bytes), known once the sends are answered
+        for refused in self.derived_sink.take_refused() if hasattr(self.derived_sink, "take_refused") else ():
+            sent -= 1
+            self._refuse(refused.name, refused.uid, refused.value, refused.reason)
         self.metrics.docs_out.labels(sink="kafka").inc(sent)
 
-    def _refuse(self, name: str, doc: dict[str, Any], err: DocumentError) -> None:
-        """A derived document the sink refuses for what it is (over ``max_message_bytes``): kept in
-        ``state_dir/refused/``, named, counted. Raising instead stopped the daemon, and each restart
-        sent the same checkpointed outbox again: a loop no restart could end."""
-        from streams.kafka import pack
-
+    def _refuse(self, name: str, uid: str | None, packed: bytes | None, reason: str) -> None:
+        """A derived document refused for what it is (over ``max_message_bytes``, the producer's
+        ``max_request_size`` or the broker's ``max.message.bytes``): kept in ``state_dir/refused/``,
+        named, counted. Raising instead stopped the daemon, and each restart sent the same
+        checkpointed outbox again: a loop no restart could end."""
         self.metrics.refused.inc()
         kept = "it could not be kept either (not serializable)"
-        try:
-            packed = pack(name, doc)
-        except DocumentError:
-            packed = None
         if packed is not None:
-            path = self.state_dir / "refused" / f"{name}-{doc.get('uid', uuid.uuid4())}.msgpack"
+            path = self.state_dir / "refused" / f"{name}-{uid or uuid.uuid4()}.msgpack"
             try:
                 path.parent.mkdir(exist_ok=True)
                 path.write_bytes(packed)
                 kept = f"kept in {path} (streams.kafka.unpack reads it)"
             except OSError as oserr:
                 kept = f"it could not be kept either ({oserr})"
-        self._error("derived", f"derived {name} {doc.get('uid')} was not published: {err.reason}; {kept} "
+        self._error("derived", f"derived {name} {uid} was not published: {reason}; {kept} "
                                "(the daemon's max_message_bytes and the broker's message.max.bytes must "
                                "both allow documents this large)")
 

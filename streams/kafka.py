@@ -40,7 +40,13 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "(read|open)_text is deprecated", DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import KafkaAdminClient
-    from kafka.errors import KafkaError, OffsetOutOfRangeError, TopicAlreadyExistsError
+    from kafka.errors import (
+        KafkaError,
+        MessageSizeTooLargeError,
+        OffsetOutOfRangeError,
+        RecordListTooLargeError,
+        TopicAlreadyExistsError,
+    )
     from kafka.partitioner.default import murmur2
     from kafka.structs import OffsetAndMetadata
 
@@ -61,6 +67,7 @@ __all__ = [
     "KafkaSettings",
     "OffsetReset",
     "Record",
+    "RefusedDocument",
     "check_topic_name",
     "document_topic",
     "pack",
@@ -521,6 +528,17 @@ def _construct(cls: Any, kwargs: dict[str, Any]) -> Any:
 # -- sink ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedDocument:
+    """A document the broker would not take for its size: ``value`` is it packed as sent
+    (:func:`unpack` reads it back), ``reason`` says why and what to change."""
+
+    name: str
+    uid: str | None
+    value: bytes
+    reason: str
+
+
 class KafkaDocumentSink(ClosesOnExit):
     """A :class:`~streams.protocols.DocumentSink` that publishes documents to a Kafka topic.
 
@@ -547,11 +565,21 @@ class KafkaDocumentSink(ClosesOnExit):
         Create ``topic`` with one partition if it does not exist. The producer never lets the
         broker auto-create it: tansu would make 4 partitions. Pass False where clients may not
         create topics; a missing topic then raises :class:`~streams.errors.StreamError`.
+    keep_refused : bool
+        Keep a document the broker refuses for its size for :meth:`take_refused` and go on (a
+        caller that keeps such documents itself, as the daemon does); by default it fails the
+        sink like any other failed delivery.
 
     Notes
     -----
     Delivery is asynchronous. A failure is reported loudly: the next ``__call__`` or
-    :meth:`flush` raises :class:`~streams.errors.StreamError` naming it. kafka-python hashes the
+    :meth:`flush` raises :class:`~streams.errors.StreamError` naming it. A document refused for
+    its size need not be such a failure, since sending it again cannot help and the documents
+    after it can still go: over the producer's ``max_request_size`` (a ``kafka.extra`` setting)
+    it raises :class:`~streams.errors.DocumentError` at once, like one over
+    ``max_message_bytes``; refused by the broker (over the topic's ``max.message.bytes``, which
+    the client cannot see in advance) it is, with ``keep_refused``, kept packed for
+    :meth:`take_refused` while the sink goes on. kafka-python hashes the
     key with murmur2 while bluesky-kafka (librdkafka) uses CRC32, so on a multi-partition topic the
     two put a run in different (but fixed) partitions; document topics have one partition.
     """
@@ -566,8 +594,10 @@ class KafkaDocumentSink(ClosesOnExit):
         acks: Literal["all", 1, 0] = "all",
         flush_on_stop: bool = False,
         create_topic: bool = True,
+        keep_refused: bool = False,
     ) -> None:
         self.topic = check_topic_name(topic)
+        self._keep_refused = keep_refused
         if key is not None and not isinstance(key, str):
             raise TypeError(f"{key=} must be a str (as bluesky-kafka's Publisher key) or None")
         _check_int("max_message_bytes", max_message_bytes, 1024)
@@ -605,6 +635,7 @@ class KafkaDocumentSink(ClosesOnExit):
         self._error: str | None = None
         self._closed = False
         self._delivered: dict[str, int] = {}  # "topic:partition" -> offset after the last acknowledged
+        self._refused: list[RefusedDocument] = []
 
     def __repr__(self) -> str:
         return f"KafkaDocumentSink(topic={self.topic!r}, key={self.key!r}, sent={self.sent})"
@@ -635,9 +666,29 @@ class KafkaDocumentSink(ClosesOnExit):
             ) from err
         return partitions[(murmur2(self._key_bytes) & 0x7FFFFFFF) % len(partitions)]
 
-    def _on_error(self, err: BaseException) -> None:
+    def _watch(self, future: Any, name: str, uid: str | None, value: bytes) -> None:
+        """Follow one send's future: its offset when acknowledged, its fate when not."""
+        future.add_callback(self._on_delivered)
+        future.add_errback(self._on_error, name, uid, value)
+
+    def _on_error(self, name: str, uid: str | None, value: bytes, err: BaseException) -> None:
+        if isinstance(err, (MessageSizeTooLargeError, RecordListTooLargeError)):
+            # the broker's limit (kafka-python has already split any batch of several into ones)
+            reason = (f"the broker at {self._settings.bootstrap_servers} refused its {len(value)} bytes "
+                      f"({type(err).__name__}); raise topic {self.topic!r}'s max.message.bytes to publish "
+                      "documents this large")
+            if self._keep_refused:
+                self._refused.append(RefusedDocument(name, uid, value, reason))
+                return
+            err = DocumentError(name, uid, reason)
         self.failed += 1
         self._error = f"{type(err).__name__}: {err}"
+
+    def take_refused(self) -> list[RefusedDocument]:
+        """With ``keep_refused``, the documents the broker refused for their size since the
+        last call (after :meth:`flush`, every one sent before it that was refused)."""
+        refused, self._refused = self._refused, []
+        return refused
 
     def _raise_failed(self) -> None:
         if self._error is not None:
@@ -674,13 +725,20 @@ class KafkaDocumentSink(ClosesOnExit):
             future = self._producer.send(
                 self.topic, value=value, key=self._key_bytes, partition=self._partition
             )
+        except MessageSizeTooLargeError as err:  # the producer's own max_request_size
+            raise DocumentError(
+                name,
+                doc.get("uid"),
+                f"{len(value)} bytes is over what the producer may send (kafka.extra's "
+                f"max_request_size: {err}); lower max_message_bytes to match, or raise "
+                "max_request_size",
+            ) from err
         except KafkaError as err:
             raise StreamError(
                 f"cannot publish {name!r} to {self.topic!r} at "
                 f"{self._settings.bootstrap_servers}: {type(err).__name__}: {err}"
             ) from err
-        future.add_callback(self._on_delivered)
-        future.add_errback(self._on_error)
+        self._watch(future, name, doc.get("uid"), value)
         self.sent += 1
         if self._flush_on_stop and name == "stop":
             self.flush()

@@ -336,9 +336,47 @@ def test_derived_documents_checkpointed_but_not_sent_before_a_kill_are_sent_once
     assert not list((tmp_path / "state").glob("outbox-*"))
 
 
-def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_goes_on(broker, tmp_path):
+class _BrokerLimit:
+    """kafka-python's producer, with the answer a broker whose topic has ``max.message.bytes`` =
+    ``limit`` gives a larger message (MESSAGE_TOO_LARGE, to the send's future): tansu enforces no
+    such limit. Everything else goes to the real producer and broker."""
+
+    def __init__(self, producer, limit: int) -> None:
+        self._producer, self._limit = producer, limit
+
+    def send(self, topic, value, **kwargs):
+        from kafka.errors import MessageSizeTooLargeError
+        from kafka.future import Future
+
+        if len(value) > self._limit:
+            return Future().failure(MessageSizeTooLargeError("The request included a message larger than the max message size"))
+        return self._producer.send(topic, value=value, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._producer, name)
+
+
+def _daemon_refusing_over_4096(how: str, cfg) -> tuple[Daemon, str]:
+    """A daemon whose derived sink refuses documents over 4 kB the way ``how`` names, and what
+    it then says."""
+    if how == "max_message_bytes":
+        settings = KafkaSettings(bootstrap_servers=cfg.kafka.bootstrap_servers)
+        sink = KafkaDocumentSink(cfg.derived_topic, settings, max_message_bytes=4096, keep_refused=True)
+        return Daemon(cfg, derived_sink=sink), "over max_message_bytes=4096"
+    if how == "max_request_size":  # kafka.extra, below the daemon's max_message_bytes
+        limited = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"extra": {"max_request_size": 4096}})})
+        return Daemon(limited), "max_request_size"
+    daemon = Daemon(cfg)  # the broker's limit, met by the sink the daemon makes itself
+    daemon.derived_sink._producer = _BrokerLimit(daemon.derived_sink._producer, 4096)
+    return daemon, "raise topic"
+
+
+@pytest.mark.parametrize("how", ["max_message_bytes", "max_request_size", "broker"])
+def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_goes_on(broker, tmp_path, how):
     """Before, the sink's DocumentError stopped the daemon after the outbox was checkpointed, and
-    every restart sent the same outbox again: a crash loop no restart could end."""
+    every restart sent the same outbox again: a crash loop no restart could end. Too large for
+    the producer's max_request_size, or for the broker (Kafka's default message.max.bytes is
+    about 1 MB, under one derived 512 x 512 frame), it stopped the daemon the same way."""
     from event_model import compose_run
 
     from streams.kafka import unpack
@@ -351,9 +389,8 @@ def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_go
     _publish(broker, cfg.documents_topic, [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
              + [("event", desc.compose_event(data={"det_image": f}, timestamps={"det_image": 1.0})) for f in frames]
              + [("stop", run.compose_stop())])
-    settings = KafkaSettings(bootstrap_servers=broker.bootstrap)
     # a 64 x 64 float32 frame packs to ~16 kB: over this sink's limit, as a 2k x 2k one is over the default's
-    daemon = Daemon(cfg, derived_sink=KafkaDocumentSink(cfg.derived_topic, settings, max_message_bytes=4096))
+    daemon, says = _daemon_refusing_over_4096(how, cfg)
     _run_until(daemon, lambda: daemon.agents["denoise"].frames_out == 3)
     for _ in range(5):
         daemon.step()
@@ -364,7 +401,7 @@ def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_go
     assert [name for name, _ in events] == ["event"] * 3
     assert sorted(float(doc["data"]["denoised"].mean()) > 0 for _, doc in events) == [True] * 3
     refused = [e for e in status["errors"] if "was not published" in e]
-    assert len(refused) == 3 and all("over max_message_bytes=4096" in e and "kept in" in e for e in refused)
+    assert len(refused) == 3 and all(says in e and "kept in" in e for e in refused), refused
     assert status["counters"]["beampilot_derived_refused_total"] == 3
     on_topic = Counter(r.name for r in _read_all(broker, cfg.derived_topic))
     assert on_topic == Counter({"start": 1, "descriptor": 1, "stop": 1}), on_topic  # the run itself went out

@@ -447,6 +447,61 @@ def test_sink_reports_what_it_cannot_send(kafka_settings: KafkaSettings, topic: 
 
 
 @pytest.mark.integration
+def test_a_document_over_the_producers_max_request_size_is_refused_and_the_next_goes(
+    kafka_settings: KafkaSettings, topic: str
+) -> None:
+    """kafka-python raised it from send, and the sink called it a broker failure (StreamError):
+    the daemon stopped on a document no retry could ever send."""
+    settings = kafka_settings.model_copy(update={"extra": {"max_request_size": 50_000}})
+    with KafkaDocumentSink(topic, settings, max_message_bytes=1_000_000) as sink:
+        with pytest.raises(DocumentError, match="max_request_size") as caught:
+            sink("event", {"uid": "big", "data": {"x": b"\0" * 100_000}})
+        assert caught.value.uid == "big"
+        sink(*_event(0))
+        sink.flush()
+        assert sink.sent == 1 and sink.take_refused() == []
+    with KafkaDocumentSource(topic, kafka_settings) as source:
+        assert [r.doc["seq_num"] for r in _drain(source, 1)] == [0]
+
+
+@pytest.mark.integration
+def test_a_document_the_broker_refuses_for_its_size_is_kept_and_the_sink_goes_on(
+    kafka_settings: KafkaSettings, topic: str
+) -> None:
+    """The broker's answer (MESSAGE_TOO_LARGE, over the topic's max.message.bytes) comes to the
+    send's future; tansu enforces no such limit, so the future kafka-python would fail is failed
+    here. Kept with ``keep_refused`` (the daemon keeps them); any other failure, or this one
+    without it, still fails the sink."""
+    from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+    from kafka.future import Future
+
+    plain = KafkaDocumentSink(topic, kafka_settings)
+    refused = Future()
+    plain._watch(refused, "event", "u7", pack(*_event(7)))
+    refused.failure(MessageSizeTooLargeError("The request included a message larger than the max message size"))
+    with pytest.raises(StreamError, match="max.message.bytes"):
+        plain.flush()
+    plain.close()
+    sink = KafkaDocumentSink(topic, kafka_settings, keep_refused=True)
+    value = pack(*_event(7))
+    refused = Future()
+    sink._watch(refused, "event", "u7", value)
+    refused.failure(MessageSizeTooLargeError("The request included a message larger than the max message size"))
+    sink(*_event(0))
+    sink.flush()  # no failure: the refused document is not one
+    (kept,) = sink.take_refused()
+    assert (kept.name, kept.uid, kept.value) == ("event", "u7", value)
+    assert "max.message.bytes" in kept.reason and topic in kept.reason
+    assert sink.take_refused() == []
+    timed_out = Future()
+    sink._watch(timed_out, "event", "u8", value)
+    timed_out.failure(KafkaTimeoutError("Batch expired"))
+    with pytest.raises(StreamError, match="KafkaTimeoutError"):
+        sink.flush()
+    sink.close()
+
+
+@pytest.mark.integration
 def test_iteration_ends_when_closed_from_another_thread(
     kafka_settings: KafkaSettings, topic: str
 ) -> None:
