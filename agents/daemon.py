@@ -1384,7 +1384,7 @@ def render_status_page(s: dict[str, Any]) -> str:
 
     plan_rows = "".join(
         f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(p['time']))}</td><td>{e(p['agent'])}</td>"
-        f"<td>{e(p['plan'])}</td><td class='{p['status']}'>{e(p['status'])}</td>"
+        f"<td>{e(p.get('plan', ''))}</td><td class='{p['status']}'>{e(p['status'])}</td>"
         f"<td>{e(p.get('reason', _points(p.get('points'))))}</td><td><code>{e(p['key'][:18])}</code></td></tr>"
         for p in reversed(s["plans"][-15:])) or "<tr><td colspan=6>none yet</td></tr>"
     agent_blocks = "".join(

@@ -606,6 +606,14 @@ def test_status_server_serves_health_metrics_and_a_page(broker, tmp_path):
         assert "derived run u1 is not in tiled: tiled refused its event document" in page
         s["tiled"] |= {"connected": True, "age_s": 42.0, "failed_runs": {}}
         assert "waited 42 s for tiled" in render_status_page(s)
+        # a plan cut short and taken back (entries the daemon makes without the plan's name)
+        s["plans"] = [{"agent": "map1", "key": "k1", "plan": "measure", "status": "sent", "points": 4, "time": 0.0},
+                      {"agent": "map1", "key": "k1", "status": "cut short", "time": 1.0,
+                       "reason": "its run ended 'abort' after 1 point(s)"},
+                      {"agent": "map1", "key": "k1", "status": "taken back", "time": 2.0,
+                       "reason": "put back in the queue after its run ended 'aborted'"}]
+        page = render_status_page(s)
+        assert "its run ended &#x27;abort&#x27; after 1 point(s)" in page and "taken back" in page
     finally:
         server.stop()
         daemon.close()
