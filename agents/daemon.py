@@ -110,6 +110,8 @@ class DaemonMetrics:
                                   registry=r)
         self.queue_connected = Gauge("beampilot_queueserver_connected", "1 while the queue server answers (NaN: none)",
                                      registry=r)
+        self.held = Gauge("beampilot_steering_held", "1 while the daemon leaves the queue stopped, as an operator "
+                          "stopped it or one of its plans (NaN: no steering)", registry=r)
         self.plans_deduplicated = Counter("beampilot_plans_deduplicated",
                                           "Plans not sent because the queue already had their key", registry=r)
         self.plans_taken_back = Counter("beampilot_plans_taken_back",
@@ -187,6 +189,9 @@ class Checkpoint:
     # agent -> {request key: {"before": positions, "points": [...]}}: awaited plans, to judge a cut
     gate_plans: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     latest_start: float = 0.0  # wall time the newest run's start arrived
+    # the people at the beamline stopped the queue or a plan (Daemon._hold): {"since", "why",
+    # "stopped"}; the daemon then starts the queue no more until someone else has
+    held: dict[str, Any] | None = None
     written_at: float = 0.0
 
     @classmethod
@@ -429,6 +434,7 @@ class Daemon:
         # NaN, not 0, for a server this daemon does not use: an alert on "== 0" fires only where it matters
         if plan_sink is None:
             self.metrics.queue_connected.set(math.nan)
+        self.metrics.held.set(math.nan if plan_sink is None else 1 if self.state.held else 0)
         if self.tiled_mirror is None:
             self.metrics.tiled_connected.set(math.nan)
             self.metrics.tiled_behind.set(math.nan)
@@ -713,6 +719,8 @@ class Daemon:
             key = _request_key(run["start"]) if run else None
             if run and key is not None and doc.get("exit_status") != "success":
                 self._plan_cut(run, str(doc.get("exit_status")), str(doc.get("reason") or ""))
+                if doc.get("exit_status") == "abort":  # RE.abort / RE.halt: someone's hand, not a fault
+                    self._hold(f"plan {key} of agent {run['start'].get(AGENT_META_KEY)} was aborted")
             if key is not None:
                 for waiting in self.state.awaiting.values():
                     waiting.pop(key, None)
@@ -967,6 +975,13 @@ class Daemon:
             return
         self._last_check = now
         with self.plan_sink.one_look():  # one look at the manager for every agent, not one a read
+            try:
+                self._watch_operator()
+            except QueueServerUnreachableError as err:
+                self._queue_server_lost(err)
+                return
+            except StreamError as err:
+                self._queue_server_error("(queue)", err)
             for name, steering in self.steering.items():
                 try:
                     self._plan_round(name, steering)
@@ -1048,6 +1063,7 @@ class Daemon:
                         # events read by now, before the agent is asked for its next plan
                         self._plan_cut(self._run_of_request(name, key), str(found.get("exit_status")),
                                        _history_reason(found["item"]))
+                        self._hold_if_stopped(name, key, found.get("exit_status"))
                     waiting.pop(key)
                     self._history_seen.pop(key, None)
         assert self.config.queueserver is not None  # a steering agent needs one (DaemonConfig)
@@ -1106,6 +1122,7 @@ class Daemon:
         for key, ran in self.plan_sink.take_back_reruns(name):
             status = (ran.get("result") or {}).get("exit_status")
             self._plan_cut(self._run_of_request(name, key), str(status), _history_reason(ran))
+            self._hold_if_stopped(name, key, status)
             self.metrics.plans_taken_back.labels(agent=name).inc()
             self.recent_plans.append({"agent": name, "key": key, "status": "taken back", "time": time.time(),
                                       "reason": f"put back in the queue after its run ended {status!r}"})
@@ -1138,7 +1155,7 @@ class Daemon:
         self.metrics.plans_sent.labels(agent=name).inc()
         self.recent_plans.append({"agent": name, "key": request.key, "plan": request.plan, "status": "sent",
                                   "points": len(request.kwargs.get("points", ())), "time": time.time()})
-        if self.config.queueserver is not None and self.config.queueserver.start_queue:
+        if self.config.queueserver is not None and self.config.queueserver.start_queue and self.state.held is None:
             try:
                 self.plan_sink.start_queue()  # no-op when it is running already
             except QueueServerUnreachableError:
@@ -1147,6 +1164,52 @@ class Daemon:
                 self._error(f"agent:{name}", f"agent {name}: plan {request.key} is queued, but the queue "
                             f"did not start: {err}")
         return True
+
+    def _hold(self, why: str) -> None:
+        """Leave the queue stopped: the people at the beamline stopped it, or stopped one of the
+        agents' plans (bluesky-queueserver's own autostart mode is switched off by the same acts).
+        The agents' next plans still go into the queue, where they can be seen and removed, but
+        the daemon does not start it; whoever starts it again (``qserver queue start``) lets them
+        run, and the daemon starts it after its plans again. Kept in the checkpoint: a daemon
+        restarted at night does not undo an operator's stop."""
+        q = self.config.queueserver
+        if self.state.held is not None or self.plan_sink is None or q is None or not q.start_queue:
+            return  # with start_queue off the daemon never starts the queue: nothing to hold
+        self.state.held = {"since": time.time(), "why": why, "stopped": False}
+        self.metrics.held.set(1)
+        self._save()
+        logger.warning("%s: the daemon leaves the queue stopped; the agents' next plans wait in it until "
+                       "someone starts it ('qserver queue start')", why)
+
+    def _hold_if_stopped(self, name: str, key: str, exit_status: Any) -> None:
+        """A plan that ended stopped, aborted or halted (the queue server's words) was ended by
+        someone: hold (a plan that raised ends 'failed' and does not)."""
+        if exit_status in ("stopped", "aborted", "halted"):
+            self._hold(f"plan {key} of agent {name} was {exit_status}")
+
+    def _watch_operator(self) -> None:
+        """From the manager's status of this round: a stop of the queue asked for
+        (``queue_stop_pending``, as ``qserver queue stop`` asks it) holds; once held and the queue
+        stopped, the queue seen running again (someone started it) ends the hold."""
+        if not hasattr(self.plan_sink, "current_status"):
+            return
+        status, held = self.plan_sink.current_status(), self.state.held
+        if held is None:
+            if status.get("queue_stop_pending"):
+                self._hold("the queue was asked to stop (as 'qserver queue stop' asks)")
+            return
+        state = status.get("manager_state")
+        if state in ("idle", "paused") or not status.get("worker_environment_exists", True):
+            if not held["stopped"]:
+                held["stopped"] = True
+                self._save()
+        elif held["stopped"] and state == "executing_queue":
+            logger.warning("the queue runs again (started at the queue server): the daemon starts it after its "
+                           "plans again; it was held since %s (%s)", time.strftime("%H:%M:%S", time.localtime(held["since"])),
+                           held["why"])
+            self.state.held = None
+            self.metrics.held.set(0)
+            self._save()
 
     def _rejected(self, name: str, agent: Any, request: PlanRequest, reason: str) -> bool:
         """Count, list and tell the agent of a request the gate or the queue server refused."""
@@ -1265,6 +1328,7 @@ class Daemon:
             "plans": list(self.recent_plans), "errors": list(self.recent_errors), "agents": reports,
             "paused": {n: st.paused for n, st in self.steering.items() if st.paused},
             "stalled": {n: st.stalled for n, st in self.steering.items() if st.stalled},
+            "held": self.state.held,
             "rate_limited_s": {n: st.rate_until - time.monotonic() for n, st in self.steering.items()
                                if st.rate_until is not None and st.rate_until > time.monotonic()},
             "tiled": self.tiled_mirror.status() if self.tiled_mirror is not None else None,
@@ -1393,6 +1457,11 @@ def render_status_page(s: dict[str, Any]) -> str:
         f"</details></div>" for name, r in s["agents"].items())
     errors = "".join(f"<li>{e(x)}</li>" for x in reversed(s["errors"][-15:])) or "<li>none</li>"
     paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
+    if s.get("held"):
+        since = time.strftime("%H:%M:%S", time.localtime(s["held"]["since"]))
+        paused += (f"<p class='rejected'>steering held since {since}: {e(s['held']['why'])}. The daemon leaves the "
+                   "queue stopped; the agents' next plans wait in it until someone starts it "
+                   "(<code>qserver queue start</code>)</p>")
     paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
                       for n, why in s.get("stalled", {}).items())
     paused += "".join(f"<p>agent {e(n)} waits {left:.0f} s for its safety gate's rate limit "

@@ -337,6 +337,10 @@ class QueueServerPlanSink(ClosesOnExit):
             self._look = (status, queue)
         return status, queue
 
+    def current_status(self) -> dict[str, Any]:
+        """The manager's status: the open look's (:meth:`one_look`), else a new look's."""
+        return dict(self._view()[0])
+
     def _changed(self) -> None:
         """This sink changed the queue: the open look is out of date."""
         self._look = None

@@ -73,7 +73,7 @@ def test_every_alert_rule_parses_and_names_only_metrics_and_labels_the_daemon_ex
     assert len({r["alert"] for r in rules}) == len(rules) >= 10
     used = set()
     for rule in rules:
-        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
         expr = promql_parser.parse(rule["expr"])  # raises on a malformed expression
         for sel in _selectors(expr):

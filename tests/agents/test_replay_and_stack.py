@@ -283,12 +283,14 @@ def _paused(api):
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
-def test_a_plan_the_operator_aborts_is_taken_as_cut_short_and_the_loop_goes_on(tmp_path):
+def test_a_plan_the_operator_aborts_is_taken_as_cut_short_and_the_queue_left_to_the_operator(tmp_path):
     """The operator pauses a running plan and aborts it: its run stops 'abort' part-way, so the
     axes are not where the gate had them (the plan's last point). The daemon takes the run's last
     measured point and the plan's next one as where they may be, says so, takes back the plan the
-    queue server put back in the queue, and the loop goes on with no plan run twice. The
-    instrument runs at 2x real time, so a plan lasts long enough to be paused."""
+    queue server put back in the queue, and leaves the queue stopped (until stop 40 its next plan
+    started the queue again, a second after the operator's abort); started by the operator, the
+    loop goes on with no plan run twice. The instrument runs at 2x real time, so a plan lasts long
+    enough to be paused."""
     with _stack_loop(tmp_path, sim_speed=2) as (_, daemon):
         agent = daemon.agents["qsampling"]
         api = daemon.plan_sink._api
@@ -302,13 +304,64 @@ def test_a_plan_the_operator_aborts_is_taken_as_cut_short_and_the_loop_goes_on(t
         # the queue server put the aborted plan back at the head of its (stopped) queue: taken back
         _step_until(daemon, lambda: [p["key"] for p in daemon.recent_plans if p["status"] == "taken back"]
                     == [cut["key"]], 30, "the take-back")
-        # its next plan, queued, starts the queue again (queueserver.start_queue)
+        held = daemon.state.held
+        assert held is not None and held["why"] == f"plan {cut['key']} of agent qsampling was aborted"
+        # its next plan goes into the queue, and the queue stays stopped
+        _step_until(daemon, lambda: daemon.plan_sink.status()["items_in_queue"] >= 1, 30, "the next plan queued")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            daemon.step()
+        status = daemon.plan_sink.status()
+        assert status["manager_state"] == "idle" and status["items_in_queue"] >= 1
+        assert 'beampilot_steering_held 1.0' in daemon.metrics.render().decode()
+        assert "steering held since" in render_status_page(daemon.status())
+        api.queue_start()  # the operator
+        _step_until(daemon, lambda: daemon.state.held is None, 30, "the hold to end")
         _step_until(daemon, lambda: agent.stop_reason is not None and not daemon.state.awaiting.get("qsampling"),
                     180, "goal")
         history, keys, _ = _history(daemon)
     assert [i["result"]["exit_status"] for i in history].count("aborted") == 1
     assert max(keys.values()) == 1
     assert [p["status"] for p in daemon.recent_plans if p["key"] == cut["key"]] == ["sent", "cut short", "taken back"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_queue_the_operator_stops_stays_stopped_across_a_restart_until_the_operator_starts_it(tmp_path):
+    """``qserver queue stop`` while one of the agent's plans runs (the operator wants the
+    beamline): that plan ends, the agent's next plan waits in the queue, and the daemon does not
+    start it, not even after a restart; once the operator starts the queue, the daemon starts it
+    after its plans again. Until stop 40 the next plan restarted the queue at once."""
+    with _stack_loop(tmp_path, sim_speed=2) as (_, daemon):
+        agent = daemon.agents["qsampling"]
+        api = daemon.plan_sink._api
+        _step_until(daemon, lambda: agent.n_observations >= 4 and api.status(reload=True)["re_state"] == "running",
+                    120, "a plan running")
+        api.queue_stop()  # the operator
+        _step_until(daemon, lambda: daemon.state.held is not None and daemon.state.held["stopped"], 60, "the hold")
+        assert "the queue was asked to stop" in daemon.state.held["why"]
+        _step_until(daemon, lambda: daemon.plan_sink.status()["items_in_queue"] >= 1, 30, "the next plan queued")
+        measured = agent.n_observations
+        config = daemon.config
+        daemon.close()  # a restart: the hold is in the checkpoint
+        daemon = Daemon(config)
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3.0:
+                daemon.step()
+            status = daemon.plan_sink.status()
+            assert daemon.state.held is not None and daemon.status()["held"]["why"].startswith("the queue was asked")
+            assert status["manager_state"] == "idle" and status["items_in_queue"] >= 1
+            again = daemon.agents["qsampling"]
+            assert again.n_observations == measured  # nothing ran while held
+            daemon.plan_sink._api.queue_start()  # the operator
+            _step_until(daemon, lambda: daemon.state.held is None, 30, "the hold to end")
+            _step_until(daemon, lambda: again.n_observations >= measured + 8, 120, "two more plans")
+            _, keys, _ = _history(daemon)
+        finally:
+            daemon.close()
+    assert max(keys.values()) == 1
 
 
 @pytest.mark.integration
