@@ -172,6 +172,15 @@ class AgentMetrics:
             yield family
 
 
+#: said when the RE Manager's own autostart mode is on (its status' ``queue_autostart_enabled``)
+AUTOSTART_WARNING = (
+    "the RE Manager's autostart mode is on: it starts the queue whenever the queue holds items, so a "
+    "plan that raised, which the manager puts back at the head of its queue, can run again from its "
+    "first point (moves no safety gate checked from where the failure left the axes) before the "
+    "daemon takes it back; switch it off ('qserver queue autostart disable'): the daemon starts the "
+    "queue after its own plans (queueserver.start_queue)")
+
+
 # -- checkpoint ------------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -411,6 +420,7 @@ class Daemon:
         self._queue = _QueueServerLink()
         self._broker_down: tuple[float, float] | None = None  # a broker outage: (since, last said), monotonic
         self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
+        self._autostart_said = False  # the RE Manager's autostart mode seen on, and said so
         made: list[Any] = []  # what this constructor opened: closed again if a later part fails
         try:
             if source is None:
@@ -1190,10 +1200,17 @@ class Daemon:
     def _watch_operator(self) -> None:
         """From the manager's status of this round: a stop of the queue asked for
         (``queue_stop_pending``, as ``qserver queue stop`` asks it) holds; once held and the queue
-        stopped, the queue seen running again (someone started it) ends the hold."""
+        stopped, the queue seen running again (someone started it) ends the hold. The manager's
+        own autostart mode seen on is said once (:data:`AUTOSTART_WARNING`), and seen off again."""
         if not hasattr(self.plan_sink, "current_status"):
             return
         status, held = self.plan_sink.current_status(), self.state.held
+        autostart = bool(status.get("queue_autostart_enabled"))
+        if autostart and not self._autostart_said:
+            self._error("queueserver", AUTOSTART_WARNING)
+        elif not autostart and self._autostart_said:
+            logger.warning("the RE Manager's autostart mode is off again")
+        self._autostart_said = autostart
         if held is None:
             if status.get("queue_stop_pending"):
                 self._hold("the queue was asked to stop (as 'qserver queue stop' asks)")

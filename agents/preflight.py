@@ -201,6 +201,7 @@ def _tiled(config: DaemonConfig) -> Check:
 
 
 def _queue_server(config: DaemonConfig, requests: dict[str, list[Any]]) -> list[Check]:
+    from agents.daemon import AUTOSTART_WARNING
     from streams.queueserver import QueueServerUnreachableError
 
     q = config.queueserver
@@ -219,6 +220,8 @@ def _queue_server(config: DaemonConfig, requests: dict[str, list[Any]]) -> list[
                         f"{sink.address} answers: manager {status.get('manager_state')}, "
                         + ("RE environment open" if env else "no RE environment open: plans wait in the queue until "
                            "one is ('qserver environment open')"))]
+        if status.get("queue_autostart_enabled"):
+            checks.append(Check("queue autostart", "warn", AUTOSTART_WARNING))
         for name, asked in requests.items():
             reasons = {r for r in (sink.check_request(req) for req in asked) if r is not None}
             what = f"plans of {name}"

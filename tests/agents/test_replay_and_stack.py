@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from agents.cli import app
-from agents.daemon import Daemon, render_status_page
+from agents.daemon import AUTOSTART_WARNING, Daemon, render_status_page
 from agents.daemon_config import load_daemon_config
 from agents.demo_sas import DemoSetup
 from agents.demo_stack import stack_daemon_config
@@ -295,6 +295,12 @@ def test_a_plan_the_operator_aborts_is_taken_as_cut_short_and_the_queue_left_to_
         agent = daemon.agents["qsampling"]
         api = daemon.plan_sink._api
         _step_until(daemon, lambda: agent.n_observations >= 4, 120, "4 points")
+        # with the manager's autostart mode on, the plan taken back below could run again first
+        api.queue_autostart(True)
+        _step_until(daemon, lambda: AUTOSTART_WARNING in " ".join(daemon.recent_errors), 10, "the autostart warning")
+        api.queue_autostart(False)
+        _step_until(daemon, lambda: not daemon._autostart_said, 10, "autostart seen off")
+        assert " ".join(daemon.recent_errors).count(AUTOSTART_WARNING) == 1  # said once, not every look
         _step_until(daemon, lambda: _paused(api), 120, "a plan paused")  # the operator
         api.re_abort()
         _step_until(daemon, lambda: any(p["status"] == "cut short" for p in daemon.recent_plans), 30, "the cut")
@@ -596,6 +602,9 @@ def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp
         with QueueServerPlanSink(zmq_control_addr=zmq) as sink:
             sink.ensure_environment(timeout=60)
             after = checked(config)
+            sink._api.queue_autostart(True)  # someone switched the manager's autostart mode on
+            autostart = checked(config)
+            sink._api.queue_autostart(False)
             nobody = checked(load_daemon_config({**raw, "queueserver": {**raw["queueserver"], "user_group": "nobody"}}))
             from streams.requests import PlanRequest
 
@@ -626,6 +635,9 @@ def test_a_check_before_a_beamtime_finds_what_would_fail_and_changes_nothing(tmp
     assert after["queue server"][0] == "ok" and after["plans of qsampling"] == ("ok", "allowed for user group 'primary'")
     assert nobody["plans of qsampling"][0] == "fail" and "user group 'nobody'" in nobody["plans of qsampling"][1]
     assert not [w for w, (s, _) in after.items() if s == "fail"], after
+    assert "queue autostart" not in after and autostart["queue autostart"][0] == "warn"
+    assert "can run again from its first point" in autostart["queue autostart"][1]
+    assert "'qserver queue autostart disable'" in autostart["queue autostart"][1]
     assert bogus.startswith("plan 'measure' takes no argument(s) ['bogus']; its parameters are [")
     made = f"{config.derived_topic} does not exist yet: the daemon makes it at start (1 partition)"
     assert after["derived topic"] == ("ok", made)
