@@ -56,6 +56,7 @@ from agents.daemon_config import AgentEntry, DaemonConfig
 from agents.errors import AgentError, ConfigError
 from agents.protocol import PlanRequest, PositionAware, RejectionAware
 from agents.safety import SafetyGate, is_finite_number
+from agents.state_lock import StateDirLock
 from streams.derived import validate_document
 from streams.errors import DocumentError, StreamError
 from streams.files import replace_file
@@ -381,6 +382,15 @@ class Daemon:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._state_lock = StateDirLock(self.state_dir).acquire()  # one daemon per state_dir
+        try:
+            self._start(source, derived_sink, plan_sink)
+        except BaseException:
+            self._state_lock.release()
+            raise
+
+    def _start(self, source: Any, derived_sink: Any, plan_sink: Any) -> None:
+        config = self.config
         self.checkpoint_path = self.state_dir / "checkpoint.json"
         self.metrics = DaemonMetrics()
         self.metrics.registry.register(AgentMetrics(self._agent_figures))
@@ -1380,6 +1390,7 @@ class Daemon:
                 thing.close()
             except Exception as err:
                 logger.warning("closing %s: %s", type(thing).__name__, err)
+        self._state_lock.release()  # last: another daemon may take state_dir over now
 
 
 def _labelled_sum(counter: Counter) -> float:

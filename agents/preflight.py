@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from agents.config import existing_ancestor, writable_dir
 from agents.daemon_config import DaemonConfig
+from agents.state_lock import StateDirLock
 
 __all__ = ["Check", "preflight"]
 
@@ -65,6 +66,10 @@ def _state_dir(config: DaemonConfig) -> Check:
     said = f"{where} ({'exists' if where.exists() else 'made at start'}); {free / 1e9:.1f} GB free"
     if (where / "checkpoint.json").exists():
         said += "; a checkpoint is there: the daemon continues from it"
+    holder = StateDirLock.holder(where)
+    if holder is not None:
+        return Check("state_dir", "warn", f"{said}; a daemon runs on it now ({holder}): another would be refused "
+                                          "at start; stop that one first, or give this config its own state_dir")
     if free < STATE_MIN_FREE_BYTES:
         return Check("state_dir", "warn", f"{said}: under {STATE_MIN_FREE_BYTES / 1e9:.0f} GB, the agents' stores "
                                           "and checkpoints may fill it; free space or move state_dir")

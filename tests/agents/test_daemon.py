@@ -240,6 +240,7 @@ def test_a_first_start_at_the_end_reads_what_comes_after_it_even_across_a_restar
         first = Daemon(cfg)
     first.source.close()  # killed (no close: no final checkpoint) before anything was published
     first.derived_sink.close()
+    first._state_lock.release()  # as the kernel does for a killed process
     assert f"reading {cfg.documents_topic} from what is published from now on (start_at: end)" in caplog.text
     _publish(broker, cfg.documents_topic, new)  # while it was down
     again = Daemon(cfg)
@@ -326,6 +327,7 @@ def test_derived_documents_checkpointed_but_not_sent_before_a_kill_are_sent_once
         _run_until(first, lambda: False)
     first.source.close()
     first.derived_sink.close()
+    first._state_lock.release()  # as the kernel does for a killed process
     assert sent and any(name == "event" for name, _ in sent[0])
     assert list((tmp_path / "state").glob("outbox-*.msgpack"))  # the batch waits beside the checkpoint
     again = Daemon(cfg)
@@ -407,6 +409,22 @@ def test_a_derived_document_too_large_to_publish_is_kept_named_and_the_daemon_go
     assert on_topic == Counter({"start": 1, "descriptor": 1, "stop": 1}), on_topic  # the run itself went out
     again = Daemon(cfg)  # a restart runs too (it once met the same outbox again, and stopped)
     again.step()
+    again.close()
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_at_start_naming_the_first(broker, tmp_path):
+    """The systemd unit's daemon and one started by hand would both read the topic, overwrite each
+    other's checkpoint and both send plans: the second is refused before it touches anything."""
+    cfg = load_daemon_config(_config(broker, tmp_path / "state"))
+    first = Daemon(cfg)
+    try:
+        written = (tmp_path / "state" / "checkpoint.json").read_bytes()
+        with pytest.raises(AgentError, match=f"in use by another beampilot daemon \\(pid {os.getpid()} on "):
+            Daemon(cfg)
+        assert (tmp_path / "state" / "checkpoint.json").read_bytes() == written
+    finally:
+        first.close()
+    again = Daemon(cfg)  # the first closed: its state_dir is free
     again.close()
 
 

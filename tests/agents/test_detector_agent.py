@@ -793,6 +793,7 @@ def test_a_killed_daemon_reads_waiting_frames_again_and_loses_none(tmp_path, bra
     else:
         assert len(kept["resources"]) >= 2 and len(kept["datums"]) <= 2  # datums of passed events are dropped
     # SIGKILL: no close(), the checkpoint on disk is all that is left; the broker re-delivers from it
+    daemon._state_lock.release()  # as the kernel does for a killed process
     again, sink2 = _detector_daemon(tmp_path, bragg_weights[1], docs, start=saved, max_batch=2, max_latency_s=1e9)
     try:
         while again.step():
