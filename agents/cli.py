@@ -467,6 +467,51 @@ def run(
 
 
 @app.command(
+    "status",
+    short_help="Say how a running daemon is doing (its /status.json, in words): for a shell at 3 a.m.",
+)
+@_reported
+def status_cmd(
+    config: Annotated[Path | None, typer.Option(help="The daemon's YAML config: its http host and port are asked.")] = None,
+    url: Annotated[str | None, typer.Option(help="The daemon's status server instead, e.g. http://127.0.0.1:8765.")] = None,
+    errors: Annotated[int, typer.Option(min=0, help="How many of its latest errors to list.")] = 5,
+    plans: Annotated[int, typer.Option(min=0, help="How many of its latest plans to list.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print /status.json as it is.")] = False,
+) -> None:
+    """Ask a running daemon how it is: health, what it reads, whether its steering is held, paused
+    or waiting (and what would let it go on), its frame disks, its latest errors and plans.
+    Exit code 0 when it is healthy, 1 when it says it is not, 2 when it does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from agents.errors import AgentError
+
+    if (config is None) == (url is None):
+        raise typer.BadParameter("give exactly one: --config FILE or --url http://HOST:PORT", param_hint="--config")
+    if config is not None:
+        from agents.daemon_config import load_daemon_config
+
+        http = load_daemon_config(config).http
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "") else http.host
+        url = f"http://{host}:{http.port}"
+    assert url is not None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status.json", timeout=10) as reply:
+            status = json.loads(reply.read())
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise AgentError(f"no daemon answers at {url} ({getattr(err, 'reason', err)}): is it running "
+                         "(systemctl status beampilot), and is this its http host and port?") from None
+    if as_json:
+        typer.echo(json.dumps(status, indent=1))
+    else:
+        from agents.daemon import describe_status
+
+        typer.echo(describe_status(status, url, errors=errors, plans=plans))
+    raise typer.Exit(0 if status.get("healthy") else 1)
+
+
+@app.command(
     "replay",
     short_help="Stream stored runs as documents into Kafka or in-process agents, at recorded timing or fast.",
 )

@@ -1464,6 +1464,72 @@ def _handler(daemon: Daemon) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def status_notices(s: dict[str, Any]) -> list[tuple[str, bool]]:
+    """What :meth:`Daemon.status` ``s`` asks of the people at the beamline, in words, each with
+    whether it is an alarm: paused, held or waiting steering, low frame disks, lost messages,
+    tiled. The status page and ``beampilot status`` say the same."""
+    counters = s["counters"]
+    said = [(f"agent {n} paused: {why}", True) for n, why in s["paused"].items()]
+    if s.get("held"):
+        since = time.strftime("%H:%M:%S", time.localtime(s["held"]["since"]))
+        said.append(((f"steering held since {since}: {s['held']['why']}. The daemon leaves the queue stopped; the "
+                     "agents' next plans wait in it until someone starts it ('qserver queue start')"), True))
+    said += [(f"agent {n} waits: {why}", True) for n, why in s.get("stalled", {}).items()]
+    said += [(f"agent {n} waits {left:.0f} s for its safety gate's rate limit (max_requests_per_minute)", False)
+             for n, left in s.get("rate_limited_s", {}).items()]
+    resets = counters.get("beampilot_kafka_offset_resets_total", 0)
+    if resets:
+        lost = counters.get("beampilot_documents_lost_total", 0)
+        said.append(((f"{resets:.0f} time(s) the broker no longer had the next message to read ({lost:.0f} deleted "
+                     "by its retention before they were read; their runs are incomplete). Where and why: the "
+                     "errors, and the log"), True))
+    for n, f in (s.get("files_space") or {}).items():
+        left = f.get("seconds_to_full")
+        if left is not None and left < LOW_SPACE_S:
+            said.append(((f"agent {n}: the disk under {f['directory']} is full in about {time_left_text(left)} at "
+                         "the rate its free space has fallen lately; free space there or set files to a larger "
+                         "disk (after that its derived frames are refused and counted failed)"), True))
+    tiled = s.get("tiled")
+    said += [(f"tiled mirror: {text}", True) for text in (tiled or {}).get("offset_resets", [])]
+    if tiled and not tiled["connected"]:
+        said.append(((f"tiled at {tiled['uri']} does not answer ({tiled['reason']}): {tiled['behind']} derived "
+                     "documents wait on the topic"), True))
+    elif tiled and tiled["age_s"] > 10:
+        said.append(((f"the tiled mirror has waited {tiled['age_s']:.0f} s for tiled at {tiled['uri']} to answer "
+                     "one write"), True))
+    if tiled and tiled["failed_runs"]:
+        said += [(f"derived run {uid} is not in tiled: {why}", True) for uid, why in tiled["failed_runs"].items()]
+    return said
+
+
+def describe_status(s: dict[str, Any], where: str, *, errors: int = 5, plans: int = 5) -> str:
+    """:meth:`Daemon.status` ``s`` in a few lines of text (``beampilot status``): health, flow,
+    what asks for the people at the beamline (``!``: an alarm), the latest errors and plans."""
+    counters = s["counters"]
+    lag = counters.get("beampilot_consumer_lag")
+    lines = [
+        (f"beampilot daemon at {where}: {'healthy' if s['healthy'] else 'UNHEALTHY'} ({s['health']}), "
+        f"up {time_left_text(s['uptime_s'])}"),
+        (f"reads {s['topic']} (lag {'-' if lag is None else f'{lag:,.0f}'}, broker "
+        f"{'connected' if counters.get('beampilot_broker_connected', 1) else 'DOWN'}), publishes {s['derived_topic']}: "
+        f"{s['documents_in']:,.0f} documents in, {s['documents_out']:,.0f} derived out, {s['open_runs']} run(s) open"),
+        "agents: " + ", ".join(f"{name} ({r.get('kind', '?')})" for name, r in s["agents"].items())
+        + f"; plans sent {counters.get('beampilot_plans_sent_total', 0):,.0f}, rejected "
+          f"{counters.get('beampilot_plans_rejected_total', 0):,.0f}",
+    ]
+    lines += [("! " if alarm else "  ") + text for text, alarm in status_notices(s)]
+    if errors and s["errors"]:
+        lines.append(f"latest errors ({min(errors, len(s['errors']))} of the last {len(s['errors'])}):")
+        lines += [f"  {text}" for text in s["errors"][-errors:]]
+    if plans and s["plans"]:
+        lines.append("latest plans:")
+        for p in s["plans"][-plans:]:
+            parts = (time.strftime("%H:%M:%S", time.localtime(p["time"])), p["agent"], p.get("plan", ""), p["status"],
+                     p.get("reason", _points(p.get("points"))), f"[{p['key'][:18]}]")
+            lines.append("  " + " ".join(str(part) for part in parts if part))
+    return "\n".join(lines)
+
+
 def render_status_page(s: dict[str, Any]) -> str:
     """The status page: health first, then flow, plans, agents, errors. Refreshes every 2 s."""
     e = html.escape
@@ -1484,40 +1550,8 @@ def render_status_page(s: dict[str, Any]) -> str:
         f"{_agent_summary(r)}<details><summary>full report</summary><pre>{e(json.dumps(r, indent=1, default=str))}</pre>"
         f"</details></div>" for name, r in s["agents"].items())
     errors = "".join(f"<li>{e(x)}</li>" for x in reversed(s["errors"][-15:])) or "<li>none</li>"
-    paused = "".join(f"<p class='rejected'>agent {e(n)} paused: {e(why)}</p>" for n, why in s["paused"].items())
-    if s.get("held"):
-        since = time.strftime("%H:%M:%S", time.localtime(s["held"]["since"]))
-        paused += (f"<p class='rejected'>steering held since {since}: {e(s['held']['why'])}. The daemon leaves the "
-                   "queue stopped; the agents' next plans wait in it until someone starts it "
-                   "(<code>qserver queue start</code>)</p>")
-    paused += "".join(f"<p class='rejected'>agent {e(n)} waits: {e(why)}</p>"
-                      for n, why in s.get("stalled", {}).items())
-    paused += "".join(f"<p>agent {e(n)} waits {left:.0f} s for its safety gate's rate limit "
-                      "(max_requests_per_minute)</p>" for n, left in s.get("rate_limited_s", {}).items())
-    resets = counters.get("beampilot_kafka_offset_resets_total", 0)
-    if resets:
-        lost = counters.get("beampilot_documents_lost_total", 0)
-        paused += (f"<p class='rejected'>{resets:.0f} time(s) the broker no longer had the next message to read "
-                   f"({lost:.0f} deleted by its retention before they were read; their runs are incomplete). "
-                   f"Where and why: errors below, and the log</p>")
-    for n, f in (s.get("files_space") or {}).items():
-        left = f.get("seconds_to_full")
-        if left is not None and left < LOW_SPACE_S:
-            paused += (f"<p class='rejected'>agent {e(n)}: the disk under {e(f['directory'])} is full in about "
-                       f"{time_left_text(left)} at the rate its free space has fallen lately; free space "
-                       "there or set files to a larger disk (after that its derived frames are refused and "
-                       "counted failed)</p>")
-    tiled = s.get("tiled")
-    paused += "".join(f"<p class='rejected'>tiled mirror: {e(said)}</p>" for said in (tiled or {}).get("offset_resets", []))
-    if tiled and not tiled["connected"]:
-        paused += (f"<p class='rejected'>tiled at {e(tiled['uri'])} does not answer ({e(tiled['reason'])}): "
-                   f"{e(str(tiled['behind']))} derived documents wait on the topic</p>")
-    elif tiled and tiled["age_s"] > 10:
-        paused += (f"<p class='rejected'>the tiled mirror has waited {tiled['age_s']:.0f} s for tiled at "
-                   f"{e(tiled['uri'])} to answer one write</p>")
-    if tiled and tiled["failed_runs"]:
-        paused += "".join(f"<p class='rejected'>derived run {e(uid)} is not in tiled: {e(why)}</p>"
-                          for uid, why in tiled["failed_runs"].items())
+    paused = "".join(f"<p class='rejected'>{e(text, quote=False)}</p>" if alarm else f"<p>{e(text, quote=False)}</p>"
+                     for text, alarm in status_notices(s))
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
 <title>beampilot — {e(s['topic'])}</title><style>
 body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px;color:#1f2328}}

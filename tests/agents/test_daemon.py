@@ -21,8 +21,10 @@ import msgpack
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
-from agents.daemon import Checkpoint, Daemon, StatusServer, render_status_page
+from agents.cli import app
+from agents.daemon import Checkpoint, Daemon, StatusServer, describe_status, render_status_page
 from agents.daemon_config import load_daemon_config
 from agents.errors import AgentError, ConfigError
 from simulators.sas_documents import sas_run_documents
@@ -632,9 +634,24 @@ def test_status_server_serves_health_metrics_and_a_page(broker, tmp_path):
                        "reason": "put back in the queue after its run ended 'aborted'"}]
         page = render_status_page(s)
         assert "its run ended &#x27;abort&#x27; after 1 point(s)" in page and "taken back" in page
+        # the same in words, for a shell: what the page says, alarms marked
+        text = describe_status(s, server.address)
+        assert text.startswith(f"beampilot daemon at {server.address}: healthy (ok), up ")
+        assert "\n! agent map1 waits: 2 of its plans wait in the queue, but the queue is stopped\n" in text
+        assert "\n! derived run u1 is not in tiled" not in text and "  00:00:01 map1 cut short its run ended 'abort'" in text
+        # and asked of the running daemon: its config's port, or its address
+        config = tmp_path / "daemon.yaml"
+        config.write_text(yaml.safe_dump({**yaml.safe_load(yaml.safe_dump(_config(broker, tmp_path / "state"))),
+                                          "http": {"port": int(server.address.rsplit(":", 1)[1])}}))
+        asked = CliRunner().invoke(app, ["status", "--config", str(config)])
+        assert asked.exit_code == 0, asked.output
+        assert "healthy (ok)" in asked.output and "agents: rate (RateAgent)" in asked.output
+        assert json.loads(CliRunner().invoke(app, ["status", "--url", server.address, "--json"]).output)["healthy"]
     finally:
         server.stop()
         daemon.close()
+    gone = CliRunner().invoke(app, ["status", "--url", server.address])
+    assert gone.exit_code == 2 and f"no daemon answers at {server.address}" in gone.output
 
 
 def test_a_run_whose_runengine_died_is_closed_for_the_agents_once_a_later_run_starts(tmp_path):
