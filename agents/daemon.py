@@ -431,6 +431,8 @@ class Daemon:
         self._broker_down: tuple[float, float] | None = None  # a broker outage: (since, last said), monotonic
         self._repeated: dict[str, tuple[float, int]] = {}  # error message -> (last said, times since)
         self._autostart_said = False  # the RE Manager's autostart mode seen on, and said so
+        self._refused_bytes: int | None = None  # size of state_dir/refused, read at the first refusal
+        self._refused_said: tuple[float, int] = (-1e9, 0)  # a refusal last said (monotonic), refusals since
         made: list[Any] = []  # what this constructor opened: closed again if a later part fails
         try:
             if source is None:
@@ -971,22 +973,38 @@ class Daemon:
 
     def _refuse(self, name: str, uid: str | None, packed: bytes | None, reason: str) -> None:
         """A derived document refused for what it is (over ``max_message_bytes``, the producer's
-        ``max_request_size`` or the broker's ``max.message.bytes``): kept in ``state_dir/refused/``,
-        named, counted. Raising instead stopped the daemon, and each restart sent the same
-        checkpointed outbox again: a loop no restart could end."""
+        ``max_request_size`` or the broker's ``max.message.bytes``): kept in ``state_dir/refused/``
+        (up to ``refused_max_bytes`` in all), named, counted. Raising instead stopped the daemon,
+        and each restart sent the same checkpointed outbox again: a loop no restart could end.
+        Said once a minute while it repeats (a detector's every frame can be refused)."""
         self.metrics.refused.inc()
-        kept = "it could not be kept either (not serializable)"
-        if packed is not None:
-            path = self.state_dir / "refused" / f"{name}-{uid or uuid.uuid4()}.msgpack"
+        folder, limit = self.state_dir / "refused", self.config.refused_max_bytes
+        if self._refused_bytes is None:  # what earlier runs left there counts too
+            self._refused_bytes = sum(f.stat().st_size for f in folder.glob("*.msgpack")) if folder.exists() else 0
+        if packed is None:
+            kept = "it could not be kept either (not serializable)"
+        elif self._refused_bytes + len(packed) > limit:
+            kept = (f"not kept: {folder} holds {self._refused_bytes / 1e6:.0f} MB of refused documents already "
+                    f"(refused_max_bytes={limit}); move them away to keep more")
+        else:
+            path = folder / f"{name}-{uid or uuid.uuid4()}.msgpack"
             try:
-                path.parent.mkdir(exist_ok=True)
+                folder.mkdir(exist_ok=True)
                 path.write_bytes(packed)
+                self._refused_bytes += len(packed)
                 kept = f"kept in {path} (streams.kafka.unpack reads it)"
             except OSError as oserr:
                 kept = f"it could not be kept either ({oserr})"
-        self._error("derived", f"derived {name} {uid} was not published: {reason}; {kept} "
-                               "(the daemon's max_message_bytes and the broker's message.max.bytes must "
-                               "both allow documents this large)")
+        message = (f"derived {name} {uid} was not published: {reason}; {kept} (the daemon's max_message_bytes "
+                   "and the broker's message.max.bytes must both allow documents this large)")
+        now, (said, since) = time.monotonic(), self._refused_said
+        if now - said >= 60.0:
+            more = f" (and {since} more refused in the last minute, counted in beampilot_derived_refused_total)" if since else ""
+            self._error("derived", message + more)
+            self._refused_said = (now, 0)
+        else:
+            self.metrics.errors.labels(where="derived").inc()
+            self._refused_said = (said, since + 1)
 
     # -- plans -------------------------------------------------------------------------------------
     def _plans(self) -> None:

@@ -136,6 +136,9 @@ class DaemonConfig(_Strict):
     #: derived frame is 4 bytes a pixel); the broker's message.max.bytes must allow it too. A
     #: derived document over it is kept in state_dir/refused/, named, and the daemon goes on
     max_message_bytes: int = Field(default=16 * 2**20, ge=1024)
+    #: at most this much of refused derived documents is kept in state_dir/refused/ (a broker that
+    #: refuses every derived frame of a 10 Hz detector would otherwise fill state_dir in an hour)
+    refused_max_bytes: int = Field(default=2**30, ge=0)
     fsync: bool = True
     settle_s: float = Field(default=2.0, ge=0)
     #: a run with no document for this long (s), while a later run has started, is taken to have
