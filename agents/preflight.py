@@ -168,9 +168,33 @@ def _broker(config: DaemonConfig, timeout: float) -> list[Check]:
                                               "within one; use a topic of one partition"))
         else:
             checks.append(Check(role, "ok", f"{topic} (1 partition)"))
+    if found[config.derived_topic] is not None:
+        try:
+            size_check = _message_size_check(settings.message_size_limit(config.derived_topic, timeout), config)
+        except StreamError as err:
+            size_check = Check("derived message size", "warn", f"the broker would not say: {err}")
+        checks += [size_check] if size_check is not None else []
     if found[config.documents_topic] is not None and not (Path(config.state_dir).expanduser() / "checkpoint.json").exists():
         checks.append(_first_start(config, settings, timeout))
     return checks
+
+
+def _message_size_check(limit: int | None, config: DaemonConfig) -> Check | None:
+    """The derived topic's ``max.message.bytes`` (``limit``; ``None``: the broker does not say)
+    against the daemon's ``max_message_bytes``: documents between the two are refused by the
+    broker (and kept in state_dir/refused). Kafka's default is about 1 MB, under one derived
+    512 x 512 frame."""
+    if limit is None:
+        return None
+    topic = config.derived_topic
+    if limit >= config.max_message_bytes:
+        return Check("derived message size", "ok", f"{topic} takes messages up to {limit / 2**20:.1f} MiB "
+                                                   f"(max.message.bytes), max_message_bytes is {config.max_message_bytes / 2**20:.1f} MiB")
+    return Check("derived message size", "warn", (
+        f"{topic} takes messages up to {limit / 2**20:.1f} MiB (max.message.bytes) but the daemon's max_message_bytes "
+        f"is {config.max_message_bytes / 2**20:.1f} MiB: derived documents between the two (a 512 x 512 derived frame "
+        "is over 1 MiB) are refused by the broker and kept in state_dir/refused. Raise the topic's "
+        "max.message.bytes, lower max_message_bytes to match, or send a detector agent's frames to files (files:)"))
 
 
 def _first_start(config: DaemonConfig, settings: Any, timeout: float) -> Check:

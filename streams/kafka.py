@@ -399,6 +399,32 @@ class KafkaSettings(BaseModel):
             admin.close()
         return {t: described.get(t) for t in topics}
 
+    def message_size_limit(self, topic: str, timeout: float = 5.0) -> int | None:
+        """The largest message the broker takes on ``topic``: the topic's ``max.message.bytes``
+        (its own setting or the broker's default, as the broker describes it); ``None`` where the
+        broker does not say (tansu describes no configs) or the topic does not exist.
+
+        Raises
+        ------
+        StreamError
+            No broker answered.
+        """
+        from kafka.admin import ConfigResource, ConfigResourceType
+
+        self.check_reachable(timeout)
+        kwargs = {**self.client_kwargs("admin"), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
+        try:
+            admin = _construct(KafkaAdminClient, kwargs)
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
+        try:
+            described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+        except KafkaError:
+            return None  # a broker that will not describe its configs: not known
+        finally:
+            admin.close()
+        return topic_max_message_bytes(described, topic)
+
     def retained_messages(self, topic: str, timeout: float = 5.0) -> int:
         """How many messages ``topic`` holds now (its partitions' end offsets less their first
         retained ones): what a consumer reading it from the beginning would read. The topic must
@@ -523,6 +549,17 @@ def _construct(cls: Any, kwargs: dict[str, Any]) -> Any:
         for client in tracker.made:
             client.close()
         raise
+
+
+def topic_max_message_bytes(described: Mapping[str, Any], topic: str) -> int | None:
+    """``max.message.bytes`` of ``topic`` from kafka-python's ``describe_configs`` answer
+    (``{"topic": {name: {config name: {"value": ...}}}}``); ``None`` when it is not there."""
+    entry = ((described.get("topic") or {}).get(topic) or {}).get("max.message.bytes")
+    value = entry.get("value") if isinstance(entry, Mapping) else entry
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 # -- sink ------------------------------------------------------------------------------------

@@ -502,6 +502,22 @@ def test_a_document_the_broker_refuses_for_its_size_is_kept_and_the_sink_goes_on
 
 
 @pytest.mark.integration
+def test_a_topics_message_size_limit_is_read_where_the_broker_says_it(kafka_settings: KafkaSettings, topic: str) -> None:
+    """Kafka describes a topic's max.message.bytes (its own or the broker's default); tansu
+    describes no configs, so here the answer is "not known", not a guess."""
+    from streams.kafka import topic_max_message_bytes
+
+    create_topic(kafka_settings.bootstrap_servers, topic)
+    assert kafka_settings.message_size_limit(topic) is None
+    # the shape of kafka-python's describe_configs answer from a Kafka broker
+    described = {"topic": {topic: {"max.message.bytes": {"value": "1048588", "read_only": False,
+                                                         "config_source": "DEFAULT_CONFIG", "is_sensitive": False}}}}
+    assert topic_max_message_bytes(described, topic) == 1048588
+    assert topic_max_message_bytes(described, "other") is None
+    assert topic_max_message_bytes({"topic": {topic: {}}}, topic) is None
+
+
+@pytest.mark.integration
 def test_iteration_ends_when_closed_from_another_thread(
     kafka_settings: KafkaSettings, topic: str
 ) -> None:
