@@ -383,12 +383,7 @@ class KafkaSettings(BaseModel):
         StreamError
             No broker answered (as :meth:`check_reachable`).
         """
-        self.check_reachable(timeout)
-        kwargs = {**self.client_kwargs("admin"), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
-        try:
-            admin = _construct(KafkaAdminClient, kwargs)
-        except KafkaError as err:
-            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
+        admin = self._admin(timeout)
         try:
             existing = set(admin.list_topics())  # all topics' metadata: creates nothing
             found = [t for t in topics if t in existing]
@@ -398,6 +393,15 @@ class KafkaSettings(BaseModel):
         finally:
             admin.close()
         return {t: described.get(t) for t in topics}
+
+    def _admin(self, timeout: float) -> Any:
+        """An admin client, once a broker is known to answer (:meth:`check_reachable`)."""
+        self.check_reachable(timeout)
+        kwargs = {**self.client_kwargs("admin"), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
+        try:
+            return _construct(KafkaAdminClient, kwargs)
+        except KafkaError as err:
+            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
 
     def message_size_limit(self, topic: str, timeout: float = 5.0) -> int | None:
         """The largest message the broker takes on ``topic``: the topic's ``max.message.bytes``
@@ -411,12 +415,7 @@ class KafkaSettings(BaseModel):
         """
         from kafka.admin import ConfigResource, ConfigResourceType
 
-        self.check_reachable(timeout)
-        kwargs = {**self.client_kwargs("admin"), "bootstrap_timeout_ms": max(100, int(timeout * 1000))}
-        try:
-            admin = _construct(KafkaAdminClient, kwargs)
-        except KafkaError as err:
-            raise StreamError(f"cannot ask {self.bootstrap_servers} for its topics: {type(err).__name__}: {err}") from err
+        admin = self._admin(timeout)
         try:
             described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
         except KafkaError:
