@@ -1019,7 +1019,7 @@ class Daemon:
                 self._queue_server_lost(err)
                 return
             except StreamError as err:
-                self._queue_server_error("(queue)", err)
+                self._queue_server_error("the look at the queue server's status", err)
             for name, steering in self.steering.items():
                 try:
                     self._plan_round(name, steering)
@@ -1027,13 +1027,13 @@ class Daemon:
                     self._queue_server_lost(err)
                     return
                 except StreamError as err:
-                    self._queue_server_error(name, err)
+                    self._queue_server_error(f"agent {name}", err)
         self._queue_server_answers()
 
-    def _queue_server_error(self, name: str, err: StreamError) -> None:
-        """An answer that is an error (the manager's Redis gone, say): logged once a minute while
-        it repeats, counted every time."""
-        message, now = f"agent {name}: {err}", time.monotonic()
+    def _queue_server_error(self, who: str, err: StreamError) -> None:
+        """An answer that is an error (the manager's Redis gone, say), to ``who`` asked: logged
+        once a minute while it repeats, counted every time."""
+        message, now = f"{who}: {err}", time.monotonic()
         said, count = self._repeated.get(message, (-1e9, 0))
         if now - said >= 60.0:
             again = f" (and {count} times more in the last minute)" if count else ""
