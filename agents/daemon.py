@@ -1248,7 +1248,7 @@ class Daemon:
             if not held["stopped"]:
                 held["stopped"] = True
                 self._save()
-        elif held["stopped"] and state == "executing_queue":
+        elif held["stopped"] and state in ("starting_queue", "executing_queue"):
             logger.warning("the queue runs again (started at the queue server): the daemon starts it after its "
                            "plans again; it was held since %s (%s)", time.strftime("%H:%M:%S", time.localtime(held["since"])),
                            held["why"])
