@@ -493,7 +493,7 @@ def status_cmd(
         from agents.daemon_config import load_daemon_config
 
         http = load_daemon_config(config).http
-        host = "127.0.0.1" if http.host in ("0.0.0.0", "") else http.host
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host  # bound to every address
         url = f"http://{host}:{http.port}"
     assert url is not None
     try:
