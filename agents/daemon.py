@@ -741,7 +741,8 @@ class Daemon:
             key = _request_key(run["start"]) if run else None
             if run and key is not None and doc.get("exit_status") != "success":
                 self._plan_cut(run, str(doc.get("exit_status")), str(doc.get("reason") or ""))
-                if doc.get("exit_status") == "abort":  # RE.abort / RE.halt: someone's hand, not a fault
+                ours = any(key in waiting for waiting in self.state.awaiting.values())  # not a replayed run's
+                if doc.get("exit_status") == "abort" and ours:  # RE.abort / RE.halt: someone's hand, not a fault
                     self._hold(f"plan {key} of agent {run['start'].get(AGENT_META_KEY)} was aborted")
             if key is not None:
                 for waiting in self.state.awaiting.values():
