@@ -66,6 +66,10 @@ def _state_dir(config: DaemonConfig) -> Check:
     said = f"{where} ({'exists' if where.exists() else 'made at start'}); {free / 1e9:.1f} GB free"
     if (where / "checkpoint.json").exists():
         said += "; a checkpoint is there: the daemon continues from it"
+        held = _held_in(where / "checkpoint.json")
+        if held is not None:
+            return Check("state_dir", "warn", f"{said}; its steering was held ({held}): the daemon leaves the "
+                                              "queue stopped until someone starts it ('qserver queue start')")
     holder = StateDirLock.holder(where)
     if holder is not None:
         return Check("state_dir", "warn", f"{said}; a daemon runs on it now ({holder}): another would be refused "
@@ -74,6 +78,23 @@ def _state_dir(config: DaemonConfig) -> Check:
         return Check("state_dir", "warn", f"{said}: under {STATE_MIN_FREE_BYTES / 1e9:.0f} GB, the agents' stores "
                                           "and checkpoints may fill it; free space or move state_dir")
     return Check("state_dir", "ok", said)
+
+
+def _held_in(checkpoint: Path) -> str | None:
+    """Since when and why the checkpoint's steering is held (``None``: it is not, or unreadable)."""
+    import time
+
+    from agents.daemon import Checkpoint
+    from agents.errors import AgentError
+
+    try:
+        loaded = Checkpoint.load(checkpoint)
+    except (AgentError, OSError, TypeError):  # the daemon's start says what is wrong with it
+        return None
+    held = loaded.held if loaded is not None else None
+    if not held:
+        return None
+    return f"since {time.strftime('%Y-%m-%d %H:%M', time.localtime(held['since']))}: {held['why']}"
 
 
 def _http_port(config: DaemonConfig) -> Check:

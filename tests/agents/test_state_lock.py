@@ -76,3 +76,20 @@ def test_run_check_says_a_daemon_runs_on_the_state_dir(tmp_path):
         lock.release()
     assert check.status == "warn" and f"a daemon runs on it now (pid {os.getpid()} on " in check.detail
     assert "another would be refused at start" in check.detail
+
+
+def test_run_check_says_the_steering_was_left_held(tmp_path):
+    """Someone stopped the queue yesterday: the daemon will leave it stopped; the check says so."""
+    import time
+
+    from agents.daemon import Checkpoint
+    from agents.daemon_config import load_daemon_config
+    from agents.preflight import _state_dir
+
+    config = load_daemon_config({"agents": [{"kind": "rate", "name": "rate"}], "state_dir": str(tmp_path)})
+    Checkpoint().save(tmp_path / "checkpoint.json", fsync=False)
+    assert _state_dir(config).status == "ok"
+    why = "the queue was asked to stop (as 'qserver queue stop' asks)"
+    Checkpoint(held={"since": time.time(), "why": why, "stopped": True}).save(tmp_path / "checkpoint.json", fsync=False)
+    check = _state_dir(config)
+    assert check.status == "warn" and why in check.detail and "'qserver queue start'" in check.detail
