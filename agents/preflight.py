@@ -64,20 +64,21 @@ def _state_dir(config: DaemonConfig) -> Check:
         return Check("state_dir", "fail", str(err))
     free = shutil.disk_usage(existing_ancestor(where)).free
     said = f"{where} ({'exists' if where.exists() else 'made at start'}); {free / 1e9:.1f} GB free"
+    warnings = []
     if (where / "checkpoint.json").exists():
         said += "; a checkpoint is there: the daemon continues from it"
         held = _held_in(where / "checkpoint.json")
         if held is not None:
-            return Check("state_dir", "warn", f"{said}; its steering was held ({held}): the daemon leaves the "
-                                              "queue stopped until someone starts it ('qserver queue start')")
+            warnings.append(f"its steering was held ({held}): the daemon leaves the queue stopped until someone "
+                            "starts it ('qserver queue start')")
     holder = StateDirLock.holder(where)
     if holder is not None:
-        return Check("state_dir", "warn", f"{said}; a daemon runs on it now ({holder}): another would be refused "
-                                          "at start; stop that one first, or give this config its own state_dir")
+        warnings.append(f"a daemon runs on it now ({holder}): another would be refused at start; stop that one "
+                        "first, or give this config its own state_dir")
     if free < STATE_MIN_FREE_BYTES:
-        return Check("state_dir", "warn", f"{said}: under {STATE_MIN_FREE_BYTES / 1e9:.0f} GB, the agents' stores "
-                                          "and checkpoints may fill it; free space or move state_dir")
-    return Check("state_dir", "ok", said)
+        warnings.append(f"under {STATE_MIN_FREE_BYTES / 1e9:.0f} GB free, the agents' stores and checkpoints may "
+                        "fill it; free space or move state_dir")
+    return Check("state_dir", "warn", "; ".join([said, *warnings])) if warnings else Check("state_dir", "ok", said)
 
 
 def _held_in(checkpoint: Path) -> str | None:
