@@ -82,20 +82,18 @@ def _state_dir(config: DaemonConfig) -> Check:
 
 
 def _held_in(checkpoint: Path) -> str | None:
-    """Since when and why the checkpoint's steering is held (``None``: it is not, or unreadable)."""
+    """Since when and why the checkpoint's steering is held (``None``: it is not, or unreadable).
+    Only the JSON is read: the outbox file beside it (derived frames, megabytes) is not needed."""
+    import json
     import time
 
-    from agents.daemon import Checkpoint
-    from agents.errors import AgentError
-
     try:
-        loaded = Checkpoint.load(checkpoint)
-    except (AgentError, OSError, TypeError):  # the daemon's start says what is wrong with it
+        held = json.loads(checkpoint.read_text()).get("held")  # Checkpoint.held
+    except (OSError, ValueError, AttributeError):  # the daemon's start says what is wrong with it
         return None
-    held = loaded.held if loaded is not None else None
-    if not held:
+    if not isinstance(held, dict) or "since" not in held:
         return None
-    return f"since {time.strftime('%Y-%m-%d %H:%M', time.localtime(held['since']))}: {held['why']}"
+    return f"since {time.strftime('%Y-%m-%d %H:%M', time.localtime(held['since']))}: {held.get('why', '')}"
 
 
 def _http_port(config: DaemonConfig) -> Check:
