@@ -166,6 +166,7 @@ class MappingSettings(_Strict):
     refit_growth: float = Field(default=1.5, gt=1)
     calibration_level: float | None = Field(default=0.9, ge=0.5, lt=1)
     reconstruction: Literal["auto", "kriging", "triangulation"] = "auto"
+    domains: bool = True
     interpolation_weight: float = Field(default=4.8, ge=0)
     background_refit: bool = True
     exact_limit: int | None = Field(default=4000, ge=4)
@@ -195,7 +196,8 @@ class MappingSettings(_Strict):
         return KrigingConfig(kernel=self.kernel, anisotropic=self.anisotropic, nonstationary=self.nonstationary,
                              multiscale=self.multiscale, refit_growth=self.refit_growth,
                              calibration_level=self.calibration_level, background=self.background_refit,
-                             reconstruction=self.reconstruction, exact_limit=self.exact_limit,
+                             reconstruction=self.reconstruction, domains=self.domains,
+                             exact_limit=self.exact_limit,
                              inducing_points=self.inducing_points)
 
     def acquisition_config(self) -> MapAcquisitionConfig:

@@ -287,6 +287,12 @@ class KrigingConfig:
         mean), ``"triangulation"`` (piecewise-linear over a triangulation of the measured
         positions, data-dependent in 2-D, through the posterior mean there) or ``"auto"``: at each refit, the
         one whose leave-one-out residuals have the smaller median absolute value.
+    domains
+        A triangulated output in 2-D whose values split into domains (jumps well above the
+        rest between neighbouring positions) is drawn domain by domain instead
+        (:class:`models.domains.DomainMap`: the boundaries as smooth curves through all the
+        straddling pairs, each domain's values from its own positions); with one domain, or
+        ``False``, by the triangulation.
     exact_limit
         Past this many observations the posterior is kept with ``inducing_points`` inducing
         inputs instead of exactly (memory ``q^2 + q c`` instead of ``n^2 + n c``; see
@@ -309,6 +315,7 @@ class KrigingConfig:
     noise_floor: float = 1e-4
     calibration_level: float | None = 0.9
     reconstruction: Literal["auto", "kriging", "triangulation"] = "auto"
+    domains: bool = True
     exact_limit: int | None = 4000
     inducing_points: int = 1024
 
@@ -1029,8 +1036,10 @@ class MappingGP:
             triangulation = h.reconstruction == "triangulation"
             if triangulation and h.tri_floor is not None:
                 # its own mean and intervals: the kriging solve over the targets is not needed
-                interpolant = Interpolant(self._X[: f.n], self._estimates(f, k))
-                means.append(interpolant(X))
+                estimates = self._estimates(f, k)
+                interpolant = Interpolant(self._X[: f.n], estimates)
+                by_domains = self._domain_map(self._X[: f.n], estimates)
+                means.append(interpolant(X) if by_domains is None else by_domains(X))
                 # the estimates' error carried by the interpolation weights: sum w_i**2 floor
                 floor = h.tri_floor * h.y_std**2 * interpolant.weight_energy(X)
                 variances.append(h.tri_scale * interpolant.spread(X) ** 2 + floor)
@@ -1044,11 +1053,28 @@ class MappingGP:
             var = (torch.cat(var_parts) * h.var_unit).cpu().numpy()
             if triangulation:
                 # through the kriging estimates at the measured positions (noise smoothed as kriging does)
-                mean = triangulated(self._X[: f.n], self._estimates(f, k), X)
+                estimates = self._estimates(f, k)
+                by_domains = self._domain_map(self._X[: f.n], estimates)
+                mean = triangulated(self._X[: f.n], estimates, X) if by_domains is None else by_domains(X)
                 var = var / h.var_scale * h.tri_scale
             means.append(mean)
             variances.append(var)
         return np.stack(means, axis=1), np.stack(variances, axis=1)
+
+    def _domain_map(self, points: np.ndarray, values: np.ndarray) -> Any:
+        """The map by domains (:class:`models.domains.DomainMap`) of a triangulated output, or
+        ``None``: not asked for (:attr:`KrigingConfig.domains`), not 2-D, too few points, or
+        one domain."""
+        from scipy.spatial import QhullError
+
+        from models.domains import DomainMap
+
+        if not self.config.domains or points.shape[1] != 2 or len(points) < _MIN_CALIBRATION_POINTS:
+            return None
+        try:
+            return DomainMap.build(points, values)
+        except (QhullError, ValueError):  # degenerate (collinear) positions: the triangulation's fallback
+            return None
 
     def _estimates(self, f: _Factor | _Inducing, k: int) -> np.ndarray:
         """The posterior mean at the measured positions, ``f.n``, in output units."""

@@ -307,6 +307,30 @@ def test_auto_reconstruction_triangulates_a_boundary_and_krigs_a_smooth_map(grid
         KrigingConfig(reconstruction="spline")
 
 
+def test_a_triangulated_map_of_domains_is_drawn_domain_by_domain(grid):
+    from models.domains import DomainMap
+
+    rng = np.random.default_rng(9)
+    X = _boundary_heavy(rng, 240)
+    T = rng.uniform(0.5, 9.5, (2000, 2))
+    Y = step(X)[:, None] + 0.01 * rng.normal(size=(240, 1))
+    drawn, errors = {}, {}
+    for domains in (True, False):
+        gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, multiscale=True,
+                                                                    reconstruction="triangulation", domains=domains))
+        gp.add(X, Y, np.full((240, 1), 1e-4))
+        mean, var = gp.predict(T)
+        drawn[domains] = mean[:, 0], var[:, 0]
+        errors[domains] = float(np.sqrt(np.mean((mean[:, 0] - step(T)) ** 2)))
+        estimates = gp._estimates(gp._need()[0], 0)
+    # drawn by domains: the domain map through the same kriging estimates; without, the triangulation
+    np.testing.assert_allclose(drawn[True][0], DomainMap.build(X, estimates)(T), atol=1e-9)
+    np.testing.assert_allclose(drawn[False][0], triangulated(X, estimates, T), atol=1e-9)
+    assert errors[True] < 0.97 * errors[False], errors  # 0.93 measured
+    # the intervals stay the triangulation's
+    np.testing.assert_allclose(drawn[True][1], drawn[False][1])
+
+
 def test_a_triangulated_maps_intervals_widen_across_its_boundary_and_cover_the_truth(grid):
     rng = np.random.default_rng(11)
     X = _boundary_heavy(rng, 240)
