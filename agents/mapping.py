@@ -17,7 +17,10 @@ Each quantity's map (the report, the demo's pictures, :meth:`MappingGP.predict`)
 kriging or, where leave-one-out cross-validation finds it closer to the data (maps with sharp
 domain boundaries), by triangulating the measured positions; such a quantity is then sampled by
 its own error estimate, which keeps refining its boundaries (``reconstruction``,
-``interpolation_weight``; see :mod:`models.kriging` and :mod:`models.mapping`).
+``interpolation_weight``; see :mod:`models.kriging` and :mod:`models.mapping`). A triangulated
+quantity whose values split into domains is drawn domain by domain (``domains``, on by default;
+:mod:`models.domains`): each boundary a smooth curve through all the points that straddle it,
+each domain's values from its own points.
 
 A long session (``max_points`` in the thousands, a large sample or a fine map) stays fast:
 past ``exact_limit`` measurements (4,000) the kriging keeps an inducing-point posterior on

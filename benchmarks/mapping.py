@@ -8,7 +8,8 @@ method measures the same map with the same Gaussian noise (sd = 2% of the map's 
   linear interpolation between the measured points. Its final error is the bar to reach.
 * **beampilot** — :class:`agents.mapping.MappingAgent` (its default settings: multi-scale
   Matérn kriging, gradient-weighted variance, travel-aware batches of 4; each map drawn by
-  kriging or by triangulation, whichever has the smaller leave-one-out error), told each
+  kriging or by triangulation, whichever has the smaller leave-one-out error, and a triangulated
+  map whose values split into domains drawn domain by domain, ``models/domains.py``), told each
   measurement as an event-model event and asked for the next batch. Its refits run inline here
   (``background_refit: false``) so the runs are reproducible; the agent's ask latency in these
   runs therefore includes its refits.
