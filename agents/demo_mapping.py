@@ -189,7 +189,7 @@ def _compare(out: Path, agent: MappingAgent, film: FilmMap, raster: dict[str, An
     xs, ys, truth = truth_grid(film, 100)
     T = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
     mean, var = agent.gp.predict(T)
-    drawn = agent.gp.reconstruction
+    drawn = agent.gp.drawn or agent.gp.reconstruction
     errors: dict[str, dict[str, float]] = {}
     fig, axes = plt.subplots(len(QUANTITIES), 4, figsize=(15, 3.4 * len(QUANTITIES)))
     extent = film.extent

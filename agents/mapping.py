@@ -632,6 +632,8 @@ class MappingAgent(StoredAgent):
             "kriging": None if gp is None or not gp.ready else {
                 "n_fits": gp.n_fits, "posterior": gp.posterior_model,
                 "reconstruction": dict(zip(self.settings.quantities, gp.reconstruction, strict=True)),
+                # how the last drawn map (a report's, a demo's) drew each quantity
+                "drawn": None if gp.drawn is None else dict(zip(self.settings.quantities, gp.drawn, strict=True)),
                 "hyperparameters": gp.hyperparameters()},
         }
 

@@ -761,6 +761,7 @@ class MappingGP:
         self._X = np.empty((0, self.dim))
         self._Y = np.empty((0, n_outputs))
         self._Yvar: np.ndarray | None = None  # n x k, or None when noise is learned
+        self._drawn: list[str] | None = None  # how the last predict() drew each output
         self._factors: list[_Factor | _Inducing] | None = None
         self._n_at_fit = 0
         self.n_fits = 0
@@ -1030,16 +1031,19 @@ class MappingGP:
         X = np.atleast_2d(np.asarray(X, dtype=float))
         U = self._unit(X)
         Xs = self._unit(self._X)
-        means, variances = [], []
+        means, variances, drawn = [], [], []
         for k, f in enumerate(factors):
             h = f.hyper
             triangulation = h.reconstruction == "triangulation"
+            drawn.append(h.reconstruction)
             if triangulation and h.tri_floor is not None:
                 # its own mean and intervals: the kriging solve over the targets is not needed
                 estimates = self._estimates(f, k)
                 interpolant = Interpolant(self._X[: f.n], estimates)
                 by_domains = self._domain_map(self._X[: f.n], estimates)
                 means.append(interpolant(X) if by_domains is None else by_domains(X))
+                if by_domains is not None:
+                    drawn[-1] = f"domains ({by_domains.n_domains})"
                 # the estimates' error carried by the interpolation weights: sum w_i**2 floor
                 floor = h.tri_floor * h.y_std**2 * interpolant.weight_energy(X)
                 variances.append(h.tri_scale * interpolant.spread(X) ** 2 + floor)
@@ -1056,9 +1060,12 @@ class MappingGP:
                 estimates = self._estimates(f, k)
                 by_domains = self._domain_map(self._X[: f.n], estimates)
                 mean = triangulated(self._X[: f.n], estimates, X) if by_domains is None else by_domains(X)
+                if by_domains is not None:
+                    drawn[-1] = f"domains ({by_domains.n_domains})"
                 var = var / h.var_scale * h.tri_scale
             means.append(mean)
             variances.append(var)
+        self._drawn = drawn
         return np.stack(means, axis=1), np.stack(variances, axis=1)
 
     def _domain_map(self, points: np.ndarray, values: np.ndarray) -> Any:
@@ -1082,6 +1089,13 @@ class MappingGP:
         yn = torch.as_tensor((self._Y[:n, k] - h.y_mean) / h.y_std - h.mean, **self._tkw)
         fitted = f.fitted(self._unit(self._X[:n]), yn, self._noise(h, self._Yvar, 0, n, k))
         return (fitted * h.y_std + h.y_mean).cpu().numpy()
+
+    @property
+    def drawn(self) -> list[str] | None:
+        """How the last :meth:`predict` drew each output's map: ``"kriging"``,
+        ``"triangulation"`` or ``"domains (m)"`` (a triangulated output drawn by its ``m``
+        domains, :class:`models.domains.DomainMap`); ``None`` before the first."""
+        return None if self._drawn is None else list(self._drawn)
 
     @property
     def reconstruction(self) -> list[str]:

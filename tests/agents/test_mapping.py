@@ -82,6 +82,13 @@ def test_closed_loop_maps_the_film_through_the_gate(film, clock, tmp_path):
     assert np.allclose(got, truth["peak_q"], rtol=0.05)
     mean, var = agent.gp.posterior()
     assert mean.shape == (400, 4) and np.all(var >= 0) and report["kriging"]["posterior"] == "exact"
+    assert report["kriging"]["drawn"] is None  # no map drawn yet
+    agent.gp.predict(path)
+    drawn = agent.report()["kriging"]["drawn"]
+    assert set(drawn) == set(agent.settings.quantities)
+    for q, how in drawn.items():  # what was drawn follows the choice: a triangulation may be by domains
+        chosen = agent.report()["kriging"]["reconstruction"][q]
+        assert how == chosen or (chosen == "triangulation" and how.startswith("domains ("))
     assert agent.store.get_attr("model_state")["hyperparameters"]
     agent.close()
 

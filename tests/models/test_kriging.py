@@ -319,7 +319,9 @@ def test_a_triangulated_map_of_domains_is_drawn_domain_by_domain(grid):
         gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, multiscale=True,
                                                                     reconstruction="triangulation", domains=domains))
         gp.add(X, Y, np.full((240, 1), 1e-4))
+        assert gp.drawn is None
         mean, var = gp.predict(T)
+        assert gp.drawn == (["domains (2)"] if domains else ["triangulation"])
         drawn[domains] = mean[:, 0], var[:, 0]
         errors[domains] = float(np.sqrt(np.mean((mean[:, 0] - step(T)) ** 2)))
         estimates = gp._estimates(gp._need()[0], 0)
