@@ -69,6 +69,15 @@ def _edges(points: np.ndarray) -> np.ndarray:
     return np.unique(np.sort(e, axis=1), axis=0)
 
 
+def _merged(points: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct position once, with the mean of its values (a position measured again),
+    and the index of each of the ``n`` positions among them."""
+    unique, inverse = np.unique(points, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    mean = np.bincount(inverse, weights=values) / np.bincount(inverse)
+    return unique, mean, inverse
+
+
 def segment(points: np.ndarray, values: np.ndarray, cut: float = 4.0, min_size: int = 3) -> np.ndarray:
     """Domain label of each of ``n`` positions in 2-D (``0 .. m-1``; see the module docs, step 1).
 
@@ -83,15 +92,19 @@ def segment(points: np.ndarray, values: np.ndarray, cut: float = 4.0, min_size: 
         difference over all edges.
     min_size : int
         Groups of fewer positions join the neighbour across their smallest jump.
+
+    A position measured more than once counts once, with the mean of its values; its
+    measurements share its label.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     points = np.asarray(points, dtype=float)
     values = np.asarray(values, dtype=float)
-    n = len(points)
-    if points.ndim != 2 or points.shape[1] != 2 or values.shape != (n,):
+    if points.ndim != 2 or points.shape[1] != 2 or values.shape != (len(points),):
         raise ValueError(f"segment needs n x 2 positions and n values, got {points.shape} and {values.shape}")
+    points, values, inverse = _merged(points, values)
+    n = len(points)
     e = _edges(points)
     jump = np.abs(values[e[:, 0]] - values[e[:, 1]])
     tau = cut * float(np.median(jump))
@@ -114,7 +127,7 @@ def segment(points: np.ndarray, values: np.ndarray, cut: float = 4.0, min_size: 
             parent[b] = a
             size[a] += size[b]
     roots = np.array([root(int(c)) for c in range(len(parent))])
-    return np.unique(roots[label], return_inverse=True)[1]
+    return np.unique(roots[label], return_inverse=True)[1].reshape(-1)[inverse]
 
 
 class DomainMap:
@@ -140,21 +153,31 @@ class DomainMap:
                  smoothing: float = 0.01, power: float = 4.0) -> None:
         from scipy.interpolate import RBFInterpolator
 
+        points = np.asarray(points, dtype=float)
+        values = np.asarray(values, dtype=float)
+        self.labels = np.asarray(labels)
+        if points.ndim != 2 or points.shape[1] != 2 or values.shape != (len(points),) \
+                or self.labels.shape != (len(points),):
+            raise ValueError(f"DomainMap needs n x 2 positions, n values and n labels, got {points.shape}, "
+                             f"{values.shape} and {self.labels.shape}")
+        # a position measured again counts once, with its mean value and its first label
+        first = np.unique(points, axis=0, return_index=True)[1]
+        points, values, _ = _merged(points, values)
+        labels = self.labels[first]
         self._lo = points.min(axis=0)
         self._scale = float(np.max(np.ptp(points, axis=0))) or 1.0
         u = self._unit(points)
-        self.labels = np.asarray(labels)
         self.n_domains = int(self.labels.max()) + 1
         if self.n_domains < 2:
             raise ValueError("DomainMap needs at least two domains; use a triangulation for one")
         self.power = power
         local = len(points) > _GLOBAL_LIMIT
-        self._indicators = [RBFInterpolator(u, (self.labels == c).astype(float), kernel="thin_plate_spline",
+        self._indicators = [RBFInterpolator(u, (labels == c).astype(float), kernel="thin_plate_spline",
                                             smoothing=smoothing, neighbors=60 if local else None)
                             for c in range(self.n_domains)]
         self._values: list[Any] = []  # a spline, or a float (the domain's mean)
         for c in range(self.n_domains):
-            mine = self.labels == c
+            mine = labels == c
             try:
                 self._values.append(RBFInterpolator(u[mine], values[mine], kernel="thin_plate_spline", degree=1,
                                                     neighbors=50 if mine.sum() > _GLOBAL_LIMIT else None))

@@ -83,6 +83,19 @@ def test_drawn_by_domains_is_closer_to_the_truth_than_the_triangulation():
     assert max(ratios) < 1.0 and np.mean(ratios) < 0.95, ratios
 
 
+def test_a_position_measured_again_counts_once():
+    P, f, dom = _samples(0)
+    T = _grid()
+    again = np.vstack([P, P[:10]])  # ten positions measured a second time, with new noise
+    f_again = np.concatenate([f, f[:10] + 0.01 * np.random.default_rng(1).normal(size=10)])
+    labels = segment(again, f_again)
+    assert labels.max() + 1 == len(np.unique(dom))
+    np.testing.assert_array_equal(labels[len(P):], labels[:10])  # the same position, the same domain
+    by_domains = DomainMap.build(again, f_again)
+    assert by_domains.n_domains == len(np.unique(dom))
+    np.testing.assert_allclose(by_domains(T), DomainMap.build(P, f)(T), atol=0.02)
+
+
 def test_units_do_not_change_the_map():
     P, f, _ = _samples(5)
     T = _grid()
@@ -99,3 +112,5 @@ def test_bad_input_is_named():
     P, f, _ = _samples(0)
     with pytest.raises(ValueError, match="at least two domains"):
         DomainMap(P, f, np.zeros(len(P), int))
+    with pytest.raises(ValueError, match="n labels"):
+        DomainMap(P, f, np.zeros(len(P) - 1, int))
