@@ -137,6 +137,7 @@ logger = logging.getLogger(__name__)
 _JITTER = 1e-6  # added to the diagonal, in standardised units
 _LOCAL_NEIGHBOURS = 64  # observations in each local solve of _Inducing.at (maps drawn past exact_limit)
 _MIN_CALIBRATION_POINTS = 20  # fewer, and leave-one-out says too little to calibrate on
+_MIN_DOMAIN_POINTS = 20  # fewer, and a triangulated map is not split into domains
 
 
 def loo_residuals(K: torch.Tensor, noise: torch.Tensor, r: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -1040,10 +1041,8 @@ class MappingGP:
                 # its own mean and intervals: the kriging solve over the targets is not needed
                 estimates = self._estimates(f, k)
                 interpolant = Interpolant(self._X[: f.n], estimates)
-                by_domains = self._domain_map(self._X[: f.n], estimates)
-                means.append(interpolant(X) if by_domains is None else by_domains(X))
-                if by_domains is not None:
-                    drawn[-1] = f"domains ({by_domains.n_domains})"
+                mean, drawn[-1] = self._triangulated_mean(self._X[: f.n], estimates, X, interpolant)
+                means.append(mean)
                 # the estimates' error carried by the interpolation weights: sum w_i**2 floor
                 floor = h.tri_floor * h.y_std**2 * interpolant.weight_energy(X)
                 variances.append(h.tri_scale * interpolant.spread(X) ** 2 + floor)
@@ -1057,31 +1056,32 @@ class MappingGP:
             var = (torch.cat(var_parts) * h.var_unit).cpu().numpy()
             if triangulation:
                 # through the kriging estimates at the measured positions (noise smoothed as kriging does)
-                estimates = self._estimates(f, k)
-                by_domains = self._domain_map(self._X[: f.n], estimates)
-                mean = triangulated(self._X[: f.n], estimates, X) if by_domains is None else by_domains(X)
-                if by_domains is not None:
-                    drawn[-1] = f"domains ({by_domains.n_domains})"
+                mean, drawn[-1] = self._triangulated_mean(self._X[: f.n], self._estimates(f, k), X)
                 var = var / h.var_scale * h.tri_scale
             means.append(mean)
             variances.append(var)
         self._drawn = drawn
         return np.stack(means, axis=1), np.stack(variances, axis=1)
 
-    def _domain_map(self, points: np.ndarray, values: np.ndarray) -> Any:
-        """The map by domains (:class:`models.domains.DomainMap`) of a triangulated output, or
-        ``None``: not asked for (:attr:`KrigingConfig.domains`), not 2-D, too few points, or
-        one domain."""
+    def _triangulated_mean(self, points: np.ndarray, estimates: np.ndarray, X: np.ndarray,
+                           interpolant: Any = None) -> tuple[np.ndarray, str]:
+        """A triangulated output's map at ``X`` through its ``estimates`` at ``points``, and how it
+        was drawn: by its domains (:class:`models.domains.DomainMap`, ``"domains (m)"``) where
+        :attr:`KrigingConfig.domains` asks for it and the values split into ``m >= 2`` domains
+        (2-D, at least ``_MIN_DOMAIN_POINTS`` positions), else by the triangulation
+        (``interpolant``, when the caller has built it)."""
         from scipy.spatial import QhullError
 
         from models.domains import DomainMap
 
-        if not self.config.domains or points.shape[1] != 2 or len(points) < _MIN_CALIBRATION_POINTS:
-            return None
-        try:
-            return DomainMap.build(points, values)
-        except (QhullError, ValueError):  # degenerate (collinear) positions: the triangulation's fallback
-            return None
+        if self.config.domains and points.shape[1] == 2 and len(points) >= _MIN_DOMAIN_POINTS:
+            try:
+                by_domains = DomainMap.build(points, estimates)
+            except (QhullError, ValueError):  # degenerate (collinear) positions: the triangulation
+                by_domains = None
+            if by_domains is not None:
+                return by_domains(X), f"domains ({by_domains.n_domains})"
+        return (triangulated(points, estimates, X) if interpolant is None else interpolant(X)), "triangulation"
 
     def _estimates(self, f: _Factor | _Inducing, k: int) -> np.ndarray:
         """The posterior mean at the measured positions, ``f.n``, in output units."""
