@@ -114,3 +114,15 @@ def test_bad_input_is_named():
         DomainMap(P, f, np.zeros(len(P), int))
     with pytest.raises(ValueError, match="n labels"):
         DomainMap(P, f, np.zeros(len(P) - 1, int))
+
+
+def test_a_domain_of_a_few_positions_nearly_on_a_line_stays_within_its_values():
+    # a thin-plate spline through three almost collinear positions has a huge slope across
+    # them; away from them it would reach any value (1e10 once, on a film's orientation map)
+    rng = np.random.default_rng(6)
+    P = np.vstack([rng.uniform(0, 10, (60, 2)), [[8.0, 5.0], [8.5, 5.0 + 1e-7], [9.0, 5.0]]])
+    f = np.concatenate([1.0 + 0.01 * rng.normal(size=60), [2.0, 2.3, 2.1]])
+    labels = np.r_[np.zeros(60, int), np.ones(3, int)]
+    drawn = DomainMap(P, f, labels)(_grid())
+    assert np.all(np.isfinite(drawn))
+    assert drawn.min() >= f.min() - 0.25 * np.ptp(f) and drawn.max() <= f.max() + 0.25 * np.ptp(f)
