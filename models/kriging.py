@@ -138,6 +138,22 @@ _JITTER = 1e-6  # added to the diagonal, in standardised units
 _LOCAL_NEIGHBOURS = 64  # observations in each local solve of _Inducing.at (maps drawn past exact_limit)
 _MIN_CALIBRATION_POINTS = 20  # fewer, and leave-one-out says too little to calibrate on
 _MIN_DOMAIN_POINTS = 20  # fewer, and a triangulated map is not split into domains
+# Smallest length-scale on the unit square. The short-range kernel has no prior, and a fit on a
+# few points once drove one to 3e-11: inputs over such a length-scale are ~1e10, their squared
+# distances lose every digit, and the kernel matrix stops being positive definite (the next
+# Cholesky update failed; film probe seed 16, peak position at 20 points). 1e-3 is far below
+# any grid (50 positions a side: 0.02) and leaves the distances exact.
+_MIN_LENGTHSCALE = 1e-3
+
+
+def _floor_lengthscales(covar: torch.nn.Module) -> None:
+    """Raise every length-scale of ``covar``'s kernels below :data:`_MIN_LENGTHSCALE` to it
+    (fits above it are left bit for bit)."""
+    for module in covar.modules():
+        if getattr(module, "has_lengthscale", False):
+            ls = module.lengthscale.detach()
+            if bool(torch.any(ls < _MIN_LENGTHSCALE)):
+                module.lengthscale = torch.clamp(ls, min=_MIN_LENGTHSCALE)
 
 
 def loo_residuals(K: torch.Tensor, noise: torch.Tensor, r: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -898,6 +914,7 @@ class MappingGP:
             fit_gpytorch_mll(mll)
         except Exception as err:  # botorch raises several kinds; keep the start values
             logger.warning("kriging hyper-parameter fit failed (%s); keeping the starting values", err)
+        _floor_lengthscales(model.covar_module)
         model.eval()
         noise = None if tvar is not None else float(model.likelihood.noise.detach().reshape(-1)[0])
         hyper = _Hyper(covar=model.covar_module, warp=model.input_transform if warp is not None else None,

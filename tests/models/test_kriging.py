@@ -566,3 +566,33 @@ def test_a_subsample_may_widen_the_intervals_but_never_narrow_them(grid):
         scales[fit_points] = float(gp.variance_scale[0])
     assert scales[240] < 1.0  # all points in the fit: the calibration narrows the intervals
     assert scales[80] == 1.0  # a subsample's narrowing is not applied
+
+
+def test_a_fit_that_collapses_a_length_scale_does_not_break_the_next_update(grid, monkeypatch):
+    """A fit on a few points once drove the short-range kernel's length-scale to 3e-11: the
+    squared distances over it lost every digit and the next Cholesky update failed (agent
+    down). The fitted length-scales are floored, so updates on grid positions sharing an x go on."""
+    from models import kriging
+
+    real_fit = kriging.fit_gpytorch_mll
+
+    def collapsing_fit(mll, *args, **kwargs):
+        out = real_fit(mll, *args, **kwargs)
+        short = mll.model.covar_module.kernels[1].base_kernel
+        short.lengthscale = torch.tensor([[3e-11, 0.5]], dtype=short.lengthscale.dtype)
+        return out
+
+    monkeypatch.setattr(kriging, "fit_gpytorch_mll", collapsing_fit)
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, multiscale=True))
+    g = np.linspace(0, 10, 50)
+    rng = np.random.default_rng(3)
+    columns = rng.choice(g, 8, replace=False)  # the agent's positions lie on a 50 x 50 grid
+    X = np.column_stack([rng.choice(columns, 60), rng.choice(g, 60)])
+    Y = field(X)[:, None] + 0.01 * rng.normal(size=(60, 1))
+    for lo in range(0, 60, 4):
+        gp.add(X[lo : lo + 4], Y[lo : lo + 4], np.full((4, 1), 1e-4))
+    assert gp.ready
+    ls = [m.lengthscale for m in gp._need()[0].hyper.covar.modules() if getattr(m, "has_lengthscale", False)]
+    assert min(float(t.detach().min()) for t in ls) >= kriging._MIN_LENGTHSCALE
+    mean, var = gp.posterior()
+    assert np.all(np.isfinite(mean)) and np.all(var >= 0)
