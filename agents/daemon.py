@@ -1034,16 +1034,21 @@ class Daemon:
     def _queue_server_error(self, who: str, err: StreamError) -> None:
         """An answer that is an error (the manager's Redis gone, say), to ``who`` asked: logged
         once a minute while it repeats, counted every time."""
-        message, now = f"{who}: {err}", time.monotonic()
+        self._error_once_a_minute("queueserver", f"{who}: {err}")
+
+    def _error_once_a_minute(self, where: str, message: str) -> None:
+        """:meth:`_error` for an error that repeats each round: logged once a minute while it
+        repeats (with how often meanwhile), counted every time."""
+        now = time.monotonic()
         said, count = self._repeated.get(message, (-1e9, 0))
         if now - said >= 60.0:
             again = f" (and {count} times more in the last minute)" if count else ""
-            self._error("queueserver", message + again)
+            self._error(where, message + again)
             # messages not seen for a minute are forgotten, so ones naming a uid do not pile up
             self._repeated = {m: v for m, v in self._repeated.items() if now - v[0] < 60.0}
             self._repeated[message] = (now, 0)
         else:
-            self.metrics.errors.labels(where="queueserver").inc()
+            self.metrics.errors.labels(where=where.split(":")[0]).inc()
             self._repeated[message] = (said, count + 1)
 
     def _say_broker(self, connected: bool) -> None:
@@ -1115,8 +1120,13 @@ class Daemon:
         if self._rate_limited(name, steering):
             return
         agent = self.agents[name]
-        with self._lock:
-            requests = agent.ask(steering.entry.batch_size)
+        try:
+            with self._lock:
+                requests = agent.ask(steering.entry.batch_size)
+        except Exception as err:  # noqa: BLE001 -- its model failing stops neither the daemon nor the others
+            self._error_once_a_minute(f"agent:{name}", f"agent {name} could not decide its next plan "
+                                      f"({type(err).__name__}: {err}); its analysis goes on, it is asked again")
+            return
         reason = getattr(agent, "stop_reason", None)
         if not requests and reason and name not in self._stopped_agents:
             self._stopped_agents.add(name)

@@ -393,3 +393,41 @@ def test_a_run_an_earlier_agent_of_the_same_name_asked_for_is_not_taken_as_a_mea
     tell(request.key, request.kwargs["points"], request.kwargs["point_keys"])
     assert agent.n_observations == len(request.kwargs["points"]) == 4
     agent.close()
+
+
+def test_an_agent_that_cannot_decide_is_said_once_and_stops_neither_the_daemon_nor_the_others(tmp_path):
+    """An agent's model raising in ask (a kriging update that failed, once) used to leave the
+    daemon's loop: every agent's analysis and steering stopped, and a restart met it again."""
+    import time
+
+    from agents.daemon import Daemon
+    from agents.daemon_config import load_daemon_config
+    from tests.agents.test_detector_agent import _ListSink, _ListSource
+
+    limits = {axis: {"low": 0, "high": 10, "max_step": 20.0} for axis in ("stage_x", "stage_y")}
+    config = load_daemon_config({
+        "agents": [{"kind": "mapping", "name": name, "batch_size": 4,
+                    "settings": {"extent": [0, 10, 0, 10], "reduction": "none", "quantities": ["value"],
+                                 "max_points": 400},
+                    "safety": {"allowed_plans": ["measure"], "limits": limits, "max_requests_per_minute": 600}}
+                   for name in ("map1", "map2")],
+        "queueserver": {"zmq_control_addr": "tcp://127.0.0.1:1"},  # never dialled: the queue is given
+        "settle_s": 0.0, "state_dir": str(tmp_path / "state"), "fsync": False})
+    queue = _PlanQueue()
+    daemon = Daemon(config, source=_ListSource([]), derived_sink=_ListSink(), plan_sink=queue)
+
+    def broken(n):
+        raise RuntimeError("linalg.cholesky: the input is not positive-definite")
+
+    daemon.agents["map1"].ask = broken
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:  # about 6 plan rounds
+            daemon.step()
+        status = daemon.status()
+    finally:
+        daemon.close()
+    assert {r.agent for r in queue.submitted} == {"map2"} and len(queue.submitted) >= 3
+    said = [e for e in status["errors"] if "map1 could not decide" in e]
+    assert len(said) == 1 and "not positive-definite" in said[0] and "asked again" in said[0]
+    assert status["counters"]["beampilot_errors_total"] >= 3  # every failed round is counted
