@@ -79,13 +79,13 @@ def _edges(points: np.ndarray) -> np.ndarray:
     return np.unique(np.sort(e, axis=1), axis=0)
 
 
-def _merged(points: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each distinct position once, with the mean of its values (a position measured again),
-    and the index of each of the ``n`` positions among them."""
-    unique, inverse = np.unique(points, axis=0, return_inverse=True)
+def _merged(points: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct position once, with the mean of its values (a position measured again);
+    the index of each of the ``n`` positions among them, and of each one's first measurement."""
+    unique, first, inverse = np.unique(points, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     mean = np.bincount(inverse, weights=values) / np.bincount(inverse)
-    return unique, mean, inverse
+    return unique, mean, inverse, first
 
 
 def segment(points: np.ndarray, values: np.ndarray, cut: float = 4.0, min_size: int = 3) -> np.ndarray:
@@ -113,7 +113,7 @@ def segment(points: np.ndarray, values: np.ndarray, cut: float = 4.0, min_size: 
     values = np.asarray(values, dtype=float)
     if points.ndim != 2 or points.shape[1] != 2 or values.shape != (len(points),):
         raise ValueError(f"segment needs n x 2 positions and n values, got {points.shape} and {values.shape}")
-    points, values, inverse = _merged(points, values)
+    points, values, inverse, _ = _merged(points, values)
     n = len(points)
     e = _edges(points)
     jump = np.abs(values[e[:, 0]] - values[e[:, 1]])
@@ -171,8 +171,7 @@ class DomainMap:
             raise ValueError(f"DomainMap needs n x 2 positions, n values and n labels, got {points.shape}, "
                              f"{values.shape} and {self.labels.shape}")
         # a position measured again counts once, with its mean value and its first label
-        first = np.unique(points, axis=0, return_index=True)[1]
-        points, values, _ = _merged(points, values)
+        points, values, _, first = _merged(points, values)
         labels = self.labels[first]
         self._lo = points.min(axis=0)
         self._scale = float(np.max(np.ptp(points, axis=0))) or 1.0
