@@ -227,7 +227,7 @@ def main() -> None:
                                  min(args.mobo_budget, budget) if kind == "mobo" else budget, args.full, pure=False)
                    for kind in args.optimizers for seed in args.seeds]
         with tqdm(total=len(futures), desc="moga benchmark", unit="run", file=sys.stderr) as bar:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 results.append(future.result())
                 bar.update()
     summary = summarize(results, budget) if {"ml_moga", "nsga2_pymoo"} <= set(args.optimizers) else {}
