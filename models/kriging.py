@@ -20,7 +20,12 @@ Cholesky update): ``O(n^2 m + n m c)`` work, against ``O(n^3 + n^2 c)`` for a re
 most ``max_fit_points`` observations, refitted when the data have grown by ``refit_growth``.
 With ``background=True`` the refit and the rebuild it needs run in a worker thread while
 decisions go on with the previous hyper-parameters; the new state is swapped in, with the
-points that arrived meanwhile added, at the next update after it is ready.
+points that arrived meanwhile added, at the next update after it is ready. A numerical failure
+does not stop the map: a background refit that raises is logged and dropped (the map goes on
+with the hyper-parameters it has; the next refit is due as usual), an update whose Cholesky
+factor fails is redone by a fresh fit on every point, and only a fresh fit that fails too raises
+a :class:`ModelError` saying what to look at. ``n_failed_refits`` and ``n_failed_updates`` count
+them (the mapping agent's report carries both).
 
 **Scale.** The exact posterior's memory grows as ``n^2 + n c`` doubles per quantity. Past
 ``exact_limit`` observations (4,000 by default) the model keeps an inducing-point posterior
@@ -782,6 +787,8 @@ class MappingGP:
         self._factors: list[_Factor | _Inducing] | None = None
         self._n_at_fit = 0
         self.n_fits = 0
+        self.n_failed_refits = 0  # background refits that raised (the map went on without them)
+        self.n_failed_updates = 0  # updates that could not be factored (each recovered by a refit)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[tuple[int, list[_Factor | _Inducing]]] | None = None
@@ -836,10 +843,18 @@ class MappingGP:
         """Swap in a finished background refit, start one when due, extend the factors."""
         n = self.n_points
         if self._pending is not None and self._pending.done():
-            n_snap, factors = self._pending.result()
-            self._pending = None
-            self._factors = factors
-            logger.debug("kriging refit on %d points swapped in at %d", n_snap, n)
+            pending, self._pending = self._pending, None
+            try:
+                n_snap, factors = pending.result()
+            except RuntimeError as err:  # torch's LinAlgError, gpytorch's NotPSDError
+                # the posterior in use stays; the next refit is due after refit_growth more
+                self.n_failed_refits += 1
+                logger.warning("kriging: a background refit failed (%s); the map goes on with the "
+                               "hyper-parameters it has and refits again at %d points", err,
+                               math.ceil(self.config.refit_growth * self._n_at_fit))
+            else:
+                self._factors = factors
+                logger.debug("kriging refit on %d points swapped in at %d", n_snap, n)
         if self._factors is None:
             if n < self.config.min_points:
                 return
@@ -855,9 +870,22 @@ class MappingGP:
             else:
                 self._factors = self._refit(n, warm=None)
                 return
-        for k, f in enumerate(self._factors):
-            if f.n < n:
-                self._extend(f, f.n, n, k=k)
+        try:
+            for k, f in enumerate(self._factors):
+                if f.n < n:
+                    self._extend(f, f.n, n, k=k)
+        except torch.linalg.LinAlgError as err:
+            # an update that cannot be factored (a failed Cholesky leaves its factor as it was):
+            # fit afresh on every point rather than fail this and every later add
+            self.n_failed_updates += 1
+            logger.warning("kriging: the update to %d points could not be factored (%s); refitting", n, err)
+            try:
+                self._factors = self._refit(n, warm=None)
+            except RuntimeError as again:
+                raise ModelError(
+                    f"kriging: the covariance of {n} points cannot be factored ({err}), nor after a fresh "
+                    f"fit ({again}); look for repeated positions with near-zero noise variance, or raise "
+                    f"noise_floor (now {self.config.noise_floor:g})") from again
 
     def _refit(self, n: int, warm: list[dict[str, Any]] | None) -> list[_Factor | _Inducing]:
         """Fit hyper-parameters on (a subsample of) the first ``n`` points; build fresh factors."""
@@ -1139,7 +1167,7 @@ class MappingGP:
     def wait(self) -> None:
         """Block until a background refit is done and swapped in (tests, reports, shutdown)."""
         while self._pending is not None:
-            self._pending.result()
+            self._pending.exception()  # waits; a failed refit is dealt with (and logged) by _advance
             self._advance()
 
     def close(self) -> None:

@@ -596,3 +596,73 @@ def test_a_fit_that_collapses_a_length_scale_does_not_break_the_next_update(grid
     assert min(float(t.detach().min()) for t in ls) >= kriging._MIN_LENGTHSCALE
     mean, var = gp.posterior()
     assert np.all(np.isfinite(mean)) and np.all(var >= 0)
+
+
+def _failing_once(monkeypatch, owner, name, error):
+    """Make ``owner.name`` raise ``error`` on its next call only (a rare numerical failure)."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, once)
+    return calls
+
+
+def test_an_update_that_cannot_be_factored_is_recovered_by_a_fresh_fit(grid, monkeypatch):
+    from models import kriging
+
+    rng = np.random.default_rng(4)
+    X = rng.uniform(0, 10, (40, 2))
+    Y = field(X)[:, None]
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, refit_growth=10.0))
+    gp.add(X[:20], Y[:20])
+    fits = gp.n_fits
+    calls = _failing_once(monkeypatch, kriging._Factor, "extend",
+                          torch.linalg.LinAlgError("linalg.cholesky: the leading minor of order 3 is not positive-definite"))
+    gp.add(X[20:24], Y[20:24])  # before the fix: raised here, and on every later add
+    assert calls["n"] >= 2 and gp.n_failed_updates == 1 and gp.n_fits == fits + 1
+    for lo in range(24, 40, 4):
+        gp.add(X[lo : lo + 4], Y[lo : lo + 4])
+    mu, _ = _dense(gp, X, Y, grid)
+    np.testing.assert_allclose(gp.posterior()[0][:, 0], mu, atol=1e-8)
+
+
+def test_an_update_that_cannot_be_factored_even_after_a_fresh_fit_is_named(grid, monkeypatch):
+    from models import kriging
+
+    X = np.random.default_rng(5).uniform(0, 10, (24, 2))
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=False, refit_growth=10.0))
+    gp.add(X[:20], field(X[:20])[:, None])
+
+    def never(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: not positive-definite")
+
+    monkeypatch.setattr(kriging._Factor, "extend", never)
+    with pytest.raises(ModelError, match=r"24 points cannot be factored.*noise_floor \(now 0\.0001\)"):
+        gp.add(X[20:], field(X[20:])[:, None])
+
+
+def test_a_background_refit_that_fails_leaves_the_map_going(grid, monkeypatch):
+    rng = np.random.default_rng(6)
+    X = rng.uniform(0, 10, (80, 2))
+    Y = field(X)[:, None]
+    gp = MappingGP([[0, 0], [10, 10]], grid, 1, KrigingConfig(background=True, refit_growth=1.5))
+    gp.add(X[:10], Y[:10])
+    assert gp.n_fits == 1
+    _failing_once(monkeypatch, MappingGP, "_refit", RuntimeError("NotPSDError: matrix not positive definite"))
+    gp.add(X[10:16], Y[10:16])  # 16 >= 1.5 x 10: the background refit starts, and fails
+    gp.wait()
+    gp.add(X[16:18], Y[16:18])  # before the fix: its failure raised here, and on every later add
+    assert gp.n_failed_refits == 1 and gp.n_fits == 1
+    for lo in range(18, 80, 2):
+        gp.add(X[lo : lo + 2], Y[lo : lo + 2])
+        assert gp.posterior()[0].shape == (len(grid), 1)
+    gp.wait()
+    gp.add(X[:0], Y[:0])
+    assert gp.n_fits >= 2  # later refits went on
+    gp.close()
