@@ -631,6 +631,8 @@ class MappingAgent(StoredAgent):
                 "p50": float(1e3 * np.median(lat)), "p95": float(1e3 * np.percentile(lat, 95))},
             "kriging": None if gp is None or not gp.ready else {
                 "n_fits": gp.n_fits, "posterior": gp.posterior_model,
+                # numerical failures the model recovered from (logged as warnings when they happened)
+                "failed_refits": gp.n_failed_refits, "failed_updates": gp.n_failed_updates,
                 "reconstruction": dict(zip(self.settings.quantities, gp.reconstruction, strict=True)),
                 # how the last drawn map (a report's, a demo's) drew each quantity
                 "drawn": None if gp.drawn is None else dict(zip(self.settings.quantities, gp.drawn, strict=True)),

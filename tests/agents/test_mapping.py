@@ -83,6 +83,7 @@ def test_closed_loop_maps_the_film_through_the_gate(film, clock, tmp_path):
     mean, var = agent.gp.posterior()
     assert mean.shape == (400, 4) and np.all(var >= 0) and report["kriging"]["posterior"] == "exact"
     assert report["kriging"]["drawn"] is None  # no map drawn yet
+    assert report["kriging"]["failed_refits"] == report["kriging"]["failed_updates"] == 0
     agent.gp.predict(path)
     drawn = agent.report()["kriging"]["drawn"]
     assert set(drawn) == set(agent.settings.quantities)
