@@ -875,8 +875,8 @@ class MappingGP:
                 if f.n < n:
                     self._extend(f, f.n, n, k=k)
         except torch.linalg.LinAlgError as err:
-            # an update that cannot be factored (a failed Cholesky leaves its factor as it was):
-            # fit afresh on every point rather than fail this and every later add
+            # an update that cannot be factored: fit afresh on every point (every factor is
+            # rebuilt, so one left half-updated does not matter) rather than fail every later add
             self.n_failed_updates += 1
             logger.warning("kriging: the update to %d points could not be factored (%s); refitting", n, err)
             try:
