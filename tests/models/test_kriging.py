@@ -656,8 +656,8 @@ def test_a_background_refit_that_fails_leaves_the_map_going(grid, monkeypatch):
     assert gp.n_fits == 1
     _failing_once(monkeypatch, MappingGP, "_refit", RuntimeError("NotPSDError: matrix not positive definite"))
     gp.add(X[10:16], Y[10:16])  # 16 >= 1.5 x 10: the background refit starts, and fails
-    gp.wait()
-    gp.add(X[16:18], Y[16:18])  # before the fix: its failure raised here, and on every later add
+    gp.wait()  # before the fix: the failure was raised here, and by every later add
+    gp.add(X[16:18], Y[16:18])
     assert gp.n_failed_refits == 1 and gp.n_fits == 1
     for lo in range(18, 80, 2):
         gp.add(X[lo : lo + 2], Y[lo : lo + 2])
