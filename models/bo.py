@@ -31,6 +31,7 @@ an L-BFGS line search that stopped early) are expected in routine use: they are 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,21 @@ _NUMERICS = (OptimizationWarning, NumericsWarning, NumericalWarning, BadInitialC
 #: that the restart failed too: it then returns the best candidates it found)
 _HANDLED = ("When all training points are infeasible", "Optimization failed in `gen_candidates_scipy`",
             "Optimization failed on the second try")
+
+
+#: the cube the ball's points are searched through (see BayesOptimizer.suggest)
+_CUBE = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+
+
+class _Composed(torch.nn.Module):
+    """An acquisition function of ``to_box(U)``: what ``optimize_acqf`` maximises over ``U``."""
+
+    def __init__(self, acq: Any, to_box: Any) -> None:
+        super().__init__()
+        self.acq, self.to_box = acq, to_box
+
+    def forward(self, U: torch.Tensor) -> torch.Tensor:
+        return self.acq(self.to_box(U))
 
 
 @dataclass(frozen=True)
@@ -409,6 +425,7 @@ class BayesOptimizer:
         X_pending: Any = None,
         seed: int | None = None,
         exploit: bool = False,
+        ball: tuple[Any, float] | None = None,
     ) -> Suggestion:
         """The next ``q`` points by qLogNEI with the outcome constraints.
 
@@ -431,6 +448,17 @@ class BayesOptimizer:
             infeasible points scored well below the worst observed value) instead of qLogNEI:
             measures where the model believes the optimum is (pure exploitation, e.g. a last
             confirming measurement). ``log_acq`` is then ``nan``.
+        ball
+            ``(centre, radius)``: search only the points of the box within Euclidean distance
+            ``radius`` of ``centre`` (physical units), the distance measured in units of each
+            axis's range of :attr:`bounds` (a trust region). In a box, an acquisition that
+            rewards uncertainty peaks at its corners, so every coordinate moves by the box's full
+            half-width at once, even one the model says is already right; in a ball a step's
+            length is shared out by the acquisition's own gradient. The ball is searched through
+            a radial map of the cube ``[-1, 1]^d`` onto it (``u ||u||_inf / ||u||_2``), with
+            points outside the box moved onto it (so the centre may lie outside the box, inside
+            the bounds: the search is then over the ball's projection onto the box), and the
+            optimiser needs no nonlinear constraint.
 
         Returns
         -------
@@ -456,13 +484,19 @@ class BayesOptimizer:
         if self.n_constraints and not np.any(np.all(self._train_Y[:, 1:] <= 0, axis=1)):
             kind = "feasibility"  # nothing feasible seen: find the feasible region first
         build = {"exploit": self._exploit, "qlognei": self._qlognei, "feasibility": self._feasibility}[kind]
+        to_box: Any = None
+        if ball is not None:
+            to_box = self._ball_map(ball, box)
         with _recorded(self.warnings, "acquisition", self.config.torch_threads), manual_seed(seed):
             acq = build(sampler, pending)
             candidates, value = optimize_acqf(
-                acq, bounds=box, q=q, num_restarts=self.config.num_restarts,
-                raw_samples=self.config.raw_samples,
+                acq if to_box is None else _Composed(acq, to_box),
+                bounds=box if to_box is None else _CUBE.to(box).expand(2, self.d),
+                q=q, num_restarts=self.config.num_restarts, raw_samples=self.config.raw_samples,
                 options={"maxiter": self.config.maxiter, "seed": seed, "batch_limit": self.config.num_restarts},
             )
+            if to_box is not None:
+                candidates = to_box(candidates)
         X = candidates.detach().cpu().numpy().reshape(q, self.d)
         lo, hi = box.cpu().numpy()
         X = np.minimum(np.maximum(X, lo), hi)  # float round-off only: L-BFGS-B stays in the box
@@ -470,6 +504,24 @@ class BayesOptimizer:
         if kind != "exploit" and value is not None:
             log_acq = float(value.detach().cpu().reshape(-1)[0])
         return Suggestion(X, log_acq, kind)
+
+    def _ball_map(self, ball: tuple[Any, float], box: torch.Tensor) -> Any:
+        """The map from the cube ``[-1, 1]^d`` onto the ball's points in ``box`` (see :meth:`suggest`)."""
+        centre, radius = ball
+        c = torch.as_tensor(np.asarray(centre, dtype=np.float64).reshape(-1), **self._tkw)
+        if c.shape != (self.d,) or not bool(torch.all(torch.isfinite(c))):
+            raise ValueError(f"ball centre must be {self.d} finite values; got {np.asarray(centre).tolist()}")
+        if not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"ball radius must be finite and > 0 (in units of each axis's range); got {radius=}")
+        if bool(torch.any(c < self.bounds[0])) or bool(torch.any(c > self.bounds[1])):
+            raise ValueError(f"ball centre {c.tolist()} lies outside the model's bounds {self.bounds_np.tolist()}")
+        scale = radius * (self.bounds[1] - self.bounds[0])
+
+        def to_box(U: torch.Tensor) -> torch.Tensor:
+            stretch = U.abs().amax(dim=-1, keepdim=True) / U.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            return torch.minimum(torch.maximum(c + U * stretch * scale, box[0]), box[1])
+
+        return to_box
 
     def _feasibility(self, sampler: SobolQMCNormalSampler, pending: torch.Tensor | None) -> Any:
         return qLogProbabilityOfFeasibility(

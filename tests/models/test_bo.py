@@ -77,6 +77,31 @@ def test_batches_are_distinct_inside_the_search_box():
         bo.suggest(1, search_bounds=[[-1.0, 0.0], [1.0, 1.0]])
 
 
+def test_a_ball_shares_the_step_out_by_the_gradient_instead_of_taking_a_box_corner():
+    X = sobol_design(BOUNDS, 8, seed=1)
+    bo = BayesOptimizer(BOUNDS, config=CHEAP)
+    bo.fit(X, _f(X))
+    span = BOUNDS[1] - BOUNDS[0]
+    centre = np.array([0.5, 0.3])  # the optimum (1.6, 0.8) lies far outside a ball of 0.2
+    for q in (1, 2):
+        x = bo.suggest(q, ball=(centre, 0.2)).X
+        dist = np.linalg.norm((x - centre) / span, axis=1)
+        assert np.all(dist <= 0.2 + 1e-9), dist  # a box of half-width 0.2 reaches 0.28
+        if q == 1:
+            assert np.all(x > centre) and dist[0] > 0.15  # uphill in both, the ball's full step
+    # a centre outside the search box (inside the bounds): the ball's points moved onto the box
+    box = np.array([[0.2, 0.0], [2.0, 1.0]])
+    x = bo.suggest(1, search_bounds=box, ball=(np.array([0.05, 0.3]), 0.2)).X
+    assert np.all(x >= box[0]) and np.all(x <= box[1])
+    assert np.linalg.norm((x[0] - [0.05, 0.3]) / span) <= 0.2 + 0.075 + 1e-9
+    with pytest.raises(ValueError, match="ball radius must be finite and > 0"):
+        bo.suggest(1, ball=(centre, 0.0))
+    with pytest.raises(ValueError, match="outside the model's bounds"):
+        bo.suggest(1, ball=(np.array([2.5, 0.3]), 0.2))
+    with pytest.raises(ValueError, match="ball centre must be 2 finite values"):
+        bo.suggest(1, ball=(np.array([0.5, np.nan]), 0.2))
+
+
 def test_nan_rows_are_skipped_and_too_few_rows_refused():
     X = sobol_design(BOUNDS, 8, seed=2)
     Y = _f(X)
