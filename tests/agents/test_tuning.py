@@ -220,9 +220,59 @@ def test_model_decisions_search_near_the_recommendation(RE, optics, gate, tmp_pa
         assert why.startswith("local-") == bool(recs)
         if recs:
             best = np.array([recs[-1]["settings"][a] for a in AXES])
-            assert np.all(np.abs(x - best) <= 0.15 * span + 1e-9)
+            # inside the ball around it; a probe's box moves the ball's points up to limit_probe
+            # inwards in each coordinate at a limit
+            reach = agent.settings.local_radius
+            if why.startswith("local-probe-"):
+                reach += agent.settings.limit_probe * np.sqrt(len(AXES))
+            assert np.linalg.norm((x - best) / span) <= reach + 1e-9
             local += 1
     assert local > 0
+
+
+def _tell_composed(agent, f, axes):
+    """Drive ``agent`` with hand-composed event-model documents, ``f`` evaluated at each point."""
+    from event_model import compose_run
+
+    run = compose_run()
+    agent.tell("start", run.start_doc)
+    keys = {a: {"dtype": "number", "shape": [], "source": "sim"} for a in [*axes, "y"]}
+    keys[POINT_KEY] = {"dtype": "string", "shape": [], "source": "agent"}
+    desc = run.compose_descriptor(name="primary", data_keys=keys)
+    agent.tell("descriptor", desc.descriptor_doc)
+    seq = 0
+    while requests := agent.ask(1):
+        for point, key in zip(requests[0].kwargs["points"], requests[0].kwargs["point_keys"], strict=True):
+            seq += 1
+            data = {**dict(point), "y": f(np.array([point[a] for a in axes])), POINT_KEY: key}
+            agent.tell("event", desc.compose_event(data=data, timestamps={k: 0.0 for k in data}, seq_num=seq))
+    agent.tell("stop", run.compose_stop())
+
+
+def test_a_recommendation_at_a_limit_is_probed_from_inside_every_other_step(tmp_path):
+    # the optimum lies beyond x0's upper limit: the recommendation goes to the limit and stays
+    axes = ["x0", "x1"]
+    agent = TuningAgent({
+        "axes": {a: {"low": 0.0, "high": 1.0} for a in axes}, "keys": {"objective": "y"},
+        "log_objective": False, "objective_noise": 0.01, "budget": 16, "n_initial": 4, **FAST,
+    }, tmp_path / "s.zarr")
+    _tell_composed(agent, lambda x: -((x[0] - 1.3) ** 2) - (x[1] - 0.5) ** 2, axes)
+    decisions, history = agent.store.read("decisions"), agent.recommendation_history()
+    whys = list(decisions["why"])
+    probes, previous = 0, ""
+    for i, why in enumerate(whys):
+        if why == "initial":
+            continue
+        best = [h for h in history if h["n_observations"] <= i][-1]["settings"]
+        at_limit = [a for a in axes if best[a] in (0.0, 1.0)]
+        x = {a: decisions[f"x:{a}"][i] for a in axes}
+        assert why.startswith("local-probe-") == bool(at_limit and not previous.startswith("local-probe-")), (i, why)
+        if why.startswith("local-probe-"):
+            probes += 1
+            for a in at_limit:
+                assert 0.1 - 1e-9 <= x[a] <= 0.9 + 1e-9, (a, x[a])  # at least limit_probe inside
+        previous = why
+    assert probes >= 2 and agent.recommendation()["settings"]["x0"] > 0.95
 
 
 def test_the_design_starts_where_the_optics_are(RE, optics, gate, tmp_path):
