@@ -126,7 +126,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ from models.errors import ModelError
 from streams.derived import DerivedRunWriter
 from streams.protocols import DocumentSink
 
-__all__ = ["ObservationError", "TuningAgent", "TuningAxis", "TuningKeys", "TuningSettings"]
+__all__ = ["ObservationError", "TuningAgent", "TuningAxis", "TuningKeys", "TuningSettings", "tune_function"]
 
 logger = logging.getLogger(__name__)
 
@@ -682,3 +682,42 @@ class TuningAgent(StoredAgent):
     def to_json(self) -> str:
         """The report as JSON (for logs and the daemon's health endpoint)."""
         return json.dumps(self.report(), default=float)
+
+
+def tune_function(agent: TuningAgent, f: Callable[[dict[str, float]], Mapping[str, float]]) -> TuningAgent:
+    """Run ``agent`` until it stops on a Python function instead of an instrument; return it.
+
+    Each point the agent asks for goes to ``f`` as ``{axis: value}``, one at a time, in the order
+    asked. ``f`` returns the readings: the objective's key, and the constraint's when the agent
+    has a ``required_beam_size``. They are told to the agent as the events of one run of
+    event-model documents composed here, in the stream it reads. So the agent sees what a
+    RunEngine would send, with no instrument. This is for benchmarks, tests and trying settings
+    offline.
+
+    Raises
+    ------
+    ValueError
+        If ``f`` returns readings without a key the agent needs (named).
+    """
+    from event_model import compose_run
+
+    keys = agent.settings.keys
+    needed = [keys.objective] + ([keys.constraint] if agent.settings.required_beam_size is not None else [])
+    run = compose_run()
+    agent.tell("start", run.start_doc)
+    data_keys: dict[str, Any] = {k: {"dtype": "number", "shape": [], "source": "tune_function"} for k in [*agent.axes, *needed]}
+    data_keys[POINT_KEY] = {"dtype": "string", "shape": [], "source": "agent"}
+    desc = run.compose_descriptor(name=keys.stream, data_keys=data_keys)
+    agent.tell("descriptor", desc.descriptor_doc)
+    seq = 0
+    while requests := agent.ask(1):
+        for point, key in zip(requests[0].kwargs["points"], requests[0].kwargs["point_keys"], strict=True):
+            readings = f(dict(point))
+            if missing := [k for k in needed if k not in readings]:
+                raise ValueError(f"f returned readings {sorted(readings)} without {missing}: it must return "
+                                 f"the agent's objective and constraint keys {needed}")
+            seq += 1
+            data = {**dict(point), **{k: float(readings[k]) for k in needed}, POINT_KEY: key}
+            agent.tell("event", desc.compose_event(data=data, timestamps={k: time.time() for k in data}, seq_num=seq))
+    agent.tell("stop", run.compose_stop())
+    return agent

@@ -213,11 +213,8 @@ def _beampilot_optics(tmp: Path, seed: int) -> Any:
 
 
 def _beampilot_hartmann(tmp: Path, seed: int) -> Any:
-    """The agent told hand-composed event-model documents: ask, evaluate, tell, until it stops."""
-    from event_model import compose_run
-
-    from agents.plans import POINT_KEY
-    from agents.tuning import TuningAgent
+    """The agent told event-model documents composed by :func:`agents.tuning.tune_function`."""
+    from agents.tuning import TuningAgent, tune_function
     from models.bo import hartmann6
 
     axes = [f"x{i}" for i in range(6)]
@@ -227,22 +224,12 @@ def _beampilot_hartmann(tmp: Path, seed: int) -> Any:
         "budget": BUDGET["beampilot"], "seed": seed,
     }, tmp / "store.zarr")
     rng = np.random.default_rng(seed)
-    run = compose_run()
-    agent.tell("start", run.start_doc)
-    keys = {a: {"dtype": "number", "shape": [], "source": "sim"} for a in [*axes, "hartmann6"]}
-    keys[POINT_KEY] = {"dtype": "string", "shape": [], "source": "agent"}
-    desc = run.compose_descriptor(name="primary", data_keys=keys)
-    agent.tell("descriptor", desc.descriptor_doc)
-    seq = 0
-    while requests := agent.ask(1):
-        for point, key in zip(requests[0].kwargs["points"], requests[0].kwargs["point_keys"], strict=True):
-            x = np.array([[point[a] for a in axes]])
-            y = float(hartmann6(x, noise_std=HARTMANN_NOISE, rng=rng)[0])
-            seq += 1
-            data = {**dict(point), "hartmann6": y, POINT_KEY: key}
-            event = desc.compose_event(data=data, timestamps={k: time.time() for k in data}, seq_num=seq)
-            agent.tell("event", event)
-    agent.tell("stop", run.compose_stop())
+
+    def f(point: dict[str, float]) -> dict[str, float]:
+        x = np.array([[point[a] for a in axes]])
+        return {"hartmann6": float(hartmann6(x, noise_std=HARTMANN_NOISE, rng=rng)[0])}
+
+    tune_function(agent, f)
     return agent
 
 

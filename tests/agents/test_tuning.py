@@ -21,7 +21,7 @@ from agents.demo_tune import (
 from agents.errors import ConfigError
 from agents.plans import POINT_KEY, steered_scan
 from agents.safety import SafetyGate
-from agents.tuning import TuningAgent, TuningSettings
+from agents.tuning import TuningAgent, TuningSettings, tune_function
 from simulators.optics import AXES, OpticsFaults, optics_response, true_optimum
 from simulators.sas import SimClock
 
@@ -230,25 +230,6 @@ def test_model_decisions_search_near_the_recommendation(RE, optics, gate, tmp_pa
     assert local > 0
 
 
-def _tell_composed(agent, f, axes):
-    """Drive ``agent`` with hand-composed event-model documents, ``f`` evaluated at each point."""
-    from event_model import compose_run
-
-    run = compose_run()
-    agent.tell("start", run.start_doc)
-    keys = {a: {"dtype": "number", "shape": [], "source": "sim"} for a in [*axes, "y"]}
-    keys[POINT_KEY] = {"dtype": "string", "shape": [], "source": "agent"}
-    desc = run.compose_descriptor(name="primary", data_keys=keys)
-    agent.tell("descriptor", desc.descriptor_doc)
-    seq = 0
-    while requests := agent.ask(1):
-        for point, key in zip(requests[0].kwargs["points"], requests[0].kwargs["point_keys"], strict=True):
-            seq += 1
-            data = {**dict(point), "y": f(np.array([point[a] for a in axes])), POINT_KEY: key}
-            agent.tell("event", desc.compose_event(data=data, timestamps={k: 0.0 for k in data}, seq_num=seq))
-    agent.tell("stop", run.compose_stop())
-
-
 def test_a_recommendation_at_a_limit_is_probed_from_inside_every_other_step(tmp_path):
     # the optimum lies beyond x0's upper limit: the recommendation goes to the limit and stays
     axes = ["x0", "x1"]
@@ -256,7 +237,7 @@ def test_a_recommendation_at_a_limit_is_probed_from_inside_every_other_step(tmp_
         "axes": {a: {"low": 0.0, "high": 1.0} for a in axes}, "keys": {"objective": "y"},
         "log_objective": False, "objective_noise": 0.01, "budget": 16, "n_initial": 4, **FAST,
     }, tmp_path / "s.zarr")
-    _tell_composed(agent, lambda x: -((x[0] - 1.3) ** 2) - (x[1] - 0.5) ** 2, axes)
+    tune_function(agent, lambda p: {"y": -((p["x0"] - 1.3) ** 2) - (p["x1"] - 0.5) ** 2})
     decisions, history = agent.store.read("decisions"), agent.recommendation_history()
     whys = list(decisions["why"])
     probes, previous = 0, ""
@@ -285,3 +266,13 @@ def test_the_design_starts_where_the_optics_are(RE, optics, gate, tmp_path):
     for a in AXES:
         first = events[0]["data"][f"optics_{a}"]
         assert abs(first - here[a]) <= OPERATING_LIMITS[a]["max_step"] / 2
+
+
+def test_tune_function_names_a_missing_reading(tmp_path):
+    agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
+                         "log_objective": False, "budget": 4, "n_initial": 2, **FAST}, tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match=r"without \['y'\]: it must return the agent's objective"):
+        tune_function(agent, lambda p: {"flux": 1.0})
+    agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
+                         "log_objective": False, "budget": 4, "n_initial": 2, **FAST}, tmp_path / "t.zarr")
+    assert tune_function(agent, lambda p: {"y": -((p["x"] - 0.3) ** 2)}).n_observations == 4
