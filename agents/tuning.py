@@ -525,8 +525,9 @@ class TuningAgent(StoredAgent):
         ball, probe = None, False  # no recommendation yet: the whole box, local turn or not
         if self._is_local() and (best := self.recommendation()) is not None:
             x = np.array([best["settings"][a] for a in self.axes])
-            box, probe = self._local_box(box, x)
-            ball = (x, self.settings.local_radius)
+            # None: the step limit around the last point asked for misses the ball; search it all
+            if (local := self._local_box(box, x)) is not None:
+                (box, probe), ball = local, (x, self.settings.local_radius)
         rejected = [self._x(self._index[k]) for k, o in self._closed.items() if o == "rejected"]
         suggestion = self.optimizer.suggest(q, search_bounds=box, X_pending=np.array(rejected) if rejected else None,
                                             seed=self.settings.seed + len(self._dec["point_key"]), ball=ball)
@@ -540,13 +541,16 @@ class TuningAgent(StoredAgent):
             return suggestion, suggestion.kind
         return suggestion, f"local-probe-{suggestion.kind}" if probe else f"local-{suggestion.kind}"
 
-    def _local_box(self, box: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, bool]:
+    def _local_box(self, box: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, bool] | None:
         """``box`` narrowed to the local ball's bounding box around ``x``, and, on a probe turn,
         to at least ``limit_probe`` of the range inside each limit that ``x`` sits at; and
-        whether it is a probe turn (``x`` at a limit, and the last model decision no probe)."""
+        whether it is a probe turn (``x`` at a limit, and the last model decision no probe).
+        ``None`` when ``box`` (a step limit around the last point asked for) misses the ball."""
         span = self.bounds[1] - self.bounds[0]
         reach = self.settings.local_radius * span
         lo, hi = np.maximum(box[0], x - reach), np.minimum(box[1], x + reach)
+        if not np.all(lo < hi):
+            return None
         at_low, at_high = x - self.bounds[0] <= _AT_LIMIT * span, self.bounds[1] - x <= _AT_LIMIT * span
         models = [w for w in self._dec["why"] if w != "initial"]
         probe = (self.settings.limit_probe is not None and bool(np.any(at_low | at_high))

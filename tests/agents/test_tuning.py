@@ -276,3 +276,14 @@ def test_tune_function_names_a_missing_reading(tmp_path):
     agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
                          "log_objective": False, "budget": 4, "n_initial": 2, **FAST}, tmp_path / "t.zarr")
     assert tune_function(agent, lambda p: {"y": -((p["x"] - 0.3) ** 2)}).n_observations == 4
+
+
+def test_the_local_box_is_the_balls_and_a_step_limit_that_misses_it_searches_without_it(tmp_path):
+    agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}, "z": {"low": -1.0, "high": 1.0}},
+                         "keys": {"objective": "y"}, "log_objective": False, **FAST}, tmp_path / "s.zarr")
+    whole = agent.bounds.copy()
+    box, probe = agent._local_box(whole, np.array([0.5, 0.0]))
+    assert not probe and np.allclose(box, [[0.25, -0.5], [0.75, 0.5]])  # radius 0.25 of each range
+    box, probe = agent._local_box(whole, np.array([0.0, 1.0]))  # at x's low and z's high limits
+    assert probe and np.allclose(box, [[0.1, 0.5], [0.25, 0.8]])  # at least 0.1 of each range inside
+    assert agent._local_box(np.array([[0.0, -1.0], [0.1, 1.0]]), np.array([0.9, 0.0])) is None
