@@ -269,12 +269,11 @@ def test_the_design_starts_where_the_optics_are(RE, optics, gate, tmp_path):
 
 
 def test_tune_function_names_a_missing_reading(tmp_path):
-    agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
-                         "log_objective": False, "budget": 4, "n_initial": 2, **FAST}, tmp_path / "s.zarr")
+    settings = {"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
+                "log_objective": False, "budget": 4, "n_initial": 2, **FAST}
     with pytest.raises(ValueError, match=r"without \['y'\]: it must return the agent's objective"):
-        tune_function(agent, lambda p: {"flux": 1.0})
-    agent = TuningAgent({"axes": {"x": {"low": 0.0, "high": 1.0}}, "keys": {"objective": "y"},
-                         "log_objective": False, "budget": 4, "n_initial": 2, **FAST}, tmp_path / "t.zarr")
+        tune_function(TuningAgent(settings, tmp_path / "s.zarr"), lambda p: {"flux": 1.0})
+    agent = TuningAgent(settings, tmp_path / "t.zarr")
     assert tune_function(agent, lambda p: {"y": -((p["x"] - 0.3) ** 2)}).n_observations == 4
 
 
