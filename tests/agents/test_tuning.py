@@ -286,3 +286,24 @@ def test_the_local_box_is_the_balls_and_a_step_limit_that_misses_it_searches_wit
     box, probe = agent._local_box(whole, np.array([0.0, 1.0]))  # at x's low and z's high limits
     assert probe and np.allclose(box, [[0.1, 0.5], [0.25, 0.8]])  # at least 0.1 of each range inside
     assert agent._local_box(np.array([[0.0, -1.0], [0.1, 1.0]]), np.array([0.9, 0.0])) is None
+
+
+def test_a_log_scale_axis_is_designed_modelled_and_stepped_in_decades(tmp_path):
+    # a gap over three decades whose best value, 0.01, lies in the lowest 1% of its linear range
+    settings = {"axes": {"gap": {"low": 1e-3, "high": 1.0, "scale": "log"}, "z": {"low": 0.0, "high": 1.0}},
+                "keys": {"objective": "y"}, "log_objective": False, "objective_noise": 0.01,
+                "budget": 14, "n_initial": 6, **FAST}
+    agent = TuningAgent(settings, tmp_path / "s.zarr")
+    assert np.allclose(agent.optimizer.bounds_np, [[np.log(1e-3), 0.0], [0.0, 1.0]])  # the model sees ln(gap)
+    tune_function(agent, lambda p: {"y": -np.log(p["gap"] / 0.01) ** 2 - (p["z"] - 0.5) ** 2})
+    decisions = agent.store.read("decisions")
+    gaps = np.asarray(decisions["x:gap"])
+    design = gaps[np.asarray(decisions["why"]) == "initial"]
+    # spread over decades: a linear design puts 3% of its points below the geometric middle, 0.032
+    assert np.sum(design < 0.0316) >= 2 and np.all((gaps >= 1e-3) & (gaps <= 1.0))
+    assert 0.01 / 3 < agent.recommendation()["settings"]["gap"] < 0.01 * 3
+    # the local ball's radius is a quarter of the axis's range in ln: a factor exp(0.25 ln 1000) = 5.6
+    box, _ = agent._local_box(agent._zbounds, agent._to_z(np.array([0.01, 0.5])))
+    assert np.allclose(np.exp(box[:, 0]), [0.01 / 1000**0.25, 0.01 * 1000**0.25])
+    with pytest.raises(ConfigError, match="scale 'log' needs low > 0, got low=0.0"):
+        TuningAgent({**settings, "axes": {"gap": {"low": 0.0, "high": 1.0, "scale": "log"}}}, tmp_path / "t.zarr")
