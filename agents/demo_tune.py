@@ -4,7 +4,8 @@ A Bluesky RunEngine drives :class:`simulators.optics.SimBeamlineOptics` (mirror 
 two slit gaps, a focusing lens; a noisy flux and beam-size readout). :class:`agents.tuning.TuningAgent`
 chooses each next setting through :func:`agents.plans.steered_scan`, every request passing a
 :class:`~agents.safety.SafetyGate` with the optics' operating limits and largest steps, until its
-budget is spent. It maximises flux at a required beam size.
+budget is spent. It maximises flux at a required beam size, searching the slit gaps on a log
+scale (:data:`LOG_SCALE_AXES`).
 
 Outputs in ``OUT``: ``store.zarr`` (raw runs and the agent's state), ``convergence.png`` (best
 feasible flux against evaluations, with the true optimum; beam size against evaluations, with the
@@ -42,7 +43,7 @@ from simulators.optics import AXES, OpticsFaults, SimBeamlineOptics, optics_resp
 from simulators.sas import SimClock
 from streams.zarr_writer import ZarrRunWriter
 
-__all__ = ["OPERATING_LIMITS", "TuneSetup", "agent_settings", "closed_loop", "make_optics",
+__all__ = ["LOG_SCALE_AXES", "OPERATING_LIMITS", "TuneSetup", "agent_settings", "closed_loop", "make_optics",
            "run_tune_demo", "safety_settings", "summarize", "true_value_curve", "write_report"]
 
 DEMO_ATTR = "beampilot_tune_demo"
@@ -55,6 +56,9 @@ OPERATING_LIMITS: dict[str, dict[str, float]] = {
     "slit_v": {"low": 0.01, "high": 0.5, "max_step": 0.3},  # mm
     "focus": {"low": -10.0, "high": 10.0, "max_step": 12.0},  # mm
 }
+#: axes the agent searches on a log scale: slit gaps span decades (0.05-3 mm is a factor of 60) and
+#: act multiplicatively on flux and spot size, as an operator who has scanned slits knows
+LOG_SCALE_AXES: tuple[str, ...] = ("slit_h", "slit_v")
 KEYS = {"objective": "optics_flux", "constraint": "optics_beam_size", "stream": "primary"}
 #: relative rms noise of the beam monitor's flux and beam-size readings: the instrument's
 #: specification, which the agent is told (it is not the hidden physics)
@@ -78,7 +82,8 @@ class TuneSetup:
 def agent_settings(setup: TuneSetup, overrides: dict[str, Any] | None = None) -> TuningSettings:
     """The agent's settings: the operating window, the requirement, the budget; not the physics."""
     base: dict[str, Any] = {
-        "name": "tuning", "axes": {a: dict(OPERATING_LIMITS[a]) for a in AXES}, "keys": dict(KEYS),
+        "name": "tuning", "keys": dict(KEYS),
+        "axes": {a: {**OPERATING_LIMITS[a], **({"scale": "log"} if a in LOG_SCALE_AXES else {})} for a in AXES},
         "required_beam_size": setup.required_beam_size, "budget": setup.budget,
         "batch_size": setup.batch_size, "seed": setup.seed,
         "objective_noise": FLUX_NOISE, "constraint_noise": SIZE_NOISE,
@@ -288,8 +293,12 @@ def _plot_settings(out: Path, agent: TuningAgent, summary: dict[str, Any]) -> Pa
         ax.axhline(opt[a], color="k", ls="--", lw=1)
         if final is not None:
             ax.axhline(final[a], color="tab:orange", lw=1.5)
-        ax.set_ylim(lim.low - 0.05 * (lim.high - lim.low), lim.high + 0.05 * (lim.high - lim.low))
-        ax.set_ylabel(a, fontsize=8)
+        if lim.scale == "log":  # drawn as the agent searches it
+            ax.set_yscale("log")
+            ax.set_ylim(lim.low / (lim.high / lim.low) ** 0.05, lim.high * (lim.high / lim.low) ** 0.05)
+        else:
+            ax.set_ylim(lim.low - 0.05 * (lim.high - lim.low), lim.high + 0.05 * (lim.high - lim.low))
+        ax.set_ylabel(a + (" (log)" if lim.scale == "log" else ""), fontsize=8)
     axes[0].set_title("settings tried (blue: met the requirement); final (orange), true optimum (dashed), limits (gray)",
                       fontsize=8)
     axes[-1].set_xlabel("evaluation")

@@ -15,9 +15,11 @@ Methods, each with its own budget of evaluations:
 * **beampilot** — the real :class:`agents.tuning.TuningAgent`, budget 40. On the optics it runs
   the closed loop of ``beampilot demo tune`` (RunEngine, steered_scan, safety gate with the
   operating limits and largest steps, so its moves are also step-limited); on Hartmann-6 it is
-  told event-model documents composed here (no instrument). Its recommendation after ``n``
-  evaluations is the evaluated setting with the best posterior-mean objective among those feasible
-  with probability >= 0.9, from the model fitted to those ``n`` evaluations. It is told the
+  told event-model documents composed here (no instrument). On the optics it searches the slit
+  gaps on a log scale, as the demo's settings say (:data:`agents.demo_tune.LOG_SCALE_AXES`). Its
+  recommendation after ``n`` evaluations is the evaluated setting with the best posterior-mean
+  objective among those feasible with probability >= 0.9, from the model fitted to those ``n``
+  evaluations. It is told the
   readings' noise (2%/1%; 0.05 on Hartmann-6), as an instrument's specification would.
 * **sobol** — scrambled Sobol points over the box, budget 300; recommends the best observed
   feasible point (noisy readings).
