@@ -19,8 +19,8 @@ Methods, each with its own budget of evaluations:
   gaps on a log scale, as the demo's settings say (:data:`agents.demo_tune.LOG_SCALE_AXES`). Its
   recommendation after ``n`` evaluations is the evaluated setting with the best posterior-mean
   objective among those feasible with probability >= 0.9, from the model fitted to those ``n``
-  evaluations. It is told the
-  readings' noise (2%/1%; 0.05 on Hartmann-6), as an instrument's specification would.
+  evaluations. It is told the readings' noise (2%/1%; 0.05 on Hartmann-6), as an instrument's
+  specification would.
 * **sobol** — scrambled Sobol points over the box, budget 300; recommends the best observed
   feasible point (noisy readings).
 * **nelder_mead** — ``scipy.optimize.minimize(method="Nelder-Mead", adaptive)`` in the unit cube
