@@ -222,10 +222,10 @@ class TuningSettings(_Strict):
     ``infeasible_after`` (default ``2 n_initial``) evaluations with none meeting the constraint, and
     no setting with a modelled probability of feasibility above ``min_p_feasible``, stop the agent.
     ``recommend_p_feasible``: what the recommendation needs. ``local_every`` (0 turns local steps
-    off), ``local_radius`` (the trust region's radius, in units of each axis's range, of its
-    ``ln`` on an axis with ``scale: "log"``) and
+    off), ``local_radius`` (the trust region's radius, in units of each axis's range) and
     ``limit_probe`` (how far inside a limit a probe step searches, a fraction of the range;
-    ``None``: no probes): see the module docs. ``acq_restarts``, ``acq_raw_samples``,
+    ``None``: no probes), both of the range of ``ln(value)`` on an axis with ``scale: "log"``:
+    see the module docs. ``acq_restarts``, ``acq_raw_samples``,
     ``mc_samples``: the acquisition optimiser's effort. ``seed``: design and samplers.
     """
 
@@ -763,6 +763,7 @@ def tune_function(agent: TuningAgent, f: Callable[[dict[str, float]], Mapping[st
                                  f"the agent's objective and constraint keys {needed}")
             seq += 1
             data = {**dict(point), **{k: float(readings[k]) for k in needed}, POINT_KEY: key}
-            agent.tell("event", desc.compose_event(data=data, timestamps={k: time.time() for k in data}, seq_num=seq))
+            now = time.time()
+            agent.tell("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), seq_num=seq))
     agent.tell("stop", run.compose_stop())
     return agent
